@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""The llama3.c test runner: `make test` runs it; the last line reads `N passed, N failed`.
+
+Every tests/test_*.py module is imported and each of its functions named test_* is run in file
+order. A test passes when it returns, fails when it raises. Arguments filter tests by substring
+of "module.function" (e.g. `tests/run_tests.py tokenizer`).
+"""
+import importlib.util
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def discover():
+    for name in sorted(os.listdir(HERE)):
+        if name.startswith("test_") and name.endswith(".py"):
+            path = os.path.join(HERE, name)
+            spec = importlib.util.spec_from_file_location(name[:-3], path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            funcs = [(fname, f) for fname, f in vars(module).items()
+                     if fname.startswith("test_") and callable(f)]
+            funcs.sort(key=lambda item: item[1].__code__.co_firstlineno)
+            for fname, f in funcs:
+                yield name[:-3] + "." + fname, f
+
+
+def main(argv):
+    sys.path.insert(0, HERE)
+    filters = argv[1:]
+    passed = failed = 0
+    for name, func in discover():
+        if filters and not any(f in name for f in filters):
+            continue
+        start = time.time()
+        try:
+            func()
+        except Exception:  # a failing test is reported, never fatal to the run
+            failed += 1
+            print(f"FAIL {name} ({time.time() - start:.1f}s)")
+            print("    " + traceback.format_exc().strip().replace("\n", "\n    "))
+        else:
+            passed += 1
+            print(f"pass {name} ({time.time() - start:.1f}s)")
+        sys.stdout.flush()
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed or not passed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
