@@ -1,0 +1,525 @@
+"""export.py: model files decoded by an independent reader and compared with the Hugging Face
+tensors, tokenizer files from both sources, special-token layouts, and bad inputs (each must give
+exit status 1, one stderr line naming the problem, and no output file)."""
+import base64
+import importlib.util
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+
+from common import DATA, PYTHON, REPO, run, scratch
+import make_checkpoint
+import reference
+
+WORK = scratch("export")
+EXPORT = os.path.join(REPO, "export.py")
+TOKENIZER = os.path.join(DATA, "tokenizer")
+_checkpoints = {}
+
+
+def checkpoint(preset):
+    """A random HF checkpoint of a preset, written once per run (do not modify it)."""
+    if preset not in _checkpoints:
+        folder = os.path.join(WORK, "hf-" + preset)
+        make_checkpoint.make_checkpoint(folder, preset, tokenizer=None)
+        _checkpoints[preset] = folder
+    return _checkpoints[preset]
+
+
+def fresh_copy(preset, name):
+    """A private copy of a preset's checkpoint that a test may damage."""
+    folder = os.path.join(WORK, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(checkpoint(preset), folder)
+    return folder
+
+
+def export(args, check=True):
+    return run([PYTHON, EXPORT, *args], check=check)
+
+
+def export_module():
+    spec = importlib.util.spec_from_file_location("export_under_test", EXPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- an independent reader of the model file (FORMATS.md) ---------------------------------
+
+HEADER_FIELDS = [  # (offset, struct code, name), straight from the FORMATS.md table
+    (4, "I", "version"), (8, "i", "dim"), (12, "i", "hidden_dim"), (16, "i", "n_layers"),
+    (20, "i", "n_heads"), (24, "i", "n_kv_heads"), (28, "i", "head_dim"), (32, "i", "vocab_size"),
+    (36, "i", "max_seq_len"), (40, "f", "rope_theta"), (44, "f", "norm_eps"),
+    (48, "I", "rope_scaling"), (52, "f", "rope_factor"), (56, "f", "rope_low_freq_factor"),
+    (60, "f", "rope_high_freq_factor"), (64, "i", "rope_original_max_pos"),
+    (68, "I", "tied_classifier"), (72, "I", "weight_type"), (76, "i", "group_size"),
+    (80, "i", "bos_id"), (84, "i", "n_eos"),
+]
+
+
+def read_model(path):
+    """(header dict, [(label, kind, payload, offset)]) where payload is a float32 array for
+    fp32/norms, uint16 bits for bf16, (int8 q, float32 scales) for q8_0."""
+    blob = open(path, "rb").read()
+    assert blob[:4] == b"L3CM", blob[:4]
+    h = {name: struct.unpack_from("<" + code, blob, off)[0] for off, code, name in HEADER_FIELDS}
+    h["eos_ids"] = list(struct.unpack_from("<8i", blob, 88))
+    assert blob[120:256] == bytes(136), "header bytes 120..255 must be zero"
+    dim, hd, hidden = h["dim"], h["head_dim"], h["hidden_dim"]
+    q_rows, kv_rows = h["n_heads"] * hd, h["n_kv_heads"] * hd
+    layout = [("embed", (h["vocab_size"], dim))]
+    for i in range(h["n_layers"]):
+        layout += [(f"{i}.attn_norm", (dim,)), (f"{i}.wq", (q_rows, dim)), (f"{i}.wk", (kv_rows, dim)),
+                   (f"{i}.wv", (kv_rows, dim)), (f"{i}.wo", (dim, q_rows)), (f"{i}.ffn_norm", (dim,)),
+                   (f"{i}.w_gate", (hidden, dim)), (f"{i}.w_down", (dim, hidden)),
+                   (f"{i}.w_up", (hidden, dim))]
+    layout.append(("final_norm", (dim,)))
+    if h["tied_classifier"] == 0:
+        layout.append(("classifier", (h["vocab_size"], dim)))
+    pos, tensors = 256, []
+
+    def take(nbytes, dtype, count):
+        nonlocal pos
+        pad = -pos % 64
+        assert blob[pos:pos + pad] == bytes(pad), "padding must be zero bytes"
+        pos += pad
+        start = pos
+        pos += nbytes
+        assert pos <= len(blob), "file too short"
+        return np.frombuffer(blob, dtype=dtype, count=count, offset=start), start
+
+    for label, shape in layout:
+        n = int(np.prod(shape))
+        if len(shape) == 1 or h["weight_type"] == 0:
+            arr, off = take(4 * n, "<f4", n)
+            tensors.append((label, "fp32", arr.reshape(shape), off))
+        elif h["weight_type"] == 1:
+            arr, off = take(2 * n, "<u2", n)
+            tensors.append((label, "bf16", arr.reshape(shape), off))
+        else:
+            assert h["weight_type"] == 2, h["weight_type"]
+            q, off = take(n, "i1", n)
+            scales, off2 = take(4 * (n // h["group_size"]), "<f4", n // h["group_size"])
+            tensors.append((label, "q8_0", (q.reshape(shape), scales), off))
+            assert off2 % 64 == 0
+    assert pos == len(blob), f"file has {len(blob) - pos} bytes after the last tensor"
+    return h, tensors
+
+
+def hf_names(cfg):
+    """The HF tensor of each label of read_model."""
+    names = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+             "classifier": "lm_head.weight"}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        names.update({f"{i}.attn_norm": p + "input_layernorm.weight",
+                      f"{i}.wq": p + "self_attn.q_proj.weight", f"{i}.wk": p + "self_attn.k_proj.weight",
+                      f"{i}.wv": p + "self_attn.v_proj.weight", f"{i}.wo": p + "self_attn.o_proj.weight",
+                      f"{i}.ffn_norm": p + "post_attention_layernorm.weight",
+                      f"{i}.w_gate": p + "mlp.gate_proj.weight", f"{i}.w_down": p + "mlp.down_proj.weight",
+                      f"{i}.w_up": p + "mlp.up_proj.weight"})
+    return names
+
+
+def check_header(h, cfg, weight_type, group_size=0):
+    f32 = lambda v: float(np.float32(v))  # noqa: E731
+    n_heads = cfg["num_attention_heads"]
+    scaling = cfg.get("rope_scaling")
+    eos = cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], list) else [cfg["eos_token_id"]]
+    want = {
+        "version": 1, "dim": cfg["hidden_size"], "hidden_dim": cfg["intermediate_size"],
+        "n_layers": cfg["num_hidden_layers"], "n_heads": n_heads,
+        "n_kv_heads": cfg.get("num_key_value_heads", n_heads),
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        "vocab_size": cfg["vocab_size"], "max_seq_len": cfg["max_position_embeddings"],
+        "rope_theta": f32(cfg["rope_theta"]), "norm_eps": f32(cfg["rms_norm_eps"]),
+        "rope_scaling": 1 if scaling else 0,
+        "rope_factor": f32(scaling["factor"]) if scaling else 1.0,
+        "rope_low_freq_factor": f32(scaling["low_freq_factor"]) if scaling else 1.0,
+        "rope_high_freq_factor": f32(scaling["high_freq_factor"]) if scaling else 4.0,
+        "rope_original_max_pos": scaling["original_max_position_embeddings"] if scaling else 8192,
+        "tied_classifier": 1 if cfg.get("tie_word_embeddings") else 0,
+        "weight_type": {"fp32": 0, "bf16": 1, "q8_0": 2}[weight_type], "group_size": group_size,
+        "bos_id": cfg["bos_token_id"], "n_eos": len(eos), "eos_ids": eos + [-1] * (8 - len(eos)),
+    }
+    for key, value in want.items():
+        assert h[key] == value, f"header {key}: {h[key]!r} != {value!r}"
+
+
+def export_and_read(preset, dtype, *extra):
+    folder = checkpoint(preset)
+    out = os.path.join(WORK, f"{preset}-{dtype}{'-'.join(extra)}.bin")
+    export([out, "--hf", folder, "--dtype", dtype, *extra])
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    weights = reference.load_weights(folder)
+    h, tensors = read_model(out)
+    return cfg, weights, h, tensors
+
+
+# -- model files ------------------------------------------------------------------------------
+
+def test_fp32_is_exact():
+    for preset in ("tiny30", "tiny31", "tiny32"):
+        cfg, weights, h, tensors = export_and_read(preset, "fp32")
+        check_header(h, cfg, "fp32")
+        names = hf_names(cfg)
+        for label, kind, arr, off in tensors:
+            assert off % 64 == 0
+            assert kind == "fp32"
+            assert np.array_equal(arr, weights[names[label]]), f"{preset} {label} differs"
+        assert len(tensors) == 2 + 9 * cfg["num_hidden_layers"] + (not cfg.get("tie_word_embeddings"))
+
+
+def test_bf16_exact_from_bf16_and_rounded_otherwise():
+    for preset, source in (("tiny31", "BF16"), ("tiny30", "F32"), ("tiny32", "F16")):
+        cfg, weights, h, tensors = export_and_read(preset, "bf16")
+        check_header(h, cfg, "bf16")
+        names = hf_names(cfg)
+        for label, kind, arr, _ in tensors:
+            want = weights[names[label]]
+            if kind == "fp32":  # norms stay float32, exactly
+                assert arr.ndim == 1 and np.array_equal(arr, want), label
+                continue
+            got = (arr.astype(np.uint32) << 16).view(np.float32)
+            if source == "BF16":
+                assert np.array_equal(got, want), f"{preset} {label}: bf16 copy not exact"
+            else:
+                err = np.abs(got - want)
+                assert np.all(err <= np.abs(want) * 2.0 ** -8), f"{preset} {label}: error too big"
+                # round to nearest: no other bf16 value is closer than the chosen one
+                up = ((arr.astype(np.uint32) + 1) << 16).view(np.float32)
+                down = ((arr.astype(np.uint32) - 1) << 16).view(np.float32)
+                assert np.all(err <= np.abs(up - want)) and np.all(err <= np.abs(down - want)), label
+
+
+def test_q8_0_within_half_a_step():
+    for preset, extra in (("tiny30", ()), ("tiny31", ("--group-size", "32")), ("tiny32", ())):
+        cfg, weights, h, tensors = export_and_read(preset, "q8_0", *extra)
+        gs = int(extra[1]) if extra else 64
+        check_header(h, cfg, "q8_0", gs)
+        names = hf_names(cfg)
+        for label, kind, payload, _ in tensors:
+            want = weights[names[label]]
+            if kind == "fp32":
+                assert np.array_equal(payload, want), label
+                continue
+            q, scales = payload
+            groups = want.reshape(-1, gs)
+            assert np.array_equal(scales, (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32))
+            assert q.min() >= -127
+            got = q.reshape(-1, gs).astype(np.float32) * scales[:, None]
+            assert np.all(np.abs(got - groups) <= scales[:, None] * (0.5 + 1e-5)), f"{preset} {label}"
+
+
+def test_ref_checkpoints_export_and_odd_group_size():
+    # ref30 (dim 96) cannot use groups of 64: the default falls back to 32, an explicit 64 fails.
+    folder = os.path.join(DATA, "reference", "ref30")
+    out = os.path.join(WORK, "ref30-q8.bin")
+    proc = export([out, "--hf", folder, "--dtype", "q8_0"])
+    assert b"group size 32" in proc.stdout
+    h, tensors = read_model(out)
+    assert h["group_size"] == 32 and h["n_eos"] == 2 and h["eos_ids"][:3] == [2, 3, -1]
+    bad = export([out + "x", "--hf", folder, "--dtype", "q8_0", "--group-size", "64"], check=False)
+    assert bad.returncode == 1 and b"group-size 64" in bad.stderr
+    # ref31: sharded f16 whose layer 0 straddles two files, eos a list
+    folder = os.path.join(DATA, "reference", "ref31")
+    out = os.path.join(WORK, "ref31.bin")
+    export([out, "--hf", folder])
+    h, tensors = read_model(out)
+    weights = reference.load_weights(folder)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    check_header(h, cfg, "fp32")
+    names = hf_names(cfg)
+    for label, _, arr, _ in tensors:
+        assert np.array_equal(arr, weights[names[label]]), label
+
+
+def test_tied_model_ignores_lm_head_and_names_outputs():
+    folder = os.path.join(WORK, "tied-with-head")
+    make_checkpoint.make_checkpoint(folder, "tiny32", lm_head_when_tied=True, shards=1)
+    plain = os.path.join(WORK, "tied-plain")
+    make_checkpoint.make_checkpoint(plain, "tiny32", shards=1)
+    a, b = os.path.join(WORK, "with-head"), os.path.join(WORK, "plain.bin")
+    proc = export([a, "--hf", folder])
+    assert b"lm_head.weight ignored" in proc.stdout
+    export([b, "--hf", plain])
+    assert open(a, "rb").read() == open(b, "rb").read()
+    assert read_model(a)[0]["tied_classifier"] == 1
+    assert not os.path.exists(a + ".tok")  # no tokenizer in the folder: none written
+
+
+def test_progress_and_no_leftovers():
+    out_dir = os.path.join(WORK, "clean")
+    os.makedirs(out_dir, exist_ok=True)
+    proc = export([os.path.join(out_dir, "m.bin"), "--hf", checkpoint("tiny30"), "--dtype", "q8_0"])
+    lines = [l for l in proc.stdout.decode().splitlines() if l.startswith("[")]
+    assert len(lines) == 21 and "rms rel err" in lines[0] and "-> fp32" in lines[1], lines[:2]
+    assert proc.stderr == b""
+    assert os.listdir(out_dir) == ["m.bin"], os.listdir(out_dir)
+
+
+def test_help_documents_every_option():
+    text = export(["--help"]).stdout.decode()
+    for option in ("--hf", "--dtype", "--group-size", "--tokenizer-out", "--no-tokenizer",
+                   "--tokenizer-only", "--tokenizer", "--specials", "q8_0", "bf16", "fp32"):
+        assert option in text, option
+
+
+# -- tokenizer files --------------------------------------------------------------------------
+
+def read_tok(path):
+    blob = open(path, "rb").read()
+    magic, version, n_tokens, n_special = struct.unpack_from("<4sIII", blob, 0)
+    assert (magic, version) == (b"L3TK", 1)
+    pos, tokens = 16, []
+    for _ in range(n_tokens):
+        (n,) = struct.unpack_from("<I", blob, pos)
+        tokens.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    assert pos == len(blob), "bytes after the last record"
+    return tokens, n_special
+
+
+def special_layout(name):
+    layouts = json.load(open(os.path.join(TOKENIZER, "special_tokens.json")))["layouts"]
+    tokens = layouts[name]["tokens"]
+    assert [t["id"] for t in tokens] == list(range(128000, 128256))
+    return [t["text"] for t in tokens]
+
+
+def test_special_layouts_match_special_tokens_json():
+    module = export_module()
+    for name in ("llama3", "llama3.1", "llama-models"):
+        assert module.special_texts(name) == special_layout(name), name
+
+
+def test_tokenizer_json_and_tiktoken_give_identical_files():
+    # The full-vocab model folder carries tokenizer.json (Llama 3 names): exported beside the
+    # model by default, named by the model name without .bin.
+    folder = os.path.join(WORK, "hf-full-vocab")
+    make_checkpoint.make_checkpoint(folder, "full-vocab",
+                                    tokenizer=os.path.join(TOKENIZER, "tokenizer.json"))
+    model = os.path.join(WORK, "fv.bin")
+    export([model, "--hf", folder, "--dtype", "bf16"])
+    from_json = open(os.path.join(WORK, "fv.tok"), "rb").read()
+    from_model = os.path.join(WORK, "from-model-llama3.tok")
+    export(["--tokenizer-only", from_model, "--tokenizer", os.path.join(TOKENIZER, "tokenizer.model"),
+            "--specials", "llama3"])
+    assert from_json == open(from_model, "rb").read()
+    tokens, n_special = read_tok(from_model)
+    assert len(tokens) == 128256 and n_special == 256
+    lines = open(os.path.join(TOKENIZER, "tokenizer.model"), "rb").read().split(b"\n")
+    for rank, line in enumerate(lines[:128000]):
+        b64, r = line.split()
+        assert int(r) == rank and tokens[rank] == base64.b64decode(b64), rank
+    assert [t.decode() for t in tokens[128000:]] == special_layout("llama3")
+    # the same for the Llama 3.1 names, which --specials puts over tokenizer.json's own
+    a, b = os.path.join(WORK, "j31.tok"), os.path.join(WORK, "m31.tok")
+    export(["--tokenizer-only", a, "--tokenizer", os.path.join(TOKENIZER, "tokenizer.json"),
+            "--specials", "llama3.1"])
+    export(["--tokenizer-only", b, "--tokenizer", os.path.join(TOKENIZER, "tokenizer.model"),
+            "--specials", "llama3.1"])
+    assert open(a, "rb").read() == open(b, "rb").read()
+    assert [t.decode() for t in read_tok(b)[0][128000:]] == special_layout("llama3.1")
+
+
+def test_tiktoken_special_layout_follows_config():
+    # tokenizer.model in original/: Llama 3.1 names for a model with llama3 rope scaling,
+    # Llama 3 names without; --tokenizer-out puts the file anywhere; m -> m.tok.
+    for preset, layout in (("tiny30", "llama3"), ("tiny32", "llama3.1")):
+        folder = fresh_copy(preset, f"tiktoken-{preset}")
+        os.makedirs(os.path.join(folder, "original"))
+        shutil.copyfile(os.path.join(TOKENIZER, "tokenizer.model"),
+                        os.path.join(folder, "original", "tokenizer.model"))
+        out = os.path.join(WORK, f"tk-{preset}")
+        proc = export([out, "--hf", folder])
+        assert b"note: tokenizer has" not in proc.stdout
+        tokens, _ = read_tok(out + ".tok")
+        assert [t.decode() for t in tokens[128000:]] == special_layout(layout), preset
+    other = os.path.join(WORK, "elsewhere.tok")
+    export([os.path.join(WORK, "tk2.bin"), "--hf", folder, "--tokenizer-out", other])
+    assert os.path.exists(other) and not os.path.exists(os.path.join(WORK, "tk2.tok"))
+    export([os.path.join(WORK, "tk3.bin"), "--hf", folder, "--no-tokenizer"])
+    assert not os.path.exists(os.path.join(WORK, "tk3.tok"))
+
+
+# -- bad inputs -------------------------------------------------------------------------------
+
+def expect_failure(args, *words):
+    """exit 1, exactly one stderr line containing every word, no output file or temp file."""
+    out_dir = os.path.join(WORK, "fail-out")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    out = os.path.join(out_dir, "out.bin")
+    proc = export([out if a == "OUT" else a for a in args], check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, f"{args}: exit {proc.returncode}, stderr {err!r}"
+    assert err.count("\n") == 1 and err.endswith("\n"), f"{args}: stderr not one line: {err!r}"
+    for word in words:
+        assert word.lower() in err.lower(), f"{args}: {word!r} not in {err!r}"
+    assert os.listdir(out_dir) == [], os.listdir(out_dir)
+    return err
+
+
+def edit_config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    cfg = json.load(open(path))
+    for key, value in changes.items():
+        if value is Ellipsis:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    json.dump(cfg, open(path, "w"))
+
+
+def edit_header(path, change):
+    """Rewrites a safetensors header through change(header dict), keeping the data bytes."""
+    blob = open(path, "rb").read()
+    (n,) = struct.unpack_from("<Q", blob, 0)
+    header = json.loads(blob[8:8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + blob[8 + n:])
+
+
+def test_bad_config_inputs():
+    expect_failure(["OUT", "--hf", os.path.join(WORK, "no-such-folder")], "no-such-folder", "not found")
+    f = fresh_copy("tiny30", "bad-noconfig")
+    os.remove(os.path.join(f, "config.json"))
+    expect_failure(["OUT", "--hf", f], "config.json")
+    cases = [
+        ({"rms_norm_eps": ...}, ["missing", "rms_norm_eps"]),
+        ({"hidden_size": ...}, ["missing", "hidden_size"]),
+        ({"bos_token_id": ...}, ["bos_token_id"]),
+        ({"rope_theta": "big"}, ["rope_theta"]),
+        ({"architectures": ["MistralForCausalLM"]}, ["architecture", "MistralForCausalLM"]),
+        ({"model_type": "gemma"}, ["model_type", "gemma"]),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["rope_scaling", "yarn"]),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_scaling", "linear"]),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0}}, ["original_max_position_embeddings"]),
+        ({"eos_token_id": list(range(9))}, ["eos_token_id"]),
+        ({"eos_token_id": 384}, ["384"]),
+        ({"num_key_value_heads": 3}, ["num_key_value_heads"]),
+        ({"intermediate_size": 256}, ["gate_proj", "shape"]),
+        ({"tie_word_embeddings": True, "vocab_size": 400}, ["embed_tokens", "shape"]),
+    ]
+    f = fresh_copy("tiny30", "bad-config")
+    original = open(os.path.join(f, "config.json")).read()
+    for changes, words in cases:
+        open(os.path.join(f, "config.json"), "w").write(original)
+        edit_config(f, **changes)
+        expect_failure(["OUT", "--hf", f], *words)
+    open(os.path.join(f, "config.json"), "w").write("{\"hidden_size\": 64,")
+    expect_failure(["OUT", "--hf", f], "config.json", "JSON")
+
+
+def test_bad_tensor_inputs():
+    up = "model.layers.1.mlp.up_proj.weight"
+    gate = "model.layers.0.mlp.gate_proj.weight"
+
+    def drop(name):
+        return lambda h: h.pop(name)
+
+    def set_field(name, field, value):
+        return lambda h: h[name].__setitem__(field, value)
+
+    def overlap(h):
+        # gate_proj moved to start 4 bytes into up_proj's data, keeping its own length
+        begin, end = h[gate]["data_offsets"]
+        start = h[up]["data_offsets"][0] + 4
+        h[gate]["data_offsets"] = [start, start + end - begin]
+
+    cases = [
+        (drop(up), [up, "missing"]),
+        (drop("lm_head.weight"), ["lm_head.weight", "missing"]),
+        (set_field(gate, "shape", [64, 192]), [gate, "shape"]),
+        (set_field(gate, "dtype", "I32"), [gate, "I32"]),
+        (set_field(gate, "dtype", "F9"), [gate, "F9"]),
+        (set_field(gate, "shape", [192, 65]), [gate, "bytes"]),
+        (set_field(gate, "data_offsets", [10 ** 9, 10 ** 9 + 192 * 64 * 4]), [gate, "out of range"]),
+        (overlap, ["overlap"]),
+    ]
+    f = fresh_copy("tiny30", "bad-tensors")
+    path = os.path.join(f, "model.safetensors")
+    original = open(path, "rb").read()
+    for change, words in cases:
+        open(path, "wb").write(original)
+        edit_header(path, change)
+        expect_failure(["OUT", "--hf", f], *words)
+    # damaged files
+    open(path, "wb").write(original[:-100])
+    expect_failure(["OUT", "--hf", f], "out of range", "truncated")
+    open(path, "wb").write(struct.pack("<Q", 10 ** 12) + original[8:])
+    expect_failure(["OUT", "--hf", f], "header length", "past the end")
+    (n,) = struct.unpack_from("<Q", original, 0)
+    open(path, "wb").write(original[:8] + b"{\"x\": [" + b" " * (n - 7) + original[8 + n:])
+    expect_failure(["OUT", "--hf", f], "model.safetensors", "JSON")
+    open(path, "wb").write(original[:5])
+    expect_failure(["OUT", "--hf", f], "too short")
+    os.remove(path)
+    expect_failure(["OUT", "--hf", f], "model.safetensors")
+    # shards
+    f = fresh_copy("tiny32", "bad-shards")
+    os.remove(os.path.join(f, "model-00002-of-00002.safetensors"))
+    expect_failure(["OUT", "--hf", f], "missing shard", "model-00002-of-00002.safetensors")
+    f = fresh_copy("tiny32", "bad-index")
+    index_path = os.path.join(f, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    name = next(n for n, shard in index["weight_map"].items() if shard.startswith("model-00002"))
+    index["weight_map"][name] = "model-00001-of-00002.safetensors"
+    json.dump(index, open(index_path, "w"))
+    expect_failure(["OUT", "--hf", f], name, "does not contain")
+    # options and outputs
+    expect_failure(["OUT", "--hf", checkpoint("tiny30"), "--dtype", "q8_0", "--group-size", "48"],
+                   "group-size 48")
+    expect_failure(["OUT", "--hf", checkpoint("tiny30"), "--dtype", "int4"], "dtype")
+    expect_failure([os.path.join(WORK, "no-dir", "m.bin"), "--hf", checkpoint("tiny30")], "does not exist")
+
+
+def test_bad_tokenizer_inputs():
+    good = [base64.b64encode(bytes([b])).decode() + f" {b}" for b in range(256)]
+    cases = [
+        (good[:10] + ["!!notbase64 10"] + good[11:], ["bad base64"]),
+        (good[:10] + [good[3].split()[0] + " 10"] + good[11:], ["duplicate token"]),
+        (good[:10] + good[11:], ["rank 10 missing"]),
+        (good + [good[5]], ["duplicate rank"]),
+        (good[:3] + ["QQ=="] + good[4:], ["expected"]),
+    ]
+    for i, (lines, words) in enumerate(cases):
+        path = os.path.join(WORK, f"bad{i}.model")
+        open(path, "w").write("\n".join(lines) + "\n")
+        expect_failure(["--tokenizer-only", "OUT", "--tokenizer", path], os.path.basename(path), *words)
+    # a well-formed small file works, with the special names appended
+    path = os.path.join(WORK, "good.model")
+    open(path, "w").write("\n".join(good) + "\n")
+    out = os.path.join(WORK, "good.tok")
+    export(["--tokenizer-only", out, "--tokenizer", path, "--specials", "llama3"])
+    tokens, n_special = read_tok(out)
+    assert tokens[:256] == [bytes([b]) for b in range(256)] and n_special == 256
+    # tokenizer.json problems
+    tj = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 1}, "merges": ["a b"]},
+          "added_tokens": []}
+    for i, (change, words) in enumerate([
+            (lambda t: None, ["duplicate vocab id 1"]),
+            (lambda t: t["model"]["vocab"].update(ab=3), ["vocab ids"]),
+            (lambda t: t["model"].update(type="WordPiece"), ["BPE"]),
+            (lambda t: (t["model"]["vocab"].update(ab=2, c=3, abc=4),
+                        t["model"].update(merges=["ab c", "a b"])), ["merge"]),
+            (lambda t: (t["model"]["vocab"].update(ab=2),
+                        t.update(added_tokens=[{"id": 5, "content": "<|x|>"}])), ["contiguous"])]):
+        t = json.loads(json.dumps(tj))
+        change(t)
+        path = os.path.join(WORK, f"bad{i}.json")
+        json.dump(t, open(path, "w"))
+        expect_failure(["--tokenizer-only", "OUT", "--tokenizer", path], *words)
+    expect_failure(["--tokenizer-only", "OUT", "--tokenizer", os.path.join(WORK, "none.model")], "not found")
+    # a bad tokenizer in a model folder fails the export before anything is written
+    f = fresh_copy("tiny30", "bad-tok-in-model")
+    open(os.path.join(f, "tokenizer.model"), "w").write("\n".join(good[:10] + good[11:]) + "\n")
+    expect_failure(["OUT", "--hf", f], "rank 10 missing")
