@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Exports a Hugging Face Llama 3 checkpoint to llama3.c's model file ("L3CM" v1) and tokenizer
-file ("L3TK" v1); both formats are specified in tests/data/FORMATS.md.
+file ("L3TK" v1); both formats are specified in README.md ("File formats").
 
 Needs only the Python standard library and numpy. Safetensors files are read through memory maps
 one tensor (and one bounded chunk of rows) at a time, so the peak memory stays far below the model
@@ -460,7 +460,7 @@ def f32_to_bf16(x):
 
 
 def quantize_q8_0(x, group_size):
-    """float32 [n] -> (int8 q [n], float32 scales [n/group_size]) as FORMATS.md defines."""
+    """float32 [n] -> (int8 q [n], float32 scales [n/group_size]) as README.md ("File formats") defines."""
     groups = x.reshape(-1, group_size)
     scale = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
     safe = np.where(scale == 0, np.float32(1), scale)
@@ -532,7 +532,7 @@ def write_tensor(out, ckpt, name, shape, as_matrix, weight_type, group_size):
 
 
 def expected_size(plan, weight_type, group_size):
-    """File size implied by FORMATS.md: checked after writing."""
+    """File size implied by the format (README.md): checked after writing."""
     pos = HEADER_BYTES
     for _, shape, is_matrix in plan:
         n = math.prod(shape)
@@ -801,7 +801,7 @@ def parse_args(argv):
         prog="export.py",
         description="Export a Hugging Face Llama 3 / 3.1 / 3.2 checkpoint (LlamaForCausalLM,\n"
                     "safetensors) to a llama3.c model file, and its tokenizer to a llama3.c\n"
-                    "tokenizer file (formats: tests/data/FORMATS.md).",
+                    "tokenizer file (formats: README.md, section 'File formats').",
         epilog="Examples:\n"
                "  python3 export.py llama3.2-1b.bin --hf ~/Llama-3.2-1B-Instruct --dtype bf16\n"
                "  python3 export.py l3-8b-q8.bin --hf ~/Meta-Llama-3-8B --dtype q8_0\n"

@@ -25,13 +25,18 @@
    the parts between are encoded as above, each on its own, as tiktoken does.
 
    Build the command-line tool with: cc -DTOKENIZER_MAIN -O2 -o tokenize tokenizer.c */
+#define _POSIX_C_SOURCE 200809L  /* open, fstat, read */
 #include "tokenizer.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------------------------------------
    Unicode character classes */
@@ -789,38 +794,40 @@ static uint32_t read_u32(const unsigned char *p)
 /* Reads a whole file. Returns NULL with a message in `why` on failure. */
 static unsigned char *read_file(const char *path, size_t *size, const char **why)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
+    /* O_NONBLOCK so that a FIFO given as the path is refused below instead of waiting for a
+       writer; only regular files of known size are read (not /dev/zero, not a directory). */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) {
         *why = "cannot open file";
         return NULL;
     }
-    size_t cap = 1 << 20, n = 0;
-    unsigned char *buf = malloc(cap);
-    while (buf) {
-        n += fread(buf + n, 1, cap - n, f);
-        if (n < cap) break;
-        if (cap > UINT32_MAX) {   /* offsets are 32-bit; no real .tok is near 4 GiB */
-            free(buf);
-            fclose(f);
-            *why = "file too large";
-            return NULL;
-        }
-        unsigned char *bigger = realloc(buf, cap * 2);
-        if (!bigger) {
-            free(buf);
-            buf = NULL;
-        } else {
-            buf = bigger;
-            cap *= 2;
-        }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        *why = "not a regular file";
+        return NULL;
     }
-    int read_error = ferror(f);
-    fclose(f);
+    if ((uint64_t)st.st_size > UINT32_MAX) {   /* offsets are 32-bit; no real .tok is near 4 GiB */
+        close(fd);
+        *why = "file too large";
+        return NULL;
+    }
+    size_t n = (size_t)st.st_size;
+    unsigned char *buf = malloc(n > 0 ? n : 1);
     if (!buf) {
+        close(fd);
         *why = "out of memory";
         return NULL;
     }
-    if (read_error) {
+    size_t done = 0;
+    while (done < n) {
+        ssize_t got = read(fd, buf + done, n - done);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) break;   /* error, or the file shrank while being read */
+        done += (size_t)got;
+    }
+    close(fd);
+    if (done != n) {
         free(buf);
         *why = "read error";
         return NULL;

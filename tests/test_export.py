@@ -48,9 +48,9 @@ def export_module():
     return module
 
 
-# -- an independent reader of the model file (FORMATS.md) ---------------------------------
+# -- an independent reader of the model file (README.md, "File formats") ---------------------------------
 
-HEADER_FIELDS = [  # (offset, struct code, name), straight from the FORMATS.md table
+HEADER_FIELDS = [  # (offset, struct code, name), straight from the README table
     (4, "I", "version"), (8, "i", "dim"), (12, "i", "hidden_dim"), (16, "i", "n_layers"),
     (20, "i", "n_heads"), (24, "i", "n_kv_heads"), (28, "i", "head_dim"), (32, "i", "vocab_size"),
     (36, "i", "max_seq_len"), (40, "f", "rope_theta"), (44, "f", "norm_eps"),

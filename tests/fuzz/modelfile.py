@@ -1,0 +1,97 @@
+"""Builds small llama3.c model files (.bin, README.md "File formats") byte by byte, with every
+header field settable, and the offsets of each section, for the hostile-input tests and the
+fuzz seed corpus. Independent of export.py on purpose: damage is easier to aim from here."""
+import struct
+
+import numpy as np
+
+HEADER_FIELDS = [  # (name, offset, struct format)
+    ("magic", 0, "4s"), ("version", 4, "<I"), ("dim", 8, "<i"), ("hidden_dim", 12, "<i"),
+    ("n_layers", 16, "<i"), ("n_heads", 20, "<i"), ("n_kv_heads", 24, "<i"),
+    ("head_dim", 28, "<i"), ("vocab_size", 32, "<i"), ("max_seq_len", 36, "<i"),
+    ("rope_theta", 40, "<f"), ("norm_eps", 44, "<f"), ("rope_scaling", 48, "<I"),
+    ("rope_factor", 52, "<f"), ("rope_low_freq_factor", 56, "<f"),
+    ("rope_high_freq_factor", 60, "<f"), ("rope_original_max_pos", 64, "<i"),
+    ("tied_classifier", 68, "<I"), ("weight_type", 72, "<I"), ("group_size", 76, "<i"),
+    ("bos_id", 80, "<i"), ("n_eos", 84, "<i"),
+]
+FIELD = {name: (offset, fmt) for name, offset, fmt in HEADER_FIELDS}
+EOS_OFFSET = 88
+
+DEFAULTS = dict(magic=b"L3CM", version=1, dim=16, hidden_dim=32, n_layers=2, n_heads=4,
+                n_kv_heads=2, head_dim=4, vocab_size=300, max_seq_len=64, rope_theta=10000.0,
+                norm_eps=1e-5, rope_scaling=0, rope_factor=1.0, rope_low_freq_factor=1.0,
+                rope_high_freq_factor=4.0, rope_original_max_pos=8192, tied_classifier=0,
+                weight_type=0, group_size=0, bos_id=0, n_eos=1)
+
+
+def header(cfg, eos_ids):
+    h = bytearray(256)
+    for name, offset, fmt in HEADER_FIELDS:
+        struct.pack_into(fmt, h, offset, cfg[name])
+    for i in range(8):
+        struct.pack_into("<i", h, EOS_OFFSET + 4 * i, eos_ids[i] if i < len(eos_ids) else -1)
+    return h
+
+
+def align(n):
+    return (n + 63) // 64 * 64
+
+
+def tensors(cfg):
+    """[(name, kind, rows, cols)] in file order; kind "norm" (f32 vector) or "matrix"."""
+    d, q, kv, h = cfg["dim"], cfg["n_heads"] * cfg["head_dim"], cfg["n_kv_heads"] * cfg["head_dim"], cfg["hidden_dim"]
+    out = [("embedding", "matrix", cfg["vocab_size"], d)]
+    for l in range(cfg["n_layers"]):
+        out += [(f"layer{l}.attn_norm", "norm", 1, d), (f"layer{l}.wq", "matrix", q, d),
+                (f"layer{l}.wk", "matrix", kv, d), (f"layer{l}.wv", "matrix", kv, d),
+                (f"layer{l}.wo", "matrix", d, q), (f"layer{l}.ffn_norm", "norm", 1, d),
+                (f"layer{l}.w_gate", "matrix", h, d), (f"layer{l}.w_down", "matrix", d, h),
+                (f"layer{l}.w_up", "matrix", h, d)]
+    out.append(("final_norm", "norm", 1, d))
+    if not cfg["tied_classifier"]:
+        out.append(("classifier", "matrix", cfg["vocab_size"], d))
+    return out
+
+
+def model_file(eos_ids=(1,), seed=0, **fields):
+    """Returns (file bytes, sections): sections is [(name, start, end)] of every tensor part
+    (q8_0 matrices have a ".q" and a ".scales" part), in file order."""
+    cfg = dict(DEFAULTS, **fields)
+    rng = np.random.default_rng(seed)
+    blob = bytearray(header(cfg, eos_ids))
+    sections = []
+
+    def put(name, data):
+        blob.extend(b"\0" * (align(len(blob)) - len(blob)))
+        sections.append((name, len(blob), len(blob) + len(data)))
+        blob.extend(data)
+
+    wt, gs = cfg["weight_type"], cfg["group_size"]
+    for name, kind, rows, cols in tensors(cfg):
+        if kind == "norm":
+            put(name, (1 + 0.1 * rng.standard_normal(cols)).astype("<f4").tobytes())
+            continue
+        x = (0.3 * rng.standard_normal(rows * cols)).astype("<f4")
+        if wt == 0:
+            put(name, x.tobytes())
+        elif wt == 1:
+            put(name, (x.view("<u4") >> 16).astype("<u2").tobytes())
+        else:
+            groups = x.reshape(-1, gs)
+            scale = (np.abs(groups).max(axis=1) / 127).astype("<f4")
+            q = np.clip(np.round(groups / np.where(scale > 0, scale, 1)[:, None]), -127, 127)
+            put(name + ".q", q.astype("i1").tobytes())
+            put(name + ".scales", scale.tobytes())
+    return bytes(blob), sections
+
+
+def with_field(data, name, value):
+    """data with one header field (or "eos0".."eos7") replaced."""
+    out = bytearray(data)
+    if name.startswith("eos") and name[3:].isdigit():
+        struct.pack_into("<i", out, EOS_OFFSET + 4 * int(name[3:]), value)
+    else:
+        offset, fmt = FIELD[name]
+        struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
