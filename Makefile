@@ -34,6 +34,45 @@ demo: runomp
 
 bench: runomp tokenize
 	$(PYTHON) tests/bench_tokenizer.py
+	$(PYTHON) tests/bench.py
 
 clean:
 	rm -rf run runomp tokenize build
+
+# ---- Hostile input (issue 5): the whole suite under AddressSanitizer + UndefinedBehaviorSanitizer,
+# and libFuzzer targets for the model loader and the tokenizer (clang; Debian: clang libclang-rt-14-dev).
+SAN_CC ?= $(shell command -v clang >/dev/null 2>&1 && echo clang || echo $(CC))
+SAN_FLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+SAN_DIR = build/sanitize
+FUZZ_DIR = build/fuzz
+FUZZ_SECONDS ?= 45
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+
+.PHONY: test-sanitize fuzz fuzz-build
+
+$(SAN_DIR)/run: run.c tokenizer.c tokenizer.h
+	mkdir -p $(SAN_DIR)
+	$(SAN_CC) $(WARN) $(SAN_FLAGS) -o $@ run.c tokenizer.c -lm
+$(SAN_DIR)/runomp: run.c tokenizer.c tokenizer.h
+	mkdir -p $(SAN_DIR)
+	$(SAN_CC) $(WARN) $(SAN_FLAGS) -o $@ run.c tokenizer.c -lm
+$(SAN_DIR)/tokenize: tokenizer.c tokenizer.h
+	mkdir -p $(SAN_DIR)
+	$(SAN_CC) $(WARN) $(SAN_FLAGS) -DTOKENIZER_MAIN -o $@ tokenizer.c
+
+# runomp is built without OpenMP here: ASan cannot see into libgomp's threads reliably.
+test-sanitize: $(SAN_DIR)/run $(SAN_DIR)/runomp $(SAN_DIR)/tokenize
+	LLAMA3C_BIN_DIR=$(SAN_DIR) ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:allocator_may_return_null=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(PYTHON) tests/run_tests.py
+
+$(FUZZ_DIR)/fuzz_model: tests/fuzz/fuzz_model.c run.c tokenizer.c tokenizer.h
+	mkdir -p $(FUZZ_DIR)
+	clang $(FUZZ_FLAGS) -o $@ tests/fuzz/fuzz_model.c tokenizer.c -lm
+$(FUZZ_DIR)/fuzz_tokenizer: tests/fuzz/fuzz_tokenizer.c tokenizer.c tokenizer.h
+	mkdir -p $(FUZZ_DIR)
+	clang $(FUZZ_FLAGS) -o $@ tests/fuzz/fuzz_tokenizer.c tokenizer.c
+fuzz-build: $(FUZZ_DIR)/fuzz_model $(FUZZ_DIR)/fuzz_tokenizer
+
+# Each target for FUZZ_SECONDS from the committed seeds (new finds go to build/fuzz/work-*).
+fuzz: fuzz-build
+	FUZZ_SECONDS=$(FUZZ_SECONDS) PYTHON=$(PYTHON) tests/fuzz/run_fuzz.sh

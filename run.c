@@ -265,7 +265,7 @@ typedef struct {
 } Model;
 
 static void load_model(const char *path, Model *m) {
-    int fd = open(path, O_RDONLY);
+    int fd = open(path, O_RDONLY | O_NONBLOCK);  /* a FIFO must not block: refused below */
     if (fd < 0) die("cannot open model file %s: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) die("cannot stat model file %s: %s", path, strerror(errno));
@@ -292,8 +292,21 @@ static void free_model(Model *m) {
 /* ----------------------------------------------------------------------------------------
    2. The math
 
-   Every weight type goes through matmul(); the per-type row kernels below are the only place
-   that knows how a type's bytes become numbers. */
+   Every weight type goes through matmul(); the per-type kernels below are the only place that
+   knows how a type's bytes become numbers. Two shapes of work reach it:
+   - decoding: one token, out = W @ x. Every weight is used once, so the speed limit is how
+     fast the weights stream from memory; the row kernels (dot_*) only have to keep up.
+   - the prompt: a block of tokens, out[t] = W @ x[t]. Each weight is reused by every token of
+     the block, so the limit is arithmetic: the rows are widened to float32 a panel at a time
+     and multiplied against the tokens in register tiles (matmul_strips with AVX-512,
+     matmul_block otherwise). Activations stay float32 there, for every weight type.
+   Each kernel is plain C that the compiler vectorises (with AVX2 under -march=native on such
+   a machine), plus an AVX-512 version chosen at compile time. tests/test_kernels.c checks
+   them against plain loops. */
+
+#if defined __AVX512F__
+#include <immintrin.h>
+#endif
 
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -302,32 +315,243 @@ static float bf16_to_float(uint16_t v) {
     return f;
 }
 
-static float dot_row_fp32(const float *w, const float *x, int n) {
+/* The portable kernels keep 16 partial sums, so that the compiler may vectorise them without
+   reassociating a single sum (which it may not do for floats). */
+#define LANES 16
+
+#if !defined __AVX512F__
+static float sum_lanes(const float *acc) {
     float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += w[i] * x[i];
+    for (int j = 0; j < LANES; j++) sum += acc[j];
+    return sum;
+}
+#endif
+
+#if defined __AVX512F__
+/* Sums the four accumulators' 64 lanes. */
+static float sum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+}
+#endif
+
+static float dot_fp32(const float *w, const float *x, int n) {
+    int i = 0;
+    float sum = 0.0f;
+#if defined __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  /* four chains hide latency */
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16)
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    sum = sum4_avx512(a0, a1, a2, a3);
+#else
+    float acc[LANES] = {0};
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * x[i + j];
+    sum = sum_lanes(acc);
+#endif
+    for (; i < n; i++) sum += w[i] * x[i];
     return sum;
 }
 
-static float dot_row_bf16(const uint16_t *w, const float *x, int n) {
+/* bf16 rows against float32 x. In memory a bf16 pair (w[2j], w[2j+1]) is one 32-bit word whose
+   upper half is w[2j+1] as a float and whose lower half, shifted up, is w[2j]. So the AVX-512
+   path turns 32 weights into floats with one AND and one shift, and meets them with x_pairs:
+   x reordered once per matmul so that each 32 values list the even ones, then the odd ones. */
+static void split_pairs(float *x_pairs, const float *x, int n) {
+    int i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int j = 0; j < 16; j++) {
+            x_pairs[i + j] = x[i + 2 * j];
+            x_pairs[i + 16 + j] = x[i + 2 * j + 1];
+        }
+    for (; i < n; i++) x_pairs[i] = x[i];
+}
+
+static float dot_bf16(const uint16_t *w, const float *x, const float *x_pairs, int n) {
+    int i = 0;
     float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += bf16_to_float(w[i]) * x[i];
+#if defined __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (; i + 64 <= n; i += 64) {
+        __m512i p0 = _mm512_loadu_si512((const void *)(w + i));
+        __m512i p1 = _mm512_loadu_si512((const void *)(w + i + 32));
+        __m512 even0 = _mm512_castsi512_ps(_mm512_slli_epi32(p0, 16));
+        __m512 odd0 = _mm512_castsi512_ps(_mm512_and_si512(p0, high));
+        __m512 even1 = _mm512_castsi512_ps(_mm512_slli_epi32(p1, 16));
+        __m512 odd1 = _mm512_castsi512_ps(_mm512_and_si512(p1, high));
+        a0 = _mm512_fmadd_ps(even0, _mm512_loadu_ps(x_pairs + i), a0);
+        a1 = _mm512_fmadd_ps(odd0, _mm512_loadu_ps(x_pairs + i + 16), a1);
+        a2 = _mm512_fmadd_ps(even1, _mm512_loadu_ps(x_pairs + i + 32), a2);
+        a3 = _mm512_fmadd_ps(odd1, _mm512_loadu_ps(x_pairs + i + 48), a3);
+    }
+    for (; i + 32 <= n; i += 32) {
+        __m512i p = _mm512_loadu_si512((const void *)(w + i));
+        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p, 16)),
+                             _mm512_loadu_ps(x_pairs + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p, high)),
+                             _mm512_loadu_ps(x_pairs + i + 16), a1);
+    }
+    sum = sum4_avx512(a0, a1, a2, a3);
+#else
+    (void)x_pairs;
+    float acc[LANES] = {0};
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += bf16_to_float(w[i + j]) * x[i + j];
+    sum = sum_lanes(acc);
+#endif
+    for (; i < n; i++) sum += bf16_to_float(w[i]) * x[i];
     return sum;
 }
 
-/* q8_0: each group of group_size int8 values shares one float scale. */
-static float dot_row_q8(const int8_t *w, const float *scales, const float *x, int n, int gs) {
-    float sum = 0.0f;
+/* q8_0 decoding multiplies the int8 weights by activations quantized on the fly to int16,
+   group by group like the weights (scale = max|x| / 32767): each group's dot product is then
+   exact integer arithmetic, scaled once. That reads the weights at memory speed where widening
+   every weight to float32 could not. int8 activations (llama2.c's runq) would be no faster
+   here, decoding being memory-bound, but 256 times coarser: measured on the test models, 2e-2
+   of the logits' range against 1e-4 (tests/test_kernels.c measures the kernel's share). */
+typedef struct {
+    int16_t *q;     /* round(x / scale), in [-32767, 32767] */
+    float *scales;  /* one per group */
+} QuantizedVector;
+
+#define Q16_MAX 32767.0f
+
+static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {
-        float group_sum = 0.0f;
-        for (int i = 0; i < gs; i++) group_sum += (float)w[g * gs + i] * x[g * gs + i];
-        sum += group_sum * scales[g];
+        const float *xg = x + (size_t)g * gs;
+        float amax = 0.0f;
+        for (int i = 0; i < gs; i++) {
+            float a = fabsf(xg[i]);
+            amax = a > amax ? a : amax;  /* (a NaN is skipped, as fmaxf would) */
+        }
+        float scale = amax / Q16_MAX;
+        float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+        for (int i = 0; i < gs; i++) {
+            float r = nearbyintf(xg[i] * inverse);
+            /* only in-range values are cast: a NaN (from a NaN or infinite activation, or a
+               denormal group whose inverse overflowed) becomes 0 rather than undefined */
+            int16_t q = 0;
+            if (r >= -Q16_MAX && r <= Q16_MAX) q = (int16_t)r;
+            else if (r > 0.0f) q = (int16_t)Q16_MAX;
+            else if (r < 0.0f) q = (int16_t)-Q16_MAX;
+            v->q[(size_t)g * gs + i] = q;
+        }
+        v->scales[g] = scale;
+    }
+}
+
+/* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale. */
+static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVector *x, int n,
+                    int gs) {
+    int n_groups = n / gs;
+#if defined __AVX512VNNI__ && defined __AVX512BW__
+    /* vpdpwssd: 32 int16 products summed pairwise into 16 int32 lanes. A lane takes gs/16
+       products of at most 127 * 32767, so groups up to 4096 cannot overflow it. */
+    if (gs % 32 == 0 && gs <= 4096) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;  /* even and odd groups */
+        for (int g = 0; g < n_groups; g++) {
+            __m512i isum = _mm512_setzero_si512();
+            for (int i = g * gs; i < (g + 1) * gs; i += 32) {
+                __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
+                __m512i x16 = _mm512_loadu_si512((const void *)(x->q + i));
+                isum = _mm512_dpwssd_epi32(isum, w16, x16);
+            }
+            __m512 scale = _mm512_set1_ps(w_scales[g] * x->scales[g]);
+            if (g & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc1);
+            else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc0);
+        }
+        return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    }
+#endif
+    float sum = 0.0f;
+    for (int g = 0; g < n_groups; g++) {
+        int64_t isum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int32_t)w[i] * (int32_t)x->q[i];
+        sum += (float)isum * (w_scales[g] * x->scales[g]);
     }
     return sum;
 }
 
-/* out[rows] = W[rows][cols] @ x[cols]. Rows are independent: split them over threads. */
-static void matmul(float *out, const float *x, const Matrix *w) {
-    int rows = w->rows, cols = w->cols;
+/* Row r of a matrix widened to float32: the embedding lookup, and the prompt path's panels. */
+static void matrix_row(float *out, const Matrix *w, int row) {
+    size_t start = (size_t)row * (size_t)w->cols;
+    int cols = w->cols;
+    if (w->type == WEIGHT_FP32) {
+        memcpy(out, (const float *)w->data + start, (size_t)cols * sizeof(float));
+    } else if (w->type == WEIGHT_BF16) {
+        const uint16_t *src = (const uint16_t *)w->data + start;
+        for (int i = 0; i < cols; i++) out[i] = bf16_to_float(src[i]);
+    } else {
+        const int8_t *src = (const int8_t *)w->data + start;
+        const float *scales = w->scales + start / (size_t)w->group_size;
+        int gs = w->group_size;
+        for (int g = 0; g < cols / gs; g++)  /* rows hold whole groups (the loader checks) */
+            for (int i = g * gs; i < (g + 1) * gs; i++) out[i] = (float)src[i] * scales[g];
+    }
+}
+
+/* What matmul needs besides its operands, allocated once (never per token). */
+#define PANEL_ROWS 16   /* rows widened at a time by the prompt path: 16 x 8192 floats = 512 KB */
+#define TILE 4          /* portable prompt path register tile: 4 rows x 4 tokens */
+
+#define STRIP 32        /* AVX-512 prompt path: tokens per packed strip (two vectors) */
+#define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
+
+typedef struct {
+    QuantizedVector xq; /* q8_0 decoding: the activations quantized [max_cols] */
+    float *x_pairs;     /* bf16 decoding: x in split_pairs order [max_cols] */
+    float *panels;      /* prompt path: one [PANEL_ROWS][max_cols] float panel per thread */
+    float *strips;      /* AVX-512 prompt path: the tokens transposed, [strips][max_cols][STRIP] */
+    int max_cols, max_tokens;
+    int n_threads;
+} MatmulScratch;
+
+static int max_threads(void) {
+#if defined _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id(void) {
+#if defined _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
+    int n_strips = (max_tokens + STRIP - 1) / STRIP;
+    s->max_cols = max_cols;
+    s->max_tokens = max_tokens;
+    s->strips = checked_calloc((size_t)n_strips * STRIP * (size_t)max_cols, sizeof(float),
+                               "matmul scratch");
+    s->n_threads = max_threads();
+    s->x_pairs = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
+    s->xq.q = checked_calloc((size_t)max_cols, sizeof(int16_t), "matmul scratch");
+    s->xq.scales = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
+    s->panels = checked_calloc((size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols,
+                               sizeof(float), "matmul scratch");
+}
+
+static void free_scratch(MatmulScratch *s) {
+    free(s->xq.q); free(s->xq.scales);
+    free(s->panels); free(s->strips); free(s->x_pairs);
+}
+
+/* Decoding: out[rows] = W[rows][cols] @ x[cols]. Rows are independent: split over threads. */
+static void matmul_vector(float *out, const float *x, const Matrix *w, MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, gs = w->group_size;
+    if (w->type == WEIGHT_Q8_0) quantize_vector(&s->xq, x, cols, gs);
+    if (w->type == WEIGHT_BF16) split_pairs(s->x_pairs, x, cols);
 #if defined _OPENMP
 #pragma omp parallel for schedule(static)
 #endif
@@ -335,31 +559,139 @@ static void matmul(float *out, const float *x, const Matrix *w) {
         size_t row_start = (size_t)r * (size_t)cols;
         switch (w->type) {
         case WEIGHT_FP32:
-            out[r] = dot_row_fp32((const float *)w->data + row_start, x, cols);
+            out[r] = dot_fp32((const float *)w->data + row_start, x, cols);
             break;
         case WEIGHT_BF16:
-            out[r] = dot_row_bf16((const uint16_t *)w->data + row_start, x, cols);
+            out[r] = dot_bf16((const uint16_t *)w->data + row_start, x, s->x_pairs, cols);
             break;
         default:
-            out[r] = dot_row_q8((const int8_t *)w->data + row_start,
-                                w->scales + row_start / (size_t)w->group_size, x, cols,
-                                w->group_size);
+            out[r] = dot_q8((const int8_t *)w->data + row_start,
+                            w->scales + row_start / (size_t)gs, &s->xq, cols, gs);
         }
     }
 }
 
-/* Writes row `row` of a matrix as floats: the embedding lookup. */
-static void matrix_row(float *out, const Matrix *w, int row) {
-    size_t start = (size_t)row * (size_t)w->cols;
-    for (int i = 0; i < w->cols; i++) {
-        switch (w->type) {
-        case WEIGHT_FP32: out[i] = ((const float *)w->data)[start + i]; break;
-        case WEIGHT_BF16: out[i] = bf16_to_float(((const uint16_t *)w->data)[start + i]); break;
-        default:
-            out[i] = (float)((const int8_t *)w->data)[start + i] *
-                     w->scales[(start + i) / (size_t)w->group_size];
+#if defined __AVX512F__
+/* Transposes the tokens into strips of STRIP: strip[k][j] = x[first + j][k], zero past n.
+   A vector load then gives one column for 16 tokens, to meet a broadcast weight. */
+static void pack_strip(float *strip, const float *x, int first, int n, int cols) {
+    for (int k = 0; k < cols; k++)
+        for (int j = 0; j < STRIP; j++)
+            strip[(size_t)k * STRIP + j] = first + j < n ? x[(size_t)(first + j) * cols + k] : 0.0f;
+}
+
+/* out[t][r0 + r] for STRIP_ROWS rows of w (row stride cols; the first nr are real) and the
+   strip's tokens (the first nt are real). Each step of k broadcasts one weight per row and
+   multiplies it into two vectors of 16 tokens: 16 multiply-adds per 2 vector loads, and each
+   sum runs over k in order, like the plain dot product. */
+static void strip_kernel(float *out, int out_stride, const float *w, int nr, const float *strip,
+                         int nt, int cols) {
+    __m512 acc[STRIP_ROWS][2];
+    for (int r = 0; r < STRIP_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int k = 0; k < cols; k++) {
+        __m512 x0 = _mm512_loadu_ps(strip + (size_t)k * STRIP);
+        __m512 x1 = _mm512_loadu_ps(strip + (size_t)k * STRIP + 16);
+        for (int r = 0; r < STRIP_ROWS; r++) {
+            __m512 wv = _mm512_set1_ps(w[(size_t)r * cols + k]);
+            acc[r][0] = _mm512_fmadd_ps(wv, x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(wv, x1, acc[r][1]);
         }
     }
+    float sums[STRIP];
+    for (int r = 0; r < nr; r++) {
+        _mm512_storeu_ps(sums, acc[r][0]);
+        _mm512_storeu_ps(sums + 16, acc[r][1]);
+        for (int t = 0; t < nt; t++) out[(size_t)t * out_stride + r] = sums[t];
+    }
+}
+
+/* The AVX-512 prompt path: the tokens are packed into strips once, then threads take panels
+   of PANEL_ROWS rows (widened to float32, zero rows padding a ragged last panel) and run
+   every strip past them. */
+static void matmul_strips(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, n_strips = (n + STRIP - 1) / STRIP;
+    int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
+    for (int i = 0; i < n_strips; i++)
+        pack_strip(s->strips + (size_t)i * STRIP * cols, x, i * STRIP, n, cols);
+#if defined _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (int p = 0; p < n_panels; p++) {
+        int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
+        /* fp32 rows are copied too: the copy streams from memory once, in order, and then
+           sits contiguous in this core's cache for every strip */
+        float *panel = s->panels + (size_t)thread_id() * PANEL_ROWS * (size_t)s->max_cols;
+        for (int r = 0; r < nr; r++) matrix_row(panel + (size_t)r * cols, w, r0 + r);
+        memset(panel + (size_t)nr * cols, 0, (size_t)(PANEL_ROWS - nr) * cols * sizeof(float));
+        for (int i = 0; i < n_strips; i++) {
+            int nt = n - i * STRIP < STRIP ? n - i * STRIP : STRIP;
+            for (int r = 0; r < nr; r += STRIP_ROWS)
+                strip_kernel(out + (size_t)i * STRIP * rows + r0 + r, rows,
+                             panel + (size_t)r * cols, nr - r < STRIP_ROWS ? nr - r : STRIP_ROWS,
+                             s->strips + (size_t)i * STRIP * cols, nt, cols);
+        }
+    }
+}
+#endif
+
+#if !defined __AVX512F__
+/* out[t][r] = dot(w row r, x token t) for TILE rows and TILE tokens: the rows and tokens of a
+   tile stay in cache while their 16 dot products are taken. */
+static void tile_dots(float *out, int out_stride, const float *w, const float *x, int cols) {
+    for (int r = 0; r < TILE; r++)
+        for (int t = 0; t < TILE; t++)
+            out[(size_t)t * out_stride + r] =
+                dot_fp32(w + (size_t)r * cols, x + (size_t)t * cols, cols);
+}
+
+/* The portable prompt path: out[n][rows] = x[n][cols] @ W^T. Threads take panels of
+   PANEL_ROWS rows; a panel is widened to float32 once (fp32 rows are used in place) and then
+   meets all n tokens from cache, so each weight is read from memory once per block of tokens. */
+static void matmul_block(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols;
+    int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
+#if defined _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (int p = 0; p < n_panels; p++) {
+        int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
+        const float *panel;
+        if (w->type == WEIGHT_FP32) {
+            panel = (const float *)w->data + (size_t)r0 * cols;
+        } else {
+            float *buf = s->panels + (size_t)thread_id() * PANEL_ROWS * (size_t)s->max_cols;
+            for (int r = 0; r < nr; r++) matrix_row(buf + (size_t)r * cols, w, r0 + r);
+            panel = buf;
+        }
+        for (int t0 = 0; t0 < n; t0 += TILE) {      /* a few tokens stay in L1/L2 ... */
+            for (int r = 0; r < nr; r += TILE) {    /* ... while the panel's rows go by */
+                const float *wr = panel + (size_t)r * cols, *xt = x + (size_t)t0 * cols;
+                float *o = out + (size_t)t0 * rows + r0 + r;
+                if (t0 + TILE <= n && r + TILE <= nr) {
+                    tile_dots(o, rows, wr, xt, cols);
+                    continue;
+                }
+                for (int t = 0; t < TILE && t0 + t < n; t++)  /* the ragged edges */
+                    for (int rr = 0; rr < TILE && r + rr < nr; rr++)
+                        o[(size_t)t * rows + rr] =
+                            dot_fp32(wr + (size_t)rr * cols, xt + (size_t)t * cols, cols);
+            }
+        }
+    }
+}
+#endif
+
+/* The one matmul dispatch: out[n][rows] = W[rows][cols] applied to each of n vectors x[n][cols]. */
+static void matmul(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
+    if (n == 1) {
+        matmul_vector(out, x, w, s);
+        return;
+    }
+#if defined __AVX512F__
+    matmul_strips(out, x, n, w, s);
+#else
+    matmul_block(out, x, n, w, s);
+#endif
 }
 
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
@@ -422,19 +754,28 @@ static void rope(float *vec, int n_heads, int head_dim, const float *cos_t, cons
 }
 
 /* ----------------------------------------------------------------------------------------
-   3. The forward pass */
+   3. The forward pass
+
+   forward() runs a block of n consecutive tokens (positions pos .. pos+n-1) through every
+   layer together, so that each weight matrix is read once per block instead of once per
+   token. Decoding is the same code with n = 1. Within a block, attention is causal: token t
+   sees the cached positions up to its own. */
+
+#define MAX_BLOCK 64   /* prompt tokens per forward() call */
 
 typedef struct {
-    float *x;          /* residual stream [dim] */
-    float *xb;         /* normed input / attention output [max(dim, q_dim)] */
-    float *xb2;        /* projection output [dim] */
-    float *hb, *hb2;   /* feed-forward gate and up [hidden_dim] */
-    float *q;          /* query [q_dim] */
+    float *x;          /* residual stream [block][dim] */
+    float *xb;         /* normed input / attention output [block][max(dim, q_dim)] */
+    float *xb2;        /* projection output [block][dim] */
+    float *hb, *hb2;   /* feed-forward gate and up [block][hidden_dim] */
+    float *q;          /* query [block][q_dim] */
     float *att;        /* attention scores [n_heads][seq_len] */
-    float *logits;     /* [vocab_size] */
+    float *logits;     /* [block][vocab_size]; pages untouched unless every row is asked for */
     float *key_cache;  /* [n_layers][seq_len][kv_dim] */
     float *value_cache;
-    float *rope_freqs, *rope_cos, *rope_sin;  /* [head_dim / 2] */
+    float *rope_freqs; /* [head_dim / 2] */
+    float *rope_cos, *rope_sin;  /* [block][head_dim / 2] */
+    MatmulScratch scratch;
     int seq_len;       /* the context length the cache holds (the -c cap) */
 } RunState;
 
@@ -443,105 +784,149 @@ typedef struct {
     RunState state;
 } Transformer;
 
+static float *alloc_block(int width, const char *what) {
+    return checked_calloc((size_t)MAX_BLOCK * (size_t)width, sizeof(float), what);
+}
+
 static void alloc_state(RunState *s, const Config *cfg, int seq_len) {
     int q_dim = cfg->n_heads * cfg->head_dim, kv_dim = cfg->n_kv_heads * cfg->head_dim;
+    int wide = q_dim > cfg->dim ? q_dim : cfg->dim;
     size_t cache = (size_t)cfg->n_layers * (size_t)seq_len * (size_t)kv_dim;
     s->seq_len = seq_len;
-    s->x = checked_calloc((size_t)cfg->dim, sizeof(float), "activations");
-    s->xb = checked_calloc((size_t)(q_dim > cfg->dim ? q_dim : cfg->dim), sizeof(float),
-                           "activations");
-    s->xb2 = checked_calloc((size_t)cfg->dim, sizeof(float), "activations");
-    s->hb = checked_calloc((size_t)cfg->hidden_dim, sizeof(float), "activations");
-    s->hb2 = checked_calloc((size_t)cfg->hidden_dim, sizeof(float), "activations");
-    s->q = checked_calloc((size_t)q_dim, sizeof(float), "activations");
+    s->x = alloc_block(cfg->dim, "activations");
+    s->xb = alloc_block(wide, "activations");
+    s->xb2 = alloc_block(cfg->dim, "activations");
+    s->hb = alloc_block(cfg->hidden_dim, "activations");
+    s->hb2 = alloc_block(cfg->hidden_dim, "activations");
+    s->q = alloc_block(q_dim, "activations");
     s->att = checked_calloc((size_t)cfg->n_heads * (size_t)seq_len, sizeof(float), "scores");
-    s->logits = checked_calloc((size_t)cfg->vocab_size, sizeof(float), "logits");
+    s->logits = alloc_block(cfg->vocab_size, "logits");
     s->key_cache = checked_calloc(cache, sizeof(float), "the key cache (lower -c)");
     s->value_cache = checked_calloc(cache, sizeof(float), "the value cache (lower -c)");
     s->rope_freqs = checked_calloc((size_t)cfg->head_dim / 2, sizeof(float), "rope");
-    s->rope_cos = checked_calloc((size_t)cfg->head_dim / 2, sizeof(float), "rope");
-    s->rope_sin = checked_calloc((size_t)cfg->head_dim / 2, sizeof(float), "rope");
+    s->rope_cos = alloc_block(cfg->head_dim / 2, "rope");
+    s->rope_sin = alloc_block(cfg->head_dim / 2, "rope");
     rope_frequencies(cfg, s->rope_freqs);
+    alloc_scratch(&s->scratch, cfg->hidden_dim > wide ? cfg->hidden_dim : wide, MAX_BLOCK);
 }
 
 static void free_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q);
     free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
     free(s->rope_freqs); free(s->rope_cos); free(s->rope_sin);
+    free_scratch(&s->scratch);
 }
 
-/* Causal grouped-query attention of the query in s->q at position pos over the cached keys
-   and values of this layer; writes the heads' outputs side by side into s->xb. */
-static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos) {
+/* out += weight * v, over n values: the attention's weighted sum of values. */
+static void add_scaled(float *out, const float *v, float weight, int n) {
+    for (int i = 0; i < n; i++) out[i] += weight * v[i];
+}
+
+/* Causal grouped-query attention for the block's n queries in s->q (positions pos ..
+   pos+n-1) over this layer's cached keys and values, which already hold the block; writes each
+   token's heads side by side into s->xb. Heads are independent: split over threads. */
+static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos, int n) {
     int kv_dim = cfg->n_kv_heads * cfg->head_dim, head_dim = cfg->head_dim;
-    int group = cfg->n_heads / cfg->n_kv_heads;
+    int q_dim = cfg->n_heads * head_dim, group = cfg->n_heads / cfg->n_kv_heads;
     float scale = 1.0f / sqrtf((float)head_dim);
+    const float *keys = s->key_cache + layer_offset, *values = s->value_cache + layer_offset;
 #if defined _OPENMP
 #pragma omp parallel for schedule(static)
 #endif
     for (int h = 0; h < cfg->n_heads; h++) {
-        const float *q = s->q + (size_t)h * head_dim;
         float *scores = s->att + (size_t)h * s->seq_len;
         size_t kv_head = (size_t)(h / group) * head_dim;
-        for (int t = 0; t <= pos; t++) {
-            const float *k = s->key_cache + layer_offset + (size_t)t * kv_dim + kv_head;
-            scores[t] = dot_row_fp32(k, q, head_dim) * scale;
-        }
-        softmax(scores, pos + 1);
-        float *out = s->xb + (size_t)h * head_dim;
-        memset(out, 0, (size_t)head_dim * sizeof(float));
-        for (int t = 0; t <= pos; t++) {
-            const float *v = s->value_cache + layer_offset + (size_t)t * kv_dim + kv_head;
-            for (int i = 0; i < head_dim; i++) out[i] += scores[t] * v[i];
+        for (int t = 0; t < n; t++) {
+            const float *q = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
+            int last = pos + t;
+            for (int p = 0; p <= last; p++)
+                scores[p] = dot_fp32(keys + (size_t)p * kv_dim + kv_head, q, head_dim) * scale;
+            softmax(scores, last + 1);
+            float *out = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
+            memset(out, 0, (size_t)head_dim * sizeof(float));
+            for (int p = 0; p <= last; p++)
+                add_scaled(out, values + (size_t)p * kv_dim + kv_head, scores[p], head_dim);
         }
     }
 }
 
-/* Runs token at position pos through the model, filling the KV cache at pos. Computes the
-   logits only when asked: prompt positions before the last one do not need them. */
-static float *forward(Transformer *tr, int token, int pos, int want_logits) {
+/* The rotation angles of positions pos .. pos+n-1. */
+static void rope_angles(RunState *s, const Config *cfg, int pos, int n) {
+    int half = cfg->head_dim / 2;
+    for (int t = 0; t < n; t++) {
+        for (int i = 0; i < half; i++) {
+            float angle = (float)(pos + t) * s->rope_freqs[i];
+            s->rope_cos[(size_t)t * half + i] = cosf(angle);
+            s->rope_sin[(size_t)t * half + i] = sinf(angle);
+        }
+    }
+}
+
+static void swiglu(float *gate, const float *up, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];  /* silu(gate) * up */
+    }
+}
+
+static void add_into(float *x, const float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* Output modes of forward(). */
+enum { LOGITS_NONE = 0, LOGITS_LAST = 1, LOGITS_ALL = 2 };
+
+/* Runs n <= MAX_BLOCK tokens at positions pos .. pos+n-1 through the model, filling the KV
+   cache there. Returns the logits of the last token (LOGITS_LAST: only that row is computed;
+   LOGITS_ALL: row t of s->logits belongs to token t) or NULL (LOGITS_NONE): prompt positions
+   before the last one do not need them. */
+static float *forward(Transformer *tr, const int *tokens, int n, int pos, int logits_mode) {
     const Config *cfg = &tr->model.config;
     const Weights *w = &tr->model.weights;
     RunState *s = &tr->state;
-    int dim = cfg->dim, kv_dim = cfg->n_kv_heads * cfg->head_dim;
+    MatmulScratch *scratch = &s->scratch;
+    int dim = cfg->dim, kv_dim = cfg->n_kv_heads * cfg->head_dim, half = cfg->head_dim / 2;
+    int q_dim = cfg->n_heads * cfg->head_dim, hidden = cfg->hidden_dim;
 
-    matrix_row(s->x, &w->embedding, token);
-    for (int i = 0; i < cfg->head_dim / 2; i++) {
-        float angle = (float)pos * s->rope_freqs[i];
-        s->rope_cos[i] = cosf(angle);
-        s->rope_sin[i] = sinf(angle);
-    }
+    for (int t = 0; t < n; t++) matrix_row(s->x + (size_t)t * dim, &w->embedding, tokens[t]);
+    rope_angles(s, cfg, pos, n);
 
     for (int l = 0; l < cfg->n_layers; l++) {
         const Layer *layer = &w->layers[l];
         size_t layer_offset = (size_t)l * (size_t)s->seq_len * (size_t)kv_dim;
-        float *k = s->key_cache + layer_offset + (size_t)pos * kv_dim;
+        float *k = s->key_cache + layer_offset + (size_t)pos * kv_dim;  /* [n][kv_dim] */
         float *v = s->value_cache + layer_offset + (size_t)pos * kv_dim;
 
-        rmsnorm(s->xb, s->x, layer->attn_norm, dim, cfg->norm_eps);
-        matmul(s->q, s->xb, &layer->wq);
-        matmul(k, s->xb, &layer->wk);
-        matmul(v, s->xb, &layer->wv);
-        rope(s->q, cfg->n_heads, cfg->head_dim, s->rope_cos, s->rope_sin);
-        rope(k, cfg->n_kv_heads, cfg->head_dim, s->rope_cos, s->rope_sin);
-        attention(s, cfg, layer_offset, pos);
-        matmul(s->xb2, s->xb, &layer->wo);
-        for (int i = 0; i < dim; i++) s->x[i] += s->xb2[i];
-
-        rmsnorm(s->xb, s->x, layer->ffn_norm, dim, cfg->norm_eps);
-        matmul(s->hb, s->xb, &layer->w_gate);
-        matmul(s->hb2, s->xb, &layer->w_up);
-        for (int i = 0; i < cfg->hidden_dim; i++) {
-            float g = s->hb[i];
-            s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];  /* SwiGLU: silu(gate) * up */
+        for (int t = 0; t < n; t++)
+            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->attn_norm, dim,
+                    cfg->norm_eps);
+        matmul(s->q, s->xb, n, &layer->wq, scratch);
+        matmul(k, s->xb, n, &layer->wk, scratch);
+        matmul(v, s->xb, n, &layer->wv, scratch);
+        for (int t = 0; t < n; t++) {
+            const float *c = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
+            rope(s->q + (size_t)t * q_dim, cfg->n_heads, cfg->head_dim, c, sn);
+            rope(k + (size_t)t * kv_dim, cfg->n_kv_heads, cfg->head_dim, c, sn);
         }
-        matmul(s->xb2, s->hb, &layer->w_down);
-        for (int i = 0; i < dim; i++) s->x[i] += s->xb2[i];
+        attention(s, cfg, layer_offset, pos, n);
+        matmul(s->xb2, s->xb, n, &layer->wo, scratch);
+        add_into(s->x, s->xb2, (size_t)n * dim);
+
+        for (int t = 0; t < n; t++)
+            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->ffn_norm, dim,
+                    cfg->norm_eps);
+        matmul(s->hb, s->xb, n, &layer->w_gate, scratch);
+        matmul(s->hb2, s->xb, n, &layer->w_up, scratch);
+        swiglu(s->hb, s->hb2, (size_t)n * hidden);
+        matmul(s->xb2, s->hb, n, &layer->w_down, scratch);
+        add_into(s->x, s->xb2, (size_t)n * dim);
     }
-    if (!want_logits) return NULL;
-    rmsnorm(s->x, s->x, w->final_norm, dim, cfg->norm_eps);
-    matmul(s->logits, s->x, &w->classifier);
-    return s->logits;
+    if (logits_mode == LOGITS_NONE) return NULL;
+    int first = logits_mode == LOGITS_ALL ? 0 : n - 1;
+    for (int t = first; t < n; t++)
+        rmsnorm(s->x + (size_t)t * dim, s->x + (size_t)t * dim, w->final_norm, dim, cfg->norm_eps);
+    matmul(s->logits, s->x + (size_t)first * dim, n - first, &w->classifier, scratch);
+    return s->logits + (size_t)(n - 1 - first) * cfg->vocab_size;
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -667,15 +1052,19 @@ static void write_logits(Session *s, const float *logits) {
         die("cannot write the logits file: %s", strerror(errno));
 }
 
-/* Feeds tokens at the current position and returns the logits after the last one. The caller
-   has checked that they fit in the context. */
+/* Feeds tokens at the current position, MAX_BLOCK at a time, and returns the logits after the
+   last one. The caller has checked that they fit in the context. */
 static float *feed(Session *s, const int *tokens, size_t n) {
     float *logits = NULL;
-    for (size_t i = 0; i < n; i++) {
-        int want_logits = s->logits_file != NULL || i + 1 == n;
-        logits = forward(s->tr, tokens[i], s->pos, want_logits);
-        if (logits && s->logits_file) write_logits(s, logits);
-        s->pos++;
+    size_t vocab = (size_t)s->tr->model.config.vocab_size;
+    for (size_t i = 0; i < n; i += MAX_BLOCK) {
+        int block = n - i < MAX_BLOCK ? (int)(n - i) : MAX_BLOCK;
+        int last_block = i + (size_t)block == n;
+        int mode = s->logits_file ? LOGITS_ALL : last_block ? LOGITS_LAST : LOGITS_NONE;
+        logits = forward(s->tr, tokens + i, block, s->pos, mode);
+        if (s->logits_file)
+            for (int t = 0; t < block; t++) write_logits(s, s->tr->state.logits + t * vocab);
+        s->pos += block;
     }
     return logits;
 }

@@ -167,8 +167,11 @@ def test_every_weight_type_exact_on_grid_weights():
     for preset in ("tiny31", "tiny32"):
         folder = grid_checkpoint(preset)
         _checkpoints["grid-" + preset] = folder
-        for dtype in ("fp32", "bf16", "q8_0"):
+        for dtype in ("fp32", "bf16"):
             check_against_numpy("grid-" + preset, dtype, 1e-4)
+        # q8_0 matmuls quantize the activations to int16 per group of 64 on the fly (for
+        # the integer dot products): that rounding, not the weights, is measured at 1.4e-4.
+        check_against_numpy("grid-" + preset, "q8_0", 5e-4)
 
 
 def test_random_checkpoints_lossy_types():

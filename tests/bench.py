@@ -1,0 +1,152 @@
+"""Speed of ./runomp on a Llama-3.2-1B-shaped random checkpoint, per weight type.
+
+    /usr/bin/python3 tests/bench.py [--rounds 3] [--threads 2] [--prompt 512] [--decode 128]
+                                    [--types fp32,bf16,q8_0]
+
+Creates the checkpoint once (tests/make_checkpoint.py --preset llama32-1b) and exports it per
+weight type, caching both under build/bench/. Then, in rounds that interleave the weight types,
+measures for each: decode tok/s (--decode tokens after a 1-token prompt), prompt tok/s (a
+--prompt-token prompt), time to first token of that prompt (process start to the first id on
+stdout, loading included) and peak RSS (the mapped weights count: they are file pages).
+
+Decoding reads every weight once per token, so its ceiling is bandwidth / bytes per token. The
+machine's read bandwidth drifts by itself (here between ~50 and ~73 GB/s, for seconds to tens of
+minutes), so tests/bandwidth.c (compiled here with the engine's flags, same thread count) is run
+right before and after every decode timing, and the table shows decode against the mean of the
+two. Medians over the rounds.
+"""
+import argparse
+import os
+import random
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "build", "bench")
+PYTHON = sys.executable
+
+
+def sh(args, **kw):
+    return subprocess.run(args, check=True, cwd=ROOT, **kw)
+
+
+def prepare(types):
+    hf = os.path.join(BENCH, "hf")
+    if not os.path.exists(os.path.join(hf, "config.json")):
+        print("creating the llama32-1b random checkpoint (once) ...", flush=True)
+        sh([PYTHON, "tests/make_checkpoint.py", hf, "--preset", "llama32-1b"],
+           stdout=subprocess.DEVNULL)
+    models = {}
+    for t in types:
+        path = os.path.join(BENCH, t + ".bin")
+        if not os.path.exists(path):
+            print(f"exporting {t} (once) ...", flush=True)
+            sh([PYTHON, "export.py", path + ".part", "--hf", hf, "--dtype", t],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            os.replace(path + ".part", path)
+        models[t] = path
+    bw = os.path.join(BENCH, "bandwidth")
+    src = os.path.join(ROOT, "tests", "bandwidth.c")
+    if not os.path.exists(bw) or os.path.getmtime(bw) < os.path.getmtime(src):
+        sh(["cc", "-std=c11", "-O3", "-march=native", "-fopenmp", "-o", bw, src])
+    return models, bw
+
+
+def bytes_per_token(path):
+    """Weight bytes one decode step reads: the whole file but the embedding when untied (the
+    embedding lookup reads one row); tied, the embedding is read whole as the classifier."""
+    with open(path, "rb") as f:
+        h = f.read(256)
+    dim, vocab, tied, wtype, gs = (struct.unpack_from("<i", h, 8)[0],
+                                   struct.unpack_from("<i", h, 32)[0],
+                                   struct.unpack_from("<I", h, 68)[0],
+                                   struct.unpack_from("<I", h, 72)[0],
+                                   struct.unpack_from("<i", h, 76)[0])
+    per_value = {0: 4.0, 1: 2.0, 2: 1.0 + 4.0 / gs if gs else 1.0}[wtype]
+    size = os.path.getsize(path)
+    return size if tied else size - vocab * dim * per_value
+
+
+def bandwidth(bw, threads):
+    out = subprocess.run([bw, "1024", "5", str(threads)], check=True, capture_output=True,
+                         text=True).stdout.split()
+    return float(out[0])  # best pass: the bandwidth available right now
+
+
+def warm(path):
+    """Reads the model file so that it sits in the page cache: the timings are of the engine,
+    not of the disk (other work on the machine can evict it between runs)."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(1 << 24)
+        while f.readinto(buf):
+            pass
+
+
+def run_engine(binary, model, ids, n_new, threads):
+    """Runs runomp; returns (prompt tok/s, decode tok/s, seconds to first id, peak RSS MiB)."""
+    warm(model)
+    args = [binary, model, "-I", " ".join(map(str, ids)), "-o", "ids",
+            "-n", str(n_new), "-t", "0", "-e", "0", "-T", str(threads),
+            "-c", str(len(ids) + n_new + 8)]
+    start = time.perf_counter()
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.read(1)
+    ttft = time.perf_counter() - start
+    rest_out = p.stdout.read()
+    err = p.stderr.read().decode()
+    _, status, usage = os.wait4(p.pid, 0)
+    if status != 0 or not first:
+        raise SystemExit(f"runomp failed ({status}):\n{err}\n{rest_out[:200]}")
+    line = [l for l in err.splitlines() if l.startswith("prompt:")][-1]
+    # "prompt: N tokens, X tok/s; generated: M tokens, Y tok/s"
+    parts = line.replace(",", " ").replace(";", " ").split()
+    return float(parts[3]), float(parts[8]), ttft, usage.ru_maxrss / 1024.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--types", default="fp32,bf16,q8_0")
+    ap.add_argument("--binary", default=os.path.join(ROOT, "runomp"), help="engine to time")
+    a = ap.parse_args()
+    types = a.types.split(",")
+    models, bw = prepare(types)
+    rng = random.Random(0)
+    prompt = [rng.randrange(128000) for _ in range(a.prompt)]
+    res = {t: {"pp": [], "tg": [], "ttft": [], "rss": [], "bw": [], "frac": []} for t in types}
+    for r in range(a.rounds):
+        order = types if r % 2 == 0 else types[::-1]
+        for t in order:
+            before = bandwidth(bw, a.threads)
+            _, tg, _, rss1 = run_engine(a.binary, models[t], prompt[:1], a.decode, a.threads)
+            after = bandwidth(bw, a.threads)
+            pp, _, ttft, rss2 = run_engine(a.binary, models[t], prompt, 1, a.threads)
+            gbps = (before + after) / 2
+            frac = tg / (gbps * 1e9 / bytes_per_token(models[t]))
+            d = res[t]
+            d["pp"].append(pp); d["tg"].append(tg); d["ttft"].append(ttft)
+            d["rss"].append(max(rss1, rss2)); d["bw"].append(gbps); d["frac"].append(frac)
+            print(f"round {r + 1} {t:5s}: bw {before:5.1f}/{after:5.1f} GB/s  decode "
+                  f"{tg:6.1f} tok/s ({100 * frac:4.0f}% of bw)  prompt {pp:6.1f} tok/s  "
+                  f"ttft {ttft:5.2f} s", flush=True)
+    med = statistics.median
+    print(f"\n{a.threads} threads, prompt {a.prompt}, decode {a.decode}, medians of {a.rounds}")
+    print("| type | GB/token | bandwidth GB/s | decode tok/s | bw limit tok/s | decode/limit "
+          "| prompt tok/s | TTFT s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t in types:
+        d = res[t]
+        bpt = bytes_per_token(models[t])
+        print(f"| {t} | {bpt / 1e9:.2f} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | "
+              f"{med(d['bw']) * 1e9 / bpt:.1f} | {100 * med(d['frac']):.0f}% | {med(d['pp']):.1f} "
+              f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
+
+
+if __name__ == "__main__":
+    main()

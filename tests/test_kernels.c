@@ -1,0 +1,255 @@
+/* test_kernels.c: run.c's math kernels against plain loops, on random data.
+   tests/test_kernels.py compiles it twice (the Makefile's flags, so the AVX-512 paths, and a
+   portable build), and runs it.
+
+   It includes run.c whole, so that it tests exactly the functions the engine runs (run.c's own
+   main is renamed out of the way).
+
+   usage: test_kernels                 kernels on random data; prints one line per check
+          test_kernels MODEL.bin N     logits of N prompt tokens fed as blocks vs one at a time
+
+   Every line reads "name: measured error (bound)"; the exit status is the number of failures. */
+
+#define main run_main
+#include "../run.c"
+#undef main
+
+static int failures;
+
+static void check(const char *name, double err, double bound) {
+    int ok = err <= bound;
+    printf("%-44s %.3e (bound %.2g)%s\n", name, err, bound, ok ? "" : "  FAIL");
+    if (!ok) failures++;
+}
+
+static unsigned long long rng_state = 42;
+static float uniform(void) { return random_f32(&rng_state) * 2.0f - 1.0f; }  /* [-1, 1) */
+
+static void fill(float *x, size_t n) { for (size_t i = 0; i < n; i++) x[i] = uniform(); }
+
+/* The float32 -> bf16 rounding export.py does (round to nearest even). */
+static uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* Scalar references, summed in double: what each dot product means. */
+static double ref_dot_fp32(const float *w, const float *x, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += (double)w[i] * x[i];
+    return s;
+}
+
+static double ref_dot_bf16(const uint16_t *w, const float *x, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += (double)bf16_to_float(w[i]) * x[i];
+    return s;
+}
+
+/* q8_0 with float activations: the exact value of the stored row against x. */
+static double ref_dot_q8_float(const int8_t *w, const float *ws, const float *x, int n, int gs) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += (double)w[i] * ws[i / gs] * x[i];
+    return s;
+}
+
+/* The size against which a dot product's error is judged: sum |w_i x_i|. */
+static double magnitude(const float *w, const float *x, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += fabs((double)w[i] * x[i]);
+    return s;
+}
+
+/* export.py's q8_0 rule: scale = max|x| / 127 per group, q = round-half-even(x / scale). */
+static void quantize_weights(int8_t *q, float *scales, const float *x, size_t n, int gs) {
+    for (size_t g = 0; g < n / (size_t)gs; g++) {
+        float amax = 0.0f;
+        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(x[g * gs + i]));
+        float scale = amax / 127.0f;
+        for (int i = 0; i < gs; i++)
+            q[g * gs + i] = scale > 0.0f ? (int8_t)nearbyintf(x[g * gs + i] / scale) : 0;
+        scales[g] = scale;
+    }
+}
+
+/* A q8_0 matrix of random values, quantized as export.py does, and its float32 image. */
+typedef struct {
+    Matrix m;
+    int8_t *q;
+    float *scales, *image;
+} TestQ8;
+
+static TestQ8 make_q8(int rows, int cols, int gs) {
+    TestQ8 t;
+    size_t n = (size_t)rows * cols;
+    t.q = malloc(n);
+    t.scales = malloc(n / gs * sizeof(float));
+    t.image = malloc(n * sizeof(float));
+    float *x = calloc(n, sizeof(float));
+    fill(x, n);
+    quantize_weights(t.q, t.scales, x, n, gs);
+    for (size_t i = 0; i < n; i++) t.image[i] = (float)t.q[i] * t.scales[i / gs];
+    free(x);
+    t.m = (Matrix){ .type = WEIGHT_Q8_0, .rows = rows, .cols = cols, .group_size = gs,
+                    .data = t.q, .scales = t.scales };
+    return t;
+}
+
+static void test_dots(int n, int gs) {
+    char name[80];
+    float *w = malloc((size_t)n * sizeof(float)), *x = malloc((size_t)n * sizeof(float));
+    uint16_t *wb = malloc((size_t)n * sizeof(uint16_t));
+    float *wb_image = malloc((size_t)n * sizeof(float));
+    double worst_fp32 = 0, worst_bf16 = 0, worst_q8_int = 0, worst_q8_float = 0, worst_qx = 0;
+    for (int trial = 0; trial < 50; trial++) {
+        fill(w, (size_t)n);
+        fill(x, (size_t)n);
+        for (int i = 0; i < n; i++) {
+            wb[i] = float_to_bf16(w[i]);
+            wb_image[i] = bf16_to_float(wb[i]);
+        }
+        double mag = magnitude(w, x, n);
+        worst_fp32 = fmax(worst_fp32, fabs(dot_fp32(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
+        float *pairs = malloc((size_t)n * sizeof(float));
+        split_pairs(pairs, x, n);
+        worst_bf16 = fmax(worst_bf16, fabs(dot_bf16(wb, x, pairs, n) - ref_dot_bf16(wb, x, n)) /
+                                          magnitude(wb_image, x, n));
+        free(pairs);
+
+        TestQ8 t = make_q8(1, n, gs);
+        QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
+                               malloc((size_t)(n / gs) * sizeof(float)) };
+        quantize_vector(&qv, x, n, gs);
+        const int16_t *xq = qv.q;
+        const float *xs = qv.scales;
+        for (int i = 0; i < n; i++)  /* quantizing moves no value by more than half a step */
+            worst_qx = fmax(worst_qx, fabs((double)xq[i] * xs[i / gs] - x[i]) / xs[i / gs]);
+        double exact_int = 0.0;  /* the integer dot products the kernel should compute */
+        for (int g = 0; g < n / gs; g++) {
+            int64_t isum = 0;
+            for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * xq[i];
+            exact_int += (double)isum * t.scales[g] * xs[g];
+        }
+        double got = dot_q8(t.q, t.scales, &qv, n, gs);
+        double qmag = magnitude(t.image, x, n);
+        worst_q8_int = fmax(worst_q8_int, fabs(got - exact_int) / qmag);
+        worst_q8_float = fmax(worst_q8_float,
+                              fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
+        free(qv.q); free(qv.scales);
+        free(t.q); free(t.scales); free(t.image);
+    }
+    snprintf(name, sizeof name, "dot_fp32 n=%d", n);
+    check(name, worst_fp32, 1e-6);
+    snprintf(name, sizeof name, "dot_bf16 n=%d", n);
+    check(name, worst_bf16, 1e-6);
+    /* half a step, plus float32's rounding of x / scale at up to 32767 steps (~0.002 step) */
+    snprintf(name, sizeof name, "quantize_vector n=%d gs=%d (steps)", n, gs);
+    check(name, worst_qx, 0.51);
+    snprintf(name, sizeof name, "dot_q8 vs int8 x int16 n=%d gs=%d", n, gs);
+    check(name, worst_q8_int, 1e-6);
+    /* The activations' rounding: each product moves by up to half an activation step. */
+    snprintf(name, sizeof name, "dot_q8 vs float activations n=%d gs=%d", n, gs);
+    check(name, worst_q8_float, 1e-4);
+    free(w); free(x); free(wb); free(wb_image);
+}
+
+/* matmul on n tokens (the prompt path when n > 1) against the reference row by row. */
+static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
+    size_t count = (size_t)rows * cols;
+    float *image = malloc(count * sizeof(float));
+    uint16_t *bf = NULL;
+    TestQ8 q8 = {0};
+    Matrix m = { .type = type, .rows = rows, .cols = cols, .group_size = 0 };
+    if (type == WEIGHT_Q8_0) {
+        q8 = make_q8(rows, cols, 32);
+        m = q8.m;
+        memcpy(image, q8.image, count * sizeof(float));
+    } else {
+        fill(image, count);
+        if (type == WEIGHT_BF16) {
+            bf = malloc(count * sizeof(uint16_t));
+            for (size_t i = 0; i < count; i++) {
+                bf[i] = float_to_bf16(image[i]);
+                image[i] = bf16_to_float(bf[i]);
+            }
+            m.data = bf;
+        } else {
+            m.data = image;
+        }
+    }
+    float *x = malloc((size_t)n * cols * sizeof(float));
+    float *out = malloc((size_t)n * rows * sizeof(float));
+    fill(x, (size_t)n * cols);
+    matmul(out, x, n, &m, s);
+    double worst = 0.0;
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < rows; r++) {
+            const float *wr = image + (size_t)r * cols, *xt = x + (size_t)t * cols;
+            double want = ref_dot_fp32(wr, xt, cols);
+            worst = fmax(worst, fabs(out[(size_t)t * rows + r] - want) / magnitude(wr, xt, cols));
+        }
+    char name[80];
+    snprintf(name, sizeof name, "matmul %s %dx%d, %d tokens", weight_type_name(type), rows, cols,
+             n);
+    /* one token of q8_0 goes through int16 activations; everything else is float32 */
+    check(name, worst, type == WEIGHT_Q8_0 && n == 1 ? 1e-4 : 1e-6);
+    free(image); free(bf); free(x); free(out); free(q8.q); free(q8.scales); free(q8.image);
+}
+
+static void test_kernels(void) {
+    int sizes[] = { 64, 128, 2048, 8192 };
+    for (int i = 0; i < 4; i++) test_dots(sizes[i], 64);
+    test_dots(96, 32);
+    test_dots(2048, 128);
+    MatmulScratch s;
+    alloc_scratch(&s, 1024, 64);
+    int types[] = { WEIGHT_FP32, WEIGHT_BF16, WEIGHT_Q8_0 };
+    for (int i = 0; i < 3; i++) {
+        test_matmul(types[i], 64, 256, 1, &s);
+        test_matmul(types[i], 70, 256, 7, &s);     /* ragged row and token edges */
+        test_matmul(types[i], 128, 1024, 64, &s);
+        test_matmul(types[i], 37, 96, 5, &s);      /* cols not a multiple of 64 */
+    }
+    free_scratch(&s);
+}
+
+/* The prompt path against decoding: n tokens as blocks (all logits) vs one at a time. */
+static void test_model(const char *path, int n) {
+    Transformer tr = {0};
+    load_model(path, &tr.model);
+    const Config *cfg = &tr.model.config;
+    int vocab = cfg->vocab_size;
+    alloc_state(&tr.state, cfg, n);
+    int *tokens = malloc((size_t)n * sizeof(int));
+    for (int i = 0; i < n; i++) tokens[i] = (int)(random_u32(&rng_state) % (unsigned)vocab);
+    float *blocked = malloc((size_t)n * vocab * sizeof(float));
+    for (int i = 0; i < n; i += MAX_BLOCK) {
+        int block = n - i < MAX_BLOCK ? n - i : MAX_BLOCK;
+        forward(&tr, tokens + i, block, i, LOGITS_ALL);
+        memcpy(blocked + (size_t)i * vocab, tr.state.logits, (size_t)block * vocab * sizeof(float));
+    }
+    double worst = 0.0, range = 0.0;
+    for (int i = 0; i < n; i++) {
+        const float *one = forward(&tr, tokens + i, 1, i, LOGITS_LAST);
+        for (int v = 0; v < vocab; v++) {
+            worst = fmax(worst, fabs(one[v] - blocked[(size_t)i * vocab + v]));
+            range = fmax(range, fabs(one[v]));
+        }
+    }
+    char name[120];
+    snprintf(name, sizeof name, "blocks vs one at a time, %s, %d tokens",
+             weight_type_name(cfg->weight_type), n);
+    /* q8_0 decoding rounds activations to int16 where blocks keep them float32: 3e-4 of the
+       logits' range measured on tiny32, a peaked random model that amplifies any rounding */
+    check(name, worst / range, cfg->weight_type == WEIGHT_Q8_0 ? 1e-3 : 1e-5);
+    free(tokens); free(blocked);
+    free_state(&tr.state);
+    free_model(&tr.model);
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3) test_model(argv[1], atoi(argv[2]));
+    else test_kernels();
+    return failures;
+}

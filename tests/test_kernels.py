@@ -1,0 +1,54 @@
+"""run.c's kernels against plain loops (tests/test_kernels.c), in the native build (AVX-512
+where the machine has it), an AVX2 build and a portable build; and the prompt path (blocks of
+tokens) against decoding one token at a time on small exported checkpoints."""
+import os
+import subprocess
+
+import make_checkpoint
+from common import PYTHON, REPO, run, scratch
+
+BUILDS = {  # name: compiler flags (the Makefile's CFLAGS first)
+    "native": ["-O3", "-march=native", "-fopenmp"],
+    "avx2": ["-O3", "-mavx2", "-mfma", "-fopenmp"],
+    "portable": ["-O2"],
+}
+WORK = scratch("kernels")
+_built = {}
+
+
+def build(name):
+    if name not in _built:
+        out = os.path.join(WORK, "test_kernels-" + name)
+        run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", *BUILDS[name], "-o", out,
+             os.path.join(REPO, "tests", "test_kernels.c"), os.path.join(REPO, "tokenizer.c"),
+             "-lm"])
+        _built[name] = out
+    return _built[name]
+
+
+def run_checks(args):
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    print("    " + proc.stdout.strip().replace("\n", "\n    "))
+    assert proc.returncode == 0, f"{proc.returncode} checks failed:\n{proc.stderr[-2000:]}"
+
+
+def test_kernels_native():
+    run_checks([build("native")])
+
+
+def test_kernels_avx2():
+    run_checks([build("avx2")])
+
+
+def test_kernels_portable():
+    run_checks([build("portable")])
+
+
+def test_prompt_blocks_match_one_token_at_a_time():
+    folder = os.path.join(WORK, "hf-tiny32")
+    make_checkpoint.make_checkpoint(folder, "tiny32")
+    for dtype in ("fp32", "bf16", "q8_0"):
+        model = os.path.join(WORK, f"tiny32-{dtype}.bin")
+        run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", dtype])
+        for name in ("native", "portable"):
+            run_checks([build(name), model, "150"])  # three blocks, the last one ragged
