@@ -7,7 +7,7 @@ WARN = -std=c11 -Wall -Wextra
 # Debian's numpy installs for /usr/bin/python3; prefer it over any other python3 on PATH.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 
-.PHONY: all test demo bench clean
+.PHONY: all test demo bench clean test-valgrind
 
 all: run runomp tokenize
 
@@ -27,10 +27,23 @@ test: run runomp tokenize
 	$(PYTHON) tests/run_tests.py
 
 # A small random Llama 3 checkpoint with the real 128K tokenizer, exported and run end to end.
-demo: runomp
+demo: runomp build/demo.bin
+	./runomp build/demo.bin -i "The capital of France is" -n 32 -s 42
+
+build/demo.bin: export.py tests/make_checkpoint.py
 	$(PYTHON) tests/make_checkpoint.py build/demo-hf --preset full-vocab
 	$(PYTHON) export.py build/demo.bin --hf build/demo-hf --dtype bf16
-	./runomp build/demo.bin -i "The capital of France is" -n 32 -s 42
+
+# valgrind memcheck on a short generation and a short chat session (a portable -O1 build:
+# valgrind does not know every AVX-512 instruction).
+VALGRIND = valgrind -q --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=9
+test-valgrind: build/demo.bin
+	mkdir -p build/valgrind
+	$(CC) $(WARN) -O1 -g -o build/valgrind/run run.c tokenizer.c -lm
+	$(VALGRIND) build/valgrind/run build/demo.bin -i "Hello world" -n 4 -t 0.8 -s 3 >/dev/null
+	printf 'Hi there\nSecond <|eot_id|> turn\n' | \
+	    $(VALGRIND) build/valgrind/run build/demo.bin -m chat -y "Be brief." -n 3 -t 0 >/dev/null
+	@echo "valgrind: generation and chat clean"
 
 bench: runomp tokenize
 	$(PYTHON) tests/bench_tokenizer.py
