@@ -292,9 +292,9 @@ def test_command_line_errors():
         ([], "first argument", True), (["-i", "hi"], "first argument", True),
         ([model, "-x", "1"], "unknown option", True), ([model, "--temp", "1"], "unexpected argument", True),
         ([model, "-", "1"], "unexpected argument", True), ([model, "hello"], "unexpected argument", True),
-        ([model, "-m", "poetry"], "-m", False), ([model, "-o", "xml"], "-o", False),
-        ([model, "-i", "a", "-I", "1"], "not both", False), ([model, "-m", "chat", "-I", "1"], "-I", False),
-        ([model, "-y", "be nice"], "-y", False),
+        ([model, "-m", "poetry"], "-m", True), ([model, "-o", "xml"], "-o", True),
+        ([model, "-i", "a", "-I", "1"], "not both", True), ([model, "-m", "chat", "-I", "1"], "-I", True),
+        ([model, "-y", "be nice"], "-y", True),
         ([os.path.join(WORK, "missing.bin")], "cannot open", False), ([WORK], "not a regular file", False),
         ([model, "-i", "hi", "-L", os.path.join(WORK, "no-dir", "x.f32")], "cannot create", False),
     ]
@@ -307,7 +307,7 @@ def test_command_line_errors():
                    "-s": ["-1", "x", "1e3"], "-T": ["0", "-2", "many"], "-e": ["2", "-1", "yes"]}
     for flag, values in bad_numbers.items():
         for value in values:
-            cases.append(([model, flag, value], flag, False))
+            cases.append(([model, flag, value], flag, True))  # a flag mistake shows the usage
     for args, needle, usage in cases:
         expect("cli", [program("run"), *args], needle, usage=usage)
     # documented edges that are not errors: -n 0 runs to the context end, -c past the model's
