@@ -1,7 +1,7 @@
 """Speed of ./runomp on a Llama-3.2-1B-shaped random checkpoint, per weight type.
 
     /usr/bin/python3 tests/bench.py [--rounds 3] [--threads 2] [--prompt 512] [--decode 128]
-                                    [--types fp32,bf16,q8_0]
+                                    [--types fp32,bf16,q8_0] [--long 4096 --long-types q8_0]
 
 Creates the checkpoint once (tests/make_checkpoint.py --preset llama32-1b) and exports it per
 weight type, caching both under build/bench/. Then, in rounds that interleave the weight types,
@@ -14,6 +14,10 @@ machine's read bandwidth drifts by itself (here between ~50 and ~73 GB/s, for se
 minutes), so tests/bandwidth.c (compiled here with the engine's flags, same thread count) is run
 right before and after every decode timing, and the table shows decode against the mean of the
 two. Medians over the rounds.
+
+With --long N, a second table (one round) decodes --decode tokens after a prompt that fills the
+context to N (-c N): attention then reads a long KV cache on every token. It shows peak RSS against
+the model file plus the KV cache that -c N allocates (float32 keys and values).
 """
 import argparse
 import os
@@ -85,12 +89,19 @@ def warm(path):
             pass
 
 
-def run_engine(binary, model, ids, n_new, threads):
+def kv_cache_bytes(path, context):
+    with open(path, "rb") as f:
+        h = f.read(256)
+    n_layers, n_kv_heads, head_dim = (struct.unpack_from("<i", h, o)[0] for o in (16, 24, 28))
+    return 2 * n_layers * context * n_kv_heads * head_dim * 4
+
+
+def run_engine(binary, model, ids, n_new, threads, context=None):
     """Runs runomp; returns (prompt tok/s, decode tok/s, seconds to first id, peak RSS MiB)."""
     warm(model)
     args = [binary, model, "-I", " ".join(map(str, ids)), "-o", "ids",
             "-n", str(n_new), "-t", "0", "-e", "0", "-T", str(threads),
-            "-c", str(len(ids) + n_new + 8)]
+            "-c", str(context or len(ids) + n_new + 8)]
     start = time.perf_counter()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = p.stdout.read(1)
@@ -114,9 +125,12 @@ def main():
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--types", default="fp32,bf16,q8_0")
     ap.add_argument("--binary", default=os.path.join(ROOT, "runomp"), help="engine to time")
+    ap.add_argument("--long", type=int, default=0, help="also decode at this context length")
+    ap.add_argument("--long-types", default="q8_0")
     a = ap.parse_args()
     types = a.types.split(",")
-    models, bw = prepare(types)
+    long_types = a.long_types.split(",") if a.long else []
+    models, bw = prepare(types + [t for t in long_types if t not in types])
     rng = random.Random(0)
     prompt = [rng.randrange(128000) for _ in range(a.prompt)]
     res = {t: {"pp": [], "tg": [], "ttft": [], "rss": [], "bw": [], "frac": []} for t in types}
@@ -146,6 +160,24 @@ def main():
         print(f"| {t} | {bpt / 1e9:.2f} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | "
               f"{med(d['bw']) * 1e9 / bpt:.1f} | {100 * med(d['frac']):.0f}% | {med(d['pp']):.1f} "
               f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
+    if a.long:
+        long_context(a, models, bw, rng)
+
+
+def long_context(a, models, bw, rng):
+    """Decode speed with the context nearly full, and memory against file + KV cache."""
+    ids = [rng.randrange(128000) for _ in range(a.long - a.decode - 8)]
+    print(f"\ncontext {a.long}: decode {a.decode} tokens after a {len(ids)}-token prompt")
+    print("| type | bandwidth GB/s | decode tok/s | prompt tok/s | peak RSS MiB "
+          "| file + KV cache MiB |")
+    print("|---|---|---|---|---|---|")
+    for t in a.long_types.split(","):
+        before = bandwidth(bw, a.threads)
+        pp, tg, _, rss = run_engine(a.binary, models[t], ids, a.decode, a.threads, a.long)
+        after = bandwidth(bw, a.threads)
+        expected = (os.path.getsize(models[t]) + kv_cache_bytes(models[t], a.long)) / 2**20
+        print(f"| {t} | {(before + after) / 2:.1f} | {tg:.1f} | {pp:.1f} | {rss:.0f} "
+              f"| {expected:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

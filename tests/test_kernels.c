@@ -193,7 +193,7 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
     snprintf(name, sizeof name, "matmul %s %dx%d, %d tokens", weight_type_name(type), rows, cols,
              n);
     /* one token of q8_0 goes through int16 activations; everything else is float32 */
-    check(name, worst, type == WEIGHT_Q8_0 && n == 1 ? 1e-4 : 1e-6);
+    check(name, worst, type == WEIGHT_Q8_0 ? 1e-4 : 1e-6);
     free(image); free(bf); free(x); free(out); free(q8.q); free(q8.scales); free(q8.image);
 }
 
@@ -240,8 +240,10 @@ static void test_model(const char *path, int n) {
     char name[120];
     snprintf(name, sizeof name, "blocks vs one at a time, %s, %d tokens",
              weight_type_name(cfg->weight_type), n);
-    /* q8_0 decoding rounds activations to int16 where blocks keep them float32: 3e-4 of the
-       logits' range measured on tiny32, a peaked random model that amplifies any rounding */
+    /* q8_0 decoding rounds activations to int16; blocks do too with AVX-512 VNNI (then only
+       the order of the group sums differs, 1.8e-4 measured) and keep them float32 otherwise
+       (2.4e-4): of the logits' range on tiny32, a peaked random model that amplifies any
+       rounding */
     check(name, worst / range, cfg->weight_type == WEIGHT_Q8_0 ? 1e-3 : 1e-5);
     free(tokens); free(blocked);
     free_state(&tr.state);
