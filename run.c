@@ -292,8 +292,9 @@ static void free_model(Model *m) {
 /* ----------------------------------------------------------------------------------------
    2. The math
 
-   Every weight type goes through matmul(); the per-type kernels below are the only place that
-   knows how a type's bytes become numbers. Two shapes of work reach it:
+   Every weight type goes through matmul_many() (matmul() for one matrix); the per-type kernels
+   below are the only place that knows how a type's bytes become numbers. Two shapes of work
+   reach it:
    - decoding: one token, out = W @ x. Every weight is used once, so the speed limit is how
      fast the weights stream from memory; the row kernels (dot_*) only have to keep up.
    - the prompt: a block of tokens, out[t] = W @ x[t]. Each weight is reused by every token of
@@ -574,29 +575,62 @@ static void free_scratch(MatmulScratch *s) {
     free(s->strips_q); free(s->strip_scales); free(s->panels_q); free(s->panel_scales);
 }
 
-/* Decoding: out[rows] = W[rows][cols] @ x[cols]. Rows are independent: split over threads.
+/* One product of a matmul_many call: out = W applied to the shared input. */
+typedef struct {
+    float *out;
+    const Matrix *w;
+} Product;
+
+/* Row r of w against x (in the form that w's type reads: see matmul_vector). */
+static float row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
+    size_t row_start = (size_t)r * (size_t)w->cols;
+    switch (w->type) {
+    case WEIGHT_FP32:
+        return dot_fp32((const float *)w->data + row_start, x, w->cols);
+    case WEIGHT_BF16:
+        return dot_bf16((const uint16_t *)w->data + row_start, x, s->x_pairs, w->cols);
+    default:
+        return dot_q8((const int8_t *)w->data + row_start,
+                      w->scales + row_start / (size_t)w->group_size, &s->xq, w->cols,
+                      w->group_size);
+    }
+}
+
+/* Whether the products read x in one form: same type, width and group size. */
+static int same_input(const Product *products, int count) {
+    const Matrix *a = products[0].w;
+    for (int i = 1; i < count; i++) {
+        const Matrix *b = products[i].w;
+        if (b->type != a->type || b->cols != a->cols || b->group_size != a->group_size)
+            return 0;
+    }
+    return 1;
+}
+
+/* Decoding: out[rows] = W[rows][cols] @ x[cols] for each product. x is prepared once (q8_0
+   quantizes it, bf16 reorders it). Rows are independent: each matrix's rows are split over
+   threads, every matrix inside one parallel region with no barrier between them, so that q, k
+   and v (or gate and up) cost the threads one meeting instead of three (or two).
    (Each thread streams whole consecutive rows. Interleaving two rows per step, to share the
    activation loads, measured a third slower here: two streams per core defeat the prefetcher.) */
-static void matmul_vector(float *out, const float *x, const Matrix *w, MatmulScratch *s) {
-    int rows = w->rows, cols = w->cols, gs = w->group_size;
-    if (w->type == WEIGHT_Q8_0) quantize_vector(&s->xq, x, cols, gs);
-    if (w->type == WEIGHT_BF16) split_pairs(s->x_pairs, x, cols);
+static void matmul_vector(const Product *products, int count, const float *x, MatmulScratch *s) {
+    if (!same_input(products, count)) {
+        for (int i = 0; i < count; i++) matmul_vector(products + i, 1, x, s);
+        return;
+    }
+    const Matrix *first = products[0].w;
+    if (first->type == WEIGHT_Q8_0) quantize_vector(&s->xq, x, first->cols, first->group_size);
+    if (first->type == WEIGHT_BF16) split_pairs(s->x_pairs, x, first->cols);
 #if defined _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
 #endif
-    for (int r = 0; r < rows; r++) {
-        size_t row_start = (size_t)r * (size_t)cols;
-        switch (w->type) {
-        case WEIGHT_FP32:
-            out[r] = dot_fp32((const float *)w->data + row_start, x, cols);
-            break;
-        case WEIGHT_BF16:
-            out[r] = dot_bf16((const uint16_t *)w->data + row_start, x, s->x_pairs, cols);
-            break;
-        default:
-            out[r] = dot_q8((const int8_t *)w->data + row_start,
-                            w->scales + row_start / (size_t)gs, &s->xq, cols, gs);
-        }
+    for (int i = 0; i < count; i++) {
+        const Matrix *w = products[i].w;
+        float *out = products[i].out;
+#if defined _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+        for (int r = 0; r < w->rows; r++) out[r] = row_dot(w, r, x, s);
     }
 }
 
@@ -836,23 +870,35 @@ static void matmul_block(float *out, const float *x, int n, const Matrix *w, Mat
 }
 #endif
 
-/* The one matmul dispatch: out[n][rows] = W[rows][cols] applied to each of n vectors x[n][cols]. */
-static void matmul(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
+/* The one matmul dispatch: for each product, out[n][rows] = W[rows][cols] applied to each of
+   the n vectors x[n][cols] that the products share. */
+static void matmul_many(const Product *products, int count, const float *x, int n,
+                        MatmulScratch *s) {
     if (n == 1) {
-        matmul_vector(out, x, w, s);
+        matmul_vector(products, count, x, s);
         return;
     }
+    for (int i = 0; i < count; i++) {
+        float *out = products[i].out;
+        const Matrix *w = products[i].w;
 #if defined __AVX512VNNI__ && defined __AVX512BW__
-    if (q8_strips_apply(w)) {
-        matmul_strips_q8(out, x, n, w, s);
-        return;
-    }
+        if (q8_strips_apply(w)) {
+            matmul_strips_q8(out, x, n, w, s);
+            continue;
+        }
 #endif
 #if defined __AVX512F__
-    matmul_strips(out, x, n, w, s);
+        matmul_strips(out, x, n, w, s);
 #else
-    matmul_block(out, x, n, w, s);
+        matmul_block(out, x, n, w, s);
 #endif
+    }
+}
+
+/* One matrix: out[n][rows] = W applied to each of the n vectors x[n][cols]. */
+static void matmul(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
+    Product p = { out, w };
+    matmul_many(&p, 1, x, n, s);
 }
 
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
@@ -924,20 +970,42 @@ static void rope(float *vec, int n_heads, int head_dim, const float *cos_t, cons
 
 #define MAX_BLOCK 64   /* prompt tokens per forward() call */
 
+/* Attention reads the whole KV cache for every token, so at long context it, not the weights,
+   is what decoding streams from memory. Three things keep that to one pass per KV head:
+   - the query heads of a GQA group share their KV head: a pass takes up to ATT_ROWS query rows
+     (those heads, and for a prompt block also the next tokens' heads) over each key and value
+     once, instead of once per query head;
+   - each KV head's keys lie in tiles of KEY_TILE positions, transposed ([head_dim][KEY_TILE]),
+     so that one vector load is one dimension of 16 keys: a row's scores come out 16 positions
+     at a time from broadcast multiply-adds, with no horizontal sums;
+   - each KV head's values lie contiguous, position after position, so the weighted sum reads
+     them in order, one position's values meeting every row's weight.
+   A score and an output value are still each one float32 sum in order (over dimensions, over
+   positions), and the softmax is the plain max-subtracted one. */
+#define KEY_TILE 16
+#define ATT_ROWS 4
+
+/* Positions the cache holds per KV head: seq_len rounded up to whole key tiles. */
+static int cache_positions(int seq_len) {
+    return (seq_len + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
+}
+
 typedef struct {
     float *x;          /* residual stream [block][dim] */
     float *xb;         /* normed input / attention output [block][max(dim, q_dim)] */
     float *xb2;        /* projection output [block][dim] */
     float *hb, *hb2;   /* feed-forward gate and up [block][hidden_dim] */
     float *q;          /* query [block][q_dim] */
-    float *att;        /* attention scores [n_heads][seq_len] */
+    float *k, *v;      /* the block's keys and values, before store_kv [block][kv_dim] */
+    float *att;        /* attention scores, per thread [ATT_ROWS][cache_len] */
     float *logits;     /* [block][vocab_size]; pages untouched unless every row is asked for */
-    float *key_cache;  /* [n_layers][seq_len][kv_dim] */
-    float *value_cache;
+    float *key_cache;  /* [n_layers][n_kv_heads][cache_len / KEY_TILE][head_dim][KEY_TILE] */
+    float *value_cache;   /* [n_layers][n_kv_heads][cache_len][head_dim] */
     float *rope_freqs; /* [head_dim / 2] */
     float *rope_cos, *rope_sin;  /* [block][head_dim / 2] */
     MatmulScratch scratch;
     int seq_len;       /* the context length the cache holds (the -c cap) */
+    int cache_len;     /* ... rounded up to whole key tiles */
 } RunState;
 
 typedef struct {
@@ -952,15 +1020,19 @@ static float *alloc_block(int width, const char *what) {
 static void alloc_state(RunState *s, const Config *cfg, int seq_len) {
     int q_dim = cfg->n_heads * cfg->head_dim, kv_dim = cfg->n_kv_heads * cfg->head_dim;
     int wide = q_dim > cfg->dim ? q_dim : cfg->dim;
-    size_t cache = (size_t)cfg->n_layers * (size_t)seq_len * (size_t)kv_dim;
     s->seq_len = seq_len;
+    s->cache_len = cache_positions(seq_len);
+    size_t cache = (size_t)cfg->n_layers * (size_t)s->cache_len * (size_t)kv_dim;
     s->x = alloc_block(cfg->dim, "activations");
     s->xb = alloc_block(wide, "activations");
     s->xb2 = alloc_block(cfg->dim, "activations");
     s->hb = alloc_block(cfg->hidden_dim, "activations");
     s->hb2 = alloc_block(cfg->hidden_dim, "activations");
     s->q = alloc_block(q_dim, "activations");
-    s->att = checked_calloc((size_t)cfg->n_heads * (size_t)seq_len, sizeof(float), "scores");
+    s->k = alloc_block(kv_dim, "activations");
+    s->v = alloc_block(kv_dim, "activations");
+    s->att = checked_calloc((size_t)max_threads() * ATT_ROWS * (size_t)s->cache_len,
+                            sizeof(float), "scores");
     s->logits = alloc_block(cfg->vocab_size, "logits");
     s->key_cache = checked_calloc(cache, sizeof(float), "the key cache (lower -c)");
     s->value_cache = checked_calloc(cache, sizeof(float), "the value cache (lower -c)");
@@ -972,42 +1044,154 @@ static void alloc_state(RunState *s, const Config *cfg, int seq_len) {
 }
 
 static void free_state(RunState *s) {
-    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q);
+    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2);
+    free(s->q); free(s->k); free(s->v);
     free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
     free(s->rope_freqs); free(s->rope_cos); free(s->rope_sin);
     free_scratch(&s->scratch);
 }
 
-/* out += weight * v, over n values: the attention's weighted sum of values. */
-static void add_scaled(float *out, const float *v, float weight, int n) {
-    for (int i = 0; i < n; i++) out[i] += weight * v[i];
+/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed a
+   whole tile at a time (the tail of the last tile is written too; scores rows have room).
+   keys: one KV head's tiles. Rows past nr repeat row 0 so that the tile loop stays fixed. */
+static void attention_scores(float *const *scores, const float *const *q, int nr,
+                             const float *keys, int n_pos, int head_dim, float scale) {
+    const float *rows[ATT_ROWS];
+    for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
+    int n_tiles = (n_pos + KEY_TILE - 1) / KEY_TILE;
+    for (int i = 0; i < n_tiles; i++) {
+        const float *tile = keys + (size_t)i * head_dim * KEY_TILE;
+#if defined __AVX512F__
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        for (int d = 0; d < head_dim; d++) {
+            __m512 k = _mm512_loadu_ps(tile + (size_t)d * KEY_TILE);
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(rows[0][d]), k, acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(rows[1][d]), k, acc1);
+            acc2 = _mm512_fmadd_ps(_mm512_set1_ps(rows[2][d]), k, acc2);
+            acc3 = _mm512_fmadd_ps(_mm512_set1_ps(rows[3][d]), k, acc3);
+        }
+        __m512 sc = _mm512_set1_ps(scale), acc[ATT_ROWS] = { acc0, acc1, acc2, acc3 };
+        for (int r = 0; r < nr; r++)
+            _mm512_storeu_ps(scores[r] + (size_t)i * KEY_TILE, _mm512_mul_ps(acc[r], sc));
+#else
+        float acc[ATT_ROWS][KEY_TILE] = {{0}};
+        for (int d = 0; d < head_dim; d++)
+            for (int r = 0; r < ATT_ROWS; r++)
+                for (int j = 0; j < KEY_TILE; j++)
+                    acc[r][j] += rows[r][d] * tile[(size_t)d * KEY_TILE + j];
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < KEY_TILE; j++)
+                scores[r][(size_t)i * KEY_TILE + j] = acc[r][j] * scale;
+#endif
+    }
+}
+
+/* out[r] += sum over positions p in [first, end) of weights[r][p] * value p, for rows r < nr
+   (head_dim values each). values: one KV head's, [positions][head_dim]. */
+static void attention_values(float *const *out, const float *const *weights, int nr,
+                             const float *values, int first, int end, int head_dim) {
+    int d0 = 0;
+#if defined __AVX512F__
+    /* 64 dimensions at a time: four rows by four vectors of accumulators */
+    const float *w[ATT_ROWS];
+    for (int r = 0; r < ATT_ROWS; r++) w[r] = weights[r < nr ? r : 0];
+    for (; d0 + 64 <= head_dim; d0 += 64) {
+        __m512 acc[ATT_ROWS][4];
+        for (int r = 0; r < ATT_ROWS; r++)
+            for (int j = 0; j < 4; j++)
+                acc[r][j] = _mm512_loadu_ps(out[r < nr ? r : 0] + d0 + 16 * j);
+        for (int p = first; p < end; p++) {
+            const float *v = values + (size_t)p * head_dim + d0;
+            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+            for (int r = 0; r < ATT_ROWS; r++) {
+                __m512 wr = _mm512_set1_ps(w[r][p]);
+                acc[r][0] = _mm512_fmadd_ps(wr, v0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(wr, v1, acc[r][1]);
+                acc[r][2] = _mm512_fmadd_ps(wr, v2, acc[r][2]);
+                acc[r][3] = _mm512_fmadd_ps(wr, v3, acc[r][3]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
+    }
+#endif
+    if (d0 == head_dim) return;
+    for (int p = first; p < end; p++) {
+        const float *v = values + (size_t)p * head_dim;
+        for (int r = 0; r < nr; r++) {
+            float wr = weights[r][p];
+            for (int d = d0; d < head_dim; d++) out[r][d] += wr * v[d];
+        }
+    }
+}
+
+/* Copies the block's keys and values (rows [n][kv_dim] of s->k and s->v, keys already rotated)
+   into this layer's cache at positions pos .. pos+n-1, in the layouts above. */
+static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int pos, int n) {
+    int head_dim = cfg->head_dim, kv_dim = cfg->n_kv_heads * head_dim;
+    size_t head_stride = (size_t)s->cache_len * head_dim;
+    for (int t = 0; t < n; t++) {
+        int p = pos + t;
+        for (int h = 0; h < cfg->n_kv_heads; h++) {
+            const float *k = s->k + (size_t)t * kv_dim + (size_t)h * head_dim;
+            const float *v = s->v + (size_t)t * kv_dim + (size_t)h * head_dim;
+            float *tile = s->key_cache + layer_offset + h * head_stride +
+                          (size_t)(p / KEY_TILE) * head_dim * KEY_TILE;
+            for (int d = 0; d < head_dim; d++) tile[(size_t)d * KEY_TILE + p % KEY_TILE] = k[d];
+            memcpy(s->value_cache + layer_offset + h * head_stride + (size_t)p * head_dim, v,
+                   (size_t)head_dim * sizeof(float));
+        }
+    }
+}
+
+/* One pass of attention_pass's work: rows first .. first+nr-1 of KV head kv_head, where row
+   i is query head kv_head * group + i % group of token i / group (so the rows' last visible
+   positions rise with i). Writes each row's output into s->xb. */
+static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                           int kv_head, int first, int nr) {
+    int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
+    int q_dim = cfg->n_heads * head_dim;
+    size_t head_stride = (size_t)s->cache_len * head_dim;
+    const float *keys = s->key_cache + layer_offset + kv_head * head_stride;
+    const float *values = s->value_cache + layer_offset + kv_head * head_stride;
+    const float *q[ATT_ROWS];
+    float *scores[ATT_ROWS], *out[ATT_ROWS];
+    int last[ATT_ROWS];
+    for (int r = 0; r < nr; r++) {
+        int row = first + r, t = row / group, h = kv_head * group + row % group;
+        q[r] = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
+        out[r] = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
+        scores[r] = s->att + ((size_t)thread_id() * ATT_ROWS + r) * s->cache_len;
+        last[r] = pos + t;
+    }
+    attention_scores(scores, q, nr, keys, last[nr - 1] + 1, head_dim,
+                     1.0f / sqrtf((float)head_dim));
+    for (int r = 0; r < nr; r++) {
+        softmax(scores[r], last[r] + 1);
+        memset(out[r], 0, (size_t)head_dim * sizeof(float));
+    }
+    /* the positions every row sees together, then each row's own few more */
+    attention_values(out, (const float *const *)scores, nr, values, 0, last[0] + 1, head_dim);
+    for (int r = 1; r < nr; r++)
+        attention_values(out + r, (const float *const *)scores + r, 1, values, last[0] + 1,
+                         last[r] + 1, head_dim);
 }
 
 /* Causal grouped-query attention for the block's n queries in s->q (positions pos ..
    pos+n-1) over this layer's cached keys and values, which already hold the block; writes each
-   token's heads side by side into s->xb. Heads are independent: split over threads. */
+   token's heads side by side into s->xb. Each KV head's rows (its query heads for each token)
+   go in passes of ATT_ROWS, split over threads. */
 static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos, int n) {
-    int kv_dim = cfg->n_kv_heads * cfg->head_dim, head_dim = cfg->head_dim;
-    int q_dim = cfg->n_heads * head_dim, group = cfg->n_heads / cfg->n_kv_heads;
-    float scale = 1.0f / sqrtf((float)head_dim);
-    const float *keys = s->key_cache + layer_offset, *values = s->value_cache + layer_offset;
+    int rows = n * (cfg->n_heads / cfg->n_kv_heads);
+    int passes = (rows + ATT_ROWS - 1) / ATT_ROWS;
 #if defined _OPENMP
 #pragma omp parallel for schedule(static)
 #endif
-    for (int h = 0; h < cfg->n_heads; h++) {
-        float *scores = s->att + (size_t)h * s->seq_len;
-        size_t kv_head = (size_t)(h / group) * head_dim;
-        for (int t = 0; t < n; t++) {
-            const float *q = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
-            int last = pos + t;
-            for (int p = 0; p <= last; p++)
-                scores[p] = dot_fp32(keys + (size_t)p * kv_dim + kv_head, q, head_dim) * scale;
-            softmax(scores, last + 1);
-            float *out = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
-            memset(out, 0, (size_t)head_dim * sizeof(float));
-            for (int p = 0; p <= last; p++)
-                add_scaled(out, values + (size_t)p * kv_dim + kv_head, scores[p], head_dim);
-        }
+    for (int i = 0; i < cfg->n_kv_heads * passes; i++) {
+        int first = i % passes * ATT_ROWS;
+        attention_rows(s, cfg, layer_offset, pos, i / passes, first,
+                       rows - first < ATT_ROWS ? rows - first : ATT_ROWS);
     }
 }
 
@@ -1054,21 +1238,19 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
 
     for (int l = 0; l < cfg->n_layers; l++) {
         const Layer *layer = &w->layers[l];
-        size_t layer_offset = (size_t)l * (size_t)s->seq_len * (size_t)kv_dim;
-        float *k = s->key_cache + layer_offset + (size_t)pos * kv_dim;  /* [n][kv_dim] */
-        float *v = s->value_cache + layer_offset + (size_t)pos * kv_dim;
+        size_t layer_offset = (size_t)l * (size_t)s->cache_len * (size_t)kv_dim;
 
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->attn_norm, dim,
                     cfg->norm_eps);
-        matmul(s->q, s->xb, n, &layer->wq, scratch);
-        matmul(k, s->xb, n, &layer->wk, scratch);
-        matmul(v, s->xb, n, &layer->wv, scratch);
+        Product qkv[3] = { { s->q, &layer->wq }, { s->k, &layer->wk }, { s->v, &layer->wv } };
+        matmul_many(qkv, 3, s->xb, n, scratch);
         for (int t = 0; t < n; t++) {
             const float *c = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
             rope(s->q + (size_t)t * q_dim, cfg->n_heads, cfg->head_dim, c, sn);
-            rope(k + (size_t)t * kv_dim, cfg->n_kv_heads, cfg->head_dim, c, sn);
+            rope(s->k + (size_t)t * kv_dim, cfg->n_kv_heads, cfg->head_dim, c, sn);
         }
+        store_kv(s, cfg, layer_offset, pos, n);
         attention(s, cfg, layer_offset, pos, n);
         matmul(s->xb2, s->xb, n, &layer->wo, scratch);
         add_into(s->x, s->xb2, (size_t)n * dim);
@@ -1076,8 +1258,8 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->ffn_norm, dim,
                     cfg->norm_eps);
-        matmul(s->hb, s->xb, n, &layer->w_gate, scratch);
-        matmul(s->hb2, s->xb, n, &layer->w_up, scratch);
+        Product gate_up[2] = { { s->hb, &layer->w_gate }, { s->hb2, &layer->w_up } };
+        matmul_many(gate_up, 2, s->xb, n, scratch);
         swiglu(s->hb, s->hb2, (size_t)n * hidden);
         matmul(s->xb2, s->hb, n, &layer->w_down, scratch);
         add_into(s->x, s->xb2, (size_t)n * dim);

@@ -197,6 +197,86 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
     free(image); free(bf); free(x); free(out); free(q8.q); free(q8.scales); free(q8.image);
 }
 
+/* matmul_many on products sharing x (decoding's q/k/v form, mixed widths) against one
+   matmul per matrix: the same kernels, so the same bits. */
+static void test_matmul_many(MatmulScratch *s) {
+    int rows[3] = { 64, 16, 40 }, cols = 256;
+    Matrix m[3];
+    float *data[3], *want[3], *got[3];
+    Product p[3];
+    float *x = malloc((size_t)cols * sizeof(float));
+    fill(x, (size_t)cols);
+    for (int i = 0; i < 3; i++) {
+        data[i] = malloc((size_t)rows[i] * cols * sizeof(float));
+        fill(data[i], (size_t)rows[i] * cols);
+        m[i] = (Matrix){ .type = WEIGHT_FP32, .rows = rows[i], .cols = cols, .data = data[i] };
+        want[i] = malloc((size_t)rows[i] * sizeof(float));
+        got[i] = malloc((size_t)rows[i] * sizeof(float));
+        matmul(want[i], x, 1, &m[i], s);
+        p[i] = (Product){ got[i], &m[i] };
+    }
+    matmul_many(p, 3, x, 1, s);
+    double worst = 0.0;
+    for (int i = 0; i < 3; i++) {
+        for (int r = 0; r < rows[i]; r++) worst = fmax(worst, fabs(got[i][r] - want[i][r]));
+        free(data[i]); free(want[i]); free(got[i]);
+    }
+    free(x);
+    check("matmul_many vs one matrix at a time", worst, 0.0);
+}
+
+/* attention() over the tiled KV cache against plain causal grouped-query attention, in
+   double, for a prompt block of n tokens after pos cached positions. */
+static void test_attention(int n_heads, int n_kv_heads, int head_dim, int pos, int n) {
+    Config cfg = { .dim = 64, .hidden_dim = 64, .n_layers = 1, .n_heads = n_heads,
+                   .n_kv_heads = n_kv_heads, .head_dim = head_dim, .vocab_size = 8,
+                   .max_seq_len = pos + n, .rope_theta = 10000.0f, .norm_eps = 1e-5f };
+    RunState s;
+    int seq_len = pos + n, kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
+    int group = n_heads / n_kv_heads;
+    alloc_state(&s, &cfg, seq_len);
+    float *keys = malloc((size_t)seq_len * kv_dim * sizeof(float));
+    float *values = malloc((size_t)seq_len * kv_dim * sizeof(float));
+    fill(keys, (size_t)seq_len * kv_dim);
+    fill(values, (size_t)seq_len * kv_dim);
+    for (int p0 = 0; p0 < seq_len; p0 += MAX_BLOCK) {  /* the cache, as blocks fill it */
+        int block = seq_len - p0 < MAX_BLOCK ? seq_len - p0 : MAX_BLOCK;
+        memcpy(s.k, keys + (size_t)p0 * kv_dim, (size_t)block * kv_dim * sizeof(float));
+        memcpy(s.v, values + (size_t)p0 * kv_dim, (size_t)block * kv_dim * sizeof(float));
+        store_kv(&s, &cfg, 0, p0, block);
+    }
+    for (size_t i = 0; i < (size_t)n * q_dim; i++) s.q[i] = 4.0f * uniform();  /* peaked */
+    attention(&s, &cfg, 0, pos, n);
+    double worst = 0.0;
+    double *scores = malloc((size_t)seq_len * sizeof(double));
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < n_heads; h++) {
+            const float *q = s.q + (size_t)t * q_dim + (size_t)h * head_dim;
+            size_t kv = (size_t)(h / group) * head_dim;
+            double max = -INFINITY, sum = 0.0;
+            for (int p = 0; p <= pos + t; p++) {
+                double d = 0.0;
+                for (int i = 0; i < head_dim; i++) d += (double)q[i] * keys[p * kv_dim + kv + i];
+                scores[p] = d / sqrt((double)head_dim);
+                max = fmax(max, scores[p]);
+            }
+            for (int p = 0; p <= pos + t; p++) sum += scores[p] = exp(scores[p] - max);
+            for (int i = 0; i < head_dim; i++) {
+                double want = 0.0;
+                for (int p = 0; p <= pos + t; p++)
+                    want += scores[p] / sum * values[p * kv_dim + kv + i];
+                worst = fmax(worst, fabs(s.xb[(size_t)t * q_dim + (size_t)h * head_dim + i] -
+                                         want));
+            }
+        }
+    char name[80];
+    snprintf(name, sizeof name, "attention %d/%d heads of %d, %d after %d", n_heads,
+             n_kv_heads, head_dim, n, pos);
+    check(name, worst, 1e-5);  /* values in [-1, 1): absolute error */
+    free(scores); free(keys); free(values);
+    free_state(&s);
+}
+
 static void test_kernels(void) {
     int sizes[] = { 64, 128, 2048, 8192 };
     for (int i = 0; i < 4; i++) test_dots(sizes[i], 64);
@@ -211,7 +291,14 @@ static void test_kernels(void) {
         test_matmul(types[i], 128, 1024, 64, &s);
         test_matmul(types[i], 37, 96, 5, &s);      /* cols not a multiple of 64 */
     }
+    test_matmul_many(&s);
     free_scratch(&s);
+    test_attention(32, 8, 64, 0, 1);      /* Llama 3.2 1B: one token */
+    test_attention(32, 8, 64, 300, 1);    /* ... decoding with a ragged last key tile */
+    test_attention(32, 8, 64, 37, 64);    /* ... a prompt block: rows of two tokens per pass */
+    test_attention(4, 1, 128, 20, 7);     /* 128 dimensions: two passes of 64 */
+    test_attention(4, 2, 16, 50, 9);      /* narrow heads, GQA 2:1: the plain loops */
+    test_attention(3, 3, 40, 17, 5);      /* no GQA, 40 dimensions: 3 rows of 3 tokens */
 }
 
 /* The prompt path against decoding: n tokens as blocks (all logits) vs one at a time. */
