@@ -298,9 +298,9 @@ static void free_model(Model *m) {
    - decoding: one token, out = W @ x. Every weight is used once, so the speed limit is how
      fast the weights stream from memory; the row kernels (dot_*) only have to keep up.
    - the prompt: a block of tokens, out[t] = W @ x[t]. Each weight is reused by every token of
-     the block, so the limit is arithmetic: the rows are widened to float32 a panel at a time
-     and multiplied against the tokens in register tiles (matmul_strips with AVX-512,
-     matmul_block otherwise). Activations stay float32 there, except for q8_0 on a machine
+     the block, so the limit is arithmetic: the rows are multiplied against the tokens in
+     register tiles, a cache-sized block at a time (matmul_strips with AVX-512, which reads
+     fp32 and bf16 rows in place; matmul_block otherwise, on rows widened to float32). Activations stay float32 there, except for q8_0 on a machine
      with AVX-512 VNNI (matmul_strips_q8), which rounds them to int16 exactly as decoding does
      and multiplies integers, twice as many per instruction.
    Each kernel is plain C that the compiler vectorises (with AVX2 under -march=native on such
@@ -514,22 +514,27 @@ static void matrix_row(float *out, const Matrix *w, int row) {
 }
 
 /* What matmul needs besides its operands, allocated once (never per token). */
-#define PANEL_ROWS 16   /* rows widened at a time by the prompt path: 16 x 8192 floats = 512 KB */
+#define PANEL_ROWS 16   /* rows widened at a time by the q8_0 and portable prompt paths */
 #define TILE 4          /* portable prompt path register tile: 4 rows x 4 tokens */
 
 #define STRIP 32        /* AVX-512 prompt path: tokens per packed strip (two vectors) */
 #define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
+#define BLOCK_ROWS 64   /* ... rows per panel, and columns per block of it: a 128 KB block, */
+#define BLOCK_COLS 512  /* and a strip's 64 KB block, sit in L2 while they are reused */
 
 typedef struct {
     QuantizedVector xq; /* q8_0 decoding: the activations quantized [max_cols] */
     float *x_pairs;     /* bf16 decoding: x in split_pairs order [max_cols] */
     float *panels;      /* prompt path: one [PANEL_ROWS][max_cols] float panel per thread */
     float *strips;      /* AVX-512 prompt path: the tokens transposed, [strips][max_cols][STRIP] */
+    float *blocks;      /* ... one [BLOCK_ROWS][BLOCK_COLS] widened weight block per thread */
+    float *strip_sums;  /* ... one [strips][BLOCK_ROWS][STRIP] set of running sums per thread */
     int16_t *strips_q;  /* q8_0 prompt path: the tokens quantized, [strips][max_cols][STRIP] */
     float *strip_scales;   /* ... their scales, [strips][max_cols / 2][STRIP] (groups >= 2) */
     int16_t *panels_q;  /* ... and one [PANEL_ROWS][max_cols] int16 panel per thread */
     float *panel_scales;   /* ... with its scales, [PANEL_ROWS][max_cols / 2] per thread */
     int max_cols, max_tokens;
+    int n_strip_tokens; /* max_tokens rounded up to whole strips */
     int n_threads;
 } MatmulScratch;
 
@@ -561,6 +566,11 @@ static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
     s->xq.scales = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
     s->panels = checked_calloc((size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols,
                                sizeof(float), "matmul scratch");
+    s->n_strip_tokens = n_strips * STRIP;
+    s->blocks = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * BLOCK_COLS, sizeof(float),
+                               "matmul scratch");
+    s->strip_sums = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * (size_t)s->n_strip_tokens,
+                                   sizeof(float), "matmul scratch");
     size_t strip_values = (size_t)n_strips * STRIP * (size_t)max_cols;
     size_t panel_values = (size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols;
     s->strips_q = checked_calloc(strip_values, sizeof(int16_t), "matmul scratch");
@@ -571,7 +581,7 @@ static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
 
 static void free_scratch(MatmulScratch *s) {
     free(s->xq.q); free(s->xq.scales);
-    free(s->panels); free(s->strips); free(s->x_pairs);
+    free(s->panels); free(s->strips); free(s->x_pairs); free(s->blocks); free(s->strip_sums);
     free(s->strips_q); free(s->strip_scales); free(s->panels_q); free(s->panel_scales);
 }
 
@@ -643,55 +653,155 @@ static void pack_strip(float *strip, const float *x, int first, int n, int cols)
             strip[(size_t)k * STRIP + j] = first + j < n ? x[(size_t)(first + j) * cols + k] : 0.0f;
 }
 
-/* out[t][r0 + r] for STRIP_ROWS rows of w (row stride cols; the first nr are real) and the
-   strip's tokens (the first nt are real). Each step of k broadcasts one weight per row and
-   multiplies it into two vectors of 16 tokens: 16 multiply-adds per 2 vector loads, and each
-   sum runs over k in order, like the plain dot product. */
-static void strip_kernel(float *out, int out_stride, const float *w, int nr, const float *strip,
-                         int nt, int cols) {
+/* Columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1 of w, widened to float32 into
+   block[r][0 .. kn-1] (row stride BLOCK_COLS); rows nr .. nr_padded-1 are zeroed, so that a
+   ragged last register tile multiplies zeros. */
+static void widen_block(float *block, const Matrix *w, int r0, int nr, int nr_padded, int k0,
+                        int kn) {
+    for (int r = 0; r < nr; r++) {
+        size_t start = (size_t)(r0 + r) * (size_t)w->cols + (size_t)k0;
+        float *dst = block + (size_t)r * BLOCK_COLS;
+        if (w->type == WEIGHT_FP32) {
+            memcpy(dst, (const float *)w->data + start, (size_t)kn * sizeof(float));
+        } else if (w->type == WEIGHT_BF16) {
+            const uint16_t *src = (const uint16_t *)w->data + start;
+            for (int k = 0; k < kn; k++) dst[k] = bf16_to_float(src[k]);
+        } else {
+            const int8_t *src = (const int8_t *)w->data + start;
+            for (int k = 0; k < kn; k++)
+                dst[k] = (float)src[k] * w->scales[(start + (size_t)k) / (size_t)w->group_size];
+        }
+    }
+    for (int r = nr; r < nr_padded; r++)
+        memset(block + (size_t)r * BLOCK_COLS, 0, (size_t)kn * sizeof(float));
+}
+
+/* One register tile, over one block of columns: sums[r][t] += w[r][k] * strip[k][t] for
+   STRIP_ROWS rows (w: row stride w_stride) and the STRIP tokens of a strip, k = 0 .. kn-1
+   (first: start from zero instead of sums). Each step of k broadcasts one weight per row and multiplies it into two
+   vectors of 16 tokens: 16 multiply-adds per 2 vector loads. Each sum runs over k in order
+   (the sums are parked in memory between blocks, exactly), like the plain dot product. */
+static void strip_kernel(float *sums, const float *w, size_t w_stride, const float *strip, int kn,
+                         int first) {
     __m512 acc[STRIP_ROWS][2];
-    for (int r = 0; r < STRIP_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int k = 0; k < cols; k++) {
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP);
+        acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP + 16);
+    }
+    for (int k = 0; k < kn; k++) {
         __m512 x0 = _mm512_loadu_ps(strip + (size_t)k * STRIP);
         __m512 x1 = _mm512_loadu_ps(strip + (size_t)k * STRIP + 16);
         for (int r = 0; r < STRIP_ROWS; r++) {
-            __m512 wv = _mm512_set1_ps(w[(size_t)r * cols + k]);
+            __m512 wv = _mm512_set1_ps(w[(size_t)r * w_stride + k]);
             acc[r][0] = _mm512_fmadd_ps(wv, x0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(wv, x1, acc[r][1]);
         }
     }
-    float sums[STRIP];
-    for (int r = 0; r < nr; r++) {
-        _mm512_storeu_ps(sums, acc[r][0]);
-        _mm512_storeu_ps(sums + 16, acc[r][1]);
-        for (int t = 0; t < nt; t++) out[(size_t)t * out_stride + r] = sums[t];
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
+        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
     }
 }
 
-/* The AVX-512 prompt path: the tokens are packed into strips once, then threads take panels
-   of PANEL_ROWS rows (widened to float32, zero rows padding a ragged last panel) and run
-   every strip past them. */
+/* strip_kernel for bf16 weights read in place (row stride w_stride values; kn even): each
+   32-bit load holds a row's weights k and k+1, and a bf16 is the top half of its float32, so
+   a shift gives weight k and a mask gives weight k+1 without a widened copy of the rows. */
+static void strip_kernel_bf16(float *sums, const uint16_t *w, size_t w_stride, const float *strip,
+                              int kn, int first) {
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc[STRIP_ROWS][2];
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP);
+        acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP + 16);
+    }
+    for (int k = 0; k < kn; k += 2) {
+        const float *x = strip + (size_t)k * STRIP;
+        __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+        __m512 y0 = _mm512_loadu_ps(x + STRIP), y1 = _mm512_loadu_ps(x + STRIP + 16);
+        for (int r = 0; r < STRIP_ROWS; r++) {
+            int32_t pair;
+            memcpy(&pair, w + (size_t)r * w_stride + k, sizeof pair);
+            __m512i both = _mm512_set1_epi32(pair);
+            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
+            __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(both, high));
+            acc[r][0] = _mm512_fmadd_ps(w0, x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w0, x1, acc[r][1]);
+            acc[r][0] = _mm512_fmadd_ps(w1, y0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, y1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
+        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
+    }
+}
+
+/* One block of a panel: columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1, against the same
+   columns of every strip, tile by tile. fp32 and bf16 rows are read in place, where they lie
+   contiguous (the block is small enough to stay in L1/L2 for every strip); a ragged last
+   panel (zero rows pad its last tile), odd-width bf16 rows (no whole pairs) and q8_0 rows
+   are widened into `block` first. */
+static void strips_block(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
+                         int kn, const float *strips, int n_strips) {
+    int cols = w->cols, n_tiles = (nr + STRIP_ROWS - 1) / STRIP_ROWS;
+    int whole_tiles = nr % STRIP_ROWS == 0;
+    int fp32_in_place = w->type == WEIGHT_FP32 && whole_tiles;
+    int bf16_in_place = w->type == WEIGHT_BF16 && whole_tiles && cols % 2 == 0;
+    if (!fp32_in_place && !bf16_in_place)
+        widen_block(block, w, r0, nr, n_tiles * STRIP_ROWS, k0, kn);
+    for (int i = 0; i < n_strips; i++) {
+        const float *strip = strips + ((size_t)i * cols + (size_t)k0) * STRIP;
+        for (int t = 0; t < n_tiles; t++) {
+            float *tile_sums = sums + ((size_t)i * BLOCK_ROWS + (size_t)t * STRIP_ROWS) * STRIP;
+            size_t first_value = (size_t)(r0 + t * STRIP_ROWS) * (size_t)cols + (size_t)k0;
+            if (fp32_in_place)
+                strip_kernel(tile_sums, (const float *)w->data + first_value, (size_t)cols,
+                             strip, kn, k0 == 0);
+            else if (bf16_in_place)
+                strip_kernel_bf16(tile_sums, (const uint16_t *)w->data + first_value,
+                                  (size_t)cols, strip, kn, k0 == 0);
+            else
+                strip_kernel(tile_sums, block + (size_t)t * STRIP_ROWS * BLOCK_COLS, BLOCK_COLS,
+                             strip, kn, k0 == 0);
+        }
+    }
+}
+
+/* The AVX-512 prompt path. The threads first pack the tokens into strips, then take panels of
+   BLOCK_ROWS rows, each walked in blocks of BLOCK_COLS columns (strips_block). A whole strip
+   (up to 1 MB at 8192 columns) would not stay in L2 while every tile of the panel reads it; a
+   block of one does. The running sums, sums[strip][row][token], go to out[token][row] after
+   the panel's last block. */
 static void matmul_strips(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
     int rows = w->rows, cols = w->cols, n_strips = (n + STRIP - 1) / STRIP;
-    int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
-    for (int i = 0; i < n_strips; i++)
-        pack_strip(s->strips + (size_t)i * STRIP * cols, x, i * STRIP, n, cols);
+    int n_panels = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #if defined _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
 #endif
-    for (int p = 0; p < n_panels; p++) {
-        int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
-        /* fp32 rows are copied too: the copy streams from memory once, in order, and then
-           sits contiguous in this core's cache for every strip */
-        float *panel = s->panels + (size_t)thread_id() * PANEL_ROWS * (size_t)s->max_cols;
-        for (int r = 0; r < nr; r++) matrix_row(panel + (size_t)r * cols, w, r0 + r);
-        memset(panel + (size_t)nr * cols, 0, (size_t)(PANEL_ROWS - nr) * cols * sizeof(float));
-        for (int i = 0; i < n_strips; i++) {
-            int nt = n - i * STRIP < STRIP ? n - i * STRIP : STRIP;
-            for (int r = 0; r < nr; r += STRIP_ROWS)
-                strip_kernel(out + (size_t)i * STRIP * rows + r0 + r, rows,
-                             panel + (size_t)r * cols, nr - r < STRIP_ROWS ? nr - r : STRIP_ROWS,
-                             s->strips + (size_t)i * STRIP * cols, nt, cols);
+    {
+#if defined _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int i = 0; i < n_strips; i++)
+            pack_strip(s->strips + (size_t)i * STRIP * cols, x, i * STRIP, n, cols);
+        /* (the for's implied barrier: every strip is packed before any panel starts) */
+        float *block = s->blocks + (size_t)thread_id() * BLOCK_ROWS * BLOCK_COLS;
+        float *sums = s->strip_sums + (size_t)thread_id() * BLOCK_ROWS * (size_t)s->n_strip_tokens;
+#if defined _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int p = 0; p < n_panels; p++) {
+            int r0 = p * BLOCK_ROWS, nr = rows - r0 < BLOCK_ROWS ? rows - r0 : BLOCK_ROWS;
+            for (int k0 = 0; k0 < cols; k0 += BLOCK_COLS)
+                strips_block(sums, block, w, r0, nr, k0, cols - k0 < BLOCK_COLS ? cols - k0 : BLOCK_COLS,
+                             s->strips, n_strips);
+            for (int i = 0; i < n_strips; i++) {
+                int nt = n - i * STRIP < STRIP ? n - i * STRIP : STRIP;
+                const float *strip_sums = sums + (size_t)i * BLOCK_ROWS * STRIP;
+                for (int t = 0; t < nt; t++)
+                    for (int r = 0; r < nr; r++)
+                        out[(size_t)(i * STRIP + t) * rows + r0 + r] = strip_sums[r * STRIP + t];
+            }
         }
     }
 }

@@ -283,13 +283,17 @@ static void test_kernels(void) {
     test_dots(96, 32);
     test_dots(2048, 128);
     MatmulScratch s;
-    alloc_scratch(&s, 1024, 64);
+    alloc_scratch(&s, 1536, 64);
     int types[] = { WEIGHT_FP32, WEIGHT_BF16, WEIGHT_Q8_0 };
     for (int i = 0; i < 3; i++) {
         test_matmul(types[i], 64, 256, 1, &s);
         test_matmul(types[i], 70, 256, 7, &s);     /* ragged row and token edges */
         test_matmul(types[i], 128, 1024, 64, &s);
         test_matmul(types[i], 37, 96, 5, &s);      /* cols not a multiple of 64 */
+    }
+    for (int i = 0; i < 2; i++) {  /* widths q8_0's groups of 32 cannot take */
+        test_matmul(types[i], 128, 1100, 40, &s);  /* column blocks of 512 with a ragged last */
+        test_matmul(types[i], 64, 515, 33, &s);    /* odd width: bf16 rows widened, not paired */
     }
     test_matmul_many(&s);
     free_scratch(&s);
