@@ -495,22 +495,30 @@ static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVecto
     return sum;
 }
 
-/* Row r of a matrix widened to float32: the embedding lookup, and the prompt path's panels. */
-static void matrix_row(float *out, const Matrix *w, int row) {
-    size_t start = (size_t)row * (size_t)w->cols;
-    int cols = w->cols;
+/* Values start .. start+n-1 of a matrix's row-major data widened to float32: the embedding
+   lookup and the prompt paths' widened rows and blocks. */
+static void widen_values(float *out, const Matrix *w, size_t start, int n) {
     if (w->type == WEIGHT_FP32) {
-        memcpy(out, (const float *)w->data + start, (size_t)cols * sizeof(float));
+        memcpy(out, (const float *)w->data + start, (size_t)n * sizeof(float));
     } else if (w->type == WEIGHT_BF16) {
         const uint16_t *src = (const uint16_t *)w->data + start;
-        for (int i = 0; i < cols; i++) out[i] = bf16_to_float(src[i]);
+        for (int i = 0; i < n; i++) out[i] = bf16_to_float(src[i]);
     } else {
         const int8_t *src = (const int8_t *)w->data + start;
-        const float *scales = w->scales + start / (size_t)w->group_size;
-        int gs = w->group_size;
-        for (int g = 0; g < cols / gs; g++)  /* rows hold whole groups (the loader checks) */
-            for (int i = g * gs; i < (g + 1) * gs; i++) out[i] = (float)src[i] * scales[g];
+        size_t gs = (size_t)w->group_size;
+        int i = 0;
+        while (i < n) {  /* one q8_0 group (or the part of it in range) at a time */
+            size_t group = (start + (size_t)i) / gs;
+            size_t group_end = (group + 1) * gs - start;
+            int end = group_end < (size_t)n ? (int)group_end : n;
+            float scale = w->scales[group];
+            for (; i < end; i++) out[i] = (float)src[i] * scale;
+        }
     }
+}
+
+static void matrix_row(float *out, const Matrix *w, int row) {
+    widen_values(out, w, (size_t)row * (size_t)w->cols, w->cols);
 }
 
 /* What matmul needs besides its operands, allocated once (never per token). */
@@ -658,20 +666,9 @@ static void pack_strip(float *strip, const float *x, int first, int n, int cols)
    ragged last register tile multiplies zeros. */
 static void widen_block(float *block, const Matrix *w, int r0, int nr, int nr_padded, int k0,
                         int kn) {
-    for (int r = 0; r < nr; r++) {
-        size_t start = (size_t)(r0 + r) * (size_t)w->cols + (size_t)k0;
-        float *dst = block + (size_t)r * BLOCK_COLS;
-        if (w->type == WEIGHT_FP32) {
-            memcpy(dst, (const float *)w->data + start, (size_t)kn * sizeof(float));
-        } else if (w->type == WEIGHT_BF16) {
-            const uint16_t *src = (const uint16_t *)w->data + start;
-            for (int k = 0; k < kn; k++) dst[k] = bf16_to_float(src[k]);
-        } else {
-            const int8_t *src = (const int8_t *)w->data + start;
-            for (int k = 0; k < kn; k++)
-                dst[k] = (float)src[k] * w->scales[(start + (size_t)k) / (size_t)w->group_size];
-        }
-    }
+    for (int r = 0; r < nr; r++)
+        widen_values(block + (size_t)r * BLOCK_COLS, w,
+                     (size_t)(r0 + r) * (size_t)w->cols + (size_t)k0, kn);
     for (int r = nr; r < nr_padded; r++)
         memset(block + (size_t)r * BLOCK_COLS, 0, (size_t)kn * sizeof(float));
 }
