@@ -31,13 +31,18 @@
 
 #include "tokenizer.h"
 
+/* The one line every user-facing error prints on stderr. */
+static void print_error(const char *fmt, va_list args) {
+    fprintf(stderr, "run: error: ");
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+}
+
 /* One clear line on stderr and a non-zero exit: how every user-facing error ends. */
 static void die(const char *fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "run: error: ");
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
+    print_error(fmt, args);
     va_end(args);
     exit(EXIT_FAILURE);
 }
@@ -1793,9 +1798,7 @@ static void print_usage(void) {
 static void usage_error(const char *fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "run: error: ");
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
+    print_error(fmt, args);
     va_end(args);
     print_usage();
     exit(EXIT_FAILURE);
