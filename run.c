@@ -468,28 +468,53 @@ static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs) {
     }
 }
 
+#if defined __AVX512VNNI__ && defined __AVX512BW__
+/* One group's products in 16 int32 lanes (vpdpwssd: 32 int16 products summed pairwise into 16
+   lanes). A lane takes gs/16 products of at most 127 * 32767, so groups up to 4096 cannot
+   overflow it. */
+static inline __m512i group_sums_q8(const int8_t *w, const int16_t *x, int gs) {
+    __m512i isum = _mm512_setzero_si512();
+    for (int i = 0; i < gs; i += 32) {
+        __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
+        isum = dot_pairs(isum, w16, _mm512_loadu_si512((const void *)(x + i)));
+    }
+    return isum;
+}
+
+/* Two groups per step, each into its own accumulator. Inlined with a constant gs, the group
+   loop unrolls and no scalar work is left between the integer products. */
+static inline float groups_dot_q8(const int8_t *w, const float *w_scales, const int16_t *xq,
+                                  const float *x_scales, int n_groups, int gs) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    int g = 0;
+    for (; g + 2 <= n_groups; g += 2) {
+        __m512i s0 = group_sums_q8(w + (size_t)g * gs, xq + (size_t)g * gs, gs);
+        __m512i s1 = group_sums_q8(w + (size_t)(g + 1) * gs, xq + (size_t)(g + 1) * gs, gs);
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(w_scales[g] * x_scales[g]),
+                               acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1),
+                               _mm512_set1_ps(w_scales[g + 1] * x_scales[g + 1]), acc1);
+    }
+    if (g < n_groups) {
+        __m512i s0 = group_sums_q8(w + (size_t)g * gs, xq + (size_t)g * gs, gs);
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(w_scales[g] * x_scales[g]),
+                               acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
 /* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale. */
 static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVector *x, int n,
                     int gs) {
     int n_groups = n / gs;
 #if defined __AVX512VNNI__ && defined __AVX512BW__
-    /* vpdpwssd: 32 int16 products summed pairwise into 16 int32 lanes. A lane takes gs/16
-       products of at most 127 * 32767, so groups up to 4096 cannot overflow it. */
-    if (gs % 32 == 0 && gs <= 4096) {
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;  /* even and odd groups */
-        for (int g = 0; g < n_groups; g++) {
-            __m512i isum = _mm512_setzero_si512();
-            for (int i = g * gs; i < (g + 1) * gs; i += 32) {
-                __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
-                __m512i x16 = _mm512_loadu_si512((const void *)(x->q + i));
-                isum = dot_pairs(isum, w16, x16);
-            }
-            __m512 scale = _mm512_set1_ps(w_scales[g] * x->scales[g]);
-            if (g & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc1);
-            else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc0);
-        }
-        return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-    }
+    if (gs == 64)  /* export.py's default */
+        return groups_dot_q8(w, w_scales, x->q, x->scales, n_groups, 64);
+    if (gs == 32)
+        return groups_dot_q8(w, w_scales, x->q, x->scales, n_groups, 32);
+    if (gs % 32 == 0 && gs <= 4096)
+        return groups_dot_q8(w, w_scales, x->q, x->scales, n_groups, gs);
 #endif
     float sum = 0.0f;
     for (int g = 0; g < n_groups; g++) {
@@ -545,6 +570,7 @@ typedef struct {
     int16_t *strips_q;  /* q8_0 prompt path: the tokens quantized, [strips][max_cols][STRIP] */
     float *strip_scales;   /* ... their scales, [strips][max_cols / 2][STRIP] (groups >= 2) */
     int16_t *panels_q;  /* ... and one [PANEL_ROWS][max_cols] int16 panel per thread */
+    QuantizedVector *token_q;  /* ... and one quantized token [max_cols] per thread */
     float *panel_scales;   /* ... with its scales, [PANEL_ROWS][max_cols / 2] per thread */
     int max_cols, max_tokens;
     int n_strip_tokens; /* max_tokens rounded up to whole strips */
@@ -590,12 +616,19 @@ static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
     s->strip_scales = checked_calloc(strip_values / 2 + 1, sizeof(float), "matmul scratch");
     s->panels_q = checked_calloc(panel_values, sizeof(int16_t), "matmul scratch");
     s->panel_scales = checked_calloc(panel_values / 2 + 1, sizeof(float), "matmul scratch");
+    s->token_q = checked_calloc((size_t)s->n_threads, sizeof(QuantizedVector), "matmul scratch");
+    for (int i = 0; i < s->n_threads; i++) {
+        s->token_q[i].q = checked_calloc((size_t)max_cols, sizeof(int16_t), "matmul scratch");
+        s->token_q[i].scales = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
+    }
 }
 
 static void free_scratch(MatmulScratch *s) {
     free(s->xq.q); free(s->xq.scales);
     free(s->panels); free(s->strips); free(s->x_pairs); free(s->blocks); free(s->strip_sums);
     free(s->strips_q); free(s->strip_scales); free(s->panels_q); free(s->panel_scales);
+    for (int i = 0; i < s->n_threads; i++) { free(s->token_q[i].q); free(s->token_q[i].scales); }
+    free(s->token_q);
 }
 
 /* One product of a matmul_many call: out = W applied to the shared input. */
@@ -661,9 +694,16 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
 /* Transposes the tokens into strips of STRIP: strip[k][j] = x[first + j][k], zero past n.
    A vector load then gives one column for 16 tokens, to meet a broadcast weight. */
 static void pack_strip(float *strip, const float *x, int first, int n, int cols) {
-    for (int k = 0; k < cols; k++)
-        for (int j = 0; j < STRIP; j++)
-            strip[(size_t)k * STRIP + j] = first + j < n ? x[(size_t)(first + j) * cols + k] : 0.0f;
+    /* 16 columns (one cache line of each token) at a time: token rows 2^k floats apart share
+       one L1 set, so a column at a time would miss on every load */
+    for (int k0 = 0; k0 < cols; k0 += 16) {
+        int kn = cols - k0 < 16 ? cols - k0 : 16;
+        for (int j = 0; j < STRIP; j++) {
+            const float *row = x + (size_t)(first + j) * cols + k0;
+            for (int k = 0; k < kn; k++)
+                strip[(size_t)(k0 + k) * STRIP + j] = first + j < n ? row[k] : 0.0f;
+        }
+    }
 }
 
 /* Columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1 of w, widened to float32 into
@@ -850,12 +890,19 @@ static void pack_strip_q8(int16_t *pairs, float *scales, const float *x, int fir
     }
 }
 
+/* Memory a kernel prefetches while it runs, evenly over its groups: the next panel's rows. */
+typedef struct {
+    const char *start;
+    size_t bytes;
+} Prefetch;
+
 /* out[t][r] for Q_ROWS rows of int16 weights (row stride cols; the first nr are real, their
    scales row stride n_groups) and the strip's tokens (the first nt are real). */
 static void strip_kernel_q8(float *out, int out_stride, const int16_t *w, const float *w_scales,
                             int nr, const int16_t *pairs, const float *x_scales, int nt,
-                            int cols, int gs) {
+                            int cols, int gs, Prefetch ahead) {
     int n_groups = cols / gs;
+    size_t ahead_lines = (ahead.bytes + 63) / 64;
     const int16_t *w0 = w, *w1 = w + cols, *w2 = w + 2 * (size_t)cols, *w3 = w + 3 * (size_t)cols;
     __m512 acc[Q_ROWS][2];
     for (int r = 0; r < Q_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -863,6 +910,8 @@ static void strip_kernel_q8(float *out, int out_stride, const int16_t *w, const 
         /* named accumulators, not an array: gcc 12 copies an array of them on every step */
         __m512i s00 = _mm512_setzero_si512(), s01 = s00, s10 = s00, s11 = s00;
         __m512i s20 = s00, s21 = s00, s30 = s00, s31 = s00;
+        for (size_t i = g * ahead_lines / n_groups; i < (g + 1) * ahead_lines / n_groups; i++)
+            _mm_prefetch(ahead.start + i * 64, _MM_HINT_T0);
         for (int k = g * gs; k < (g + 1) * gs; k += 2) {
             const int16_t *p = pairs + (size_t)k * STRIP;  /* (k/2) * STRIP pairs */
             __m512i x0 = _mm512_loadu_si512((const void *)p);
@@ -900,36 +949,64 @@ static void strip_kernel_q8(float *out, int out_stride, const int16_t *w, const 
 }
 
 /* Like matmul_strips, with int16 strips and panels of rows widened from int8 to int16 (zero
-   rows and zero scales padding a ragged last panel). */
+   rows and zero scales padding a ragged last panel). The widening waits on memory, so while a
+   panel meets the strips, the next panel's rows are prefetched, a share per kernel call. */
+static void widen_panel_q8(int16_t *panel, float *scales, const Matrix *w, int r0, int nr) {
+    int cols = w->cols, n_groups = cols / w->group_size;
+    const int8_t *src = (const int8_t *)w->data + (size_t)r0 * cols;
+    for (size_t i = 0; i < (size_t)nr * cols; i++) panel[i] = src[i];
+    memset(panel + (size_t)nr * cols, 0, (size_t)(PANEL_ROWS - nr) * cols * sizeof(int16_t));
+    memcpy(scales, w->scales + (size_t)r0 * n_groups, (size_t)nr * n_groups * sizeof(float));
+    memset(scales + (size_t)nr * n_groups, 0,
+           (size_t)(PANEL_ROWS - nr) * n_groups * sizeof(float));
+}
+
 static void matmul_strips_q8(float *out, const float *x, int n, const Matrix *w,
                              MatmulScratch *s) {
     int rows = w->rows, cols = w->cols, gs = w->group_size, n_groups = cols / gs;
     int n_strips = (n + STRIP - 1) / STRIP, n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
-    for (int i = 0; i < n_strips; i++)
-        pack_strip_q8(s->strips_q + (size_t)i * STRIP * cols,
-                      s->strip_scales + (size_t)i * STRIP * (cols / 2), x, i * STRIP, n, cols,
-                      gs, &s->xq);
+    int calls = n_strips * (PANEL_ROWS / Q_ROWS);  /* kernel calls per whole panel */
+    size_t panel_bytes = (size_t)PANEL_ROWS * cols, share = (panel_bytes / calls + 63) / 64 * 64;
 #if defined _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
 #endif
-    for (int p = 0; p < n_panels; p++) {
-        int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
-        int16_t *panel = s->panels_q + (size_t)thread_id() * PANEL_ROWS * (size_t)s->max_cols;
-        float *scales = s->panel_scales + (size_t)thread_id() * PANEL_ROWS * (s->max_cols / 2);
-        const int8_t *src = (const int8_t *)w->data + (size_t)r0 * cols;
-        for (size_t i = 0; i < (size_t)nr * cols; i++) panel[i] = src[i];
-        memset(panel + (size_t)nr * cols, 0, (size_t)(PANEL_ROWS - nr) * cols * sizeof(int16_t));
-        memcpy(scales, w->scales + (size_t)r0 * n_groups, (size_t)nr * n_groups * sizeof(float));
-        memset(scales + (size_t)nr * n_groups, 0,
-               (size_t)(PANEL_ROWS - nr) * n_groups * sizeof(float));
-        for (int i = 0; i < n_strips; i++) {
-            int nt = n - i * STRIP < STRIP ? n - i * STRIP : STRIP;
-            for (int r = 0; r < nr; r += Q_ROWS)
-                strip_kernel_q8(out + (size_t)i * STRIP * rows + r0 + r, rows,
-                                panel + (size_t)r * cols, scales + (size_t)r * n_groups,
-                                nr - r < Q_ROWS ? nr - r : Q_ROWS,
-                                s->strips_q + (size_t)i * STRIP * cols,
-                                s->strip_scales + (size_t)i * STRIP * (cols / 2), nt, cols, gs);
+    {
+        int id = thread_id();
+#if defined _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int i = 0; i < n_strips; i++)
+            pack_strip_q8(s->strips_q + (size_t)i * STRIP * cols,
+                          s->strip_scales + (size_t)i * STRIP * (cols / 2), x, i * STRIP, n,
+                          cols, gs, &s->token_q[id]);
+        /* (the for's implied barrier: every strip is packed before any panel starts) */
+        int16_t *panel = s->panels_q + (size_t)id * PANEL_ROWS * (size_t)s->max_cols;
+        float *scales = s->panel_scales + (size_t)id * PANEL_ROWS * (s->max_cols / 2);
+#if defined _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int p = 0; p < n_panels; p++) {
+            int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
+            const int8_t *next = (const int8_t *)w->data + (size_t)(r0 + PANEL_ROWS) * cols;
+            size_t next_bytes = p + 1 < n_panels ? (size_t)(rows - r0 - nr) * cols : 0;
+            if (next_bytes > panel_bytes) next_bytes = panel_bytes;
+            widen_panel_q8(panel, scales, w, r0, nr);
+            int call = 0;
+            for (int i = 0; i < n_strips; i++) {
+                int nt = n - i * STRIP < STRIP ? n - i * STRIP : STRIP;
+                for (int r = 0; r < nr; r += Q_ROWS, call++) {
+                    size_t done = (size_t)call * share;
+                    Prefetch ahead = { (const char *)next + done, 0 };
+                    if (done < next_bytes)
+                        ahead.bytes = next_bytes - done < share ? next_bytes - done : share;
+                    strip_kernel_q8(out + (size_t)i * STRIP * rows + r0 + r, rows,
+                                    panel + (size_t)r * cols, scales + (size_t)r * n_groups,
+                                    nr - r < Q_ROWS ? nr - r : Q_ROWS,
+                                    s->strips_q + (size_t)i * STRIP * cols,
+                                    s->strip_scales + (size_t)i * STRIP * (cols / 2), nt, cols, gs,
+                                    ahead);
+                }
+            }
         }
     }
 }
@@ -1319,10 +1396,17 @@ static void rope_angles(RunState *s, const Config *cfg, int pos, int n) {
     }
 }
 
-static void swiglu(float *gate, const float *up, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];  /* silu(gate) * up */
+/* silu(gate) * up for the block's n rows of `width`, a row per thread at a time: a prompt
+   block's 64 x 8192 exponentials would otherwise keep the other threads waiting. */
+static void swiglu(float *gate, const float *up, int n, int width) {
+#if defined _OPENMP
+#pragma omp parallel for schedule(static) if (n > 1)
+#endif
+    for (int t = 0; t < n; t++) {
+        for (size_t i = (size_t)t * width; i < (size_t)(t + 1) * width; i++) {
+            float g = gate[i];
+            gate[i] = g / (1.0f + expf(-g)) * up[i];
+        }
     }
 }
 
@@ -1372,7 +1456,7 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
                     cfg->norm_eps);
         Product gate_up[2] = { { s->hb, &layer->w_gate }, { s->hb2, &layer->w_up } };
         matmul_many(gate_up, 2, s->xb, n, scratch);
-        swiglu(s->hb, s->hb2, (size_t)n * hidden);
+        swiglu(s->hb, s->hb2, n, hidden);
         matmul(s->xb2, s->hb, n, &layer->w_down, scratch);
         add_into(s->x, s->xb2, (size_t)n * dim);
     }
