@@ -14,6 +14,8 @@
 #include "../run.c"
 #undef main
 
+#include <float.h>
+
 static int failures;
 
 static void check(const char *name, double err, double bound) {
@@ -277,6 +279,70 @@ static void test_attention(int n_heads, int n_kv_heads, int head_dim, int pos, i
     free_state(&s);
 }
 
+/* softmax and swiglu (exp16 with AVX-512, expf otherwise) against double loops, with ragged
+   lengths; with AVX-512, exp16 itself over its whole range in ulps of the true value. */
+#if defined __AVX512F__
+static double ulps(float got, double want) {
+    if (want == 0.0) return got == 0.0f ? 0.0 : INFINITY;
+    int exponent;
+    frexp(want, &exponent);
+    double ulp = ldexp(1.0, exponent - 24 < -149 ? -149 : exponent - 24);
+    return fabs((double)got - want) / ulp;
+}
+#endif
+
+static void test_exp(void) {
+#if defined __AVX512F__
+    double worst = 0.0;
+    int special = 0;
+    for (float x = -110.0f; x < 90.0f; x += 0.0123f) {
+        float in[16], out[16];
+        for (int j = 0; j < 16; j++) in[j] = nextafterf(x, 100.0f) * (1.0f - (float)j * 1e-7f);
+        _mm512_storeu_ps(out, exp16(_mm512_loadu_ps(in)));
+        for (int j = 0; j < 16; j++) {
+            double want = exp((double)in[j]);
+            if (want > FLT_MAX) special += !isinf(out[j]);
+            else if (want >= FLT_MIN) worst = fmax(worst, ulps(out[j], want));
+            else special += !(out[j] >= 0.0f && out[j] <= FLT_MIN);  /* flushed or denormal */
+        }
+    }
+    float edge[16] = { -INFINITY, INFINITY, NAN, 0.0f, -0.0f, -200.0f, 200.0f };
+    float got[16];
+    _mm512_storeu_ps(got, exp16(_mm512_loadu_ps(edge)));
+    special += got[0] != 0.0f || !isinf(got[1]) || !isnan(got[2]) || got[3] != 1.0f ||
+               got[4] != 1.0f || got[5] != 0.0f || !isinf(got[6]);
+    check("exp16 vs exp() in ulps, normal results", worst, 2.0);
+    check("exp16 overflow, underflow, inf, NaN, 0", special, 0);
+#endif
+    for (int n = 1; n <= 100; n += 33) {
+        float x[100], gate[100], up[100];
+        double want[100], sum = 0.0, max = -INFINITY;
+        for (int i = 0; i < n; i++) {
+            x[i] = uniform() * 30.0f;
+            max = fmax(max, x[i]);
+            gate[i] = uniform() * 20.0f;
+            up[i] = uniform();
+        }
+        for (int i = 0; i < n; i++) sum += want[i] = exp(x[i] - max);
+        softmax(x, n);
+        double worst = 0.0;
+        for (int i = 0; i < n; i++) worst = fmax(worst, fabs(x[i] - want[i] / sum));
+        char name[80];
+        snprintf(name, sizeof name, "softmax of %d vs double", n);
+        check(name, worst, 1e-6);
+        float g[100];
+        memcpy(g, gate, sizeof g);
+        swiglu(g, up, 1, n);
+        worst = 0.0;
+        for (int i = 0; i < n; i++) {
+            double silu = gate[i] / (1.0 + exp(-(double)gate[i]));
+            worst = fmax(worst, fabs(g[i] - silu * up[i]) / (fabs(silu * up[i]) + 1e-30));
+        }
+        snprintf(name, sizeof name, "swiglu of %d vs double (relative)", n);
+        check(name, worst, 1e-6);
+    }
+}
+
 static void test_kernels(void) {
     int sizes[] = { 64, 128, 2048, 8192 };
     for (int i = 0; i < 4; i++) test_dots(sizes[i], 64);
@@ -303,6 +369,7 @@ static void test_kernels(void) {
     test_attention(4, 1, 128, 20, 7);     /* 128 dimensions: two passes of 64 */
     test_attention(4, 2, 16, 50, 9);      /* narrow heads, GQA 2:1: the plain loops */
     test_attention(3, 3, 40, 17, 5);      /* no GQA, 40 dimensions: 3 rows of 3 tokens */
+    test_exp();
 }
 
 /* The prompt path against decoding: n tokens as blocks (all logits) vs one at a time. */
