@@ -293,6 +293,7 @@ def test_command_line_errors():
         ([model, "-x", "1"], "unknown option", True), ([model, "--temp", "1"], "unexpected argument", True),
         ([model, "-", "1"], "unexpected argument", True), ([model, "hello"], "unexpected argument", True),
         ([model, "-m", "poetry"], "-m", True), ([model, "-o", "xml"], "-o", True),
+        ([model, "-a", "lossy"], "-a", True), ([model, "-a", ""], "-a", True),
         ([model, "-i", "a", "-I", "1"], "not both", True), ([model, "-m", "chat", "-I", "1"], "-I", True),
         ([model, "-y", "be nice"], "-y", True),
         ([os.path.join(WORK, "missing.bin")], "cannot open", False), ([WORK], "not a regular file", False),

@@ -199,6 +199,37 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
     free(image); free(bf); free(x); free(out); free(q8.q); free(q8.scales); free(q8.image);
 }
 
+#if FAST_BF16
+/* -a fast with bf16 weights: matmul against the reference on x rounded to bf16, which is all
+   that mode may change (the products of two bf16 are exact in float32). */
+static void test_matmul_fast(int rows, int cols, int n, MatmulScratch *s) {
+    size_t count = (size_t)rows * cols;
+    uint16_t *w = malloc(count * sizeof(uint16_t));
+    float *image = malloc(count * sizeof(float)), *x = malloc((size_t)n * cols * sizeof(float));
+    float *x_rounded = malloc((size_t)n * cols * sizeof(float));
+    float *out = malloc((size_t)n * rows * sizeof(float));
+    fill(image, count);
+    for (size_t i = 0; i < count; i++) image[i] = bf16_to_float(w[i] = float_to_bf16(image[i]));
+    fill(x, (size_t)n * cols);
+    for (size_t i = 0; i < (size_t)n * cols; i++) x_rounded[i] = bf16_to_float(round_to_bf16(x[i]));
+    Matrix m = { .type = WEIGHT_BF16, .rows = rows, .cols = cols, .data = w };
+    s->fast = 1;
+    matmul(out, x, n, &m, s);
+    s->fast = 0;
+    double worst = 0.0;
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < rows; r++) {
+            const float *wr = image + (size_t)r * cols, *xt = x_rounded + (size_t)t * cols;
+            worst = fmax(worst, fabs(out[(size_t)t * rows + r] - ref_dot_fp32(wr, xt, cols)) /
+                                    magnitude(wr, xt, cols));
+        }
+    char name[80];
+    snprintf(name, sizeof name, "matmul bf16 -a fast %dx%d, %d tokens", rows, cols, n);
+    check(name, worst, 1e-6);
+    free(w); free(image); free(x); free(x_rounded); free(out);
+}
+#endif
+
 /* matmul_many on products sharing x (decoding's q/k/v form, mixed widths) against one
    matmul per matrix: the same kernels, so the same bits. */
 static void test_matmul_many(MatmulScratch *s) {
@@ -362,6 +393,13 @@ static void test_kernels(void) {
         test_matmul(types[i], 64, 515, 33, &s);    /* odd width: bf16 rows widened, not paired */
     }
     test_matmul_many(&s);
+#if FAST_BF16
+    test_matmul_fast(64, 256, 1, &s);
+    test_matmul_fast(40, 100, 1, &s);     /* a ragged tail of 4 */
+    test_matmul_fast(128, 1024, 64, &s);
+    test_matmul_fast(72, 1100, 33, &s);   /* ragged column block and strip */
+    test_matmul_fast(70, 256, 7, &s);     /* a ragged row tile */
+#endif
     free_scratch(&s);
     test_attention(32, 8, 64, 0, 1);      /* Llama 3.2 1B: one token */
     test_attention(32, 8, 64, 300, 1);    /* ... decoding with a ragged last key tile */
