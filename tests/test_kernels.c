@@ -104,6 +104,8 @@ static void test_dots(int n, int gs) {
     uint16_t *wb = malloc((size_t)n * sizeof(uint16_t));
     float *wb_image = malloc((size_t)n * sizeof(float));
     double worst_fp32 = 0, worst_bf16 = 0, worst_q8_int = 0, worst_q8_float = 0, worst_qx = 0;
+    double worst_fast_int = 0, worst_fast_float = 0;
+    int fast = FAST_Q8 && gs % 64 == 0;
     for (int trial = 0; trial < 50; trial++) {
         fill(w, (size_t)n);
         fill(x, (size_t)n);
@@ -121,8 +123,9 @@ static void test_dots(int n, int gs) {
 
         TestQ8 t = make_q8(1, n, gs);
         QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
-                               malloc((size_t)(n / gs) * sizeof(float)) };
-        quantize_vector(&qv, x, n, gs);
+                               malloc((size_t)(n / gs) * sizeof(float)),
+                               malloc((size_t)n), malloc((size_t)(n / gs) * sizeof(int32_t)) };
+        quantize_vector(&qv, x, n, gs, Q16_MAX);
         const int16_t *xq = qv.q;
         const float *xs = qv.scales;
         for (int i = 0; i < n; i++)  /* quantizing moves no value by more than half a step */
@@ -133,12 +136,25 @@ static void test_dots(int n, int gs) {
             for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * xq[i];
             exact_int += (double)isum * t.scales[g] * xs[g];
         }
-        double got = dot_q8(t.q, t.scales, &qv, n, gs);
+        double got = dot_q8(t.q, t.scales, &qv, n, gs, 0);
         double qmag = magnitude(t.image, x, n);
         worst_q8_int = fmax(worst_q8_int, fabs(got - exact_int) / qmag);
         worst_q8_float = fmax(worst_q8_float,
                               fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
-        free(qv.q); free(qv.scales);
+        if (fast) {  /* -a fast: int8 activations, through vpdpbusd's unsigned operand */
+            quantize_bytes(&qv, x, n, gs);
+            double exact_bytes = 0.0;
+            for (int g = 0; g < n / gs; g++) {
+                int64_t isum = 0;
+                for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * qv.bytes[i];
+                exact_bytes += (double)isum * t.scales[g] * qv.scales[g];
+            }
+            got = dot_q8(t.q, t.scales, &qv, n, gs, 1);
+            worst_fast_int = fmax(worst_fast_int, fabs(got - exact_bytes) / qmag);
+            worst_fast_float = fmax(worst_fast_float,
+                                    fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
+        }
+        free(qv.q); free(qv.scales); free(qv.bytes); free(qv.corrections);
         free(t.q); free(t.scales); free(t.image);
     }
     snprintf(name, sizeof name, "dot_fp32 n=%d", n);
@@ -153,6 +169,13 @@ static void test_dots(int n, int gs) {
     /* The activations' rounding: each product moves by up to half an activation step. */
     snprintf(name, sizeof name, "dot_q8 vs float activations n=%d gs=%d", n, gs);
     check(name, worst_q8_float, 1e-4);
+    if (fast) {
+        snprintf(name, sizeof name, "dot_q8 -a fast vs int8 x int8 n=%d gs=%d", n, gs);
+        check(name, worst_fast_int, 1e-6);
+        /* 256 times coarser steps than int16 */
+        snprintf(name, sizeof name, "dot_q8 -a fast vs float activations n=%d gs=%d", n, gs);
+        check(name, worst_fast_float, 5e-3);
+    }
     free(w); free(x); free(wb); free(wb_image);
 }
 
@@ -199,20 +222,42 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
     free(image); free(bf); free(x); free(out); free(q8.q); free(q8.scales); free(q8.image);
 }
 
-#if FAST_BF16
-/* -a fast with bf16 weights: matmul against the reference on x rounded to bf16, which is all
-   that mode may change (the products of two bf16 are exact in float32). */
-static void test_matmul_fast(int rows, int cols, int n, MatmulScratch *s) {
+/* -a fast: matmul against the reference on x rounded as that mode rounds it (to bf16 for bf16
+   weights, to int8 per group for q8_0), which is all it may change: what is then multiplied
+   is exact (two bf16, or two int8 summed in int32). */
+#if FAST_BF16 || FAST_Q8
+static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch *s) {
     size_t count = (size_t)rows * cols;
-    uint16_t *w = malloc(count * sizeof(uint16_t));
-    float *image = malloc(count * sizeof(float)), *x = malloc((size_t)n * cols * sizeof(float));
+    float *x = malloc((size_t)n * cols * sizeof(float));
     float *x_rounded = malloc((size_t)n * cols * sizeof(float));
     float *out = malloc((size_t)n * rows * sizeof(float));
-    fill(image, count);
-    for (size_t i = 0; i < count; i++) image[i] = bf16_to_float(w[i] = float_to_bf16(image[i]));
+    float *image = malloc(count * sizeof(float));
+    uint16_t *bf = NULL;
+    TestQ8 q8 = {0};
+    Matrix m;
     fill(x, (size_t)n * cols);
-    for (size_t i = 0; i < (size_t)n * cols; i++) x_rounded[i] = bf16_to_float(round_to_bf16(x[i]));
-    Matrix m = { .type = WEIGHT_BF16, .rows = rows, .cols = cols, .data = w };
+    if (type == WEIGHT_BF16) {
+        bf = malloc(count * sizeof(uint16_t));
+        fill(image, count);
+        for (size_t i = 0; i < count; i++) image[i] = bf16_to_float(bf[i] = float_to_bf16(image[i]));
+        m = (Matrix){ .type = WEIGHT_BF16, .rows = rows, .cols = cols, .data = bf };
+#if FAST_BF16
+        for (size_t i = 0; i < (size_t)n * cols; i++)
+            x_rounded[i] = bf16_to_float(round_to_bf16(x[i]));
+#endif
+    } else {
+        q8 = make_q8(rows, cols, 64);
+        m = q8.m;
+        memcpy(image, q8.image, count * sizeof(float));
+        QuantizedVector qv = { malloc((size_t)cols * sizeof(int16_t)),
+                               malloc((size_t)cols * sizeof(float)), NULL, NULL };
+        for (int t = 0; t < n; t++) {
+            quantize_vector(&qv, x + (size_t)t * cols, cols, 64, Q8_MAX);
+            for (int i = 0; i < cols; i++)
+                x_rounded[(size_t)t * cols + i] = (float)qv.q[i] * qv.scales[i / 64];
+        }
+        free(qv.q); free(qv.scales);
+    }
     s->fast = 1;
     matmul(out, x, n, &m, s);
     s->fast = 0;
@@ -224,9 +269,11 @@ static void test_matmul_fast(int rows, int cols, int n, MatmulScratch *s) {
                                     magnitude(wr, xt, cols));
         }
     char name[80];
-    snprintf(name, sizeof name, "matmul bf16 -a fast %dx%d, %d tokens", rows, cols, n);
+    snprintf(name, sizeof name, "matmul %s -a fast %dx%d, %d tokens", weight_type_name(type),
+             rows, cols, n);
     check(name, worst, 1e-6);
-    free(w); free(image); free(x); free(x_rounded); free(out);
+    free(x); free(x_rounded); free(out); free(image); free(bf);
+    free(q8.q); free(q8.scales); free(q8.image);
 }
 #endif
 
@@ -394,11 +441,17 @@ static void test_kernels(void) {
     }
     test_matmul_many(&s);
 #if FAST_BF16
-    test_matmul_fast(64, 256, 1, &s);
-    test_matmul_fast(40, 100, 1, &s);     /* a ragged tail of 4 */
-    test_matmul_fast(128, 1024, 64, &s);
-    test_matmul_fast(72, 1100, 33, &s);   /* ragged column block and strip */
-    test_matmul_fast(70, 256, 7, &s);     /* a ragged row tile */
+    test_matmul_fast(WEIGHT_BF16, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_BF16, 40, 100, 1, &s);     /* a ragged tail of 4 */
+    test_matmul_fast(WEIGHT_BF16, 128, 1024, 64, &s);
+    test_matmul_fast(WEIGHT_BF16, 72, 1100, 33, &s);   /* ragged column block and strip */
+    test_matmul_fast(WEIGHT_BF16, 70, 256, 7, &s);     /* a ragged row tile */
+#endif
+#if FAST_Q8
+    test_matmul_fast(WEIGHT_Q8_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q8_0, 70, 256, 7, &s);     /* ragged panel and strip */
+    test_matmul_fast(WEIGHT_Q8_0, 128, 1024, 64, &s);
+    test_matmul_fast(WEIGHT_Q8_0, 40, 1536, 33, &s);
 #endif
     free_scratch(&s);
     test_attention(32, 8, 64, 0, 1);      /* Llama 3.2 1B: one token */
