@@ -1,19 +1,22 @@
 """Speed of ./runomp on a Llama-3.2-1B-shaped random checkpoint, per weight type.
 
     /usr/bin/python3 tests/bench.py [--rounds 3] [--threads 2] [--prompt 512] [--decode 128]
-                                    [--types fp32,bf16,q8_0] [--long 4096 --long-types q8_0]
+                                    [--types fp32,bf16,q8_0,bf16:fast,q8_0:fast]
+                                    [--long 4096 --long-types q8_0]
 
 Creates the checkpoint once (tests/make_checkpoint.py --preset llama32-1b) and exports it per
 weight type, caching both under build/bench/. Then, in rounds that interleave the weight types,
 measures for each: decode tok/s (--decode tokens after a 1-token prompt), prompt tok/s (a
 --prompt-token prompt), time to first token of that prompt (process start to the first id on
 stdout, loading included) and peak RSS (the mapped weights count: they are file pages).
+TYPE:fast runs the TYPE model with -a fast (llama.cpp's activation rounding).
 
 Decoding reads every weight once per token, so its ceiling is bandwidth / bytes per token. The
 machine's read bandwidth drifts by itself (here between ~50 and ~73 GB/s, for seconds to tens of
 minutes), so tests/bandwidth.c (compiled here with the engine's flags, same thread count) is run
-right before and after every decode timing, and the table shows decode against the mean of the
-two. Medians over the rounds.
+right before and after every decode timing (retried, up to 3 times, when the two differ by more
+than 10%: the state flipped during it), and the table shows decode against the mean of the two.
+Medians over the rounds.
 
 With --long N, a second table (one round) decodes --decode tokens after a prompt that fills the
 context to N (-c N): attention then reads a long KV cache on every token. It shows peak RSS against
@@ -96,10 +99,10 @@ def kv_cache_bytes(path, context):
     return 2 * n_layers * context * n_kv_heads * head_dim * 4
 
 
-def run_engine(binary, model, ids, n_new, threads, context=None):
+def run_engine(binary, model, ids, n_new, threads, context=None, extra=()):
     """Runs runomp; returns (prompt tok/s, decode tok/s, seconds to first id, peak RSS MiB)."""
     warm(model)
-    args = [binary, model, "-I", " ".join(map(str, ids)), "-o", "ids",
+    args = [binary, model, *extra, "-I", " ".join(map(str, ids)), "-o", "ids",
             "-n", str(n_new), "-t", "0", "-e", "0", "-T", str(threads),
             "-c", str(context or len(ids) + n_new + 8)]
     start = time.perf_counter()
@@ -123,30 +126,39 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--types", default="fp32,bf16,q8_0")
+    ap.add_argument("--types", default="fp32,bf16,q8_0,bf16:fast,q8_0:fast",
+                    help="weight types; TYPE:fast runs that model with -a fast")
     ap.add_argument("--binary", default=os.path.join(ROOT, "runomp"), help="engine to time")
     ap.add_argument("--long", type=int, default=0, help="also decode at this context length")
     ap.add_argument("--long-types", default="q8_0")
     a = ap.parse_args()
     types = a.types.split(",")
     long_types = a.long_types.split(",") if a.long else []
-    models, bw = prepare(types + [t for t in long_types if t not in types])
+    base = {t: t.split(":")[0] for t in types}
+    extra = {t: ("-a", "fast") if t.endswith(":fast") else () for t in types}
+    models, bw = prepare(sorted(set(base.values()) | set(long_types)))
     rng = random.Random(0)
     prompt = [rng.randrange(128000) for _ in range(a.prompt)]
     res = {t: {"pp": [], "tg": [], "ttft": [], "rss": [], "bw": [], "frac": []} for t in types}
     for r in range(a.rounds):
         order = types if r % 2 == 0 else types[::-1]
         for t in order:
-            before = bandwidth(bw, a.threads)
-            _, tg, _, rss1 = run_engine(a.binary, models[t], prompt[:1], a.decode, a.threads)
-            after = bandwidth(bw, a.threads)
-            pp, _, ttft, rss2 = run_engine(a.binary, models[t], prompt, 1, a.threads)
+            model = models[base[t]]
+            for attempt in range(4):  # a flip during the decode shows as before != after
+                before = bandwidth(bw, a.threads)
+                _, tg, _, rss1 = run_engine(a.binary, model, prompt[:1], a.decode, a.threads,
+                                            extra=extra[t])
+                after = bandwidth(bw, a.threads)
+                if abs(before - after) <= 0.1 * max(before, after):
+                    break
+            pp, _, ttft, rss2 = run_engine(a.binary, model, prompt, 1, a.threads,
+                                           extra=extra[t])
             gbps = (before + after) / 2
-            frac = tg / (gbps * 1e9 / bytes_per_token(models[t]))
+            frac = tg / (gbps * 1e9 / bytes_per_token(model))
             d = res[t]
             d["pp"].append(pp); d["tg"].append(tg); d["ttft"].append(ttft)
             d["rss"].append(max(rss1, rss2)); d["bw"].append(gbps); d["frac"].append(frac)
-            print(f"round {r + 1} {t:5s}: bw {before:5.1f}/{after:5.1f} GB/s  decode "
+            print(f"round {r + 1} {t:9s}: bw {before:5.1f}/{after:5.1f} GB/s  decode "
                   f"{tg:6.1f} tok/s ({100 * frac:4.0f}% of bw)  prompt {pp:6.1f} tok/s  "
                   f"ttft {ttft:5.2f} s", flush=True)
     med = statistics.median
@@ -156,8 +168,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for t in types:
         d = res[t]
-        bpt = bytes_per_token(models[t])
-        print(f"| {t} | {bpt / 1e9:.2f} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | "
+        bpt = bytes_per_token(models[base[t]])
+        label = t.replace(":fast", " -a fast")
+        print(f"| {label} | {bpt / 1e9:.2f} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | "
               f"{med(d['bw']) * 1e9 / bpt:.1f} | {100 * med(d['frac']):.0f}% | {med(d['pp']):.1f} "
               f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
     if a.long:
