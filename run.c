@@ -444,7 +444,8 @@ static uint16_t round_to_bf16(float f) {
 static void round_vector_bf16(uint16_t *out, const float *x, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+        _mm256_storeu_si256((__m256i *)(out + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
     for (; i < n; i++) out[i] = round_to_bf16(x[i]);
 }
 
@@ -685,7 +686,7 @@ typedef struct {
     int16_t *panels_q;  /* ... and one [PANEL_ROWS][max_cols] int16 panel per thread */
     QuantizedVector *token_q;  /* ... and one quantized token [max_cols] per thread */
     float *panel_scales;   /* ... with its scales, [PANEL_ROWS][max_cols / 2] per thread */
-    int fast;           /* -a fast: bf16 activations for bf16 weights (FAST_BF16 builds) */
+    int fast;           /* -a fast: bf16 (FAST_BF16) or int8 (FAST_Q8) activations */
     int max_cols, max_tokens;
     int n_strip_tokens; /* max_tokens rounded up to whole strips */
     int n_threads;
@@ -743,7 +744,8 @@ static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
 static void free_scratch(MatmulScratch *s) {
     free(s->xq.q); free(s->xq.scales); free(s->xq.bytes); free(s->xq.corrections);
     free(s->panels); free(s->strips); free(s->x_pairs); free(s->blocks); free(s->strip_sums);
-    free(s->strips_q); free(s->strip_scales); free(s->strip_corrections); free(s->panels_q); free(s->panel_scales);
+    free(s->strips_q); free(s->strip_scales); free(s->strip_corrections);
+    free(s->panels_q); free(s->panel_scales);
     for (int i = 0; i < s->n_threads; i++) { free(s->token_q[i].q); free(s->token_q[i].scales); }
     free(s->token_q);
 }
@@ -855,9 +857,10 @@ static void widen_block(float *block, const Matrix *w, int r0, int nr, int nr_pa
 
 /* One register tile, over one block of columns: sums[r][t] += w[r][k] * strip[k][t] for
    STRIP_ROWS rows (w: row stride w_stride) and the STRIP tokens of a strip, k = 0 .. kn-1
-   (first: start from zero instead of sums). Each step of k broadcasts one weight per row and multiplies it into two
-   vectors of 16 tokens: 16 multiply-adds per 2 vector loads. Each sum runs over k in order
-   (the sums are parked in memory between blocks, exactly), like the plain dot product. */
+   (first: start from zero instead of sums). Each step of k broadcasts one weight per row and
+   multiplies it into two vectors of 16 tokens: 16 multiply-adds per 2 vector loads. Each sum
+   runs over k in order (the sums are parked in memory between blocks, exactly), like the plain
+   dot product. */
 static void strip_kernel(float *sums, const float *w, size_t w_stride, const float *strip, int kn,
                          int first) {
     __m512 acc[STRIP_ROWS][2];
@@ -1036,7 +1039,8 @@ static void matmul_strips(float *out, const float *x, int n, const Matrix *w, Ma
         for (int p = 0; p < n_panels; p++) {
             int r0 = p * BLOCK_ROWS, nr = rows - r0 < BLOCK_ROWS ? rows - r0 : BLOCK_ROWS;
             for (int k0 = 0; k0 < cols; k0 += BLOCK_COLS)
-                strips_block(sums, block, w, r0, nr, k0, cols - k0 < BLOCK_COLS ? cols - k0 : BLOCK_COLS,
+                strips_block(sums, block, w, r0, nr, k0,
+                             cols - k0 < BLOCK_COLS ? cols - k0 : BLOCK_COLS,
                              s->strips, n_strips, fast);
             for (int i = 0; i < n_strips; i++) {
                 int nt = n - i * STRIP < STRIP ? n - i * STRIP : STRIP;
@@ -1088,11 +1092,11 @@ static void pack_strip_q8(uint32_t *words, float *scales, int32_t *corrections, 
                                   : (uint32_t)(uint16_t)q[0] | (uint32_t)(uint16_t)q[1] << 16;
             words[(size_t)m * STRIP + j] = word;
         }
-        for (int g = 0; g < n_groups; g++) {
-            scales[(size_t)g * STRIP + j] = tmp->scales[g];
+        for (int g = 0; g < n_groups; g++) scales[(size_t)g * STRIP + j] = tmp->scales[g];
+        for (int g = 0; bytes && g < n_groups; g++) {
             int32_t sum = 0;
-            for (int i = g * gs; bytes && i < (g + 1) * gs; i++) sum += tmp->q[i];
-            if (bytes) corrections[(size_t)g * STRIP + j] = -128 * sum;
+            for (int i = g * gs; i < (g + 1) * gs; i++) sum += tmp->q[i];
+            corrections[(size_t)g * STRIP + j] = -128 * sum;
         }
     }
 }
@@ -1683,7 +1687,8 @@ static void swiglu(float *gate, const float *up, int n, int width) {
         for (int i = 0; i < width; i += 16) {
             __mmask16 m = lanes_before(i, width);
             __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
-            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
             _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
         }
 #else

@@ -239,7 +239,8 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
     if (type == WEIGHT_BF16) {
         bf = malloc(count * sizeof(uint16_t));
         fill(image, count);
-        for (size_t i = 0; i < count; i++) image[i] = bf16_to_float(bf[i] = float_to_bf16(image[i]));
+        for (size_t i = 0; i < count; i++)
+            image[i] = bf16_to_float(bf[i] = float_to_bf16(image[i]));
         m = (Matrix){ .type = WEIGHT_BF16, .rows = rows, .cols = cols, .data = bf };
 #if FAST_BF16
         for (size_t i = 0; i < (size_t)n * cols; i++)
