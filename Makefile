@@ -47,7 +47,7 @@ test-valgrind: build/demo.bin
 
 bench: runomp tokenize
 	$(PYTHON) tests/bench_tokenizer.py
-	$(PYTHON) tests/bench.py --long 4096
+	$(PYTHON) tests/bench.py --long 4096 --long-types q8_0,q8_0:fast
 
 clean:
 	rm -rf run runomp tokenize build

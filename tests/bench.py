@@ -134,9 +134,9 @@ def main():
     a = ap.parse_args()
     types = a.types.split(",")
     long_types = a.long_types.split(",") if a.long else []
-    base = {t: t.split(":")[0] for t in types}
-    extra = {t: ("-a", "fast") if t.endswith(":fast") else () for t in types}
-    models, bw = prepare(sorted(set(base.values()) | set(long_types)))
+    base = {t: t.split(":")[0] for t in types + long_types}
+    extra = {t: ("-a", "fast") if t.endswith(":fast") else () for t in types + long_types}
+    models, bw = prepare(sorted(set(base.values())))
     rng = random.Random(0)
     prompt = [rng.randrange(128000) for _ in range(a.prompt)]
     res = {t: {"pp": [], "tg": [], "ttft": [], "rss": [], "bw": [], "frac": []} for t in types}
@@ -174,10 +174,10 @@ def main():
               f"{med(d['bw']) * 1e9 / bpt:.1f} | {100 * med(d['frac']):.0f}% | {med(d['pp']):.1f} "
               f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
     if a.long:
-        long_context(a, models, bw, rng)
+        long_context(a, models, bw, rng, base, extra)
 
 
-def long_context(a, models, bw, rng):
+def long_context(a, models, bw, rng, base, extra):
     """Decode speed with the context nearly full, and memory against file + KV cache."""
     ids = [rng.randrange(128000) for _ in range(a.long - a.decode - 8)]
     print(f"\ncontext {a.long}: decode {a.decode} tokens after a {len(ids)}-token prompt")
@@ -185,11 +185,12 @@ def long_context(a, models, bw, rng):
           "| file + KV cache MiB |")
     print("|---|---|---|---|---|---|")
     for t in a.long_types.split(","):
+        model = models[base[t]]
         before = bandwidth(bw, a.threads)
-        pp, tg, _, rss = run_engine(a.binary, models[t], ids, a.decode, a.threads, a.long)
+        pp, tg, _, rss = run_engine(a.binary, model, ids, a.decode, a.threads, a.long, extra[t])
         after = bandwidth(bw, a.threads)
-        expected = (os.path.getsize(models[t]) + kv_cache_bytes(models[t], a.long)) / 2**20
-        print(f"| {t} | {(before + after) / 2:.1f} | {tg:.1f} | {pp:.1f} | {rss:.0f} "
+        expected = (os.path.getsize(model) + kv_cache_bytes(model, a.long)) / 2**20
+        print(f"| {t.replace(':fast', ' -a fast')} | {(before + after) / 2:.1f} | {tg:.1f} | {pp:.1f} | {rss:.0f} "
               f"| {expected:.0f} |", flush=True)
 
 
