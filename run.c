@@ -1727,11 +1727,17 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
         const Layer *layer = &w->layers[l];
         size_t layer_offset = (size_t)l * (size_t)s->cache_len * (size_t)kv_dim;
 
+#if defined _OPENMP
+#pragma omp parallel for if (n > 1)  /* per token: a prompt block's rows side by side */
+#endif
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->attn_norm, dim,
                     cfg->norm_eps);
         Product qkv[3] = { { s->q, &layer->wq }, { s->k, &layer->wk }, { s->v, &layer->wv } };
         matmul_many(qkv, 3, s->xb, n, scratch);
+#if defined _OPENMP
+#pragma omp parallel for if (n > 1)
+#endif
         for (int t = 0; t < n; t++) {
             const float *c = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
             rope(s->q + (size_t)t * q_dim, cfg->n_heads, cfg->head_dim, c, sn);
@@ -1742,6 +1748,9 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
         matmul(s->xb2, s->xb, n, &layer->wo, scratch);
         add_into(s->x, s->xb2, (size_t)n * dim);
 
+#if defined _OPENMP
+#pragma omp parallel for if (n > 1)  /* per token: a prompt block's rows side by side */
+#endif
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->ffn_norm, dim,
                     cfg->norm_eps);
