@@ -762,6 +762,14 @@ static int fast_q8(const Matrix *w, const MatmulScratch *s) {
     return FAST_Q8 && s->fast && w->type == WEIGHT_Q8_0 && w->group_size % 64 == 0;
 }
 
+/* Whether -a fast applies to a bf16 matrix: bf16 activations need AVX512-BF16 (the prompt path
+   also wants whole pairs: an even width). */
+#if defined __AVX512F__
+static int fast_bf16(const Matrix *w, const MatmulScratch *s) {
+    return FAST_BF16 && s->fast && w->type == WEIGHT_BF16;
+}
+#endif
+
 /* Row r of w against x (in the form that w's type reads: see matmul_vector). */
 static float row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
     size_t row_start = (size_t)r * (size_t)w->cols;
@@ -770,7 +778,7 @@ static float row_dot(const Matrix *w, int r, const float *x, const MatmulScratch
         return dot_fp32((const float *)w->data + row_start, x, w->cols);
     case WEIGHT_BF16:
 #if FAST_BF16
-        if (s->fast)
+        if (fast_bf16(w, s))
             return dot_bf16_fast((const uint16_t *)w->data + row_start,
                                  (const uint16_t *)s->x_pairs, w->cols);
 #endif
@@ -809,7 +817,7 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
     else if (first->type == WEIGHT_Q8_0)
         quantize_vector(&s->xq, x, first->cols, first->group_size, Q16_MAX);
 #if FAST_BF16
-    if (first->type == WEIGHT_BF16 && s->fast)
+    if (fast_bf16(first, s))
         round_vector_bf16((uint16_t *)s->x_pairs, x, first->cols);
     else
 #endif
@@ -1012,7 +1020,7 @@ static void strips_block(float *sums, float *block, const Matrix *w, int r0, int
 static void matmul_strips(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
     int rows = w->rows, cols = w->cols, n_strips = (n + STRIP - 1) / STRIP;
     int n_panels = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-    int fast = FAST_BF16 && s->fast && w->type == WEIGHT_BF16 && cols % 2 == 0;
+    int fast = fast_bf16(w, s) && cols % 2 == 0;
 #if defined _OPENMP
 #pragma omp parallel
 #endif
