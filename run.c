@@ -473,9 +473,11 @@ static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
 #define FAST_BF16 0
 #endif
 
-/* acc + the pairwise int16 products of a and b, summed into 16 int32 lanes (vpdpwssd).
-   gcc 12 allocates registers for the intrinsic badly (it copies every accumulator twice per
-   use, halving the prompt kernel's speed), so for gcc it is written as the one instruction. */
+/* acc + the pairwise int16 products of a and b, summed into 16 int32 lanes (vpdpwssd), for
+   the prompt kernel. gcc 12 allocates registers for the intrinsic badly there (it copies every
+   accumulator twice per use, halving the kernel's speed), so for gcc it is written as the one
+   instruction. (Decoding calls the intrinsics: with them gcc reads x straight from memory,
+   which an asm operand cannot offer without costing the prompt kernel its registers.) */
 #if defined __AVX512VNNI__ && defined __AVX512BW__
 static inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
 #if defined __GNUC__ && !defined __clang__
@@ -562,7 +564,7 @@ static inline __m512i group_sums_q8(const int8_t *w, const int16_t *x, int gs) {
     __m512i isum = _mm512_setzero_si512();
     for (int i = 0; i < gs; i += 32) {
         __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
-        isum = dot_pairs(isum, w16, _mm512_loadu_si512((const void *)(x + i)));
+        isum = _mm512_dpwssd_epi32(isum, w16, _mm512_loadu_si512((const void *)(x + i)));
     }
     return isum;
 }
@@ -576,7 +578,7 @@ static inline __m512i group_sums_fast(const int8_t *w, const int8_t *x, int gs,
     __m512i isum = _mm512_set1_epi32(correction), flip = _mm512_set1_epi8((char)0x80);
     for (int i = 0; i < gs; i += 64) {
         __m512i w_plus_128 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + i)), flip);
-        isum = dot_bytes(isum, w_plus_128, _mm512_loadu_si512((const void *)(x + i)));
+        isum = _mm512_dpbusd_epi32(isum, w_plus_128, _mm512_loadu_si512((const void *)(x + i)));
     }
     return isum;
 }
@@ -589,24 +591,28 @@ static inline __m512i group_sums(const int8_t *w, const QuantizedVector *x, int 
 }
 
 /* Two groups per step, each into its own accumulator. Inlined with a constant gs (and
-   bytes), the group loop unrolls and no scalar work is left between the integer products. */
+   bytes), the group loop unrolls and no scalar work is left between the integer products:
+   the scale products are formed 16 groups at a time, and each group's is then a broadcast
+   operand of its multiply-add. */
 static inline float groups_dot_q8(const int8_t *w, const float *w_scales,
                                   const QuantizedVector *x, int n_groups, int gs, int bytes) {
-    const float *x_scales = x->scales;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    int g = 0;
-    for (; g + 2 <= n_groups; g += 2) {
-        __m512i s0 = group_sums(w, x, g, gs, bytes);
-        __m512i s1 = group_sums(w, x, g + 1, gs, bytes);
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(w_scales[g] * x_scales[g]),
-                               acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1),
-                               _mm512_set1_ps(w_scales[g + 1] * x_scales[g + 1]), acc1);
-    }
-    if (g < n_groups) {
-        __m512i s0 = group_sums(w, x, g, gs, bytes);
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(w_scales[g] * x_scales[g]),
-                               acc0);
+    float scales[16];
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int n = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        __mmask16 m = lanes_before(0, n);
+        _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
+                                               _mm512_maskz_loadu_ps(m, x->scales + g0)));
+        int j = 0;
+        for (; j + 2 <= n; j += 2) {
+            __m512i s0 = group_sums(w, x, g0 + j, gs, bytes);
+            __m512i s1 = group_sums(w, x, g0 + j + 1, gs, bytes);
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(scales[j]), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(scales[j + 1]), acc1);
+        }
+        if (j < n)
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sums(w, x, g0 + j, gs, bytes)),
+                                   _mm512_set1_ps(scales[j]), acc0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
