@@ -457,8 +457,10 @@ static void test_kernels(void) {
     free_scratch(&s);
     test_attention(32, 8, 64, 0, 1);      /* Llama 3.2 1B: one token */
     test_attention(32, 8, 64, 300, 1);    /* ... decoding with a ragged last key tile */
-    test_attention(32, 8, 64, 37, 64);    /* ... a prompt block: rows of two tokens per pass */
-    test_attention(4, 1, 128, 20, 7);     /* 128 dimensions: two passes of 64 */
+    test_attention(32, 8, 64, 37, 64);    /* ... a prompt block: rows of four tokens per pass */
+    test_attention(32, 8, 64, 290, 3);    /* ... 12 rows (tiles of 8 and 4), values in chunks */
+    test_attention(6, 1, 64, 270, 2);     /* GQA 6:1: a tile of 8 rows spans two tokens */
+    test_attention(4, 1, 128, 20, 7);     /* 128 dimensions: several passes over the values */
     test_attention(4, 2, 16, 50, 9);      /* narrow heads, GQA 2:1: the plain loops */
     test_attention(3, 3, 40, 17, 5);      /* no GQA, 40 dimensions: 3 rows of 3 tokens */
     test_exp();
