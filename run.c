@@ -811,8 +811,12 @@ static int same_input(const Product *products, int count) {
    quantizes it, bf16 reorders it). Rows are independent: each matrix's rows are split over
    threads, every matrix inside one parallel region with no barrier between them, so that q, k
    and v (or gate and up) cost the threads one meeting instead of three (or two).
-   (Each thread streams whole consecutive rows. Interleaving two rows per step, to share the
-   activation loads, measured a third slower here: two streams per core defeat the prefetcher.) */
+   (Each thread streams runs of consecutive rows: guided scheduling hands out long runs first
+   and short ones at the end, so that a thread slowed by its share of memory does not leave
+   the other waiting at the barrier, 6-7% of decode time with equal halves. q8_0 decode +7%,
+   -a fast +2-6%, bf16 within noise, in interleaved runs. Interleaving two rows per step, to
+   share the activation loads, measured a third slower: two streams per core defeat the
+   prefetcher.) */
 static void matmul_vector(const Product *products, int count, const float *x, MatmulScratch *s) {
     if (!same_input(products, count)) {
         for (int i = 0; i < count; i++) matmul_vector(products + i, 1, x, s);
@@ -835,7 +839,7 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
         const Matrix *w = products[i].w;
         float *out = products[i].out;
 #if defined _OPENMP
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(guided) nowait
 #endif
         for (int r = 0; r < w->rows; r++) out[r] = row_dot(w, r, x, s);
     }
