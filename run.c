@@ -265,11 +265,47 @@ static const char *validate_model(const unsigned char *data, size_t size, Config
 typedef struct {
     Config config;
     Weights weights;
-    unsigned char *mapping;
+    unsigned char *mapping;  /* the whole file: mapped, or read into memory (-w read) */
     size_t mapping_size;
+    int read_into_memory;
 } Model;
 
-static void load_model(const char *path, Model *m) {
+/* -w read: the file read into memory instead of mapped. Decoding then streams anonymous
+   pages, which this machine reads faster than the page cache's mapped ones (a 2-thread reader
+   over the q8_0 1B file: 33 GB/s against 29), at the cost of reading the whole file before
+   the first token and of a second copy beside the page cache's. */
+static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
+    size_t rounded = (size + 4095) / 4096 * 4096;  /* aligned_alloc wants a multiple */
+    unsigned char *buf = aligned_alloc(4096, rounded);
+    if (!buf) die("model file %s: no memory to read its %zu bytes into (try -w map)", path, size);
+    /* 64 MB pieces, read by all threads: the copy out of the page cache and the kernel's
+       zeroing of fresh pages both take time per byte */
+    size_t piece = (size_t)64 << 20, n_pieces = (size + piece - 1) / piece;
+    int error = 0, ended = 0;
+#if defined _OPENMP
+#pragma omp parallel for schedule(dynamic)
+#endif
+    for (size_t i = 0; i < n_pieces; i++) {
+        size_t done = i * piece, end = done + piece < size ? done + piece : size;
+        while (done < end) {
+            ssize_t got = pread(fd, buf + done, end - done, (off_t)done);
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) {
+#if defined _OPENMP
+#pragma omp critical
+#endif
+                { if (got < 0) error = errno; else ended = 1; }
+                break;
+            }
+            done += (size_t)got;
+        }
+    }
+    if (error) die("cannot read model file %s: %s", path, strerror(error));
+    if (ended) die("model file %s: ended before its %zu bytes were read", path, size);
+    return buf;
+}
+
+static void load_model(const char *path, Model *m, int read_into_memory) {
     int fd = open(path, O_RDONLY | O_NONBLOCK);  /* a FIFO must not block: refused below */
     if (fd < 0) die("cannot open model file %s: %s", path, strerror(errno));
     struct stat st;
@@ -278,10 +314,16 @@ static void load_model(const char *path, Model *m) {
     if (st.st_size < HEADER_BYTES)
         die("model file %s: file is shorter than the 256-byte header", path);
     m->mapping_size = (size_t)st.st_size;
-    void *map = mmap(NULL, m->mapping_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) die("cannot map model file %s: %s", path, strerror(errno));
-    m->mapping = map;
+    m->read_into_memory = read_into_memory;
+    if (read_into_memory) {
+        m->mapping = read_whole_file(fd, m->mapping_size, path);
+        close(fd);
+    } else {
+        void *map = mmap(NULL, m->mapping_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        close(fd);
+        if (map == MAP_FAILED) die("cannot map model file %s: %s", path, strerror(errno));
+        m->mapping = map;
+    }
     char msg[160];
     const char *problem = validate_model(m->mapping, m->mapping_size, &m->config, msg, sizeof msg);
     if (problem) die("model file %s: %s", path, problem);
@@ -291,7 +333,8 @@ static void load_model(const char *path, Model *m) {
 
 static void free_model(Model *m) {
     free(m->weights.layers);
-    if (m->mapping) munmap(m->mapping, m->mapping_size);
+    if (m->mapping && m->read_into_memory) free(m->mapping);
+    else if (m->mapping) munmap(m->mapping, m->mapping_size);
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -2249,7 +2292,10 @@ static void print_usage(void) {
         "  -a <mode>    activations in the matmuls: exact (default: float32, int16 for q8_0)\n"
         "               or fast: rounded as llama.cpp does, to bf16 for bf16 weights and to\n"
         "               int8 for q8_0 (groups of 64): prompts ~1.6-1.8x faster on CPUs with\n"
-        "               AVX512-BF16 / VNNI, logits a few 1e-2 off; elsewhere the same as exact\n");
+        "               AVX512-BF16 / VNNI, logits a few 1e-2 off; elsewhere the same as exact\n"
+        "  -w <how>     the weights: map (default: memory-map the file) or read: read it into\n"
+        "               memory first, which takes longer to start (~0.5 s per GB) and then\n"
+        "               decodes ~10%% faster (llama.cpp's --no-mmap)\n");
 }
 
 /* A command-line mistake: the error line, then the usage text, then exit 1. */
@@ -2315,6 +2361,7 @@ typedef struct {
     long steps, context, threads;
     int print_ids, stop_at_end;
     int fast;  /* -a fast */
+    int read_weights;  /* -w read */
 } Options;
 
 static void parse_options(int argc, char **argv, Options *o) {
@@ -2346,6 +2393,11 @@ static void parse_options(int argc, char **argv, Options *o) {
                 usage_error("-a wants 'exact' or 'fast', got '%s'", v);
             o->fast = strcmp(v, "fast") == 0;
             break;
+        case 'w':
+            if (strcmp(v, "map") != 0 && strcmp(v, "read") != 0)
+                usage_error("-w wants 'map' or 'read', got '%s'", v);
+            o->read_weights = strcmp(v, "read") == 0;
+            break;
         case 'o':
             if (strcmp(v, "ids") != 0 && strcmp(v, "text") != 0)
                 usage_error("-o wants 'text' or 'ids', got '%s'", v);
@@ -2371,7 +2423,7 @@ int main(int argc, char **argv) {
     int chat_mode = strcmp(o.mode, "chat") == 0;
 
     Transformer tr = {0};
-    load_model(o.model_path, &tr.model);
+    load_model(o.model_path, &tr.model, o.read_weights);
     const Config *cfg = &tr.model.config;
     if (o.context > cfg->max_seq_len) o.context = cfg->max_seq_len;
 

@@ -1,7 +1,7 @@
 """Speed of ./runomp on a Llama-3.2-1B-shaped random checkpoint, per weight type.
 
     /usr/bin/python3 tests/bench.py [--rounds 3] [--threads 2] [--prompt 512] [--decode 128]
-                                    [--types fp32,bf16,q8_0,bf16:fast,q8_0:fast]
+                                    [--types fp32,bf16,q8_0,bf16:fast,q8_0:fast,...]
                                     [--long 4096 --long-types q8_0]
 
 Creates the checkpoint once (tests/make_checkpoint.py --preset llama32-1b) and exports it per
@@ -9,7 +9,8 @@ weight type, caching both under build/bench/. Then, in rounds that interleave th
 measures for each: decode tok/s (--decode tokens after a 1-token prompt), prompt tok/s (a
 --prompt-token prompt), time to first token of that prompt (process start to the first id on
 stdout, loading included) and peak RSS (the mapped weights count: they are file pages).
-TYPE:fast runs the TYPE model with -a fast (llama.cpp's activation rounding).
+TYPE:fast runs the TYPE model with -a fast (llama.cpp's activation rounding), TYPE:read with
+-w read (the weights read into memory instead of mapped), TYPE:fast+read with both.
 
 Decoding reads every weight once per token, so its ceiling is bandwidth / bytes per token. The
 machine's read bandwidth drifts by itself (here between ~50 and ~73 GB/s, for seconds to tens of
@@ -99,6 +100,20 @@ def kv_cache_bytes(path, context):
     return 2 * n_layers * context * n_kv_heads * head_dim * 4
 
 
+def flags(variant):
+    """The engine flags of a variant: "q8_0:fast+read" -> -a fast -w read."""
+    table = {"fast": ("-a", "fast"), "read": ("-w", "read")}
+    options = variant.split(":")[1].split("+") if ":" in variant else []
+    for o in options:
+        if o not in table:
+            raise SystemExit(f"bench: unknown option {o!r} in {variant!r} (fast, read)")
+    return sum((table[o] for o in options), ())
+
+
+def label_of(variant):
+    return " ".join([variant.split(":")[0], *flags(variant)])
+
+
 def run_engine(binary, model, ids, n_new, threads, context=None, extra=()):
     """Runs runomp; returns (prompt tok/s, decode tok/s, seconds to first id, peak RSS MiB)."""
     warm(model)
@@ -126,8 +141,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--types", default="fp32,bf16,q8_0,bf16:fast,q8_0:fast",
-                    help="weight types; TYPE:fast runs that model with -a fast")
+    ap.add_argument("--types",
+                    default="fp32,bf16,q8_0,bf16:fast,q8_0:fast,bf16:read,q8_0:read,q8_0:fast+read",
+                    help="weight types; TYPE:fast runs that model with -a fast, TYPE:read with "
+                         "-w read, TYPE:fast+read with both")
     ap.add_argument("--binary", default=os.path.join(ROOT, "runomp"), help="engine to time")
     ap.add_argument("--long", type=int, default=0, help="also decode at this context length")
     ap.add_argument("--long-types", default="q8_0")
@@ -135,7 +152,7 @@ def main():
     types = a.types.split(",")
     long_types = a.long_types.split(",") if a.long else []
     base = {t: t.split(":")[0] for t in types + long_types}
-    extra = {t: ("-a", "fast") if t.endswith(":fast") else () for t in types + long_types}
+    extra = {t: flags(t) for t in types + long_types}
     models, bw = prepare(sorted(set(base.values())))
     rng = random.Random(0)
     prompt = [rng.randrange(128000) for _ in range(a.prompt)]
@@ -169,7 +186,7 @@ def main():
     for t in types:
         d = res[t]
         bpt = bytes_per_token(models[base[t]])
-        label = t.replace(":fast", " -a fast")
+        label = label_of(t)
         print(f"| {label} | {bpt / 1e9:.2f} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | "
               f"{med(d['bw']) * 1e9 / bpt:.1f} | {100 * med(d['frac']):.0f}% | {med(d['pp']):.1f} "
               f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
@@ -190,7 +207,7 @@ def long_context(a, models, bw, rng, base, extra):
         pp, tg, _, rss = run_engine(a.binary, model, ids, a.decode, a.threads, a.long, extra[t])
         after = bandwidth(bw, a.threads)
         expected = (os.path.getsize(model) + kv_cache_bytes(model, a.long)) / 2**20
-        print(f"| {t.replace(':fast', ' -a fast')} | {(before + after) / 2:.1f} | {tg:.1f} | {pp:.1f} | {rss:.0f} "
+        print(f"| {label_of(t)} | {(before + after) / 2:.1f} | {tg:.1f} | {pp:.1f} | {rss:.0f} "
               f"| {expected:.0f} |", flush=True)
 
 

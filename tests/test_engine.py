@@ -106,6 +106,22 @@ def test_meta_reference_bf16_fast():
     check_meta("ref31", "bf16", 5e-2, False, extra=("-a", "fast"))  # 2.7e-2 measured
 
 
+def test_weights_read_into_memory_match_the_map():
+    # -w read only changes where the weights live: the same logits to the bit, both binaries
+    folder = os.path.join(REFERENCE, "ref31")
+    ref = json.load(open(os.path.join(folder, "reference.json")))
+    vocab = ref["config"]["vocab_size"]
+    for dtype in ("fp32", "bf16", "q8_0"):
+        model = export(folder, dtype, group_size=32)
+        tokens = ref["prompts"][-1]["tokens"][:300]
+        for binary in ("run", "runomp"):
+            mapped = run_ids(model, tokens, 8, binary=binary, vocab=vocab)
+            read = run_ids(model, tokens, 8, ("-w", "read"), binary=binary, vocab=vocab)
+            assert mapped[0] == read[0], f"{dtype} {binary}: {mapped[0]} vs {read[0]}"
+            assert np.array_equal(mapped[1], read[1]), f"{dtype} {binary}: logits differ"
+    print("    fp32, bf16, q8_0 x run, runomp: ids and logits identical")
+
+
 def test_meta_reference_q8_0():
     check_meta("ref30", "q8_0", 1e-1, False)
     check_meta("ref31", "q8_0", 1e-1, False)

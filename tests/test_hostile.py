@@ -173,7 +173,8 @@ def test_malformed_model_files():
     for i, (name, data, needle) in enumerate(rows):
         path = write(f"bad-model-{i}.bin", data)
         expect("model", run_model(path), needle)
-    print(f"    {len(rows)} damaged model files")
+        expect("model", run_model(path, "-w", "read"), needle)  # read into memory, not mapped
+    print(f"    {len(rows)} damaged model files, mapped and read")
 
 
 def test_model_paths_and_vocab():
@@ -294,12 +295,13 @@ def test_command_line_errors():
         ([model, "-", "1"], "unexpected argument", True), ([model, "hello"], "unexpected argument", True),
         ([model, "-m", "poetry"], "-m", True), ([model, "-o", "xml"], "-o", True),
         ([model, "-a", "lossy"], "-a", True), ([model, "-a", ""], "-a", True),
+        ([model, "-w", "mmap"], "-w", True), ([model, "-w", ""], "-w", True),
         ([model, "-i", "a", "-I", "1"], "not both", True), ([model, "-m", "chat", "-I", "1"], "-I", True),
         ([model, "-y", "be nice"], "-y", True),
         ([os.path.join(WORK, "missing.bin")], "cannot open", False), ([WORK], "not a regular file", False),
         ([model, "-i", "hi", "-L", os.path.join(WORK, "no-dir", "x.f32")], "cannot create", False),
     ]
-    for flag in "iImytpsnczLTeo":  # every flag given without its value
+    for flag in "iImytpsnczLTeoaw":  # every flag given without its value
         cases.append(([model, "-" + flag], "needs a value", True))
     bad_numbers = {"-t": ["-1", "-0.001", "nan", "inf", "abc", "", "1x", "101"],
                    "-p": ["-0.1", "1.01", "nan", "2", "x"],

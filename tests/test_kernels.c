@@ -469,7 +469,7 @@ static void test_kernels(void) {
 /* The prompt path against decoding: n tokens as blocks (all logits) vs one at a time. */
 static void test_model(const char *path, int n) {
     Transformer tr = {0};
-    load_model(path, &tr.model);
+    load_model(path, &tr.model, 0);
     const Config *cfg = &tr.model.config;
     int vocab = cfg->vocab_size;
     alloc_state(&tr.state, cfg, n);
