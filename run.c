@@ -12,7 +12,8 @@
    The model file is written by export.py; its layout is documented in README.md ("File
    formats") and mirrored by the loader below. The tokenizer lives in tokenizer.c. */
 
-#define _POSIX_C_SOURCE 200809L  /* mmap, getline, clock_gettime */
+#define _POSIX_C_SOURCE 200809L  /* mmap, pread, getline, clock_gettime */
+#define _DEFAULT_SOURCE          /* madvise (a Linux hint for -w read) */
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -272,12 +273,18 @@ typedef struct {
 
 /* -w read: the file read into memory instead of mapped. Decoding then streams anonymous
    pages, which this machine reads faster than the page cache's mapped ones (a 2-thread reader
-   over the q8_0 1B file: 33 GB/s against 29), at the cost of reading the whole file before
-   the first token and of a second copy beside the page cache's. */
+   over the q8_0 1B file: 29 GB/s mapped, 33 read into 4 KB pages, 34.5 into 2 MB pages), at
+   the cost of reading the whole file before the first token and of a second copy beside the
+   page cache's. */
 static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
-    size_t rounded = (size + 4095) / 4096 * 4096;  /* aligned_alloc wants a multiple */
-    unsigned char *buf = aligned_alloc(4096, rounded);
+    size_t huge_page = (size_t)2 << 20, rounded = (size + huge_page - 1) / huge_page * huge_page;
+    unsigned char *buf = aligned_alloc(huge_page, rounded);
     if (!buf) die("model file %s: no memory to read its %zu bytes into (try -w map)", path, size);
+#if defined MADV_HUGEPAGE
+    /* a hint (Linux): 2 MB pages where the kernel has them, another 2-11% on q8_0 decoding
+       (5 of 5 interleaved pairs) for 0.2-0.4 s more reading */
+    madvise(buf, rounded, MADV_HUGEPAGE);
+#endif
     /* 64 MB pieces, read by all threads: the copy out of the page cache and the kernel's
        zeroing of fresh pages both take time per byte */
     size_t piece = (size_t)64 << 20, n_pieces = (size + piece - 1) / piece;
