@@ -17,7 +17,8 @@ machine's read bandwidth drifts by itself (here between ~50 and ~73 GB/s, for se
 minutes), so tests/bandwidth.c (compiled here with the engine's flags, same thread count) is run
 right before and after every decode timing (retried, up to 3 times, when the two differ by more
 than 10%: the state flipped during it), and the table shows decode against the mean of the two.
-Medians over the rounds.
+Medians over the rounds; when the readings span both bandwidth states, a second table gives each
+type's decode per state (a median of rounds in different states means little).
 
 With --long N, a second table (one round) decodes --decode tokens after a prompt that fills the
 context to N (-c N): attention then reads a long KV cache on every token. It shows peak RSS against
@@ -190,8 +191,39 @@ def main():
         print(f"| {label} | {bpt / 1e9:.2f} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | "
               f"{med(d['bw']) * 1e9 / bpt:.1f} | {100 * med(d['frac']):.0f}% | {med(d['pp']):.1f} "
               f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
+    by_state(res, types)
     if a.long:
         long_context(a, models, bw, rng, base, extra)
+
+
+def by_state(res, types):
+    """Decode per bandwidth state: medians of rounds taken in different states mix them, so
+    when the readings span two (the highest 1.3x the lowest or more), the rounds are split at
+    the midpoint and each side shown as a range."""
+    readings = [g for t in types for g in res[t]["bw"]]
+    low, high = min(readings), max(readings)
+    if high < 1.3 * low:
+        return
+    cut = (low + high) / 2
+    print(f"\ndecode by bandwidth state (readings {low:.1f}-{high:.1f} GB/s, split at {cut:.1f})")
+    print("| type | high: GB/s | decode tok/s | of limit | low: GB/s | decode tok/s | of limit |")
+    print("|---|---|---|---|---|---|---|")
+
+    def span(values, scale=1.0, digits=1):
+        if not values:
+            return "-"
+        lo, hi = min(values) * scale, max(values) * scale
+        return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else \
+            f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+    for t in types:
+        d = res[t]
+        cells = []
+        for side in (lambda g: g >= cut, lambda g: g < cut):
+            rounds = [i for i, g in enumerate(d["bw"]) if side(g)]
+            cells += [span([d["bw"][i] for i in rounds]), span([d["tg"][i] for i in rounds]),
+                      span([d["frac"][i] for i in rounds], 100, 0) + ("%" if rounds else "")]
+        print(f"| {label_of(t)} | " + " | ".join(cells) + " |")
 
 
 def long_context(a, models, bw, rng, base, extra):
