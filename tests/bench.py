@@ -13,7 +13,7 @@ TYPE:fast runs the TYPE model with -a fast (llama.cpp's activation rounding), TY
 -w read (the weights read into memory instead of mapped), TYPE:fast+read with both.
 
 Decoding reads every weight once per token, so its ceiling is bandwidth / bytes per token. The
-machine's read bandwidth drifts by itself (here between ~50 and ~73 GB/s, for seconds to tens of
+machine's read bandwidth drifts by itself (here between ~36 and ~61 GB/s, for seconds to tens of
 minutes), so tests/bandwidth.c (compiled here with the engine's flags, same thread count) is run
 right before and after every decode timing (retried, up to 3 times, when the two differ by more
 than 10%: the state flipped during it), and the table shows decode against the mean of the two.
