@@ -370,6 +370,33 @@ static double ulps(float got, double want) {
 }
 #endif
 
+/* quantize_group16 (AVX-512) against quantize_group (scalar), which must agree bit for bit:
+   ordinary groups at both q_max, and groups holding NaN, infinities, denormals, zeros, huge
+   values and exact halfway steps. Counts the groups whose scale or any value differ. */
+static void test_quantize_group(void) {
+#if defined __AVX512F__
+    int mismatches = 0, groups = 0;
+    const float specials[] = { NAN, INFINITY, -INFINITY, 1e-40f, -3e-39f, 0.0f, -0.0f, 3e38f,
+                               -3e38f, 0.5f, -2.5f, 127.5f };
+    for (int trial = 0; trial < 2000; trial++) {
+        int gs = trial % 3 == 0 ? 16 : trial % 3 == 1 ? 64 : 256;
+        float x[256], q_max = trial % 2 ? Q16_MAX : Q8_MAX;
+        float spread = trial % 7 == 0 ? 1e-39f : trial % 7 == 1 ? 1e30f : 1.0f;
+        for (int i = 0; i < gs; i++) x[i] = uniform() * spread;
+        if (trial % 5 == 0) x[trial % gs] = specials[trial % 12];
+        if (trial % 11 == 0) for (int i = 0; i < gs; i++) x[i] = (float)(i % 9) - 4.0f;
+        int16_t a[256], b[256];
+        float sa = quantize_group(a, x, gs, q_max), sb = quantize_group16(b, x, gs, q_max);
+        groups++;
+        if (memcmp(&sa, &sb, sizeof sa) != 0 || memcmp(a, b, (size_t)gs * sizeof(int16_t)) != 0)
+            mismatches++;
+    }
+    char name[80];
+    snprintf(name, sizeof name, "quantize_group16 = scalar, %d groups (mismatches)", groups);
+    check(name, mismatches, 0.0);
+#endif
+}
+
 static void test_exp(void) {
 #if defined __AVX512F__
     double worst = 0.0;
@@ -464,6 +491,7 @@ static void test_kernels(void) {
     test_attention(4, 2, 16, 50, 9);      /* narrow heads, GQA 2:1: the plain loops */
     test_attention(3, 3, 40, 17, 5);      /* no GQA, 40 dimensions: 3 rows of 3 tokens */
     test_exp();
+    test_quantize_group();
 }
 
 /* The prompt path against decoding: n tokens as blocks (all logits) vs one at a time. */
