@@ -476,6 +476,36 @@ static float dot_bf16(const uint16_t *w, const float *x, const float *x_pairs, i
     return sum;
 }
 
+#if defined __AVX512F__
+/* dot_bf16 for WIDE_ROWS rows at once (row stride `stride` values, n a multiple of 32), for
+   rows so wide that x_pairs does not stay in L1 beside the streaming weights (8192 floats
+   fill it): one row at a time then reloads all of x from L2 per row, and 8192-wide rows
+   streamed at 27 GB/s where 2048-wide ones reached the 62 GB/s of the high state (2 threads).
+   Each x load here serves 8 rows: 51 GB/s. Only the first nr rows are real; the others repeat
+   row nr - 1, and their sums go unused. */
+#define WIDE_COLS 4096
+#define WIDE_ROWS 8
+static void dot_bf16_rows(float *out, const uint16_t *w, size_t stride, const float *x_pairs,
+                          int n, int nr) {
+    const uint16_t *row[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) row[r] = w + (size_t)(r < nr ? r : nr - 1) * stride;
+    __m512 even[WIDE_ROWS], odd[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) even[r] = odd[r] = _mm512_setzero_ps();
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (int i = 0; i < n; i += 32) {
+        __m512 x_even = _mm512_loadu_ps(x_pairs + i), x_odd = _mm512_loadu_ps(x_pairs + i + 16);
+        for (int r = 0; r < WIDE_ROWS; r++) {
+            __m512i p = _mm512_loadu_si512((const void *)(row[r] + i));
+            even[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p, 16)), x_even,
+                                      even[r]);
+            odd[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p, high)), x_odd,
+                                     odd[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
+}
+#endif
+
 /* Fast activations (-a fast) for bf16 weights, with AVX512-BF16: x is rounded to bf16 as well
    (round to nearest even), so that one vdpbf16ps makes 32 multiply-adds (two exact products
    per float lane) where an FMA makes 16. That rounding, not the products, is the cost: about
@@ -860,6 +890,14 @@ static int fast_bf16(const Matrix *w, const MatmulScratch *s) {
 }
 #endif
 
+#if defined __AVX512F__
+/* Whether decoding takes a bf16 matrix WIDE_ROWS rows at a time (dot_bf16_rows). */
+static int wide_bf16(const Matrix *w, const MatmulScratch *s) {
+    return w->type == WEIGHT_BF16 && !fast_bf16(w, s) && w->cols >= WIDE_COLS &&
+           w->cols % 32 == 0;
+}
+#endif
+
 /* Row r of w against x (in the form that w's type reads: see matmul_vector). */
 static float row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
     size_t row_start = (size_t)r * (size_t)w->cols;
@@ -922,6 +960,21 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
     for (int i = 0; i < count; i++) {
         const Matrix *w = products[i].w;
         float *out = products[i].out;
+#if defined __AVX512F__
+        if (wide_bf16(w, s)) {  /* the same, WIDE_ROWS rows per step */
+            int steps = (w->rows + WIDE_ROWS - 1) / WIDE_ROWS;
+#if defined _OPENMP
+#pragma omp for schedule(guided) nowait
+#endif
+            for (int i = 0; i < steps; i++) {
+                int r0 = i * WIDE_ROWS;
+                dot_bf16_rows(out + r0, (const uint16_t *)w->data + (size_t)r0 * w->cols,
+                              (size_t)w->cols, s->x_pairs, w->cols,
+                              w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS);
+            }
+            continue;
+        }
+#endif
 #if defined _OPENMP
 #pragma omp for schedule(guided) nowait
 #endif

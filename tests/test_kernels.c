@@ -468,6 +468,13 @@ static void test_kernels(void) {
         test_matmul(types[i], 64, 515, 33, &s);    /* odd width: bf16 rows widened, not paired */
     }
     test_matmul_many(&s);
+    {   /* bf16 rows wide enough for dot_bf16_rows: whole steps of 8 rows, and a ragged one */
+        MatmulScratch wide;
+        alloc_scratch(&wide, 8192, 1);
+        test_matmul(WEIGHT_BF16, 16, 8192, 1, &wide);
+        test_matmul(WEIGHT_BF16, 21, 4128, 1, &wide);
+        free_scratch(&wide);
+    }
 #if FAST_BF16
     test_matmul_fast(WEIGHT_BF16, 64, 256, 1, &s);
     test_matmul_fast(WEIGHT_BF16, 40, 100, 1, &s);     /* a ragged tail of 4 */
