@@ -504,6 +504,23 @@ static void dot_bf16_rows(float *out, const uint16_t *w, size_t stride, const fl
     }
     for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
 }
+
+/* The same for fp32 rows (8192-wide: 32 KB of weights and 32 KB of x per row). */
+static void dot_fp32_rows(float *out, const float *w, size_t stride, const float *x, int n,
+                          int nr) {
+    const float *row[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) row[r] = w + (size_t)(r < nr ? r : nr - 1) * stride;
+    __m512 a0[WIDE_ROWS], a1[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        for (int r = 0; r < WIDE_ROWS; r++) {
+            a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(row[r] + i), x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(row[r] + i + 16), x1, a1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
 #endif
 
 /* Fast activations (-a fast) for bf16 weights, with AVX512-BF16: x is rounded to bf16 as well
@@ -891,10 +908,10 @@ static int fast_bf16(const Matrix *w, const MatmulScratch *s) {
 #endif
 
 #if defined __AVX512F__
-/* Whether decoding takes a bf16 matrix WIDE_ROWS rows at a time (dot_bf16_rows). */
-static int wide_bf16(const Matrix *w, const MatmulScratch *s) {
-    return w->type == WEIGHT_BF16 && !fast_bf16(w, s) && w->cols >= WIDE_COLS &&
-           w->cols % 32 == 0;
+/* Whether decoding takes a matrix WIDE_ROWS rows at a time (dot_bf16_rows, dot_fp32_rows). */
+static int wide_rows(const Matrix *w, const MatmulScratch *s) {
+    int float_x = w->type == WEIGHT_FP32 || (w->type == WEIGHT_BF16 && !fast_bf16(w, s));
+    return float_x && w->cols >= WIDE_COLS && w->cols % 32 == 0;
 }
 #endif
 
@@ -961,16 +978,20 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
         const Matrix *w = products[i].w;
         float *out = products[i].out;
 #if defined __AVX512F__
-        if (wide_bf16(w, s)) {  /* the same, WIDE_ROWS rows per step */
+        if (wide_rows(w, s)) {  /* the same, WIDE_ROWS rows per step */
             int steps = (w->rows + WIDE_ROWS - 1) / WIDE_ROWS;
 #if defined _OPENMP
 #pragma omp for schedule(guided) nowait
 #endif
             for (int i = 0; i < steps; i++) {
-                int r0 = i * WIDE_ROWS;
-                dot_bf16_rows(out + r0, (const uint16_t *)w->data + (size_t)r0 * w->cols,
-                              (size_t)w->cols, s->x_pairs, w->cols,
-                              w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS);
+                int r0 = i * WIDE_ROWS, nr = w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS;
+                size_t first = (size_t)r0 * (size_t)w->cols;
+                if (w->type == WEIGHT_FP32)
+                    dot_fp32_rows(out + r0, (const float *)w->data + first, (size_t)w->cols, x,
+                                  w->cols, nr);
+                else
+                    dot_bf16_rows(out + r0, (const uint16_t *)w->data + first, (size_t)w->cols,
+                                  s->x_pairs, w->cols, nr);
             }
             continue;
         }

@@ -468,11 +468,13 @@ static void test_kernels(void) {
         test_matmul(types[i], 64, 515, 33, &s);    /* odd width: bf16 rows widened, not paired */
     }
     test_matmul_many(&s);
-    {   /* bf16 rows wide enough for dot_bf16_rows: whole steps of 8 rows, and a ragged one */
+    {   /* rows wide enough for dot_fp32_rows / dot_bf16_rows: whole steps of 8, a ragged one */
         MatmulScratch wide;
         alloc_scratch(&wide, 8192, 1);
-        test_matmul(WEIGHT_BF16, 16, 8192, 1, &wide);
-        test_matmul(WEIGHT_BF16, 21, 4128, 1, &wide);
+        for (int type = WEIGHT_FP32; type <= WEIGHT_BF16; type++) {
+            test_matmul(type, 16, 8192, 1, &wide);
+            test_matmul(type, 21, 4128, 1, &wide);
+        }
         free_scratch(&wide);
     }
 #if FAST_BF16
