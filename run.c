@@ -2410,7 +2410,7 @@ static void print_usage(void) {
         "               AVX512-BF16 / VNNI, logits a few 1e-2 off; elsewhere the same as exact\n"
         "  -w <how>     the weights: map (default: memory-map the file) or read: read it into\n"
         "               memory first, which takes longer to start (~0.5 s per GB) and then\n"
-        "               decodes 10-45%% faster here (llama.cpp's --no-mmap)\n");
+        "               decodes 10-55%% faster here (llama.cpp's --no-mmap)\n");
 }
 
 /* A command-line mistake: the error line, then the usage text, then exit 1. */
