@@ -849,6 +849,7 @@ static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
     int n_strips = (max_tokens + STRIP - 1) / STRIP;
     s->max_cols = max_cols;
     s->max_tokens = max_tokens;
+    s->fast = 0;  /* exact until the caller asks for -a fast */
     s->strips = checked_calloc((size_t)n_strips * STRIP * (size_t)max_cols, sizeof(float),
                                "matmul scratch");
     s->n_threads = max_threads();

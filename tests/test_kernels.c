@@ -312,7 +312,7 @@ static void test_attention(int n_heads, int n_kv_heads, int head_dim, int pos, i
     Config cfg = { .dim = 64, .hidden_dim = 64, .n_layers = 1, .n_heads = n_heads,
                    .n_kv_heads = n_kv_heads, .head_dim = head_dim, .vocab_size = 8,
                    .max_seq_len = pos + n, .rope_theta = 10000.0f, .norm_eps = 1e-5f };
-    RunState s;
+    RunState s = {0};
     int seq_len = pos + n, kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
     int group = n_heads / n_kv_heads;
     alloc_state(&s, &cfg, seq_len);
@@ -454,7 +454,7 @@ static void test_kernels(void) {
     for (int i = 0; i < 4; i++) test_dots(sizes[i], 64);
     test_dots(96, 32);
     test_dots(2048, 128);
-    MatmulScratch s;
+    MatmulScratch s = {0};
     alloc_scratch(&s, 1536, 64);
     int types[] = { WEIGHT_FP32, WEIGHT_BF16, WEIGHT_Q8_0 };
     for (int i = 0; i < 3; i++) {
@@ -469,7 +469,7 @@ static void test_kernels(void) {
     }
     test_matmul_many(&s);
     {   /* rows wide enough for dot_fp32_rows / dot_bf16_rows: whole steps of 8, a ragged one */
-        MatmulScratch wide;
+        MatmulScratch wide = {0};
         alloc_scratch(&wide, 8192, 1);
         for (int type = WEIGHT_FP32; type <= WEIGHT_BF16; type++) {
             test_matmul(type, 16, 8192, 1, &wide);
