@@ -955,8 +955,9 @@ static int same_input(const Product *products, int count) {
    and short ones at the end, so that a thread slowed by its share of memory does not leave
    the other waiting at the barrier, 6-7% of decode time with equal halves. q8_0 decode +7%,
    -a fast +2-6%, bf16 within noise, in interleaved runs. Interleaving two rows per step, to
-   share the activation loads, measured a third slower: two streams per core defeat the
-   prefetcher.) */
+   share the activation loads, measured a third slower at 2048 columns: two streams per core
+   defeat the prefetcher. Rows 4096+ wide are the exception: there x itself no longer stays in
+   L1, and fp32/bf16 take WIDE_ROWS rows per step, see dot_bf16_rows.) */
 static void matmul_vector(const Product *products, int count, const float *x, MatmulScratch *s) {
     if (!same_input(products, count)) {
         for (int i = 0; i < count; i++) matmul_vector(products + i, 1, x, s);
@@ -984,8 +985,8 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
 #if defined _OPENMP
 #pragma omp for schedule(guided) nowait
 #endif
-            for (int i = 0; i < steps; i++) {
-                int r0 = i * WIDE_ROWS, nr = w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS;
+            for (int step = 0; step < steps; step++) {
+                int r0 = step * WIDE_ROWS, nr = w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS;
                 size_t first = (size_t)r0 * (size_t)w->cols;
                 if (w->type == WEIGHT_FP32)
                     dot_fp32_rows(out + r0, (const float *)w->data + first, (size_t)w->cols, x,
