@@ -43,6 +43,7 @@ MAGIC_TOKENIZER = b"L3TK"
 FORMAT_VERSION = 1
 HEADER_BYTES = 256
 ALIGN = 64
+WRITE_PIECE = 2 << 20  # bytes per write(): see OutputFile
 WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "q8_0": 2}
 MAX_EOS = 8
 DEFAULT_GROUP_SIZE = 64
@@ -471,18 +472,38 @@ def quantize_q8_0(x, group_size):
 
 
 class OutputFile:
-    """Writes the model file, padding each tensor to a 64-byte boundary."""
+    """Writes the model file, padding each tensor to a 64-byte boundary. The bytes reach the
+    file in whole pieces of WRITE_PIECE at offsets that are multiples of it: Linux then keeps
+    the fresh file in its page cache as 2 MB folios, which run.c's mapping gets as 2 MB pages.
+    Writes at odd offsets leave 4 KB folios until the kernel drops the file and reads it back:
+    the 1B q8_0 file then decoded 31.5-33.8 tok/s mapped against 36.7-37.6 (70 GB/s)."""
 
     def __init__(self, f):
         self.f = f
+        self.pending = bytearray()
+        self.size = 0
 
     def align(self):
-        pad = -self.f.tell() % ALIGN
+        pad = -self.size % ALIGN
         if pad:
-            self.f.write(bytes(pad))
+            self.write(bytes(pad))
 
-    def write(self, array):
-        self.f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    def write(self, data):
+        if isinstance(data, np.ndarray):
+            data = np.ascontiguousarray(data)
+        data = memoryview(data).cast("B")  # len() in bytes, whatever the element type
+        self.pending += data
+        self.size += len(data)
+        whole = len(self.pending) // WRITE_PIECE * WRITE_PIECE
+        if whole:
+            with memoryview(self.pending) as view:
+                self.f.write(view[:whole])
+            del self.pending[:whole]
+
+    def finish(self):
+        self.f.write(self.pending)
+        self.pending = bytearray()
+        return self.size
 
 
 def chunks(shape):
@@ -552,12 +573,12 @@ def write_model(path, ckpt, c, plan, weight_type, group_size):
     code = WEIGHT_TYPES[weight_type]
     with open(path, "wb") as f:
         out = OutputFile(f)
-        f.write(pack_header(c, code, group_size if weight_type == "q8_0" else 0))
+        out.write(pack_header(c, code, group_size if weight_type == "q8_0" else 0))
         for i, (name, shape, is_matrix) in enumerate(plan):
             dtype, _ = ckpt.info(name)
             what = write_tensor(out, ckpt, name, shape, is_matrix, weight_type, group_size)
             note(f"[{i + 1:4d}/{len(plan)}] {name:48s} {dtype:4s} {list(shape)} -> {what}")
-        size = f.tell()
+        size = out.finish()
     if size != expected_size(plan, weight_type, group_size):
         raise ExportError(f"internal error: wrote {size} bytes, expected "
                           f"{expected_size(plan, weight_type, group_size)}")

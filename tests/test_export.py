@@ -262,6 +262,36 @@ def test_progress_and_no_leftovers():
     assert os.listdir(out_dir) == ["m.bin"], os.listdir(out_dir)
 
 
+def test_output_reaches_the_file_in_aligned_pieces():
+    """OutputFile hands the file whole WRITE_PIECE pieces at multiples of it (Linux then
+    caches it in 2 MB folios, see export.py), the tail last, and the bytes unchanged."""
+    module = export_module()
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+
+    piece = module.WRITE_PIECE
+    rng = np.random.default_rng(7)
+    parts = [b"header" * 40, rng.integers(0, 256, 3 * piece + 12345, dtype=np.uint8),
+             np.arange(1000, dtype=np.float32), rng.integers(0, 256, piece - 7, dtype=np.uint8)]
+    f = Recorder()
+    out = module.OutputFile(f)
+    expected = b""
+    for part in parts:
+        out.write(part)
+        expected += bytes(part) if isinstance(part, bytes) else part.tobytes()
+        out.align()
+        expected += bytes(-len(expected) % module.ALIGN)
+    assert out.finish() == len(expected)
+    assert b"".join(f.writes) == expected
+    assert all(len(w) % piece == 0 and w for w in f.writes[:-1]), [len(w) for w in f.writes]
+    assert 0 < len(f.writes[-1]) < piece, len(f.writes[-1])
+
+
 def test_help_documents_every_option():
     text = export(["--help"]).stdout.decode()
     for option in ("--hf", "--dtype", "--group-size", "--tokenizer-out", "--no-tokenizer",
