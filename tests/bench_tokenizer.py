@@ -13,6 +13,7 @@ measures inside the process: tokenizer_load, and the tokenizer_encode call alone
 import argparse
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def main(argv):
           f"(median of {args.runs}: {ms:.0f} ms)")
     print(f"load: {statistics.median(loads):.1f} ms (median of {args.loads} loads of "
           f"{os.path.getsize(tok)} bytes)")
+    shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: paths, running the built programs, temporary folders."""
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -23,6 +24,19 @@ def run(args, input=None, timeout=600, check=True):
     return proc
 
 
+SCRATCH = []  # the folders scratch() made in this process
+
+
 def scratch(prefix):
-    """A fresh temporary folder for one test (left for inspection under /tmp)."""
-    return tempfile.mkdtemp(prefix="llama3c-" + prefix + "-")
+    """A fresh temporary folder for one test. tests/run_tests.py removes it after a run in which
+    every test passed, and leaves it under /tmp for inspection when one failed."""
+    folder = tempfile.mkdtemp(prefix="llama3c-" + prefix + "-")
+    SCRATCH.append(folder)
+    return folder
+
+
+def remove_scratch():
+    """Removes the folders scratch() made (a run leaves ~250 MB of models and files there)."""
+    for folder in SCRATCH:
+        shutil.rmtree(folder, ignore_errors=True)
+    SCRATCH.clear()

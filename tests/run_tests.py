@@ -11,6 +11,8 @@ import sys
 import time
 import traceback
 
+import common  # the tests' helpers: scratch() lists the folders they made
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -46,6 +48,10 @@ def main(argv):
             passed += 1
             print(f"pass {name} ({time.time() - start:.1f}s)")
         sys.stdout.flush()
+    if failed:
+        print(f"scratch folders kept for inspection: {' '.join(common.SCRATCH)}")
+    else:
+        common.remove_scratch()
     print(f"{passed} passed, {failed} failed")
     return 1 if failed or not passed else 0
 
