@@ -20,7 +20,11 @@ than 10%: the state flipped during it), and the table shows decode against the m
 Medians over the rounds; when the readings span both bandwidth states, a second table gives each
 type's decode per state (a median of rounds in different states means little).
 
-With --long N, a second table (one round) decodes --decode tokens after a prompt that fills the
+Prompt processing reuses each weight across the prompt's tokens, so its ceiling is arithmetic:
+tests/peak.c (compiled the same way) times the multiply-add instruction each variant's prompt
+kernels are built on, and a last table shows prompt multiply-adds per second against it.
+
+With --long N, a further table (one round) decodes --decode tokens after a prompt that fills the
 context to N (-c N): attention then reads a long KV cache on every token. It shows peak RSS against
 the model file plus the KV cache that -c N allocates (float32 keys and values).
 """
@@ -58,11 +62,16 @@ def prepare(types):
             os.replace(path + ".part", path)
         drop_cached(path)
         models[t] = path
-    bw = os.path.join(BENCH, "bandwidth")
-    src = os.path.join(ROOT, "tests", "bandwidth.c")
-    if not os.path.exists(bw) or os.path.getmtime(bw) < os.path.getmtime(src):
-        sh(["cc", "-std=c11", "-O3", "-march=native", "-fopenmp", "-o", bw, src])
-    return models, bw
+    return models, build_tool("bandwidth"), build_tool("peak")
+
+
+def build_tool(name):
+    """Compiles tests/NAME.c with the engine's flags into build/bench/NAME (when it changed)."""
+    exe = os.path.join(BENCH, name)
+    src = os.path.join(ROOT, "tests", name + ".c")
+    if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+        sh(["cc", "-std=c11", "-O3", "-march=native", "-fopenmp", "-o", exe, src])
+    return exe
 
 
 def bytes_per_token(path):
@@ -78,6 +87,38 @@ def bytes_per_token(path):
     per_value = {0: 4.0, 1: 2.0, 2: 1.0 + 4.0 / gs if gs else 1.0}[wtype]
     size = os.path.getsize(path)
     return size if tied else size - vocab * dim * per_value
+
+
+def header(path):
+    with open(path, "rb") as f:
+        h = f.read(256)
+    names = ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab")
+    return dict(zip(names, struct.unpack_from("<7i", h, 8)))
+
+
+def prompt_macs(path, n_prompt):
+    """Multiply-adds per prompt token: every layer's matrices, attention over (n_prompt + 1) / 2
+    positions on average (scores and values), and the classifier once for the whole prompt."""
+    c = header(path)
+    q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+    layer = 2 * c["dim"] * q + 2 * c["dim"] * kv + 3 * c["dim"] * c["hidden"]
+    attention = 2 * q * (n_prompt + 1) / 2
+    return c["n_layers"] * (layer + attention) + c["dim"] * c["vocab"] / n_prompt
+
+
+def instruction(variant):
+    """The multiply-add instruction that a variant's prompt kernels are built on (tests/peak.c
+    names): exact fp32 and bf16 widen to float32 FMAs, -a fast bf16 takes bf16 pairs, q8_0 int16
+    pairs and -a fast q8_0 int8 quads."""
+    fast = "-a" in flags(variant)
+    return {"fp32": "fp32_fma", "bf16": "bf16_pairs" if fast else "fp32_fma",
+            "q8_0": "int8_quads" if fast else "int16_pairs"}[variant.split(":")[0]]
+
+
+def peaks(peak, threads):
+    """G multiply-adds/s that each instruction reaches with nothing else to do (tests/peak.c)."""
+    out = subprocess.run([peak, str(threads)], check=True, capture_output=True, text=True).stdout
+    return {line.split()[0]: float(line.split()[2]) for line in out.splitlines()}
 
 
 def bandwidth(bw, threads):
@@ -164,7 +205,8 @@ def main():
     long_types = a.long_types.split(",") if a.long else []
     base = {t: t.split(":")[0] for t in types + long_types}
     extra = {t: flags(t) for t in types + long_types}
-    models, bw = prepare(sorted(set(base.values())))
+    models, bw, peak = prepare(sorted(set(base.values())))
+    ceilings = peaks(peak, a.threads)
     rng = random.Random(0)
     prompt = [rng.randrange(128000) for _ in range(a.prompt)]
     res = {t: {"pp": [], "tg": [], "ttft": [], "rss": [], "bw": [], "frac": []} for t in types}
@@ -202,6 +244,7 @@ def main():
               f"{med(d['bw']) * 1e9 / bpt:.1f} | {100 * med(d['frac']):.0f}% | {med(d['pp']):.1f} "
               f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
     by_state(res, types)
+    against_peak(res, types, models, base, ceilings, a.prompt)
     if a.long:
         long_context(a, models, bw, rng, base, extra)
 
@@ -234,6 +277,21 @@ def by_state(res, types):
             cells += [span([d["bw"][i] for i in rounds]), span([d["tg"][i] for i in rounds]),
                       span([d["frac"][i] for i in rounds], 100, 0) + ("%" if rounds else "")]
         print(f"| {label_of(t)} | " + " | ".join(cells) + " |")
+
+
+def against_peak(res, types, models, base, ceilings, n_prompt):
+    """Prompt speed against the arithmetic ceiling, as decode is shown against bandwidth."""
+    print(f"\nprompt against the multiply-add ceiling (tests/peak.c, measured at the start)")
+    print("| type | instruction | ceiling G MAC/s | M MAC/token | prompt tok/s | G MAC/s "
+          "| of ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    for t in types:
+        name, macs = instruction(t), prompt_macs(models[base[t]], n_prompt)
+        pp = statistics.median(res[t]["pp"])
+        if name not in ceilings:
+            continue
+        print(f"| {label_of(t)} | {name} | {ceilings[name]:.1f} | {macs / 1e6:.0f} | {pp:.1f} | "
+              f"{pp * macs / 1e9:.1f} | {100 * pp * macs / 1e9 / ceilings[name]:.0f}% |")
 
 
 def long_context(a, models, bw, rng, base, extra):
