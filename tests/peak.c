@@ -37,10 +37,12 @@ static volatile float seed[14] = {1.1f, 1e-9f, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
 /* strip_kernel and strip_kernel_bf16: vfmadd231ps; with -a fast, strip_kernel_fast: vdpbf16ps */
 static float float_dots(int bf16) {
     __m512 x = _mm512_set1_ps(seed[0]), y = _mm512_set1_ps(seed[1]);
-    __m512 a0 = _mm512_set1_ps(seed[2]), a1 = _mm512_set1_ps(seed[3]), a2 = _mm512_set1_ps(seed[4]),
-           a3 = _mm512_set1_ps(seed[5]), a4 = _mm512_set1_ps(seed[6]), a5 = _mm512_set1_ps(seed[7]),
-           a6 = _mm512_set1_ps(seed[8]), a7 = _mm512_set1_ps(seed[9]), a8 = _mm512_set1_ps(seed[10]),
-           a9 = _mm512_set1_ps(seed[11]), a10 = _mm512_set1_ps(seed[12]), a11 = _mm512_set1_ps(seed[13]);
+    __m512 a0 = _mm512_set1_ps(seed[2]), a1 = _mm512_set1_ps(seed[3]),
+           a2 = _mm512_set1_ps(seed[4]), a3 = _mm512_set1_ps(seed[5]),
+           a4 = _mm512_set1_ps(seed[6]), a5 = _mm512_set1_ps(seed[7]),
+           a6 = _mm512_set1_ps(seed[8]), a7 = _mm512_set1_ps(seed[9]),
+           a8 = _mm512_set1_ps(seed[10]), a9 = _mm512_set1_ps(seed[11]),
+           a10 = _mm512_set1_ps(seed[12]), a11 = _mm512_set1_ps(seed[13]);
     if (!bf16) {
         for (long i = 0; i < STEPS; i++) {
             a0 = _mm512_fmadd_ps(x, y, a0); a1 = _mm512_fmadd_ps(x, y, a1);
