@@ -1956,6 +1956,14 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
     for (int l = 0; l < cfg->n_layers; l++) {
         const Layer *layer = &w->layers[l];
         size_t layer_offset = (size_t)l * (size_t)s->cache_len * (size_t)kv_dim;
+        /* The last layer's outputs feed nothing but the logits. Unless every token's logits
+           are asked for, the tokens before `from` need only their keys and values there (for
+           the cache): their queries, attention and FFN are skipped, as llama.cpp does. That is
+           6% of a 16-layer prompt's multiply-adds. */
+        int from = 0;
+        if (l == cfg->n_layers - 1 && logits_mode != LOGITS_ALL)
+            from = logits_mode == LOGITS_LAST ? n - 1 : n;
+        int m = n - from;  /* the tokens that go on through the layer */
 
 #if defined _OPENMP
 #pragma omp parallel for if (n > 1)  /* per token: a prompt block's rows side by side */
@@ -1964,31 +1972,39 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->attn_norm, dim,
                     cfg->norm_eps);
         Product qkv[3] = { { s->q, &layer->wq }, { s->k, &layer->wk }, { s->v, &layer->wv } };
-        matmul_many(qkv, 3, s->xb, n, scratch);
+        if (from == 0) {
+            matmul_many(qkv, 3, s->xb, n, scratch);
+        } else {
+            matmul_many(qkv + 1, 2, s->xb, n, scratch);
+            if (m > 0) matmul(s->q, s->xb + (size_t)from * dim, m, &layer->wq, scratch);
+        }
 #if defined _OPENMP
 #pragma omp parallel for if (n > 1)
 #endif
-        for (int t = 0; t < n; t++) {
+        for (int t = 0; t < n; t++) {  /* query row t - from belongs to token t */
             const float *c = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
-            rope(s->q + (size_t)t * q_dim, cfg->n_heads, cfg->head_dim, c, sn);
+            if (t >= from)
+                rope(s->q + (size_t)(t - from) * q_dim, cfg->n_heads, cfg->head_dim, c, sn);
             rope(s->k + (size_t)t * kv_dim, cfg->n_kv_heads, cfg->head_dim, c, sn);
         }
         store_kv(s, cfg, layer_offset, pos, n);
-        attention(s, cfg, layer_offset, pos, n);
-        matmul(s->xb2, s->xb, n, &layer->wo, scratch);
-        add_into(s->x, s->xb2, (size_t)n * dim);
+        if (m == 0) break;  /* (no logits asked for: the cache was all this layer owed) */
+        attention(s, cfg, layer_offset, pos + from, m);
+        float *x = s->x + (size_t)from * dim;  /* the rows of the tokens that go on */
+        matmul(s->xb2, s->xb, m, &layer->wo, scratch);
+        add_into(x, s->xb2, (size_t)m * dim);
 
 #if defined _OPENMP
-#pragma omp parallel for if (n > 1)  /* per token: a prompt block's rows side by side */
+#pragma omp parallel for if (m > 1)  /* per token: a prompt block's rows side by side */
 #endif
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->ffn_norm, dim,
+        for (int t = 0; t < m; t++)
+            rmsnorm(s->xb + (size_t)t * dim, x + (size_t)t * dim, layer->ffn_norm, dim,
                     cfg->norm_eps);
         Product gate_up[2] = { { s->hb, &layer->w_gate }, { s->hb2, &layer->w_up } };
-        matmul_many(gate_up, 2, s->xb, n, scratch);
-        swiglu(s->hb, s->hb2, n, hidden);
-        matmul(s->xb2, s->hb, n, &layer->w_down, scratch);
-        add_into(s->x, s->xb2, (size_t)n * dim);
+        matmul_many(gate_up, 2, s->xb, m, scratch);
+        swiglu(s->hb, s->hb2, m, hidden);
+        matmul(s->xb2, s->hb, m, &layer->w_down, scratch);
+        add_into(x, s->xb2, (size_t)m * dim);
     }
     if (logits_mode == LOGITS_NONE) return NULL;
     int first = logits_mode == LOGITS_ALL ? 0 : n - 1;

@@ -503,28 +503,51 @@ static void test_kernels(void) {
     test_quantize_group();
 }
 
-/* The prompt path against decoding: n tokens as blocks (all logits) vs one at a time. */
+/* Feeds tokens[0 .. n-1] in blocks as generation does: no logits before the last block, then
+   only the last token's (the last layer then skips the other tokens' queries, attention and
+   FFN). Returns those logits. */
+static const float *feed_prompt(Transformer *tr, const int *tokens, int n) {
+    const float *logits = NULL;
+    for (int i = 0; i < n; i += MAX_BLOCK) {
+        int block = n - i < MAX_BLOCK ? n - i : MAX_BLOCK;
+        logits = forward(tr, tokens + i, block, i, i + block < n ? LOGITS_NONE : LOGITS_LAST);
+    }
+    return logits;
+}
+
+/* The largest difference between two rows of logits (NaN once any is NaN: fmax would drop
+   it), and the largest magnitude seen. */
+static void compare_logits(const float *a, const float *b, int vocab, double *worst,
+                           double *range) {
+    for (int v = 0; v < vocab; v++) {
+        double d = fabs(a[v] - b[v]);
+        if (isnan(d) || d > *worst) *worst = d;
+        *range = fmax(*range, fabs(a[v]));
+    }
+}
+
+/* The prompt path against decoding: n tokens as blocks (all logits) vs one at a time; then
+   the prompt fed as generation feeds it (last logits only), and one more token decoded after
+   it, which reads every layer's cache that the prompt left. */
 static void test_model(const char *path, int n) {
     Transformer tr = {0};
     load_model(path, &tr.model, 0);
     const Config *cfg = &tr.model.config;
     int vocab = cfg->vocab_size;
-    alloc_state(&tr.state, cfg, n);
-    int *tokens = malloc((size_t)n * sizeof(int));
-    for (int i = 0; i < n; i++) tokens[i] = (int)(random_u32(&rng_state) % (unsigned)vocab);
-    float *blocked = malloc((size_t)n * vocab * sizeof(float));
+    alloc_state(&tr.state, cfg, n + 1);
+    int *tokens = malloc((size_t)(n + 1) * sizeof(int));
+    for (int i = 0; i <= n; i++) tokens[i] = (int)(random_u32(&rng_state) % (unsigned)vocab);
+    float *blocked = malloc((size_t)(n + 1) * vocab * sizeof(float));
     for (int i = 0; i < n; i += MAX_BLOCK) {
         int block = n - i < MAX_BLOCK ? n - i : MAX_BLOCK;
         forward(&tr, tokens + i, block, i, LOGITS_ALL);
         memcpy(blocked + (size_t)i * vocab, tr.state.logits, (size_t)block * vocab * sizeof(float));
     }
     double worst = 0.0, range = 0.0;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i <= n; i++) {  /* token n: the decoding reference for the check below */
         const float *one = forward(&tr, tokens + i, 1, i, LOGITS_LAST);
-        for (int v = 0; v < vocab; v++) {
-            worst = fmax(worst, fabs(one[v] - blocked[(size_t)i * vocab + v]));
-            range = fmax(range, fabs(one[v]));
-        }
+        if (i < n) compare_logits(one, blocked + (size_t)i * vocab, vocab, &worst, &range);
+        else memcpy(blocked + (size_t)n * vocab, one, (size_t)vocab * sizeof(float));
     }
     char name[120];
     snprintf(name, sizeof name, "blocks vs one at a time, %s, %d tokens",
@@ -533,7 +556,22 @@ static void test_model(const char *path, int n) {
        the order of the group sums differs, 1.8e-4 measured) and keep them float32 otherwise
        (2.4e-4): of the logits' range on tiny32, a peaked random model that amplifies any
        rounding */
-    check(name, worst / range, cfg->weight_type == WEIGHT_Q8_0 ? 1e-3 : 1e-5);
+    double bound = cfg->weight_type == WEIGHT_Q8_0 ? 1e-3 : 1e-5;
+    check(name, worst / range, bound);
+
+    /* NaN in the cache: a key or value the fed prompt failed to store would show */
+    size_t cache_values = (size_t)cfg->n_layers * tr.state.cache_len * cfg->n_kv_heads *
+                          cfg->head_dim;
+    for (size_t i = 0; i < cache_values; i++)
+        tr.state.key_cache[i] = tr.state.value_cache[i] = NAN;
+    double fed_worst = 0.0, fed_range = 0.0;
+    compare_logits(feed_prompt(&tr, tokens, n), blocked + (size_t)(n - 1) * vocab, vocab,
+                   &fed_worst, &fed_range);
+    compare_logits(forward(&tr, tokens + n, 1, n, LOGITS_LAST), blocked + (size_t)n * vocab,
+                   vocab, &fed_worst, &fed_range);
+    snprintf(name, sizeof name, "prompt fed for its last logits, then one more token, %s",
+             weight_type_name(cfg->weight_type));
+    check(name, fed_worst / fed_range, bound);
     free(tokens); free(blocked);
     free_state(&tr.state);
     free_model(&tr.model);
