@@ -549,15 +549,11 @@ static void round_vector_bf16(uint16_t *out, const float *x, int n) {
 static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int i = 0;
-    for (; i + 128 <= n; i += 128) {
+    for (; i + 64 <= n; i += 64) {
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
                               (__m512bh)_mm512_loadu_si512((const void *)(x + i)));
         a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(w + i + 32)),
                               (__m512bh)_mm512_loadu_si512((const void *)(x + i + 32)));
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(w + i + 64)),
-                              (__m512bh)_mm512_loadu_si512((const void *)(x + i + 64)));
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(w + i + 96)),
-                              (__m512bh)_mm512_loadu_si512((const void *)(x + i + 96)));
     }
     for (; i + 32 <= n; i += 32)
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
