@@ -97,13 +97,17 @@ def header(path):
 
 
 def prompt_macs(path, n_prompt):
-    """Multiply-adds per prompt token: every layer's matrices, attention over (n_prompt + 1) / 2
-    positions on average (scores and values), and the classifier once for the whole prompt."""
+    """Multiply-adds per prompt token, as the engine does them: every layer's matrices and
+    attention over (n_prompt + 1) / 2 positions on average (scores and values), except that the
+    last layer takes only keys and values for all but the last token, whose classifier row is
+    the only one computed."""
     c = header(path)
     q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
     layer = 2 * c["dim"] * q + 2 * c["dim"] * kv + 3 * c["dim"] * c["hidden"]
     attention = 2 * q * (n_prompt + 1) / 2
-    return c["n_layers"] * (layer + attention) + c["dim"] * c["vocab"] / n_prompt
+    keys_values = 2 * c["dim"] * kv
+    last_token = layer - keys_values + 2 * q * n_prompt + c["dim"] * c["vocab"]
+    return (c["n_layers"] - 1) * (layer + attention) + keys_values + last_token / n_prompt
 
 
 def instruction(variant):
