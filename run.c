@@ -548,8 +548,9 @@ static void round_vector_bf16(uint16_t *out, const float *x, int n) {
 }
 
 static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     int i = 0;
+    /* two lines of the row per step: four per step decoded 17-20% slower at ~65 GB/s */
     for (; i + 64 <= n; i += 64) {
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
                               (__m512bh)_mm512_loadu_si512((const void *)(x + i)));
@@ -559,7 +560,7 @@ static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
     for (; i + 32 <= n; i += 32)
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
                               (__m512bh)_mm512_loadu_si512((const void *)(x + i)));
-    float sum = sum4_avx512(a0, a1, a2, a3);
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     for (; i < n; i++) sum += bf16_to_float(w[i]) * bf16_to_float(x[i]);
     return sum;
 }
