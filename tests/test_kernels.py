@@ -52,3 +52,12 @@ def test_prompt_blocks_match_one_token_at_a_time():
         run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", dtype])
         for name in ("native", "portable"):
             run_checks([build(name), model, "600"])  # three blocks, the last one ragged
+
+
+def test_prompt_blocks_one_layer_model():
+    """With one layer, the first layer is the last one, whose skipped tokens feed the cache."""
+    folder = os.path.join(WORK, "hf-one-layer")
+    make_checkpoint.make_checkpoint(folder, "tiny32", config={"num_hidden_layers": 1})
+    model = os.path.join(WORK, "one-layer-fp32.bin")
+    run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", "fp32"])
+    run_checks([build("native"), model, "300"])  # two blocks
