@@ -2432,8 +2432,8 @@ static void print_usage(void) {
         "               AVX512-BF16 / VNNI, logits a few 1e-2 off; elsewhere the same as exact\n"
         "  -w <how>     the weights: map (default: memory-map the file) or read: read it into\n"
         "               memory first (llama.cpp's --no-mmap): slower to start (~0.5 s per GB),\n"
-        "               and up to 25%% faster to decode where the file's cache lies in 4 KB\n"
-        "               pieces (README.md, Performance)\n");
+        "               and 14-27%% faster to decode where the file's cache lies in 4 KB\n"
+        "               pieces (see README.md)\n");
 }
 
 /* A command-line mistake: the error line, then the usage text, then exit 1. */
