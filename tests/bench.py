@@ -74,26 +74,24 @@ def build_tool(name):
     return exe
 
 
-def bytes_per_token(path):
-    """Weight bytes one decode step reads: the whole file but the embedding when untied (the
-    embedding lookup reads one row); tied, the embedding is read whole as the classifier."""
-    with open(path, "rb") as f:
-        h = f.read(256)
-    dim, vocab, tied, wtype, gs = (struct.unpack_from("<i", h, 8)[0],
-                                   struct.unpack_from("<i", h, 32)[0],
-                                   struct.unpack_from("<I", h, 68)[0],
-                                   struct.unpack_from("<I", h, 72)[0],
-                                   struct.unpack_from("<i", h, 76)[0])
-    per_value = {0: 4.0, 1: 2.0, 2: 1.0 + 4.0 / gs if gs else 1.0}[wtype]
-    size = os.path.getsize(path)
-    return size if tied else size - vocab * dim * per_value
-
-
 def header(path):
+    """The model file's header fields that the bench needs (README.md, "File formats")."""
     with open(path, "rb") as f:
         h = f.read(256)
     names = ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab")
-    return dict(zip(names, struct.unpack_from("<7i", h, 8)))
+    c = dict(zip(names, struct.unpack_from("<7i", h, 8)))
+    c["tied"], c["weight_type"], c["group_size"] = struct.unpack_from("<IIi", h, 68)
+    return c
+
+
+def bytes_per_token(path):
+    """Weight bytes one decode step reads: the whole file but the embedding when untied (the
+    embedding lookup reads one row); tied, the embedding is read whole as the classifier."""
+    c = header(path)
+    gs = c["group_size"]
+    per_value = {0: 4.0, 1: 2.0, 2: 1.0 + 4.0 / gs if gs else 1.0}[c["weight_type"]]
+    size = os.path.getsize(path)
+    return size if c["tied"] else size - c["vocab"] * c["dim"] * per_value
 
 
 def prompt_macs(path, n_prompt):
@@ -151,10 +149,8 @@ def warm(path):
 
 
 def kv_cache_bytes(path, context):
-    with open(path, "rb") as f:
-        h = f.read(256)
-    n_layers, n_kv_heads, head_dim = (struct.unpack_from("<i", h, o)[0] for o in (16, 24, 28))
-    return 2 * n_layers * context * n_kv_heads * head_dim * 4
+    c = header(path)
+    return 2 * c["n_layers"] * context * c["n_kv_heads"] * c["head_dim"] * 4
 
 
 def flags(variant):
