@@ -2,7 +2,7 @@
 
     /usr/bin/python3 tests/bench.py [--rounds 3] [--threads 2] [--prompt 512] [--decode 128]
                                     [--types fp32,bf16,q8_0,bf16:fast,q8_0:fast,...]
-                                    [--long 4096 --long-types q8_0]
+                                    [--parts-seconds 15] [--long 4096 --long-types q8_0]
 
 Creates the checkpoint once (tests/make_checkpoint.py --preset llama32-1b) and exports it per
 weight type, caching both under build/bench/. Then, in rounds that interleave the weight types,
@@ -23,6 +23,11 @@ type's decode per state (a median of rounds in different states means little).
 Prompt processing reuses each weight across the prompt's tokens, so its ceiling is arithmetic:
 tests/peak.c (compiled the same way) times the multiply-add instruction each variant's prompt
 kernels are built on, and a last table shows prompt multiply-adds per second against it.
+
+tests/decode_parts.c (compiled the same way, with run.c included) then splits each model's
+decoding step into parts timed in turn within one process (--parts-seconds each): the memory's
+contiguous read rate, the bytes decoding reads read in its order without arithmetic, the
+matmuls, and the whole forward pass.
 
 With --long N, a further table (one round) decodes --decode tokens after a prompt that fills the
 context to N (-c N): attention then reads a long KV cache on every token. It shows peak RSS against
@@ -62,15 +67,20 @@ def prepare(types):
             os.replace(path + ".part", path)
         drop_cached(path)
         models[t] = path
-    return models, build_tool("bandwidth"), build_tool("peak")
+    parts = build_tool("decode_parts", ["run.c", "tokenizer.c", "tokenizer.h"],
+                       ["tokenizer.c", "-lm"])
+    return models, build_tool("bandwidth"), build_tool("peak"), parts
 
 
-def build_tool(name):
-    """Compiles tests/NAME.c with the engine's flags into build/bench/NAME (when it changed)."""
+def build_tool(name, depends=(), link=()):
+    """Compiles tests/NAME.c with the engine's flags into build/bench/NAME (when it or one of
+    the files it depends on changed)."""
     exe = os.path.join(BENCH, name)
     src = os.path.join(ROOT, "tests", name + ".c")
-    if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
-        sh(["cc", "-std=c11", "-O3", "-march=native", "-fopenmp", "-o", exe, src])
+    newest = max(os.path.getmtime(f) for f in [src] + [os.path.join(ROOT, d) for d in depends])
+    if not os.path.exists(exe) or os.path.getmtime(exe) < newest:
+        sh(["cc", "-std=c11", "-O3", "-march=native", "-fopenmp", "-o", exe, src]
+           + [os.path.join(ROOT, f) if f.endswith(".c") else f for f in link])
     return exe
 
 
@@ -199,6 +209,8 @@ def main():
                     help="weight types; TYPE:fast runs that model with -a fast, TYPE:read with "
                          "-w read, TYPE:fast+read with both")
     ap.add_argument("--binary", default=os.path.join(ROOT, "runomp"), help="engine to time")
+    ap.add_argument("--parts-seconds", type=float, default=15,
+                    help="seconds of tests/decode_parts.c per model (0: skip)")
     ap.add_argument("--long", type=int, default=0, help="also decode at this context length")
     ap.add_argument("--long-types", default="q8_0")
     a = ap.parse_args()
@@ -206,7 +218,7 @@ def main():
     long_types = a.long_types.split(",") if a.long else []
     base = {t: t.split(":")[0] for t in types + long_types}
     extra = {t: flags(t) for t in types + long_types}
-    models, bw, peak = prepare(sorted(set(base.values())))
+    models, bw, peak, parts = prepare(sorted(set(base.values())))
     ceilings = peaks(peak, a.threads)
     rng = random.Random(0)
     prompt = [rng.randrange(128000) for _ in range(a.prompt)]
@@ -246,6 +258,9 @@ def main():
               f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
     by_state(res, types)
     against_peak(res, types, models, base, ceilings, a.prompt)
+    if a.parts_seconds > 0:
+        decode_parts(parts, [(models[base[t]], extra[t]) for t in types if "-w" not in extra[t]],
+                     a)
     if a.long:
         long_context(a, models, bw, rng, base, extra)
 
@@ -295,6 +310,20 @@ def against_peak(res, types, models, base, ceilings, n_prompt):
             continue
         print(f"| {label_of(t)} | {name} | {ceilings[name]:.1f} | {macs / 1e6:.0f} | {pp:.1f} | "
               f"{pp * macs / 1e9:.1f} | {100 * pp * macs / 1e9 / ceilings[name]:.0f}% |")
+
+
+def decode_parts(parts, variants, a):
+    """Where a decoding step's time goes (tests/decode_parts.c): the memory's contiguous rate,
+    the same bytes read as decoding reads them, the matmuls, the whole forward pass, timed in
+    turn within one process so that bandwidth flips hit all four alike."""
+    print(f"\nwhere decoding's time goes (tests/decode_parts.c, {a.parts_seconds:g} s each, "
+          "medians; % of contiguous)")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    for path, extra in variants:
+        fast = ["fast"] if "-a" in extra else []
+        out = subprocess.run([parts, path, str(a.parts_seconds)] + fast, check=True, env=env,
+                             capture_output=True, text=True).stdout
+        print(out.rstrip(), flush=True)
 
 
 def long_context(a, models, bw, rng, base, extra):

@@ -61,3 +61,30 @@ def test_prompt_blocks_one_layer_model():
     model = os.path.join(WORK, "one-layer-fp32.bin")
     run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", "fp32"])
     run_checks([build("native"), model, "300"])  # two blocks
+
+
+def test_decode_parts_tool():
+    """tests/decode_parts.c (make bench) builds warning-free against run.c as it is now and
+    reports all four parts of a decoding step, each a positive rate."""
+    out = os.path.join(WORK, "decode_parts")
+    run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", *BUILDS["native"], "-o", out,
+         os.path.join(REPO, "tests", "decode_parts.c"), os.path.join(REPO, "tokenizer.c"),
+         "-lm"])
+    folder = os.path.join(WORK, "hf-parts")
+    make_checkpoint.make_checkpoint(folder, "tiny32")
+    for dtype, extra in (("fp32", []), ("q8_0", []), ("q8_0", ["fast"])):
+        model = os.path.join(WORK, f"parts-{dtype}.bin")
+        if not os.path.exists(model):
+            run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", dtype])
+        proc = subprocess.run([out, model, "0.3", *extra], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        print("    " + "\n    ".join(lines))
+        assert f"{dtype} weights" in lines[0] and ("-a fast" in lines[0]) == bool(extra)
+        reports = [line for line in lines[1:] if " rounds:" in line]
+        assert reports, proc.stdout
+        for line in reports:
+            for part in ("contiguous", "rows", "matmuls", "forward"):
+                value = float(line.split(part + " ")[1].split()[0])
+                assert value > 0, line
