@@ -22,7 +22,7 @@ type's decode per state (a median of rounds in different states means little).
 
 Prompt processing reuses each weight across the prompt's tokens, so its ceiling is arithmetic:
 tests/peak.c (compiled the same way) times the multiply-add instruction each variant's prompt
-kernels are built on, and a last table shows prompt multiply-adds per second against it.
+kernels are built on, and a table shows prompt multiply-adds per second against it.
 
 tests/decode_parts.c (compiled the same way, with run.c included) then splits each model's
 decoding step into parts timed in turn within one process (--parts-seconds each): the memory's
