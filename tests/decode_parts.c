@@ -56,11 +56,15 @@ static uint64_t read_bytes(const unsigned char *p, size_t n) {
 #endif
 }
 
+/* Bytes of one value in a matrix's rows (q8_0: its int8, without the scales). */
+static size_t value_bytes(const Matrix *w) {
+    return w->type == WEIGHT_FP32 ? 4 : w->type == WEIGHT_BF16 ? 2 : 1;
+}
+
 /* Reads what decoding reads of row r: the row (in whole 64-byte lines), and for q8_0 one
    value of each line of its scales, which lie after the matrix. */
 static uint64_t read_row(const Matrix *w, int r) {
-    size_t value_bytes = w->type == WEIGHT_FP32 ? 4 : w->type == WEIGHT_BF16 ? 2 : 1;
-    size_t row = (size_t)w->cols * value_bytes;
+    size_t row = (size_t)w->cols * value_bytes(w);
     uint64_t sum = read_bytes((const unsigned char *)w->data + (size_t)r * row, row / 64 * 64);
     if (w->type == WEIGHT_Q8_0) {
         size_t groups = (size_t)(w->cols / w->group_size);
@@ -101,8 +105,8 @@ static double group_bytes(const ProductGroup *groups, int n) {
     for (int i = 0; i < n; i++)
         for (int j = 0; j < groups[i].count; j++) {
             const Matrix *m = groups[i].m[j];
-            double per_value = m->type == WEIGHT_FP32 ? 4 : m->type == WEIGHT_BF16 ? 2 :
-                               1 + 4.0 / m->group_size;
+            double per_value = (double)value_bytes(m) +
+                               (m->type == WEIGHT_Q8_0 ? 4.0 / m->group_size : 0.0);
             bytes += (double)m->rows * m->cols * per_value;
         }
     return bytes;
