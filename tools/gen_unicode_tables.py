@@ -100,7 +100,6 @@ def block(ucd):
     lines = [BEGIN,
              f"/* Unicode {version}: UnicodeData.txt (general categories L*, N*) and PropList.txt",
              "   (White_Space). Each run starts at `first` and lasts until the next run. */",
-             f'#define UNICODE_VERSION "{version}"',
              "static const CharRun char_runs[] = {"]
     per_line = 3
     for i in range(0, len(table), per_line):
