@@ -26,7 +26,9 @@ typedef struct Tokenizer Tokenizer;
 
 /* Loads a .tok file. On any error (missing file, bad magic or version, truncated or trailing
    data, empty or duplicate token, missing single-byte token, bad special count, out of memory)
-   returns NULL and writes a one-line message (no newline) into err (if err_size > 0). */
+   returns NULL and writes a one-line message (no newline) into err (if err_size > 0). The header
+   is checked before the rest of the file is read. Loading reads /dev/urandom for the key of its
+   hash tables (so no file can make them slow); without it the key comes from the clock. */
 Tokenizer *tokenizer_load(const char *path, char *err, size_t err_size);
 void tokenizer_free(Tokenizer *t);
 

@@ -283,6 +283,132 @@ def test_malformed_tokenizer_files():
     print(f"    {len(rows)} damaged tokenizer files")
 
 
+# Tokenizer work (issue 14): a hostile .tok file or text must not make loading or encoding
+# superlinear. Work is counted (tokenize --stats: hash-table probes), not timed; the timeout
+# only turns a hang into a failure.
+
+FNV_OFFSET, FNV_PRIME = 2166136261, 16777619
+
+
+def fnv1a(data, h=FNV_OFFSET):
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+def fnv_colliding_blocks(h, rng):
+    """Two different 4-byte blocks that take FNV-1a from state h to one same state, and that
+    state: two random 3-byte prefixes whose states differ only in the low byte, then a fourth
+    byte that cancels the difference."""
+    seen = {}
+    while True:
+        prefix = rng.getrandbits(24).to_bytes(3, "little")
+        state = fnv1a(prefix, h)
+        other, other_state = seen.setdefault(state >> 8, (prefix, state))
+        if other != prefix:
+            a, b = prefix + b"\0", other + bytes([state ^ other_state])
+            assert fnv1a(a, h) == fnv1a(b, h)
+            return a, b, fnv1a(a, h)
+
+
+def fnv_flood_tokens(bits, seed=14):
+    """2^bits different tokens with one FNV-1a hash: a choice of block at each of `bits` links
+    of a chain of colliding blocks."""
+    import itertools
+    import random
+    rng, h, links = random.Random(seed), FNV_OFFSET, []
+    for _ in range(bits):
+        a, b, h = fnv_colliding_blocks(h, rng)
+        links.append((a, b))
+    return [b"".join(choice) for choice in itertools.product(*links)]
+
+
+def table_stats(tok):
+    """(tokens, probes, longest probe) of the regular table, from tokenize --stats."""
+    proc = run([program("tokenize"), tok, "--stats", "x"], check=False, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-600:]
+    words = proc.stderr.decode().split()
+    stats = dict(zip(words[::2], words[1::2]))
+    return int(stats["regular_tokens"]), int(stats["probes"]), int(stats["longest_probe"])
+
+
+def test_tokenizer_hash_flooding():
+    """2^17 tokens with one 32-bit FNV-1a hash (the hash the table used) load with as few probes
+    as 2^17 random tokens of the same length: about one per token, none long. With the old hash
+    they formed one probe chain and loading took ~10 s (2^18: 261 s). The 68-byte tokens go
+    through the table's hash for long strings, and 2^16 tokens of 64 bytes through the one for
+    short strings."""
+    import random
+    rng = random.Random(5)
+    for bits in (16, 17):
+        flood = fnv_flood_tokens(bits)
+        assert len(set(flood)) == 1 << bits and len({fnv1a(t) for t in flood[::997]}) == 1
+        normal = [rng.randbytes(len(flood[0])) for _ in flood]
+        stats = {}
+        for name, tokens in (("normal", normal), ("flood", flood)):
+            path = write(f"{name}-hash-{bits}.tok", tok_bytes(SINGLES + tokens, []))
+            stats[name] = entries, probes, longest = table_stats(path)
+            assert entries == 256 + len(tokens), stats
+            # at the table's load (at most 1/2) a random hash gives ~1.2 probes per token
+            assert probes < 2 * entries and longest < 100, f"{name}: {stats[name]}"
+            ROWS["tokenizer work"] = ROWS.get("tokenizer work", 0) + 1
+        assert stats["flood"][1] < 1.5 * stats["normal"][1], stats
+        # encoding text made of the colliding tokens: lookups of them and of their pieces
+        text = b" ".join(flood[::64])
+        tok = os.path.join(WORK, f"flood-hash-{bits}.tok")
+        ids = run([program("tokenize"), tok], input=text, timeout=TIMEOUT).stdout
+        back = run([program("tokenize"), tok, "--decode"], input=ids, timeout=TIMEOUT).stdout
+        assert back == text
+        print(f"    2^{bits} tokens of {len(flood[0])} bytes: (tokens, probes, longest) {stats}")
+
+
+def test_special_token_flooding():
+    """--special with thousands of specials that share their first bytes, on 200 KB of '<':
+    each position used to cost a hash per distinct special length (past 120 s); the automaton
+    reads each byte about once."""
+    n, size = 3000, 200_000
+    cases = {
+        # distinct lengths, one first byte: the case found
+        "one first byte": [b"<" + b"%d" % i + b"x" * i + b">" for i in range(n)],
+        # each a prefix of the text at every position: walking the specials from each
+        # position would go 3000 bytes deep
+        "nested": [b"<" * (i + 1) + b">" for i in range(n)],
+    }
+    lt = ord("<")
+    wants = {  # ids of 200 KB of '<', and of the same with a '>' after
+        "one first byte": ([lt] * size, [lt] * size + [ord(">")]),
+        # the leftmost special: the longest, 3000 '<' and a '>'
+        "nested": ([lt] * size, [lt] * (size - n) + [256 + n - 1]),
+    }
+    for name, specials in cases.items():
+        path = write(f"specials-{name.replace(' ', '-')}.tok", tok_bytes(SINGLES, specials))
+        for text, want in zip((b"<" * size, b"<" * size + b">"), wants[name]):
+            proc = run([program("tokenize"), path, "--special"], input=text, check=False,
+                       timeout=TIMEOUT)
+            assert proc.returncode == 0, (name, proc.stderr[-600:])
+            ids = [int(x) for x in proc.stdout.split()]
+            assert ids == want, (name, len(ids), ids[-3:], want[-3:])
+            ROWS["tokenizer work"] = ROWS.get("tokenizer work", 0) + 1
+
+
+def test_huge_tokenizer_file_header_first():
+    """A huge file that is not a tokenizer is refused from its header, before it is read: a
+    sparse 5 GiB file with a bad magic says "magic" (it used to say "too large", and a 3 GiB
+    one was read whole first); with a good header, "too large"."""
+    model, _ = good_files()
+    for i, (header, size, needle) in enumerate(((b"GGUF" + bytes(12), 5 << 30, "magic"),
+                                                (b"\0" * 16, 3 << 30, "magic"),
+                                                (GOOD_TOK[:16], 5 << 30, "too large"))):
+        path = os.path.join(WORK, f"huge-{i}.tok")  # no needle in the name
+        with open(path, "wb") as f:
+            f.write(header)
+            f.truncate(size)
+        expect("tokenizer", [program("run"), model, "-z", path, "-i", "hi"], needle)
+        proc = run([program("tokenize"), path, "hi"], check=False, timeout=TIMEOUT)
+        assert proc.returncode == 1 and needle.encode() in proc.stderr, (i, proc.stderr)
+        os.remove(path)
+
+
 # ------------------------------------------------------------------------------------------
 # The command line
 

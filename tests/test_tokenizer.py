@@ -435,6 +435,52 @@ def test_special_tokens_only_when_allowed():
     assert tokenize([tok, "<|eot_id|>"]).stdout.decode().split() == [str(i) for i in plain[0]]
 
 
+def _special_reference(text, specials):
+    """Byte ids of text, cut at special tokens: the leftmost first, the longest of those that
+    start there (ids 256 + index)."""
+    ids, pos = [], 0
+    while pos < len(text):
+        here = [(len(s), i) for i, s in enumerate(specials) if text.startswith(s, pos)]
+        if here:
+            length, i = max(here)
+            ids.append(256 + i)
+            pos += length
+        else:
+            ids.append(text[pos])
+            pos += 1
+    return ids
+
+
+def test_special_tokens_overlapping():
+    """Specials that are prefixes, suffixes and middles of one another, found in random texts
+    exactly as the reference finds them (leftmost, then longest); their ids by text."""
+    rng = random.Random(21)
+    folder = common.scratch("specials")
+    singles = [bytes([b]) for b in range(256)]
+    for round_ in range(6):
+        alphabet = b"<|ab>"[:2 + round_ % 4]
+        specials = sorted({bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 7)))
+                           for _ in range(rng.randint(1, 40))})
+        rng.shuffle(specials)
+        tok = os.path.join(folder, f"s{round_}.tok")
+        with open(tok, "wb") as f:
+            f.write(_tok_bytes(singles, specials))
+        texts = [bytes(rng.choice(alphabet + b"x ") for _ in range(rng.randint(0, 60)))
+                 for _ in range(300)]
+        texts += specials + [s + s for s in specials] + [s[1:] + s + s[:-1] for s in specials]
+        got = encode_many(texts, ["--special"], tok=tok)
+        check_lists(f"specials {specials[:5]}...", texts, got,
+                    [_special_reference(t, specials) for t in texts])
+    # and long ones: the leftmost start wins over a longer special starting later
+    specials = [b"<" * k + b">" for k in range(1, 300)] + [b"<<x", b"x" * 500]
+    tok = os.path.join(folder, "long.tok")
+    with open(tok, "wb") as f:
+        f.write(_tok_bytes(singles, specials))
+    texts = [b"<" * 1000 + b">", b"<" * 100 + b"x" * 600 + b"<" * 299 + b">" + b"<<", b"<<x" * 50]
+    got = encode_many(texts, ["--special"], tok=tok)
+    check_lists("long specials", texts, got, [_special_reference(t, specials) for t in texts])
+
+
 def _timed_encode(data):
     start = time.time()
     out = tokenize([export_tok()], input=data, timeout=120).stdout
