@@ -2,7 +2,9 @@
 
    The first input byte picks what the rest is:
      0-63    a .tok file: tokenizer_load() must refuse it with a message or load it; a loaded
-             one then encodes a fixed text and decodes every id.
+             one then encodes a fixed text and decodes every id, and encodes a text made of
+             pieces of its special tokens with special tokens allowed: the specials found must
+             be those a naive search finds (the leftmost first, the longest there).
      64-255  text for the fixed tokenizers (a small built-in one, and the real Llama 3 one when
              LLAMA3C_FUZZ_TOK names its .tok file): encoded with and without special tokens
              (concatenating the pieces must give back the input exactly without them), and
@@ -136,6 +138,67 @@ static void exercise(const Tokenizer *t, const uint8_t *text, size_t len) {
     free(out);
 }
 
+/* The longest special token that starts at text[p], naively: its id and length, or -1. */
+static int special_at(const Tokenizer *t, const uint8_t *text, size_t p, size_t len,
+                      size_t *length) {
+    int best = -1;
+    *length = 0;
+    for (int id = 0; id < tokenizer_vocab_size(t); id++) {
+        size_t n;
+        const unsigned char *piece = tokenizer_piece(t, id, &n);
+        if (tokenizer_is_special(t, id) && n <= len - p && n > *length &&
+            memcmp(piece, text + p, n) == 0) {
+            best = id;
+            *length = n;
+        }
+    }
+    return best;
+}
+
+/* Encodes text with special tokens allowed and checks the ids against a naive search: the
+   regular ids between two specials spell the text between them, and each special is the
+   leftmost (then longest) one after the previous. */
+static void check_specials(const Tokenizer *t, const uint8_t *text, size_t len) {
+    TokenList ids = {0};
+    if (tokenizer_encode(t, (const char *)text, len, TOKENIZER_ALLOW_SPECIAL, &ids) != 0) abort();
+    size_t pos = 0, i = 0;
+    while (pos < len) {
+        size_t at = pos, length = 0;
+        int want = -1;
+        for (; at < len && want < 0; at++) want = special_at(t, text, at, len, &length);
+        if (want >= 0) at--;
+        size_t n;
+        for (; pos < at; pos += n) {   /* the regular ids up to the special */
+            if (i >= ids.count || tokenizer_is_special(t, ids.ids[i])) abort();
+            const unsigned char *piece = tokenizer_piece(t, ids.ids[i++], &n);
+            if (n > at - pos || memcmp(piece, text + pos, n) != 0) abort();
+        }
+        if (want < 0) break;
+        if (i >= ids.count || ids.ids[i++] != want) abort();
+        pos = at + length;
+    }
+    if (i != ids.count) abort();
+    token_list_free(&ids);
+}
+
+/* A text of special tokens, their halves and some regular tokens, overlapping every way. */
+static size_t specials_text(const Tokenizer *t, uint8_t *text, size_t room) {
+    size_t len = 0;
+    for (int id = 0; id < tokenizer_vocab_size(t) && len < room; id++) {
+        size_t n;
+        const unsigned char *piece = tokenizer_piece(t, id, &n);
+        if (!tokenizer_is_special(t, id) && id % 97 != 0) continue;
+        size_t parts[3][2] = { {0, n}, {n / 2, n}, {0, (n + 1) / 2} };   /* whole, end, start */
+        for (int k = 0; k < 3; k++) {
+            size_t m = parts[k][1] - parts[k][0];
+            if (m > room - len) return len;
+            memcpy(text + len, piece + parts[k][0], m);
+            len += m;
+        }
+    }
+    return len;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size == 0) return 0;
     if (data[0] < 64) {
@@ -143,6 +206,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (t) {
             static const char text[] = "hello world <|eot_id|> \xff\xc3 12345 ab";
             exercise(t, (const uint8_t *)text, sizeof text - 1);
+            static uint8_t mixed[2048];
+            if (tokenizer_vocab_size(t) - 256 <= 300)   /* the naive search stays fast */
+                check_specials(t, mixed, specials_text(t, mixed, sizeof mixed));
             for (int id = -1; id <= tokenizer_vocab_size(t); id++) {
                 size_t n;
                 tokenizer_piece(t, id, &n);

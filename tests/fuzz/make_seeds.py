@@ -48,6 +48,10 @@ def main():
         "only-specials": tok_file([], specials),
         "duplicate": tok_file(singles + [b"ab", b"ab"], []),
         "length-past-end": tok_file(singles, specials)[:-3],
+        # specials inside, before and after one another: the automaton's fail links
+        "overlapping-specials": tok_file(singles + [b"ab", b"<|"],
+                                         [b"ab", b"zabc", b"<", b"<<", b"<|a|>", b"a|>", b"|",
+                                          b"bc", b"<<<<x"]),
     }
     for name, data in toks.items():
         open(os.path.join(tok_dir, name + ".tok"), "wb").write(b"\0" + data)
