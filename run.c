@@ -2251,7 +2251,7 @@ static void emit_token(Session *s, int id) {
 }
 
 static void finish_output(Session *s) {
-    if (!s->print_ids) write_text(s, NULL, 0, 1);
+    if (!s->print_ids) write_text(s, (const unsigned char *)"", 0, 1);
     fflush(stdout);
 }
 
@@ -2446,11 +2446,13 @@ static void text_set(Text *t, const Text *from) {
     text_insert(t, 0, from->bytes ? from->bytes : "", from->len);
 }
 
-/* Returns 0, or -1 at end of input with nothing read. */
+/* Returns 0, or -1 at end of input with nothing read, or after a Ctrl-C between replies
+   (noticed once the read returns: reads restart after a signal). */
 static int read_piped_message(Text *message, char **line, size_t *capacity) {
     message->len = 0;
     for (int lines = 0;; lines++) {
         ssize_t n = getline(line, capacity, stdin);
+        if (interrupted) return -1;
         if (n < 0) {
             if (ferror(stdin)) die("cannot read stdin: %s", strerror(errno));
             return lines > 0 ? 0 : -1;
