@@ -2720,7 +2720,7 @@ static void editor_paste_byte(Editor *e, unsigned char c) {
     e->pending_cr = c == '\r';
     if (c == '\n' && after_cr) return;
     if (c == '\r') c = '\n';
-    if (c >= 0x20 || c == '\n' || c == '\t') editor_insert(e, (const char *)&c, 1);
+    if ((c >= 0x20 && c != 0x7F) || c == '\n' || c == '\t') editor_insert(e, (const char *)&c, 1);
 }
 
 /* One byte typed: returns EDIT_SEND at Enter, EDIT_END at Ctrl-D on nothing or Ctrl-C. */
@@ -2870,43 +2870,137 @@ static size_t longest_token(const Tokenizer *t) {
     return longest;
 }
 
-/* The chat loop. Ends with exit status 0 at end of input or Ctrl-C at the prompt. When the
-   next turn does not fit, the oldest turns are dropped; a message that could not fit even
-   then is refused and the session goes on. Without context_shift, a full context ends the
-   session with a message and status 1. */
-static int chat(Session *s, const char *system_prompt, const char *first_message, int max_reply) {
+/* A chat session: the model's session, the dialog, and what a turn needs. */
+typedef struct {
+    Session *s;
+    DialogIds d;
+    Dialog dialog;
+    size_t seq_len;
+    size_t room;             /* positions a reply needs at least: a turn must leave them free */
+    size_t overhead;         /* the ids of a turn besides its content */
+    size_t max_token_bytes;  /* longest_token() */
+    TokenList incoming;      /* the ids of the turn being added */
+    TokenList reply;
+} Chat;
+
+enum { TURN_FITS, TURN_REFUSED, TURN_ENDS };
+
+/* Encodes the next turn into c->incoming and makes room for it: by dropping the oldest turns
+   when the context slides, or not at all (TURN_ENDS) when it does not. A message that could
+   not fit even alone is TURN_REFUSED, before it is encoded when its length in bytes says so. */
+static int fit_turn(Chat *c, const char *content, size_t len) {
+    Session *s = c->s;
+    size_t pending = c->dialog.ids.count - (size_t)s->pos;
+    /* At least this many ids: no token covers more than max_token_bytes of the text. */
+    size_t least = c->overhead + (len + c->max_token_bytes - 1) / c->max_token_bytes;
+    size_t used = s->context_shift ? c->dialog.fixed : (size_t)s->pos + pending;
+    size_t limit = used < c->seq_len ? c->seq_len - used : 0;  /* positions the turn may use */
+    if (least + c->room > limit) {
+        if (!s->context_shift) {
+            fprintf(stderr, "run: context full: the next turn needs at least %zu positions, %d "
+                    "of %zu are used (-c); session ended\n", pending + least, s->pos, c->seq_len);
+            return TURN_ENDS;
+        }
+        fprintf(stderr, "run: message refused: its %zu bytes need at least %zu positions and at "
+                "most %zu are free (-c %zu); the session goes on\n", len, least,
+                limit - c->room, c->seq_len);
+        return TURN_REFUSED;
+    }
+    c->incoming.count = 0;
+    append_message(s->tokenizer, &c->d, "user", content, len, &c->incoming);
+    append_header(s->tokenizer, &c->d, "assistant", &c->incoming);
+    size_t needed = pending + c->incoming.count;
+    if ((size_t)s->pos + needed + c->room <= c->seq_len) return TURN_FITS;
+    if (!s->context_shift) {
+        fprintf(stderr, "run: context full: the next turn needs %zu positions, %d of %zu are "
+                "used (-c); session ended\n", needed, s->pos, c->seq_len);
+        return TURN_ENDS;
+    }
+    if (c->dialog.fixed + c->incoming.count + c->room > c->seq_len) {
+        fprintf(stderr, "run: message refused: it needs %zu positions and at most %zu are free "
+                "(-c %zu); the session goes on\n", c->incoming.count,
+                c->seq_len - c->dialog.fixed - c->room, c->seq_len);
+        return TURN_REFUSED;
+    }
+    size_t drop = turns_to_drop(&c->dialog, c->incoming.count, c->room, c->seq_len);
+    size_t before = c->dialog.ids.count;
+    dialog_drop_turns(&c->dialog, drop);
+    fprintf(stderr, "run: context full: dropped the %zu oldest turn%s (%zu positions); feeding "
+            "the %zu kept positions again\n", drop, drop == 1 ? "" : "s",
+            before - c->dialog.ids.count, c->dialog.ids.count);
+    s->pos = 0;
+    return TURN_FITS;
+}
+
+/* Adds the fitted turn to the dialog, feeds what the cache lacks and prints the reply. The
+   reply goes into the dialog as sampled (its stop token aside), closed by the <|eot_id|> the
+   format puts after it; its last token and that <|eot_id|> are fed with the next turn. */
+static void answer(Chat *c, int max_reply, int interactive) {
+    Session *s = c->s;
+    dialog_start_turn(&c->dialog);
+    for (size_t i = 0; i < c->incoming.count; i++) push_or_die(&c->dialog.ids, c->incoming.ids[i]);
+    const int *fed = c->dialog.ids.ids + s->pos;
+    size_t n_fed = c->dialog.ids.count - (size_t)s->pos;
+    if (s->print_ids) print_id_line("in:", fed, n_fed);
+    if (interactive && !s->json) printf("Assistant: ");
+    if (s->print_ids) printf("out:");
+    if (s->json) printf("{\"role\":\"assistant\",\"content\":\"");
+    s->ids_on_line = 1;  /* so that every id after "out:" gets its space */
+    c->reply.count = 0;
+    generate(s, fed, n_fed, max_reply, &c->reply);  /* adds to c->reply, not to the dialog */
+    finish_output(s);
+    if (s->json) printf(interrupted ? "\",\"interrupted\":true}" : "\"}");
+    printf("\n");
+    fflush(stdout);
+    interrupted = 0;
+    for (size_t i = 0; i < c->reply.count; i++) push_or_die(&c->dialog.ids, c->reply.ids[i]);
+    push_or_die(&c->dialog.ids, c->d.eot);
+}
+
+/* Sets up the session's dialog: <|begin_of_text|>, the system message, what a turn needs. */
+static void chat_open(Chat *c, Session *s, const char *system_prompt, int max_reply) {
     const Tokenizer *t = s->tokenizer;
-    DialogIds d = { dialog_special(t, "<|start_header_id|>"),
-                    dialog_special(t, "<|end_header_id|>"), dialog_special(t, "<|eot_id|>") };
-    size_t seq_len = (size_t)s->tr->state.seq_len, max_token_bytes = longest_token(t);
-    /* Positions a reply needs at least: a turn that leaves fewer does not fit. */
-    size_t room = s->context_shift && max_reply > 0 ? (size_t)max_reply : 1;
-    if (room > seq_len / 2) room = seq_len / 2 > 0 ? seq_len / 2 : 1;
+    *c = (Chat){ .s = s, .seq_len = (size_t)s->tr->state.seq_len,
+                 .max_token_bytes = longest_token(t) };
+    c->d = (DialogIds){ dialog_special(t, "<|start_header_id|>"),
+                        dialog_special(t, "<|end_header_id|>"), dialog_special(t, "<|eot_id|>") };
+    c->room = s->context_shift && max_reply > 0 ? (size_t)max_reply : 1;
+    if (c->room > c->seq_len / 2) c->room = c->seq_len / 2 > 0 ? c->seq_len / 2 : 1;
+    push_or_die(&c->dialog.ids, s->tr->model.config.bos_id);
+    if (system_prompt) {
+        const char *content;
+        size_t len = strip_text(system_prompt, strlen(system_prompt), &content);
+        append_message(t, &c->d, "system", content, len, &c->dialog.ids);
+        if (s->json) print_json_message(s, "system", content, len);
+    }
+    c->dialog.fixed = c->dialog.ids.count;
+    append_header(t, &c->d, "user", &c->incoming);
+    push_or_die(&c->incoming, c->d.eot);
+    append_header(t, &c->d, "assistant", &c->incoming);
+    c->overhead = c->incoming.count;
+    if (c->dialog.fixed + c->overhead + c->room >= c->seq_len)
+        die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
+            c->dialog.fixed, c->seq_len);
+}
+
+static void chat_close(Chat *c) {
+    free(c->dialog.turn_start);
+    token_list_free(&c->dialog.ids);
+    token_list_free(&c->incoming);
+    token_list_free(&c->reply);
+}
+
+/* The chat loop. Ends with exit status 0 at end of input or Ctrl-C at the prompt, and with
+   status 1 when the context is full without context_shift. */
+static int chat(Session *s, const char *system_prompt, const char *first_message, int max_reply) {
+    Chat c;
+    chat_open(&c, s, system_prompt, max_reply);
     Editor editor;
     int interactive = editor_open(&editor);
-    Dialog dialog = {0};
-    TokenList incoming = {0}, reply = {0};
     Text message = {0};
     char *line = NULL;
     size_t line_capacity = 0;
     int status = 0;
-
-    push_or_die(&dialog.ids, s->tr->model.config.bos_id);
-    if (system_prompt) {
-        const char *content;
-        size_t len = strip_text(system_prompt, strlen(system_prompt), &content);
-        append_message(t, &d, "system", content, len, &dialog.ids);
-        if (s->json) print_json_message(s, "system", content, len);
-    }
-    dialog.fixed = dialog.ids.count;
-    incoming.count = 0;
-    append_header(t, &d, "user", &incoming);
-    push_or_die(&incoming, d.eot);
-    append_header(t, &d, "assistant", &incoming);
-    size_t overhead = incoming.count;  /* the ids of a turn besides its content */
-    if (dialog.fixed + overhead + room >= seq_len)
-        die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
-            dialog.fixed, seq_len);
     for (;;) {
         if (first_message) {
             message.len = 0;
@@ -2921,75 +3015,14 @@ static int chat(Session *s, const char *system_prompt, const char *first_message
         const char *content;
         size_t len = strip_text(message.bytes, message.len, &content);
         if (len == 0) continue;  /* blank line */
-        size_t pending = dialog.ids.count - (size_t)s->pos;
-        /* At least this many ids: no token covers more than max_token_bytes of the text. */
-        size_t least = overhead + (len + max_token_bytes - 1) / max_token_bytes;
-        size_t used = s->context_shift ? dialog.fixed : (size_t)s->pos + pending;
-        size_t limit = used < seq_len ? seq_len - used : 0;  /* positions the turn may use */
-        if (least + room > limit) {
-            if (!s->context_shift) {
-                fprintf(stderr, "run: context full: the next turn needs at least %zu positions, "
-                        "%zu of %zu are used (-c); session ended\n", pending + least,
-                        (size_t)s->pos, seq_len);
-                status = 1;
-                break;
-            }
-            fprintf(stderr, "run: message refused: its %zu bytes need at least %zu positions and "
-                    "at most %zu are free (-c %zu); the session goes on\n", len, least,
-                    limit - room, seq_len);
-            continue;
-        }
-        incoming.count = 0;
-        append_message(t, &d, "user", content, len, &incoming);
-        append_header(t, &d, "assistant", &incoming);
-        if ((size_t)s->pos + pending + incoming.count + room > seq_len) {
-            if (!s->context_shift) {
-                fprintf(stderr, "run: context full: the next turn needs %zu positions, %d of "
-                        "%zu are used (-c); session ended\n", pending + incoming.count, s->pos,
-                        seq_len);
-                status = 1;
-                break;
-            }
-            if (dialog.fixed + incoming.count + room > seq_len) {
-                fprintf(stderr, "run: message refused: it needs %zu positions and at most %zu "
-                        "are free (-c %zu); the session goes on\n", incoming.count,
-                        seq_len - dialog.fixed - room, seq_len);
-                continue;
-            }
-            size_t drop = turns_to_drop(&dialog, incoming.count, room, seq_len);
-            size_t before = dialog.ids.count;
-            dialog_drop_turns(&dialog, drop);
-            fprintf(stderr, "run: context full: dropped the %zu oldest turn%s (%zu positions); "
-                    "feeding the %zu kept positions again\n", drop, drop == 1 ? "" : "s",
-                    before - dialog.ids.count, dialog.ids.count);
-            s->pos = 0;
-        }
-        dialog_start_turn(&dialog);
-        for (size_t i = 0; i < incoming.count; i++) push_or_die(&dialog.ids, incoming.ids[i]);
+        int fit = fit_turn(&c, content, len);
+        if (fit == TURN_REFUSED) continue;
+        if (fit == TURN_ENDS) { status = 1; break; }
         if (s->json) print_json_message(s, "user", content, len);
-        const int *fed = dialog.ids.ids + s->pos;
-        size_t n_fed = dialog.ids.count - (size_t)s->pos;
-        if (s->print_ids) print_id_line("in:", fed, n_fed);
-        if (interactive && !s->json) printf("Assistant: ");
-        if (s->print_ids) printf("out:");
-        if (s->json) printf("{\"role\":\"assistant\",\"content\":\"");
-        s->ids_on_line = 1;  /* so that every id after "out:" gets its space */
-        reply.count = 0;
-        generate(s, fed, n_fed, max_reply, &reply);
-        finish_output(s);
-        int stopped = interrupted;
-        interrupted = 0;
-        if (s->json) printf(stopped ? "\",\"interrupted\":true}" : "\"}");
-        printf("\n");
-        fflush(stdout);
-        /* The reply goes into the dialog as sampled (its stop token aside), closed by the
-           <|eot_id|> the format puts after it; its last token and that <|eot_id|> are fed
-           with the next turn. */
-        for (size_t i = 0; i < reply.count; i++) push_or_die(&dialog.ids, reply.ids[i]);
-        push_or_die(&dialog.ids, d.eot);
-        if ((size_t)s->pos >= seq_len && !s->context_shift) {
+        answer(&c, max_reply, interactive);
+        if ((size_t)s->pos >= c.seq_len && !s->context_shift) {
             fprintf(stderr, "run: context full during the reply (%zu positions, -c); "
-                    "session ended\n", seq_len);
+                    "session ended\n", c.seq_len);
             status = 1;
             break;
         }
@@ -2997,10 +3030,7 @@ static int chat(Session *s, const char *system_prompt, const char *first_message
     if (interactive) editor_close(&editor);
     free(line);
     free(message.bytes);
-    free(dialog.turn_start);
-    token_list_free(&dialog.ids);
-    token_list_free(&incoming);
-    token_list_free(&reply);
+    chat_close(&c);
     return status;
 }
 
