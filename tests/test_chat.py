@@ -224,7 +224,8 @@ def test_strip_is_strict_utf8():
         proc = run([program("runomp"), model()[0], "-m", "chat", "-o", "ids", "-t", "0",
                     "-n", "1"], input=raw + b"\n")
         fed = [int(t) for t in proc.stdout.split(b"\n")[0].split()[1:]]
-        content = [int(t) for t in run([program("tokenize"), model()[1]], input=kept).stdout.split()]
+        tokenized = run([program("tokenize"), model()[1]], input=kept).stdout
+        content = [int(t) for t in tokenized.split()]
         assert fed == [BOS, START] + encode("user") + [END] + encode("\n\n") + content + [EOT] + \
             assistant_header(), raw
 

@@ -18,7 +18,8 @@ READY = b"\x1b[?2004h"  # the editor turns bracketed paste on when it starts rea
 DONE = b"\x1b[?2004l"   # ... and off when it gives the terminal back
 TIMEOUT = 300           # seconds to wait for any one thing: generous, for a busy machine
 LEFT, RIGHT, UP, DOWN = b"\x1b[D", b"\x1b[C", b"\x1b[A", b"\x1b[B"
-HOME, END, BACKSPACE, CTRL_C, CTRL_D, CTRL_U = b"\x1b[H", b"\x1b[F", b"\x7f", b"\x03", b"\x04", b"\x15"
+HOME, END, BACKSPACE = b"\x1b[H", b"\x1b[F", b"\x7f"
+CTRL_C, CTRL_D, CTRL_U = b"\x03", b"\x04", b"\x15"
 
 
 class Terminal:
@@ -125,12 +126,13 @@ def test_editing_keys_and_history():
     unknown = b"\x1b[15~\x1bOP\x1bx\x1b[2J\x1b[1;5Z"  # F5, F1, Alt-x, erase screen, ...: dropped
     typed = [
         # arrows, Home/End, Backspace, a 2-byte character the cursor steps over whole
-        b"abc" + LEFT + LEFT + b"X" + HOME + b"S" + END + b"E" + BACKSPACE + b" caf\xc3\xa9"
-        + LEFT + b"Z" + unknown + b"\r",
-        b"garbage" + CTRL_U + b"draft" + UP + DOWN + b"!\r",  # Up then Down gives the draft back
+        b"abc" + LEFT + LEFT + b"X" + HOME + RIGHT + b"S" + END + b"E" + BACKSPACE
+        + b" caf\xc3\xa9" + LEFT + b"Z" + unknown + b"\r",
+        # Ctrl-U, Delete, and Up then Down give the draft back
+        b"garbage" + CTRL_U + b"draXft" + LEFT * 3 + b"\x1b[3~" + UP + DOWN + b"!\r",
         UP + UP + BACKSPACE + b"\r",  # the first message again, less its last character
     ]
-    sent = ["SaXbc cafZ\u00e9", "draft!", "SaXbc cafZ"]
+    sent = ["aSXbc cafZ\u00e9", "draft!", "aSXbc cafZ"]
     for i, keys in enumerate(typed):
         term.wait_for(READY, i + 1)
         term.send(keys)
