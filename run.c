@@ -2518,9 +2518,11 @@ static void enter_raw_mode(void) {
     raw.c_lflag &= ~(tcflag_t)(ICANON | ECHO | ISIG | IEXTEN);
     raw.c_cc[VMIN] = 1;
     raw.c_cc[VTIME] = 0;
-    if (tcsetattr(STDIN_FILENO, TCSANOW, &raw) != 0)
+    in_raw_mode = 1;  /* first: a signal from here on restores the terminal */
+    if (tcsetattr(STDIN_FILENO, TCSANOW, &raw) != 0) {
+        in_raw_mode = 0;
         die("cannot set the terminal to raw mode: %s", strerror(errno));
-    in_raw_mode = 1;
+    }
     write_all(editor_fd, "\033[?2004h", 8);  /* bracketed paste on */
 }
 
