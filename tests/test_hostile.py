@@ -356,6 +356,8 @@ def test_prompts():
     expect("prompt", fixed, "context full", stdin=b"hello there\n" * 100, **full)
     expect("prompt", fixed + ["-i", "y" * 5000], "context full", stdin=b"", **full)
     expect("prompt", chat, "message refused", status=0, stdin=b"x" * (1 << 20) + b"\n")
+    # 20 MB: refused on its length in bytes, before it is encoded
+    expect("prompt", chat, "bytes need at least", status=0, stdin=b"a" * 20_000_000 + b"\n")
     expect("prompt", chat, "dropped the", status=0, stdin=b"hello there\n" * 100)
     expect("prompt", chat + ["-i", "y" * 5000], "message refused", status=0, stdin=b"")
     expect("prompt", chat + ["-y", "y" * 5000], "system prompt", stdin=b"hi\n")
