@@ -2500,8 +2500,8 @@ static void write_all(int fd, const char *bytes, size_t n) {
 static void leave_raw_mode(void) {
     if (!in_raw_mode) return;
     int saved_errno = errno;
-    write_all(editor_fd, "\033[?2004l", 8);  /* bracketed paste off */
     tcsetattr(STDIN_FILENO, TCSANOW, &saved_termios);
+    write_all(editor_fd, "\033[?2004l", 8);  /* bracketed paste off */
     in_raw_mode = 0;
     errno = saved_errno;
 }

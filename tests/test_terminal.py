@@ -86,6 +86,7 @@ class Terminal:
             assert time.monotonic() < deadline, "the program did not end"
             time.sleep(0.05)
         self.reader.join(TIMEOUT)
+        self.final_modes = termios.tcgetattr(self.fd)[3]  # the local modes it left behind
         os.close(self.fd)
         with open(self.err_path, "rb") as f:
             err = f.read()
@@ -115,8 +116,9 @@ def closing(reply):
     return ([] if reply and reply[-1] == EOT else reply[-1:]) + [EOT]
 
 
-def check_restored(output, err, status):
+def check_restored(term, output, err, status):
     assert status == 0, err
+    assert term.final_modes & termios.ICANON and term.final_modes & termios.ECHO
     assert output.count(READY) == output.count(DONE) and output.rfind(DONE) > output.rfind(READY)
     assert re.search(rb"(^|\n)prompt: \d+ tokens", err), err  # the stats line, on its own line
 
@@ -139,7 +141,7 @@ def test_editing_keys_and_history():
     term.wait_for(READY, len(typed) + 1)
     term.send(CTRL_D)  # on an empty message: the end of the session
     status, output, err = term.finish()
-    check_restored(output, err, status)
+    check_restored(term, output, err, status)
     got = turns(output)
     assert len(got) == 3
     assert got[0][0] == [BOS] + message("user", sent[0]) + assistant_header()
@@ -162,7 +164,7 @@ def test_paste_and_continuation():
     term.wait_for(READY, 3)
     term.send(CTRL_D)
     status, output, err = term.finish()
-    check_restored(output, err, status)
+    check_restored(term, output, err, status)
     got = turns(output)
     assert len(got) == 2
     assert got[0][0] == [BOS] + message("user", "first line\n  second\nthird") + assistant_header()
@@ -189,7 +191,7 @@ def test_ctrl_c_in_a_reply_and_at_the_prompt():
     term.wait_for(READY, 3)
     term.send(CTRL_C)  # at the prompt: the end of the session, status 0, the stats line
     status, output, err = term.finish()
-    check_restored(output, err, status)
+    check_restored(term, output, err, status)
     got = turns(strip_echo(output))
     assert len(got) == 2 and got[0][1] and got[1][1]
     assert got[0][0] == [BOS] + message("user", "Tell me everything") + assistant_header()
@@ -220,18 +222,24 @@ def test_context_slides_on_a_terminal():
     term.wait_for(READY, len(users) + 1)
     term.send(CTRL_D)
     status, output, err = term.finish()
-    check_restored(output, err, status)
+    check_restored(term, output, err, status)
     got = turns(output)
     dropped = check_dialog(got, users, 64, 5)
     assert len(dropped) >= 1 and err.count(b"dropped the") == len(dropped), err
 
 
 def test_terminal_restored_after_a_signal():
-    term = chat("-n", "2")
-    term.wait_for(READY)
-    term.send(b"half a mess")
-    term.wait_for(b"half a mess")
-    os.kill(term.pid, signal.SIGTERM)
-    status, output, _ = term.finish()
-    assert status == -signal.SIGTERM
-    assert output.rfind(DONE) > output.rfind(READY)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # killed, or its terminal window closed
+        term = chat("-n", "2")
+        term.wait_for(READY)
+        term.send(b"half a mess")
+        term.wait_for(b"half a mess")
+        attrs = termios.tcgetattr(term.fd)
+        assert not attrs[3] & (termios.ICANON | termios.ECHO)  # the editor's raw mode
+        os.kill(term.pid, sig)
+        term.wait_for(DONE)
+        attrs = termios.tcgetattr(term.fd)
+        assert attrs[3] & termios.ICANON and attrs[3] & termios.ECHO  # given back
+        status, output, _ = term.finish()
+        assert status == -sig
+        assert output.rfind(DONE) > output.rfind(READY)
