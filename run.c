@@ -17,13 +17,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 #if defined _OPENMP
@@ -2114,7 +2117,8 @@ static int sample(Sampler *sampler, float *logits) {
    5. Generation
 
    A Session is the model plus where its KV cache stands: tokens are fed at `pos`, and every
-   generated token is fed back before the next one is sampled. */
+   generated token is fed back before the next one is sampled. Ctrl-C (SIGINT) sets a flag
+   that generation checks at every token, so a reply stops cleanly instead of the program. */
 
 #define MAX_STOP_IDS 16
 
@@ -2127,11 +2131,38 @@ typedef struct {
     int n_stop_ids;
     FILE *logits_file;        /* -L: every position's logits, float32 rows */
     int print_ids;            /* -o ids: print ids instead of text */
+    int json;                 /* -o json: chat prints one JSON object per message */
+    int context_shift;        /* chat drops its oldest turns when the context is full */
     int ids_on_line;          /* ids printed on the current output line */
     Utf8Decoder utf8;
     double prompt_seconds, generate_seconds;
     long prompt_tokens, generated_tokens;
 } Session;
+
+/* Set by SIGINT; whoever acts on it clears it. The one mutable global of the program, with
+   the terminal state of chat's line editor (section 6), which signals must also reach. */
+static volatile sig_atomic_t interrupted;
+
+static void leave_raw_mode(void);
+
+static void on_interrupt(int sig) {
+    if (interrupted) {  /* a second Ctrl-C before the first was acted on: quit at once */
+        leave_raw_mode();
+        signal(sig, SIG_DFL);
+        raise(sig);
+    }
+    interrupted = 1;
+}
+
+/* From now on Ctrl-C stops generation (see `interrupted`) instead of the program. */
+static void catch_interrupts(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = on_interrupt;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;  /* reads and writes carry on; the flag is polled */
+    sigaction(SIGINT, &action, NULL);
+}
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -2162,6 +2193,10 @@ static float *feed(Session *s, const int *tokens, size_t n) {
     return logits;
 }
 
+static void push_or_die(TokenList *list, int id) {
+    if (token_list_push(list, id) != TOKENIZER_OK) die("out of memory");
+}
+
 static int is_stop_id(const Session *s, int id) {
     for (int i = 0; i < s->n_stop_ids; i++) if (s->stop_ids[i] == id) return 1;
     return 0;
@@ -2172,37 +2207,60 @@ static void add_stop_id(Session *s, int id) {
     s->stop_ids[s->n_stop_ids++] = id;
 }
 
-/* Prints one generated token: its id, or its bytes through the UTF-8 decoder so that a
-   character split over several tokens comes out whole. */
+/* Writes UTF-8 text on stdout as the inside of a JSON string: quotes, backslashes and
+   control characters escaped, everything else (valid UTF-8 by then) as it is. */
+static void write_json_chars(const unsigned char *text, size_t len) {
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = text[i];
+        if (c == '"' || c == '\\') printf("\\%c", c);
+        else if (c == '\n') fputs("\\n", stdout);
+        else if (c == '\r') fputs("\\r", stdout);
+        else if (c == '\t') fputs("\\t", stdout);
+        else if (c < 0x20) printf("\\u%04x", c);
+        else putchar(c);
+    }
+}
+
+/* Text for stdout, through the session's UTF-8 decoder (so that a character split over
+   several tokens comes out whole, and invalid bytes as U+FFFD), JSON-escaped with -o json.
+   flush: the end of the text, where an incomplete character is given up. */
+static void write_text(Session *s, const unsigned char *text, size_t len, int flush) {
+    unsigned char out[UTF8_DECODER_OUT_MAX(256)];
+    for (;;) {  /* in chunks, so that `out` always fits */
+        size_t chunk = len < 256 ? len : 256;
+        size_t n = utf8_decoder_feed(&s->utf8, text, chunk, out);
+        if (chunk == len && flush) n += utf8_decoder_flush(&s->utf8, out + n);
+        if (s->json) write_json_chars(out, n);
+        else fwrite(out, 1, n, stdout);
+        text += chunk;
+        len -= chunk;
+        if (len == 0) break;
+    }
+}
+
+/* Prints one generated token: its id, or its bytes as text. */
 static void emit_token(Session *s, int id) {
     if (s->print_ids) {
         printf(s->ids_on_line++ > 0 ? " %d" : "%d", id);
     } else {
         size_t len;
         const unsigned char *piece = tokenizer_piece(s->tokenizer, id, &len);
-        unsigned char out[UTF8_DECODER_OUT_MAX(256)];
-        while (piece && len > 0) {  /* pieces are short; chunk anyway so `out` always fits */
-            size_t chunk = len < 256 ? len : 256;
-            fwrite(out, 1, utf8_decoder_feed(&s->utf8, piece, chunk, out), stdout);
-            piece += chunk;
-            len -= chunk;
-        }
+        if (piece) write_text(s, piece, len, 0);
     }
     fflush(stdout);
 }
 
 static void finish_output(Session *s) {
-    if (!s->print_ids) {
-        unsigned char out[4];
-        fwrite(out, 1, utf8_decoder_flush(&s->utf8, out), stdout);
-    }
+    if (!s->print_ids) write_text(s, (const unsigned char *)"", 0, 1);
     fflush(stdout);
 }
 
 /* Feeds the prompt, then samples and feeds up to max_new tokens, stopping after a stop token
-   (which is printed only as an id) or when the context is full. Returns the last sampled
-   token, or -1 if none was. The last sampled token is not fed: the caller decides. */
-static int generate(Session *s, const int *prompt, size_t n_prompt, int max_new) {
+   (which is printed only as an id), when the context is full or at Ctrl-C. Returns the last
+   sampled token, or -1 if none was. The last sampled token is not fed: the caller decides.
+   Every sampled token but a stop token is appended to `reply` when it is not NULL. */
+static int generate(Session *s, const int *prompt, size_t n_prompt, int max_new,
+                    TokenList *reply) {
     int seq_len = s->tr->state.seq_len;
     double start = now_seconds();
     float *logits = feed(s, prompt, n_prompt);
@@ -2211,22 +2269,30 @@ static int generate(Session *s, const int *prompt, size_t n_prompt, int max_new)
     s->prompt_tokens += (long)n_prompt;
     int token = -1;
     for (int produced = 0; max_new <= 0 || produced < max_new; produced++) {
+        if (interrupted) break;  /* here `token` (if any) is not fed yet, as documented */
+        if (token >= 0) {
+            if (s->pos >= seq_len) {
+                fprintf(stderr, "\n[context full: %d positions (-c); generation stopped]\n",
+                        seq_len);
+                break;
+            }
+            logits = feed(s, &token, 1);
+        }
         token = sample(&s->sampler, logits);
         int stop = is_stop_id(s, token);
         if (!stop || s->print_ids) emit_token(s, token);
+        if (!stop && reply) push_or_die(reply, token);
         s->generated_tokens++;
-        if (stop || (max_new > 0 && produced + 1 == max_new)) break;
-        if (s->pos >= seq_len) {
-            fprintf(stderr, "\n[context full: %d positions (-c); generation stopped]\n", seq_len);
-            break;
-        }
-        logits = feed(s, &token, 1);
+        if (stop) break;
     }
     s->generate_seconds += now_seconds() - prompt_done;
     return token;
 }
 
+/* The stats line. Everything on stdout is flushed first, so that it comes before the line
+   where stdout and stderr meet (a terminal, or `2>&1`). */
 static void print_speed(const Session *s) {
+    fflush(stdout);
     fprintf(stderr, "prompt: %ld tokens, %.1f tok/s; generated: %ld tokens, %.1f tok/s\n",
             s->prompt_tokens,
             s->prompt_seconds > 0 ? (double)s->prompt_tokens / s->prompt_seconds : 0.0,
@@ -2248,19 +2314,28 @@ static void encode_or_die(const Tokenizer *t, const char *text, size_t len, int 
    and, for the reply, the assistant header alone. Header and control tokens are inserted as
    ids; the text of a message is encoded with special tokens NOT recognised, so a user typing
    "<|eot_id|>" cannot end their turn or forge another. Each turn feeds only its new tokens
-   into the one KV cache. */
+   into the one KV cache; when the next turn does not fit, the oldest turns are dropped and
+   what is kept is fed again (a context that slides).
 
-/* Length of the UTF-8 character starting at s[0] and its code point; an invalid byte counts
-   as a one-byte character that is not white space. */
+   The section has three parts: the dialog format, reading a message (from a pipe, or on a
+   terminal with a small line editor), and the chat loop with its sliding context. */
+
+/* Length of the UTF-8 character starting at s[0] and its code point, decoded strictly (the
+   tokenizer's decoder passes a character through unchanged only if it is well formed: no
+   overlong form, surrogate or truncation); anything else is a one-byte character that is not
+   white space. */
 static int utf8_char_at(const unsigned char *s, size_t len, unsigned int *cp) {
     unsigned char c = s[0];
     int n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    if (n == 0 || (size_t)n > len) { *cp = 0xFFFFFFFF; return 1; }
-    unsigned int v = n == 1 ? c : (unsigned int)(c & (0x7F >> n));
-    for (int i = 1; i < n; i++) {
-        if ((s[i] & 0xC0) != 0x80) { *cp = 0xFFFFFFFF; return 1; }
-        v = (v << 6) | (s[i] & 0x3F);
+    unsigned char out[UTF8_DECODER_OUT_MAX(4)];
+    Utf8Decoder strict = {0};
+    if (n == 0 || (size_t)n > len || utf8_decoder_feed(&strict, s, (size_t)n, out) != (size_t)n ||
+        memcmp(out, s, (size_t)n) != 0) {
+        *cp = 0xFFFFFFFF;
+        return 1;
     }
+    unsigned int v = n == 1 ? c : (unsigned int)(c & (0x7F >> n));
+    for (int i = 1; i < n; i++) v = (v << 6) | (s[i] & 0x3F);
     *cp = v;
     return n;
 }
@@ -2298,10 +2373,6 @@ typedef struct {
     int start_header, end_header, eot;
 } DialogIds;
 
-static void push_or_die(TokenList *list, int id) {
-    if (token_list_push(list, id) != TOKENIZER_OK) die("out of memory");
-}
-
 static void append_header(const Tokenizer *t, const DialogIds *d, const char *role,
                           TokenList *out) {
     push_or_die(out, d->start_header);
@@ -2310,12 +2381,11 @@ static void append_header(const Tokenizer *t, const DialogIds *d, const char *ro
     encode_or_die(t, "\n\n", 2, 0, out);
 }
 
+/* A message whose content is already stripped. */
 static void append_message(const Tokenizer *t, const DialogIds *d, const char *role,
                            const char *content, size_t len, TokenList *out) {
-    const char *stripped;
-    size_t stripped_len = strip_text(content, len, &stripped);
     append_header(t, d, role, out);
-    encode_or_die(t, stripped, stripped_len, 0, out);
+    encode_or_die(t, content, len, 0, out);
     push_or_die(out, d->eot);
 }
 
@@ -2325,85 +2395,644 @@ static int dialog_special(const Tokenizer *t, const char *text) {
     return id;
 }
 
-static void print_id_line(const char *tag, const TokenList *ids) {
+static void print_id_line(const char *tag, const int *ids, size_t n) {
     printf("%s", tag);
-    for (size_t i = 0; i < ids->count; i++) printf(" %d", ids->ids[i]);
+    for (size_t i = 0; i < n; i++) printf(" %d", ids[i]);
     printf("\n");
 }
 
-/* Reads one line of any length from stdin (without its newline). Returns -1 at end of input. */
-static ssize_t read_line(char **line, size_t *capacity) {
-    ssize_t n = getline(line, capacity, stdin);
-    if (n < 0) {
-        if (ferror(stdin)) die("cannot read stdin: %s", strerror(errno));
-        return -1;
-    }
-    if (n > 0 && (*line)[n - 1] == '\n') (*line)[--n] = '\0';
-    return n;
+/* -o json: one message as one line {"role":"...","content":"..."}. */
+static void print_json_message(Session *s, const char *role, const char *content, size_t len) {
+    printf("{\"role\":\"%s\",\"content\":\"", role);
+    write_text(s, (const unsigned char *)content, len, 1);
+    printf("\"}\n");
+    fflush(stdout);
 }
 
-/* The chat loop. Ends with exit status 0 at end of input. When the context cannot hold the
-   next turn (or fills up during a reply) the session ends with a message and status 1. */
-static int chat(Session *s, const char *system_prompt, const char *first_message, int max_reply) {
+/* ---- Reading a message ----------------------------------------------------------------
+
+   A message is read into a Text. From a pipe or a file it is one line of any length; a line
+   that ends in a backslash continues on the next one (the backslash becomes a newline). */
+
+typedef struct {
+    char *bytes;
+    size_t len, capacity;
+} Text;
+
+static void text_insert(Text *t, size_t at, const char *bytes, size_t n) {
+    if (t->len + n + 1 > t->capacity) {
+        size_t capacity = t->capacity ? t->capacity : 256;
+        while (capacity < t->len + n + 1) capacity *= 2;
+        char *grown = realloc(t->bytes, capacity);
+        if (!grown) die("out of memory reading a message of %zu bytes", t->len + n);
+        t->bytes = grown;
+        t->capacity = capacity;
+    }
+    memmove(t->bytes + at + n, t->bytes + at, t->len - at);
+    memcpy(t->bytes + at, bytes, n);
+    t->len += n;
+    t->bytes[t->len] = '\0';
+}
+
+static void text_delete(Text *t, size_t from, size_t to) {
+    if (from == to) return;
+    memmove(t->bytes + from, t->bytes + to, t->len - to);
+    t->len -= to - from;
+    if (t->bytes) t->bytes[t->len] = '\0';
+}
+
+static void text_set(Text *t, const Text *from) {
+    t->len = 0;
+    text_insert(t, 0, from->bytes ? from->bytes : "", from->len);
+}
+
+/* Returns 0, or -1 at end of input with nothing read, or after a Ctrl-C between replies
+   (noticed once the read returns: reads restart after a signal). */
+static int read_piped_message(Text *message, char **line, size_t *capacity) {
+    message->len = 0;
+    for (int lines = 0;; lines++) {
+        ssize_t n = getline(line, capacity, stdin);
+        if (interrupted) return -1;
+        if (n < 0) {
+            if (ferror(stdin)) die("cannot read stdin: %s", strerror(errno));
+            return lines > 0 ? 0 : -1;
+        }
+        if (n > 0 && (*line)[n - 1] == '\n') n--;
+        int more = n > 0 && (*line)[n - 1] == '\\';
+        if (more) (*line)[n - 1] = '\n';
+        text_insert(message, message->len, *line, (size_t)n);
+        if (!more) return 0;
+    }
+}
+
+/* ---- Chat on a terminal: a line editor (POSIX termios) --------------------------------
+
+   When stdin is a terminal, messages are read in raw mode, byte by byte, by this editor:
+     - typing inserts at the cursor; Backspace, Ctrl-U (to the start of the line), Ctrl-K (to
+       its end), Left/Right (Ctrl-B/F) by UTF-8 character, Home/End (Ctrl-A/E), Up/Down
+       (Ctrl-P/N) for the earlier messages of the session;
+     - Enter sends the message, unless it ends in a backslash: that becomes a newline;
+     - a paste arrives between ESC[200~ and ESC[201~ (bracketed paste, which the editor turns
+       on) and is inserted whole, newlines included, whatever its length: one message;
+     - every other escape sequence is read to its end and dropped, so none reaches the model;
+     - Ctrl-D on an empty message, or Ctrl-C, ends the session.
+   Raw mode lasts only while a message is read: the reply is generated in the terminal's own
+   mode, where Ctrl-C raises SIGINT. The terminal is restored on every way out: return,
+   exit() (atexit), and the signals that end the program. */
+
+static struct termios saved_termios;   /* the terminal's settings outside the editor */
+static volatile sig_atomic_t in_raw_mode;
+static int editor_fd = -1;             /* where the editor draws: the terminal */
+
+/* write() until done; errors are ignored (a terminal that went away cannot be drawn on).
+   Async-signal-safe. */
+static void write_all(int fd, const char *bytes, size_t n) {
+    while (n > 0) {
+        ssize_t done = write(fd, bytes, n);
+        if (done < 0 && errno == EINTR) continue;
+        if (done <= 0) return;
+        bytes += done;
+        n -= (size_t)done;
+    }
+}
+
+/* Async-signal-safe: called from signal handlers too. */
+static void leave_raw_mode(void) {
+    if (!in_raw_mode) return;
+    int saved_errno = errno;
+    tcsetattr(STDIN_FILENO, TCSANOW, &saved_termios);
+    write_all(editor_fd, "\033[?2004l", 8);  /* bracketed paste off */
+    in_raw_mode = 0;
+    errno = saved_errno;
+}
+
+static void on_fatal_signal(int sig) {
+    leave_raw_mode();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void enter_raw_mode(void) {
+    struct termios raw = saved_termios;
+    raw.c_iflag &= ~(tcflag_t)(ICRNL | INLCR | IGNCR | IXON | ISTRIP);
+    raw.c_lflag &= ~(tcflag_t)(ICANON | ECHO | ISIG | IEXTEN);
+    raw.c_cc[VMIN] = 1;
+    raw.c_cc[VTIME] = 0;
+    in_raw_mode = 1;  /* first: a signal from here on restores the terminal */
+    if (tcsetattr(STDIN_FILENO, TCSANOW, &raw) != 0) {
+        in_raw_mode = 0;
+        die("cannot set the terminal to raw mode: %s", strerror(errno));
+    }
+    write_all(editor_fd, "\033[?2004h", 8);  /* bracketed paste on */
+}
+
+enum { KEY_NONE, KEY_UP, KEY_DOWN, KEY_LEFT, KEY_RIGHT, KEY_HOME, KEY_END, KEY_DELETE,
+       KEY_PASTE_START, KEY_PASTE_END };
+
+typedef struct {
+    Text text;                 /* the message being edited */
+    size_t cursor;             /* byte offset in text */
+    Text *history;             /* earlier messages; history[n_history] is the one being typed */
+    size_t n_history, shown;   /* shown: the history entry on screen */
+    int cursor_row;            /* rows between the prompt's first row and the cursor */
+    int in_paste;
+    int pending_cr;            /* a paste's \r was just turned into \n: a \n after it is dropped */
+    int esc_state;             /* 0: no sequence; 1: after ESC; 2: in ESC [ ...; 3: after ESC O */
+    char esc_params[16];
+    size_t n_esc_params;
+    unsigned char input[4096]; /* bytes read but not used yet (typed ahead) */
+    size_t input_start, input_len;
+} Editor;
+
+static const char EDITOR_PROMPT[] = "User: ";
+
+/* Returns 0 (and leaves stdin as it is) when stdin is not a terminal whose settings we can
+   read; the caller then reads it as a pipe. */
+static int editor_open(Editor *e) {
+    memset(e, 0, sizeof *e);
+    if (!isatty(STDIN_FILENO) || tcgetattr(STDIN_FILENO, &saved_termios) != 0) return 0;
+    editor_fd = isatty(STDOUT_FILENO) ? STDOUT_FILENO
+              : isatty(STDERR_FILENO) ? STDERR_FILENO : STDIN_FILENO;
+    e->history = checked_calloc(1, sizeof(Text), "the chat history");
+    atexit(leave_raw_mode);
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = on_fatal_signal;
+    sigemptyset(&action.sa_mask);
+    int fatal[] = { SIGTERM, SIGHUP, SIGQUIT, SIGPIPE };
+    for (size_t i = 0; i < sizeof fatal / sizeof fatal[0]; i++) sigaction(fatal[i], &action, NULL);
+    return 1;
+}
+
+static void editor_close(Editor *e) {
+    leave_raw_mode();
+    for (size_t i = 0; e->history && i <= e->n_history; i++) free(e->history[i].bytes);
+    free(e->history);
+    free(e->text.bytes);
+}
+
+static int terminal_columns(void) {
+#ifdef TIOCGWINSZ
+    struct winsize size;
+    if (ioctl(editor_fd, TIOCGWINSZ, &size) == 0 && size.ws_col > 0) return size.ws_col;
+#endif
+    return 80;
+}
+
+/* Where the terminal's cursor goes after showing byte c: one column per character (UTF-8
+   continuation bytes take none), a newline starts a row, a full row wraps before the next
+   character. col == columns means "at the end of a full row, not wrapped yet". */
+static void advance(int *row, int *col, int columns, unsigned char c) {
+    if (c == '\n') { (*row)++; *col = 0; return; }
+    if ((c & 0xC0) == 0x80) return;
+    if (*col == columns) { (*row)++; *col = 0; }
+    (*col)++;
+}
+
+/* Redraws the prompt and the message, and puts the cursor in place: back to the prompt's
+   row, clear to the end of the screen, write everything, then move up and right. */
+static void editor_draw(Editor *e) {
+    int columns = terminal_columns(), row = 0, col = 0, cursor_row = 0, cursor_col = 0;
+    Text out = {0};
+    char move[32];
+    if (e->cursor_row > 0) {
+        snprintf(move, sizeof move, "\033[%dA", e->cursor_row);
+        text_insert(&out, out.len, move, strlen(move));
+    }
+    text_insert(&out, out.len, "\r\033[J", 4);
+    text_insert(&out, out.len, EDITOR_PROMPT, strlen(EDITOR_PROMPT));
+    for (const char *p = EDITOR_PROMPT; *p; p++) advance(&row, &col, columns, (unsigned char)*p);
+    for (size_t i = 0; i <= e->text.len; i++) {
+        if (i == e->cursor) { cursor_row = row; cursor_col = col; }
+        if (i == e->text.len) break;
+        unsigned char c = (unsigned char)e->text.bytes[i];
+        if (c == '\n') text_insert(&out, out.len, "\r\n", 2);
+        else text_insert(&out, out.len, c < 0x20 ? " " : (const char *)&c, 1);  /* a tab */
+        advance(&row, &col, columns, c);
+    }
+    if (col == columns) { text_insert(&out, out.len, "\r\n", 2); row++; col = 0; }
+    if (cursor_col == columns) { cursor_row++; cursor_col = 0; }
+    if (row > cursor_row) {
+        snprintf(move, sizeof move, "\033[%dA", row - cursor_row);
+        text_insert(&out, out.len, move, strlen(move));
+    }
+    text_insert(&out, out.len, "\r", 1);
+    if (cursor_col > 0) {
+        snprintf(move, sizeof move, "\033[%dC", cursor_col);
+        text_insert(&out, out.len, move, strlen(move));
+    }
+    write_all(editor_fd, out.bytes, out.len);
+    free(out.bytes);
+    e->cursor_row = cursor_row;
+}
+
+/* Byte offsets of the characters before and after the cursor, and of its line's ends. */
+static size_t char_before(const Editor *e, size_t at) {
+    size_t p = at > 0 ? at - 1 : 0;
+    while (p > 0 && at - p < 4 && ((unsigned char)e->text.bytes[p] & 0xC0) == 0x80) p--;
+    return p;
+}
+
+static size_t char_after(const Editor *e, size_t at) {
+    size_t p = at < e->text.len ? at + 1 : at;
+    while (p < e->text.len && p - at < 4 && ((unsigned char)e->text.bytes[p] & 0xC0) == 0x80) p++;
+    return p;
+}
+
+static size_t line_start(const Editor *e) {
+    size_t p = e->cursor;
+    while (p > 0 && e->text.bytes[p - 1] != '\n') p--;
+    return p;
+}
+
+static size_t line_end(const Editor *e) {
+    size_t p = e->cursor;
+    while (p < e->text.len && e->text.bytes[p] != '\n') p++;
+    return p;
+}
+
+static void editor_insert(Editor *e, const char *bytes, size_t n) {
+    text_insert(&e->text, e->cursor, bytes, n);
+    e->cursor += n;
+}
+
+/* Up and Down: the message typed so far is kept as the newest history entry. */
+static void editor_browse(Editor *e, int older) {
+    if (older ? e->shown == 0 : e->shown == e->n_history) return;
+    text_set(&e->history[e->shown], &e->text);
+    e->shown = older ? e->shown - 1 : e->shown + 1;
+    text_set(&e->text, &e->history[e->shown]);
+    e->cursor = e->text.len;
+}
+
+static void editor_key(Editor *e, int key) {
+    switch (key) {
+    case KEY_UP: editor_browse(e, 1); break;
+    case KEY_DOWN: editor_browse(e, 0); break;
+    case KEY_LEFT: e->cursor = char_before(e, e->cursor); break;
+    case KEY_RIGHT: e->cursor = char_after(e, e->cursor); break;
+    case KEY_HOME: e->cursor = line_start(e); break;
+    case KEY_END: e->cursor = line_end(e); break;
+    case KEY_DELETE: text_delete(&e->text, e->cursor, char_after(e, e->cursor)); break;
+    case KEY_PASTE_START: e->in_paste = 1; e->pending_cr = 0; break;
+    case KEY_PASTE_END: e->in_paste = 0; break;
+    }
+}
+
+/* The key an escape sequence names, from its parameters and final byte. */
+static int sequence_key(const char *params, char final) {
+    switch (final) {
+    case 'A': return KEY_UP;
+    case 'B': return KEY_DOWN;
+    case 'C': return KEY_RIGHT;
+    case 'D': return KEY_LEFT;
+    case 'H': return KEY_HOME;
+    case 'F': return KEY_END;
+    case '~': {
+        int n = atoi(params);
+        return n == 1 || n == 7 ? KEY_HOME : n == 4 || n == 8 ? KEY_END : n == 3 ? KEY_DELETE
+             : n == 200 ? KEY_PASTE_START : n == 201 ? KEY_PASTE_END : KEY_NONE;
+    }
+    }
+    return KEY_NONE;
+}
+
+/* Consumes one byte of an escape sequence (esc_state != 0). */
+static void editor_escape_byte(Editor *e, unsigned char c) {
+    if (e->esc_state == 1) {  /* after ESC */
+        e->esc_state = c == '[' ? 2 : c == 'O' ? 3 : 0;  /* ESC + key (Alt-key): dropped */
+        e->n_esc_params = 0;
+        return;
+    }
+    if (e->esc_state == 2 && c >= 0x20 && c <= 0x3F) {  /* parameters, intermediates */
+        if (e->n_esc_params + 1 < sizeof e->esc_params) e->esc_params[e->n_esc_params++] = (char)c;
+        return;
+    }
+    e->esc_params[e->n_esc_params] = '\0';
+    int key = sequence_key(e->esc_params, (char)c);
+    e->esc_state = 0;
+    if (!e->in_paste || key == KEY_PASTE_END) editor_key(e, key);
+}
+
+enum { EDIT_MORE, EDIT_SEND, EDIT_END };
+
+/* A byte inside a paste: text, with \r and \r\n made \n and other control bytes dropped. */
+static void editor_paste_byte(Editor *e, unsigned char c) {
+    int after_cr = e->pending_cr;
+    e->pending_cr = c == '\r';
+    if (c == '\n' && after_cr) return;
+    if (c == '\r') c = '\n';
+    if ((c >= 0x20 && c != 0x7F) || c == '\n' || c == '\t') editor_insert(e, (const char *)&c, 1);
+}
+
+/* One byte typed: returns EDIT_SEND at Enter, EDIT_END at Ctrl-D on nothing or Ctrl-C. */
+static int editor_byte(Editor *e, unsigned char c) {
+    if (e->esc_state) { editor_escape_byte(e, c); return EDIT_MORE; }
+    if (c == 0x1B) { e->esc_state = 1; return EDIT_MORE; }
+    if (e->in_paste) { editor_paste_byte(e, c); return EDIT_MORE; }
+    switch (c) {
+    case '\r': case '\n':
+        if (e->text.len > 0 && e->text.bytes[e->text.len - 1] == '\\') {  /* continues */
+            e->text.bytes[e->text.len - 1] = '\n';
+            e->cursor = e->text.len;
+            return EDIT_MORE;
+        }
+        return EDIT_SEND;
+    case 0x03: return EDIT_END;                                          /* Ctrl-C */
+    case 0x04:                                                           /* Ctrl-D */
+        if (e->text.len == 0) return EDIT_END;
+        editor_key(e, KEY_DELETE);
+        break;
+    case 0x7F: case 0x08: {                                              /* Backspace */
+        size_t from = char_before(e, e->cursor);
+        text_delete(&e->text, from, e->cursor);
+        e->cursor = from;
+        break;
+    }
+    case 0x15: {                                                         /* Ctrl-U */
+        size_t from = line_start(e);
+        text_delete(&e->text, from, e->cursor);
+        e->cursor = from;
+        break;
+    }
+    case 0x0B: text_delete(&e->text, e->cursor, line_end(e)); break;     /* Ctrl-K */
+    case 0x01: editor_key(e, KEY_HOME); break;
+    case 0x05: editor_key(e, KEY_END); break;
+    case 0x02: editor_key(e, KEY_LEFT); break;
+    case 0x06: editor_key(e, KEY_RIGHT); break;
+    case 0x10: editor_key(e, KEY_UP); break;
+    case 0x0E: editor_key(e, KEY_DOWN); break;
+    default:
+        if (c >= 0x20 || c == '\t') editor_insert(e, (const char *)&c, 1);
+    }
+    return EDIT_MORE;
+}
+
+/* Reads one message on the terminal into e->text. Returns 0, or -1 when the session ends. */
+static int editor_read(Editor *e) {
+    e->text.len = 0;
+    e->cursor = 0;
+    e->cursor_row = 0;
+    e->shown = e->n_history;
+    e->in_paste = e->esc_state = 0;
+    fflush(stdout);
+    enter_raw_mode();
+    editor_draw(e);
+    int result = EDIT_MORE, changed = 0;  /* changed: since the last draw */
+    while (result == EDIT_MORE) {
+        if (e->input_len == 0) {
+            ssize_t n = read(STDIN_FILENO, e->input, sizeof e->input);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) { leave_raw_mode(); die("cannot read stdin: %s", strerror(errno)); }
+            if (n == 0 || interrupted) { result = EDIT_END; break; }
+            e->input_start = 0;
+            e->input_len = (size_t)n;
+        }
+        while (e->input_len > 0 && result == EDIT_MORE) {
+            result = editor_byte(e, e->input[e->input_start++]);
+            e->input_len--;
+            if (result == EDIT_MORE) changed = 1;
+        }
+        if (result == EDIT_MORE && !e->in_paste) {  /* a paste is drawn once, at its end */
+            editor_draw(e);
+            changed = 0;
+        }
+    }
+    if (result == EDIT_SEND && (changed || e->cursor != e->text.len)) {
+        e->cursor = e->text.len;  /* so that the reply starts below the whole message */
+        editor_draw(e);
+    }
+    write_all(editor_fd, "\r\n", 2);
+    leave_raw_mode();
+    interrupted = 0;
+    if (result == EDIT_END) return -1;
+    if (e->text.len > 0) {  /* into the history, before the entry of the next message */
+        Text *grown = realloc(e->history, (e->n_history + 2) * sizeof(Text));
+        if (!grown) die("out of memory for the chat history");
+        e->history = grown;
+        e->history[e->n_history + 1] = (Text){0};
+        text_set(&e->history[e->n_history], &e->text);
+        e->n_history++;
+    }
+    return 0;
+}
+
+/* ---- The chat loop and its sliding context --------------------------------------------- */
+
+/* The dialog as the KV cache holds it: ids[0 .. s->pos) are in the cache, and the rest (the
+   end of the last reply: its last sampled token, <|eot_id|>) goes in with the next turn. */
+typedef struct {
+    TokenList ids;
+    size_t fixed;        /* <|begin_of_text|> and the system message: never dropped */
+    size_t *turn_start;  /* where each user turn starts in ids */
+    size_t n_turns, turn_capacity;
+} Dialog;
+
+static void dialog_start_turn(Dialog *d) {
+    if (d->n_turns == d->turn_capacity) {
+        size_t capacity = d->turn_capacity ? 2 * d->turn_capacity : 16;
+        size_t *grown = realloc(d->turn_start, capacity * sizeof(size_t));
+        if (!grown) die("out of memory for the chat history");
+        d->turn_start = grown;
+        d->turn_capacity = capacity;
+    }
+    d->turn_start[d->n_turns++] = d->ids.count;
+}
+
+/* How many oldest turns to drop so that the kept dialog plus `incoming` ids leaves `room`
+   positions free, and uses at most half the context (so that the next turns need no slide). */
+static size_t turns_to_drop(const Dialog *d, size_t incoming, size_t room, size_t seq_len) {
+    size_t drop = 0;
+    for (; drop < d->n_turns; drop++) {
+        size_t kept = d->fixed + (d->ids.count - d->turn_start[drop]) + incoming;
+        if (kept + room <= seq_len && kept <= seq_len / 2) break;
+    }
+    return drop;
+}
+
+/* Removes the oldest `drop` turns; the cache must then be fed again from position 0. */
+static void dialog_drop_turns(Dialog *d, size_t drop) {
+    size_t from = drop < d->n_turns ? d->turn_start[drop] : d->ids.count;
+    size_t removed = from - d->fixed;
+    memmove(d->ids.ids + d->fixed, d->ids.ids + from, (d->ids.count - from) * sizeof(int));
+    d->ids.count -= removed;
+    for (size_t i = drop; i < d->n_turns; i++) d->turn_start[i - drop] = d->turn_start[i] - removed;
+    d->n_turns -= drop;
+}
+
+/* The length in bytes of the longest regular token: a message of more bytes than that many
+   times the positions it may use can never fit, and is refused before it is encoded. */
+static size_t longest_token(const Tokenizer *t) {
+    size_t longest = 1;
+    for (int id = 0; id < tokenizer_vocab_size(t); id++) {
+        size_t len;
+        if (!tokenizer_is_special(t, id) && tokenizer_piece(t, id, &len) && len > longest)
+            longest = len;
+    }
+    return longest;
+}
+
+/* A chat session: the model's session, the dialog, and what a turn needs. */
+typedef struct {
+    Session *s;
+    DialogIds d;
+    Dialog dialog;
+    size_t seq_len;
+    size_t room;             /* positions a reply needs at least: a turn must leave them free */
+    size_t overhead;         /* the ids of a turn besides its content */
+    size_t max_token_bytes;  /* longest_token() */
+    TokenList incoming;      /* the ids of the turn being added */
+    TokenList reply;
+} Chat;
+
+enum { TURN_FITS, TURN_REFUSED, TURN_ENDS };
+
+/* Encodes the next turn into c->incoming and makes room for it: by dropping the oldest turns
+   when the context slides, or not at all (TURN_ENDS) when it does not. A message that could
+   not fit even alone is TURN_REFUSED, before it is encoded when its length in bytes says so. */
+static int fit_turn(Chat *c, const char *content, size_t len) {
+    Session *s = c->s;
+    size_t pending = c->dialog.ids.count - (size_t)s->pos;
+    /* At least this many ids: no token covers more than max_token_bytes of the text. */
+    size_t least = c->overhead + (len + c->max_token_bytes - 1) / c->max_token_bytes;
+    size_t used = s->context_shift ? c->dialog.fixed : (size_t)s->pos + pending;
+    size_t limit = used < c->seq_len ? c->seq_len - used : 0;  /* positions the turn may use */
+    if (least + c->room > limit) {
+        if (!s->context_shift) {
+            fprintf(stderr, "run: context full: the next turn needs at least %zu positions, %d "
+                    "of %zu are used (-c); session ended\n", pending + least, s->pos, c->seq_len);
+            return TURN_ENDS;
+        }
+        fprintf(stderr, "run: message refused: its %zu bytes need at least %zu positions and at "
+                "most %zu are free (-c %zu); the session goes on\n", len, least,
+                limit - c->room, c->seq_len);
+        return TURN_REFUSED;
+    }
+    c->incoming.count = 0;
+    append_message(s->tokenizer, &c->d, "user", content, len, &c->incoming);
+    append_header(s->tokenizer, &c->d, "assistant", &c->incoming);
+    size_t needed = pending + c->incoming.count;
+    if ((size_t)s->pos + needed + c->room <= c->seq_len) return TURN_FITS;
+    if (!s->context_shift) {
+        fprintf(stderr, "run: context full: the next turn needs %zu positions, %d of %zu are "
+                "used (-c); session ended\n", needed, s->pos, c->seq_len);
+        return TURN_ENDS;
+    }
+    if (c->dialog.fixed + c->incoming.count + c->room > c->seq_len) {
+        fprintf(stderr, "run: message refused: it needs %zu positions and at most %zu are free "
+                "(-c %zu); the session goes on\n", c->incoming.count,
+                c->seq_len - c->dialog.fixed - c->room, c->seq_len);
+        return TURN_REFUSED;
+    }
+    size_t drop = turns_to_drop(&c->dialog, c->incoming.count, c->room, c->seq_len);
+    size_t before = c->dialog.ids.count;
+    dialog_drop_turns(&c->dialog, drop);
+    fprintf(stderr, "run: context full: dropped the %zu oldest turn%s (%zu positions); feeding "
+            "the %zu kept positions again\n", drop, drop == 1 ? "" : "s",
+            before - c->dialog.ids.count, c->dialog.ids.count);
+    s->pos = 0;
+    return TURN_FITS;
+}
+
+/* Adds the fitted turn to the dialog, feeds what the cache lacks and prints the reply. The
+   reply goes into the dialog as sampled (its stop token aside), closed by the <|eot_id|> the
+   format puts after it; its last token and that <|eot_id|> are fed with the next turn. */
+static void answer(Chat *c, int max_reply, int interactive) {
+    Session *s = c->s;
+    dialog_start_turn(&c->dialog);
+    for (size_t i = 0; i < c->incoming.count; i++) push_or_die(&c->dialog.ids, c->incoming.ids[i]);
+    const int *fed = c->dialog.ids.ids + s->pos;
+    size_t n_fed = c->dialog.ids.count - (size_t)s->pos;
+    if (s->print_ids) print_id_line("in:", fed, n_fed);
+    if (interactive && !s->json) printf("Assistant: ");
+    if (s->print_ids) printf("out:");
+    if (s->json) printf("{\"role\":\"assistant\",\"content\":\"");
+    s->ids_on_line = 1;  /* so that every id after "out:" gets its space */
+    c->reply.count = 0;
+    generate(s, fed, n_fed, max_reply, &c->reply);  /* adds to c->reply, not to the dialog */
+    finish_output(s);
+    if (s->json) printf(interrupted ? "\",\"interrupted\":true}" : "\"}");
+    printf("\n");
+    fflush(stdout);
+    interrupted = 0;
+    for (size_t i = 0; i < c->reply.count; i++) push_or_die(&c->dialog.ids, c->reply.ids[i]);
+    push_or_die(&c->dialog.ids, c->d.eot);
+}
+
+/* Sets up the session's dialog: <|begin_of_text|>, the system message, what a turn needs. */
+static void chat_open(Chat *c, Session *s, const char *system_prompt, int max_reply) {
     const Tokenizer *t = s->tokenizer;
-    DialogIds d = { dialog_special(t, "<|start_header_id|>"),
-                    dialog_special(t, "<|end_header_id|>"), dialog_special(t, "<|eot_id|>") };
-    int interactive = isatty(STDIN_FILENO);
-    int seq_len = s->tr->state.seq_len;
-    TokenList turn = {0};
+    *c = (Chat){ .s = s, .seq_len = (size_t)s->tr->state.seq_len,
+                 .max_token_bytes = longest_token(t) };
+    c->d = (DialogIds){ dialog_special(t, "<|start_header_id|>"),
+                        dialog_special(t, "<|end_header_id|>"), dialog_special(t, "<|eot_id|>") };
+    c->room = s->context_shift && max_reply > 0 ? (size_t)max_reply : 1;
+    if (c->room > c->seq_len / 2) c->room = c->seq_len / 2 > 0 ? c->seq_len / 2 : 1;
+    push_or_die(&c->dialog.ids, s->tr->model.config.bos_id);
+    if (system_prompt) {
+        const char *content;
+        size_t len = strip_text(system_prompt, strlen(system_prompt), &content);
+        append_message(t, &c->d, "system", content, len, &c->dialog.ids);
+        if (s->json) print_json_message(s, "system", content, len);
+    }
+    c->dialog.fixed = c->dialog.ids.count;
+    append_header(t, &c->d, "user", &c->incoming);
+    push_or_die(&c->incoming, c->d.eot);
+    append_header(t, &c->d, "assistant", &c->incoming);
+    c->overhead = c->incoming.count;
+    if (c->dialog.fixed + c->overhead + c->room >= c->seq_len)
+        die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
+            c->dialog.fixed, c->seq_len);
+}
+
+static void chat_close(Chat *c) {
+    free(c->dialog.turn_start);
+    token_list_free(&c->dialog.ids);
+    token_list_free(&c->incoming);
+    token_list_free(&c->reply);
+}
+
+/* The chat loop. Ends with exit status 0 at end of input or Ctrl-C at the prompt, and with
+   status 1 when the context is full without context_shift. */
+static int chat(Session *s, const char *system_prompt, const char *first_message, int max_reply) {
+    Chat c;
+    chat_open(&c, s, system_prompt, max_reply);
+    Editor editor;
+    int interactive = editor_open(&editor);
+    Text message = {0};
     char *line = NULL;
     size_t line_capacity = 0;
     int status = 0;
-
-    push_or_die(&turn, s->tr->model.config.bos_id);
-    if (system_prompt)
-        append_message(t, &d, "system", system_prompt, strlen(system_prompt), &turn);
     for (;;) {
-        const char *message;
-        size_t message_len;
         if (first_message) {
-            message = first_message;
-            message_len = strlen(first_message);
+            message.len = 0;
+            text_insert(&message, 0, first_message, strlen(first_message));
             first_message = NULL;
-        } else {
-            if (interactive) { printf("User: "); fflush(stdout); }
-            ssize_t n = read_line(&line, &line_capacity);
-            if (n < 0) break;
-            message = line;
-            message_len = (size_t)n;
-        }
-        const char *unused;
-        if (strip_text(message, message_len, &unused) == 0) continue;  /* blank line */
-        append_message(t, &d, "user", message, message_len, &turn);
-        append_header(t, &d, "assistant", &turn);
-        if ((size_t)s->pos + turn.count >= (size_t)seq_len) {
-            fprintf(stderr, "run: context full: the next turn needs %zu positions, %d of %d "
-                    "are used (-c); session ended\n", turn.count, s->pos, seq_len);
-            status = 1;
+        } else if (interactive) {
+            if (editor_read(&editor) != 0) break;
+            text_set(&message, &editor.text);
+        } else if (read_piped_message(&message, &line, &line_capacity) != 0) {
             break;
         }
-        if (s->print_ids) print_id_line("in:", &turn);
-        if (interactive) { printf("Assistant: "); fflush(stdout); }
-        if (s->print_ids) printf("out:");
-        s->ids_on_line = 1;  /* so that every id after "out:" gets its space */
-        int last = generate(s, turn.ids, turn.count, max_reply);
-        finish_output(s);
-        printf("\n");
-        fflush(stdout);
-        /* The next turn starts by closing this reply in the cache: its last sampled token
-           (unless it ended the turn) and the <|eot_id|> the dialog format puts after it. */
-        turn.count = 0;
-        if (last >= 0 && !is_stop_id(s, last)) push_or_die(&turn, last);
-        push_or_die(&turn, d.eot);
-        if (s->pos >= seq_len) {
-            fprintf(stderr, "run: context full during the reply (%d positions, -c); "
-                    "session ended\n", seq_len);
+        const char *content;
+        size_t len = strip_text(message.bytes, message.len, &content);
+        if (len == 0) continue;  /* blank line */
+        int fit = fit_turn(&c, content, len);
+        if (fit == TURN_REFUSED) continue;
+        if (fit == TURN_ENDS) { status = 1; break; }
+        if (s->json) print_json_message(s, "user", content, len);
+        answer(&c, max_reply, interactive);
+        if ((size_t)s->pos >= c.seq_len && !s->context_shift) {
+            fprintf(stderr, "run: context full during the reply (%zu positions, -c); "
+                    "session ended\n", c.seq_len);
             status = 1;
             break;
         }
     }
+    if (interactive) editor_close(&editor);
     free(line);
-    token_list_free(&turn);
+    free(message.bytes);
+    chat_close(&c);
     return status;
 }
 
@@ -2426,7 +3055,10 @@ static void print_usage(void) {
         "  -c <int>     context length: positions in the KV cache (default 4096, at most the\n"
         "               model's maximum)\n"
         "  -z <path>    tokenizer file (default: the model path with .bin replaced by .tok)\n"
-        "  -o <format>  text (default) or ids: print generated token ids instead of text\n"
+        "  -o <format>  text (default) or ids: print generated token ids instead of text;\n"
+        "               json (chat): one JSON object per message, {\"role\":..,\"content\":..}\n"
+        "  --no-context-shift  chat: end the session when the context is full, instead of\n"
+        "               dropping the oldest turns\n"
         "  -e <0|1>     stop at end tokens (end_of_text, eot, eom, the model's eos); default 1\n"
         "  -L <path>    write the logits of every position as raw float32 rows\n"
         "  -T <int>     threads (default: OpenMP's choice, OMP_NUM_THREADS)\n"
@@ -2502,6 +3134,8 @@ typedef struct {
     unsigned long long seed;
     long steps, context, threads;
     int print_ids, stop_at_end;
+    int json;  /* -o json */
+    int no_context_shift;  /* --no-context-shift */
     int fast;  /* -a fast */
     int read_weights;  /* -w read */
 } Options;
@@ -2513,6 +3147,7 @@ static void parse_options(int argc, char **argv, Options *o) {
                     .context = 4096, .stop_at_end = 1 };
     for (int i = 2; i < argc; i += 2) {
         const char *flag = argv[i];
+        if (strcmp(flag, "--no-context-shift") == 0) { o->no_context_shift = 1; i--; continue; }
         if (flag[0] != '-' || strlen(flag) != 2) usage_error("unexpected argument '%s'", flag);
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *v = argv[i + 1];
@@ -2541,9 +3176,10 @@ static void parse_options(int argc, char **argv, Options *o) {
             o->read_weights = strcmp(v, "read") == 0;
             break;
         case 'o':
-            if (strcmp(v, "ids") != 0 && strcmp(v, "text") != 0)
-                usage_error("-o wants 'text' or 'ids', got '%s'", v);
+            if (strcmp(v, "ids") != 0 && strcmp(v, "text") != 0 && strcmp(v, "json") != 0)
+                usage_error("-o wants 'text', 'ids' or 'json', got '%s'", v);
             o->print_ids = strcmp(v, "ids") == 0;
+            o->json = strcmp(v, "json") == 0;
             break;
         default:
             usage_error("unknown option %s", flag);
@@ -2554,6 +3190,7 @@ static void parse_options(int argc, char **argv, Options *o) {
     if (o->prompt && o->prompt_ids) usage_error("give the prompt as -i text or -I ids, not both");
     if (o->prompt_ids && strcmp(o->mode, "chat") == 0) usage_error("-I is for generate mode only");
     if (o->system_prompt && strcmp(o->mode, "chat") != 0) usage_error("-y is for chat mode only");
+    if (o->json && strcmp(o->mode, "chat") != 0) usage_error("-o json is for chat mode only");
 }
 
 int main(int argc, char **argv) {
@@ -2569,7 +3206,8 @@ int main(int argc, char **argv) {
     const Config *cfg = &tr.model.config;
     if (o.context > cfg->max_seq_len) o.context = cfg->max_seq_len;
 
-    Session s = { .tr = &tr, .print_ids = o.print_ids };
+    Session s = { .tr = &tr, .print_ids = o.print_ids, .json = o.json,
+                  .context_shift = !o.no_context_shift };
     int need_tokenizer = chat_mode || !o.prompt_ids || !o.print_ids;
     char *default_path = NULL;
     if (need_tokenizer) {
@@ -2617,11 +3255,12 @@ int main(int argc, char **argv) {
             cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size, weight_type_name(cfg->weight_type),
             o.context, cfg->max_seq_len);
     int status = 0;
+    catch_interrupts();
     if (chat_mode) {
         status = chat(&s, o.system_prompt, o.prompt, o.steps < 0 ? 0 : (int)o.steps);
     } else {
         if (!o.print_ids && o.prompt) { fputs(o.prompt, stdout); fflush(stdout); }
-        generate(&s, prompt.ids, prompt.count, o.steps < 0 ? 256 : (int)o.steps);
+        generate(&s, prompt.ids, prompt.count, o.steps < 0 ? 256 : (int)o.steps, NULL);
         finish_output(&s);
         printf("\n");
     }

@@ -2,6 +2,8 @@
 user staying plain text, one KV cache over many turns, end of input and a full context."""
 import json
 import os
+import re
+import subprocess
 
 import numpy as np
 
@@ -112,16 +114,144 @@ def test_end_of_input_ends_cleanly():
     assert proc.returncode == 0 and proc.stdout.endswith(b"\n")
 
 
-def test_full_context_ends_session():
+def test_full_context_ends_session_without_shift():
     proc, turns = chat(["Tell me a story", "Another one please, a long one"], "-c", "30",
-                       "-n", "3", check=False)
+                       "-n", "3", "--no-context-shift", check=False)
     assert len(turns) == 1, turns  # the first turn (11 + 3 positions) fits, the second not
     assert proc.returncode == 1 and b"context full" in proc.stderr
 
 
+STOPS = (128001, 128008, EOT)  # the end tokens of the full-vocab model (-e 1)
+
+
+def check_dialog(turns, users, context, room, system=None):
+    """Checks every turn's ids: either the next ids of one growing dialog (the previous reply's
+    closing, the message, the assistant header), or, when those did not fit, Meta's format of a
+    fresh session on the last few turns, fed from position 0. Returns the turns dropped at each
+    slide."""
+    done = []  # (user, reply) of every turn so far
+    start = 0  # the oldest turn still in the dialog
+    pos = 0  # positions in the cache
+    head = [BOS] + (message("system", system) if system else [])
+    dropped = []
+    for (fed, reply), user in zip(turns, users):
+        new = message("user", user) + assistant_header()
+        grow = (closing(done[-1][1]) if done else head) + new
+        if pos + len(grow) + room <= context:
+            assert fed == grow, (fed, grow)
+        else:
+            kept = len(done) - next(k for k in range(len(done) + 1) if fed == refeed(
+                head, done[len(done) - k:], new))  # raises StopIteration if none matches
+            assert kept >= start, (kept, start)
+            dropped.append(kept - start)
+            start = kept
+            pos = 0
+        assert pos + len(fed) + room <= context
+        pos += len(fed) + len(reply) - 1
+        done.append((user, reply))
+    return dropped
+
+
+def closing(reply):
+    return ([] if reply and reply[-1] in STOPS else reply[-1:]) + [EOT]
+
+
+def refeed(head, kept, new):
+    """Meta's format of the kept turns, each reply as its ids (its end token made <|eot_id|>)."""
+    ids = list(head)
+    for user, reply in kept:
+        body = reply[:-1] if reply and reply[-1] in STOPS else reply
+        ids += message("user", user) + assistant_header() + body + [EOT]
+    return ids + new
+
+
+def test_context_slides():
+    users = [f"Question number {i}: what comes next?" for i in range(8)]
+    logits_path = os.path.join(WORK, "slide.f32")
+    proc, turns = chat(users, "-c", "64", "-n", "5", "-y", "Be brief.", "-L", logits_path)
+    assert proc.returncode == 0 and len(turns) == len(users), proc.stderr
+    dropped = check_dialog(turns, users, 64, 5, system="Be brief.")
+    notes = re.findall(rb"dropped the (\d+) oldest turns?", proc.stderr)
+    assert len(dropped) >= 2 and [int(n) for n in notes] == dropped, (dropped, proc.stderr)
+    # after the last slide the cache holds exactly what a fresh session on those ids computes
+    rows = np.fromfile(logits_path, "<f4").reshape(-1, 128256)
+    last = max(i for i, (fed, _) in enumerate(turns) if fed[0] == BOS)
+    fed = []
+    for ids, reply in turns[last:]:
+        fed += ids + reply[:-1]
+    _, one_pass = run_ids(model()[0], fed, 1, vocab=128256)
+    assert np.abs(rows[-len(fed):] - one_pass).max() <= 1e-5 * np.abs(one_pass).max()
+
+
+def test_message_that_cannot_fit_is_refused():
+    # 20 MB that no context of 4096 positions can hold: refused on its length, not encoded
+    # (the note gives the bound on bytes, which only the check before encoding prints)
+    big = "a" * 20_000_000
+    proc, turns = chat(["Hi", big, "Bye"], "-n", "2", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert b"message refused: its 20000000 bytes need at least" in proc.stderr, proc.stderr
+    assert [t[0][-len(assistant_header()) - 2] for t in turns] == [encode("Hi")[-1],
+                                                                    encode("Bye")[-1]]
+    # short enough in bytes, too long in tokens: refused once encoded
+    words = "hello " * 70
+    proc, turns = chat([words, "ok"], "-c", "64", "-n", "2", check=False)
+    assert proc.returncode == 0 and b"message refused: it needs" in proc.stderr, proc.stderr
+    assert turns[0][0] == [BOS] + message("user", "ok") + assistant_header()
+
+
 def test_megabyte_line_is_read_whole():
     line = "word " * 200_000  # 1 MB, one line
-    proc, turns = chat([line], "-c", "4096", check=False)
+    proc, turns = chat([line], "-c", "131072", "--no-context-shift", check=False)
     assert proc.returncode == 1 and turns == []
     needed = 1 + len(message("user", line)) + len(assistant_header())
     assert f"needs {needed} positions".encode() in proc.stderr, proc.stderr
+
+
+def test_continuation_lines():
+    _, turns = chat(["first line\\", "  second\\", "third", "alone\\"], "-n", "1")
+    assert turns[0][0] == [BOS] + message("user", "first line\n  second\nthird") + \
+        assistant_header()
+    assert turns[1][0][-len(message("user", "alone")) - len(assistant_header()):] == \
+        message("user", "alone") + assistant_header()  # the input ended: sent as it is
+
+
+def test_strip_is_strict_utf8():
+    # an overlong C0 A0, a lone surrogate and a truncated U+3000 are not white space; a real
+    # U+00A0 is
+    for raw, kept in ((b"\xc0\xa0Hi\xc0\xa0", b"\xc0\xa0Hi\xc0\xa0"),
+                      (b"\xc2\xa0Hi\xed\xa0\x80", b"Hi\xed\xa0\x80"),
+                      (b"Hi\xe3\x80", b"Hi\xe3\x80")):
+        proc = run([program("runomp"), model()[0], "-m", "chat", "-o", "ids", "-t", "0",
+                    "-n", "1"], input=raw + b"\n")
+        fed = [int(t) for t in proc.stdout.split(b"\n")[0].split()[1:]]
+        tokenized = run([program("tokenize"), model()[1]], input=kept).stdout
+        content = [int(t) for t in tokenized.split()]
+        assert fed == [BOS, START] + encode("user") + [END] + encode("\n\n") + content + [EOT] + \
+            assistant_header(), raw
+
+
+def test_json_transcript():
+    users = ["line one\\", "line \"two\" \\\\ \t\x01 caf\xc3\xa9 \xff end"]
+    stdin = b"".join(u.encode("latin-1") + b"\n" for u in users)
+    args = [program("runomp"), model()[0], "-m", "chat", "-t", "0", "-n", "12", "-y", " Sys "]
+    proc = run(args + ["-o", "json"], input=stdin)
+    lines = proc.stdout.decode().split("\n")
+    assert lines[-1] == ""
+    objects = [json.loads(line) for line in lines[:-1]]
+    assert [o["role"] for o in objects] == ["system", "user", "assistant"]
+    assert objects[0]["content"] == "Sys"
+    assert objects[1]["content"] == 'line one\nline "two" \\\\ \t\x01 caf\xe9 \ufffd end'
+    # the reply is the text that text mode prints, as one string whatever newlines it holds
+    text = run(args, input=stdin).stdout.decode(errors="replace")
+    assert text == objects[2]["content"] + "\n"
+    proc = run([program("runomp"), model()[0], "-o", "json"], check=False)
+    assert proc.returncode == 1 and b"chat" in proc.stderr
+
+
+def test_stats_line_on_its_own_line():
+    # stdout and stderr into one pipe, as `2>&1 | less` does: the text comes first, whole
+    for mode in (["-i", "Hello", "-n", "5"], ["-m", "chat", "-n", "5"]):
+        proc = subprocess.run([program("runomp"), model()[0], "-t", "0", *mode], input=b"Hi\n",
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+        assert proc.returncode == 0
+        assert re.search(rb"\nprompt: \d+ tokens", proc.stdout), proc.stdout

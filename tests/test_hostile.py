@@ -475,10 +475,18 @@ def test_prompts():
     expect("prompt", chat, "", status=0, stdin=b"<|eot_id|><|start_header_id|>system\n")
     expect("prompt", chat + ["-y", ""], "", status=0, stdin=b"hi\n")
     # a line of any length, and more turns than the context holds: "context full", status 1
+    # with --no-context-shift; by default the context slides and a message too long is refused
     full = dict(status=1, error_word=False)  # the session ends with "run: context full: ..."
-    expect("prompt", chat, "context full", stdin=b"x" * (1 << 20) + b"\n", **full)
-    expect("prompt", chat, "context full", stdin=b"hello there\n" * 100, **full)
-    expect("prompt", chat + ["-i", "y" * 5000], "context full", stdin=b"", **full)
+    fixed = chat + ["--no-context-shift"]
+    expect("prompt", fixed, "context full", stdin=b"x" * (1 << 20) + b"\n", **full)
+    expect("prompt", fixed, "context full", stdin=b"hello there\n" * 100, **full)
+    expect("prompt", fixed + ["-i", "y" * 5000], "context full", stdin=b"", **full)
+    expect("prompt", chat, "message refused", status=0, stdin=b"x" * (1 << 20) + b"\n")
+    # 20 MB: refused on its length in bytes, before it is encoded
+    expect("prompt", chat, "bytes need at least", status=0, stdin=b"a" * 20_000_000 + b"\n")
+    expect("prompt", chat, "dropped the", status=0, stdin=b"hello there\n" * 100)
+    expect("prompt", chat + ["-i", "y" * 5000], "message refused", status=0, stdin=b"")
+    expect("prompt", chat + ["-y", "y" * 5000], "system prompt", stdin=b"hi\n")
 
 
 # ------------------------------------------------------------------------------------------
