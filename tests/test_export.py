@@ -48,27 +48,19 @@ def export_module():
     return module
 
 
-# -- an independent reader of the model file (README.md, "File formats") ---------------------------------
-
-HEADER_FIELDS = [  # (offset, struct code, name), straight from the README table
-    (4, "I", "version"), (8, "i", "dim"), (12, "i", "hidden_dim"), (16, "i", "n_layers"),
-    (20, "i", "n_heads"), (24, "i", "n_kv_heads"), (28, "i", "head_dim"), (32, "i", "vocab_size"),
-    (36, "i", "max_seq_len"), (40, "f", "rope_theta"), (44, "f", "norm_eps"),
-    (48, "I", "rope_scaling"), (52, "f", "rope_factor"), (56, "f", "rope_low_freq_factor"),
-    (60, "f", "rope_high_freq_factor"), (64, "i", "rope_original_max_pos"),
-    (68, "I", "tied_classifier"), (72, "I", "weight_type"), (76, "i", "group_size"),
-    (80, "i", "bos_id"), (84, "i", "n_eos"),
-]
-
+# -- a reader of the model file (README.md, "File formats"), independent of export.py but for
+# the header's field table, which export.py's MODEL_HEADER gives once for Python and the tests --
+HEADER_LAYOUT = export_module().HEADER_LAYOUT
 
 def read_model(path):
     """(header dict, [(label, kind, payload, offset)]) where payload is a float32 array for
     fp32/norms, uint16 bits for bf16, (int8 q, float32 scales) for q8_0."""
     blob = open(path, "rb").read()
     assert blob[:4] == b"L3CM", blob[:4]
-    h = {name: struct.unpack_from("<" + code, blob, off)[0] for off, code, name in HEADER_FIELDS}
-    h["eos_ids"] = list(struct.unpack_from("<8i", blob, 88))
-    assert blob[120:256] == bytes(136), "header bytes 120..255 must be zero"
+    h = {name: struct.unpack_from(fmt, blob, offset) for name, (offset, fmt) in HEADER_LAYOUT.items()}
+    h = {name: list(v) if name == "eos_ids" else v[0] for name, v in h.items()}
+    end = max(offset + struct.calcsize(fmt) for offset, fmt in HEADER_LAYOUT.values())
+    assert blob[end:256] == bytes(256 - end), "the header ends in zeros"
     dim, hd, hidden = h["dim"], h["head_dim"], h["hidden_dim"]
     q_rows, kv_rows = h["n_heads"] * hd, h["n_kv_heads"] * hd
     layout = [("embed", (h["vocab_size"], dim))]
@@ -360,20 +352,21 @@ def test_tokenizer_json_and_tiktoken_give_identical_files():
 def test_tiktoken_special_layout_follows_config():
     # tokenizer.model in original/: Llama 3.1 names for a model with llama3 rope scaling,
     # Llama 3 names without; --tokenizer-out puts the file anywhere; m -> m.tok.
-    for preset, layout in (("tiny30", "llama3"), ("tiny32", "llama3.1")):
-        folder = fresh_copy(preset, f"tiktoken-{preset}")
+    for changes, layout in (({"rope_scaling": None}, "llama3"), ({}, "llama3.1")):
+        folder = os.path.join(WORK, f"tiktoken-{layout}")
+        make_checkpoint.make_checkpoint(folder, "full-vocab", tokenizer=None, config=changes)
         os.makedirs(os.path.join(folder, "original"))
         shutil.copyfile(os.path.join(TOKENIZER, "tokenizer.model"),
                         os.path.join(folder, "original", "tokenizer.model"))
-        out = os.path.join(WORK, f"tk-{preset}")
-        proc = export([out, "--hf", folder])
+        out = os.path.join(WORK, f"tk-{layout}")
+        proc = export([out, "--hf", folder, "--dtype", "bf16"])
         assert b"note: tokenizer has" not in proc.stdout
         tokens, _ = read_tok(out + ".tok")
-        assert [t.decode() for t in tokens[128000:]] == special_layout(layout), preset
+        assert [t.decode() for t in tokens[128000:]] == special_layout(layout), layout
     other = os.path.join(WORK, "elsewhere.tok")
-    export([os.path.join(WORK, "tk2.bin"), "--hf", folder, "--tokenizer-out", other])
+    export([os.path.join(WORK, "tk2.bin"), "--hf", folder, "--dtype", "bf16", "--tokenizer-out", other])
     assert os.path.exists(other) and not os.path.exists(os.path.join(WORK, "tk2.tok"))
-    export([os.path.join(WORK, "tk3.bin"), "--hf", folder, "--no-tokenizer"])
+    export([os.path.join(WORK, "tk3.bin"), "--hf", folder, "--dtype", "bf16", "--no-tokenizer"])
     assert not os.path.exists(os.path.join(WORK, "tk3.tok"))
 
 
