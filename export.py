@@ -909,6 +909,8 @@ def build_tokenizer(path, layout, default_layout):
         regular = tokenizer_from_tiktoken(path)
         specials = special_texts(layout or default_layout())
     check_tokenizer(name, regular, specials)
+    if "<|begin_of_text|>" not in specials:
+        note(f"note: {name} has no <|begin_of_text|>: run can take prompts only as token ids (-I)")
     if (len(regular), len(specials)) != (N_REGULAR_LLAMA3, N_SPECIAL_LLAMA3):
         note(f"note: tokenizer has {len(regular)} regular and {len(specials)} special tokens "
              f"(Llama 3: {N_REGULAR_LLAMA3} and {N_SPECIAL_LLAMA3})")

@@ -6,6 +6,7 @@ The tables are generated: every header field times bad values, truncation at eve
 boundary and inside every tensor, every tensor of a checkpoint dropped or reshaped, every numeric
 flag with bad values. `make test-sanitize` runs them under ASan + UBSan. Each test prints its
 row count; test_row_count checks the total."""
+import base64
 import fcntl
 import hashlib
 import json
@@ -804,6 +805,83 @@ def test_export_json_of_every_wrong_shape():
     open(tok_path, "w").write(good_text)
     run([PYTHON, os.path.join(REPO, "export.py"), "--tokenizer-only", tok_out, "--tokenizer", tok_path])
     os.remove(tok_out)
+
+
+def test_export_refuses_what_run_refuses():
+    # Every header check of run.c's parse_header, made by export.py on config.json (in float32,
+    # as the header holds the values), and every check of tokenizer.c's loader: export refuses
+    # what run.c would refuse. (tests/test_export.py: what export accepts, run.c runs.)
+    folder, _, out_dir, out = checkpoints_and_output("run-checks")
+    cfg_path = os.path.join(folder, "config.json")
+    cfg_text = open(cfg_path).read()
+    base = json.loads(cfg_text)
+    nan, inf = float("nan"), float("inf")
+    rows = []  # (config.json changes, needle)
+    for value in (nan, inf, -inf, 0.5, 1.0, 1e-50, 1.00000001, 0, -1.0, 3.5e38):
+        rows.append(({"rope_theta": value}, "rope_theta"))
+    for value in (nan, inf, 5.0, 1.0, 1e-50, 0.99999999, 0, -1e-5):
+        rows.append(({"rms_norm_eps": value}, "rms_norm_eps"))
+    for key, limit in (("hidden_size", 1 << 20), ("intermediate_size", 1 << 20),
+                       ("num_hidden_layers", 1024), ("num_attention_heads", 4096),
+                       ("num_key_value_heads", 4096), ("head_dim", 4096), ("vocab_size", 1 << 22),
+                       ("max_position_embeddings", 1 << 24)):
+        for value in (limit + 1, 2 ** 31 - 1, 0, -1):
+            rows.append(({key: value}, key))
+    rows += [({"head_dim": 3}, "head_dim"), ({"head_dim": 34}, "shape"),
+             ({"num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 258},
+              "num_attention_heads * head_dim"),
+             ({"num_key_value_heads": 8}, "num_key_value_heads"),
+             ({"num_key_value_heads": 3}, "num_key_value_heads"),
+             ({"num_attention_heads": 5, "head_dim": None}, "hidden_size is not a multiple")]
+    rope = dict(make_checkpoint.LLAMA3_ROPE)
+    for key, values in (("factor", (nan, inf, 0.5, 0.99999, 0, -8.0)),
+                        ("low_freq_factor", (nan, inf, 0, -1.0, 4.0, 5.0)),
+                        ("high_freq_factor", (nan, inf, 1.0, 0.5, 1e39)),
+                        ("original_max_position_embeddings", (0, -1, 2 ** 31, 8192.5))):
+        for value in values:
+            rows.append(({"rope_scaling": dict(rope, **{key: value})}, key))
+    for key, value in (("bos_token_id", 384), ("bos_token_id", -1), ("eos_token_id", [384]),
+                       ("eos_token_id", [2, -1]), ("eos_token_id", list(range(9))), ("eos_token_id", [])):
+        rows.append(({key: value}, key))
+    for changes, needle in rows:
+        cfg = {k: v for k, v in dict(base, **changes).items() if v is not None}
+        open(cfg_path, "w").write(json.dumps(cfg))  # NaN and Infinity as Python writes them
+        export_refused([out, "--hf", folder], needle, [folder, out_dir])
+    open(cfg_path, "w").write(cfg_text)
+
+    # tokenizers: a byte without a token, an empty token, two specials alike, a size that is
+    # not the model's vocab_size
+    chars = {byte: char for char, byte in export_table().items()}
+    vocab = {chars[b]: b for b in range(256)}
+    specials = [{"id": 256 + i, "content": f"<|special_{i}|>"} for i in range(128)]
+    specials[0]["content"] = "<|begin_of_text|>"
+    good = {"model": {"type": "BPE", "vocab": vocab, "merges": [], "ignore_merges": True},
+            "added_tokens": specials}
+    no_a = {c: (i if i < 65 else i - 1) for c, i in vocab.items() if c != "A"}
+    tok_rows = [(dict(good, model=dict(good["model"], vocab=no_a),
+                      added_tokens=[dict(s, id=s["id"] - 1) for s in specials]), "0x41"),
+                (dict(good, model=dict(good["model"], vocab=dict(vocab, **{"": 256})),
+                      added_tokens=[dict(s, id=s["id"] + 1) for s in specials]), "empty"),
+                (dict(good, added_tokens=specials[:-1] + [dict(specials[-1], content="")]), "empty"),
+                (dict(good, added_tokens=specials[:-1] + [dict(specials[-1], content="<|special_1|>")]),
+                 "same bytes"),
+                (dict(good, added_tokens=specials[:-1]), "vocab_size")]
+    for tokenizer, needle in tok_rows:
+        json.dump(tokenizer, open(os.path.join(folder, "tokenizer.json"), "w"))
+        export_refused([out, "--hf", folder], needle, [folder, out_dir])
+        export_refused([out, "--hf", folder, "--tokenizer", os.path.join(folder, "tokenizer.json")],
+                       needle, [folder, out_dir])
+    lines = [base64.b64encode(bytes([b])).decode() + f" {b - (b > 65)}" for b in range(256) if b != 65]
+    open(os.path.join(folder, "tokenizer.model"), "w").write("\n".join(lines) + "\n")
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    export_refused([out, "--hf", folder], "0x41", [folder, out_dir])
+    export_refused(["--tokenizer-only", out, "--tokenizer", os.path.join(folder, "tokenizer.model")],
+                   "0x41", [folder, out_dir])
+    # the good tokenizer (384 tokens) exports with the model, and both load in run.c
+    json.dump(good, open(os.path.join(folder, "tokenizer.json"), "w"))
+    run([PYTHON, os.path.join(REPO, "export.py"), out, "--hf", folder])
+    proc = run([program("run"), out, "-i", "hello", "-n", "2", "-t", "0"], timeout=TIMEOUT)
+    assert proc.returncode == 0
 
 
 def export_table():
