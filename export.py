@@ -819,9 +819,11 @@ def check_merge_order(name, merges, vocab):
     "left right" or ["left", "right"]."""
     prev = -1
     for k, merge in enumerate(merges):
-        pair = merge.split(" ") if isinstance(merge, str) else merge
-        if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(s, str) for s in pair)
-                or "".join(pair) not in vocab):
+        if isinstance(merge, str):
+            pair = merge.split(" ")
+        else:
+            pair = merge if isinstance(merge, list) and all(isinstance(s, str) for s in merge) else []
+        if len(pair) != 2 or "".join(pair) not in vocab:
             raise ExportError(f"{name}: malformed merge #{k}: {shown(merge)}")
         idx = vocab["".join(pair)]
         if idx < prev:
@@ -986,14 +988,23 @@ def same_file(a, b):
 
 
 def check_outputs(outputs, inputs):
-    """Before anything is written: refuses an output that is a folder, or that names an input
-    (it would replace the file it is made from) or another output."""
+    """Before anything is written: refuses an output that cannot be a file name (too long, a
+    path through a file), that is a folder or another special file (/dev/null: the rename
+    would replace it), or that names an input (the file it is made from) or another output."""
     for i, out in enumerate(outputs):
-        if os.path.isdir(out):
-            raise ExportError(f"output {out} is a folder")
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
             raise ExportError(f"output folder {folder} does not exist")
+        try:
+            mode = os.stat(out).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:
+            raise ExportError(f"output {out}: {e.strerror}")
+        if mode is not None and stat.S_ISDIR(mode):
+            raise ExportError(f"output {out} is a folder")
+        if mode is not None and not stat.S_ISREG(mode):
+            raise ExportError(f"output {out} exists and is not a regular file")
         for source in inputs:
             if same_file(out, source):
                 raise ExportError(f"output {out} would replace the input {source}: choose another name")
@@ -1206,16 +1217,10 @@ def layout_near(config_path):
 def export_tokenizer_only(args, outputs):
     if not os.path.lexists(args.tokenizer):
         raise ExportError(f"tokenizer {args.tokenizer} not found")
-    inputs = [args.tokenizer]
-
-    def default_layout():
-        config = config_near(args.tokenizer)
-        if config is None:
-            return "llama3.1"
-        inputs.append(config)
-        return layout_near(config)
-    data = build_tokenizer(args.tokenizer, args.specials, default_layout)
-    check_outputs([args.out], inputs)
+    config = None if args.specials else config_near(args.tokenizer)
+    check_outputs([args.out], [args.tokenizer, *([config] if config else [])])
+    data = build_tokenizer(args.tokenizer, args.specials,
+                           lambda: layout_near(config) if config else "llama3.1")
     with outputs.create(args.out) as f:
         f.write(data)
     outputs.commit()
@@ -1236,31 +1241,34 @@ def model_folder(path):
                       "(config.json and *.safetensors)")
 
 
-def model_tokenizer(args, folder, c):
-    """(source, .tok bytes, output path) of the tokenizer written with the model, or
-    (None, None, None). Built before the long model write, so that a bad tokenizer fails fast."""
+def tokenizer_paths(args, folder):
+    """(source, output) of the tokenizer written with the model, or (None, None)."""
     if args.no_tokenizer:
-        return None, None, None
+        return None, None
     source = args.tokenizer or find_tokenizer(folder)
     tok_out = args.tokenizer_out or default_tokenizer_path(args.out)
     if source is None:
-        fix = (f"write one with: python3 export.py --tokenizer-only {tok_out} --tokenizer "
-               "PATH/tokenizer.json (or a tiktoken tokenizer.model)")
         if args.tokenizer_out:
             raise ExportError(f"{folder} has no tokenizer.json or tokenizer.model for "
                               "--tokenizer-out: give its source with --tokenizer PATH")
         note(f"note: {folder} has no tokenizer.json or tokenizer.model: no tokenizer file written; "
-             f"run needs one: {fix}")
-        return None, None, None
+             f"run needs one: write one with: python3 export.py --tokenizer-only {tok_out} "
+             "--tokenizer PATH/tokenizer.json (or a tiktoken tokenizer.model)")
+        return None, None
     if not os.path.lexists(source):
         raise ExportError(f"tokenizer {source} not found")
-    data = build_tokenizer(source, args.specials, lambda: layout_for(c))
+    return source, tok_out
+
+
+def model_tokenizer(source, c, specials):
+    """The .tok bytes for the model; their token count must be its vocab_size, as run.c checks."""
+    data = build_tokenizer(source, specials, lambda: layout_for(c))
     n_tokens = struct.unpack_from("<I", data, 8)[0]
     if n_tokens != c["vocab_size"]:
         raise ExportError(f"{source} has {n_tokens} tokens but config.json's vocab_size is "
                           f"{c['vocab_size']}; run needs them equal (--no-tokenizer writes the "
                           "model alone)")
-    return source, data, tok_out
+    return data
 
 
 def export_model(args, outputs):
@@ -1271,11 +1279,13 @@ def export_model(args, outputs):
         plan = tensor_plan(c)
         check_tensors(ckpt, plan, c)
         group_size = choose_group_size(args, plan)
-        tok_source, tok_data, tok_out = model_tokenizer(args, folder, c)
+        tok_source, tok_out = tokenizer_paths(args, folder)
         # the checkpoint's tokenizer files are protected even when not read (--no-tokenizer)
         inputs = [os.path.join(folder, "config.json"), *ckpt.paths(), *tokenizer_candidates(folder),
                   *([tok_source] if tok_source else [])]
-        check_outputs([args.out, *([tok_out] if tok_data else [])], inputs)
+        check_outputs([args.out, *([tok_out] if tok_source else [])], inputs)
+        # built (in memory, ~2 MB) before the long model write, so that a bad tokenizer fails fast
+        tok_data = model_tokenizer(tok_source, c, args.specials) if tok_source else None
         note(f"model: dim {c['dim']}, hidden {c['hidden_dim']}, {c['n_layers']} layers, "
              f"{c['n_heads']}/{c['n_kv_heads']} heads of {c['head_dim']}, vocab {c['vocab_size']}, "
              f"{'tied' if c['tied_classifier'] else 'untied'}, "

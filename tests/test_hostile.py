@@ -610,6 +610,18 @@ def test_export_outputs_never_replace_inputs():
         export_refused([model_out, "--hf", single, *extra], ("folder", "same file"), watch)
     os.rmdir(os.path.join(out_dir, "m.tok"))
     export_refused([out_dir, "--hf", single], "folder", watch)
+    # outputs that cannot be written as files: caught before the model is written
+    fifo = os.path.join(out_dir, "fifo.bin")
+    os.mkfifo(fifo)
+    loop = os.path.join(out_dir, "loop.bin")
+    os.symlink(loop, loop)
+    for out in (fifo, loop, os.path.join(out_dir, "x" * 300 + ".bin"),
+                os.path.join(model_out, "m.bin"), os.path.join(out_dir, "no-folder", "m.bin")):
+        export_refused([out, "--hf", single], ("regular file", "symbolic links", "too long",
+                                               "not a directory", "does not exist"), watch)
+        export_refused([model_out, "--hf", single, "--tokenizer-out", out],
+                       ("regular file", "symbolic links", "too long", "not a directory",
+                        "does not exist"), watch)
     # --tokenizer-only: OUT naming its source, or the config.json read beside it
     tok_dir = os.path.join(WORK, "outputs-tok")
     shutil.rmtree(tok_dir, ignore_errors=True)
@@ -714,6 +726,10 @@ def test_export_json_of_every_wrong_shape():
     for text, needle in config_rows():
         open(cfg_path, "w").write(text)
         export_refused([out, "--hf", folder], needle, [folder, out_dir])
+    with open(cfg_path, "w") as f:  # 300 MB (sparse): refused before it is read
+        f.write(cfg_text)
+        f.truncate(300 << 20)
+    export_refused([out, "--hf", folder], "too large", [out_dir])
     open(cfg_path, "w").write(cfg_text)
 
     # safetensors headers: the raw JSON text replaced, the data kept
