@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -633,40 +634,70 @@ def test_export_outputs_never_replace_inputs():
         export_refused(["--tokenizer-only", out, "--tokenizer", tok], "input", [tok_dir])
 
 
+def export_interrupted(folder, out_dir, act):
+    """Runs an export of folder into out_dir and calls act(process) in the middle of the model's
+    write; returns (exit status, stderr). A progress line is printed per tensor, and stdout is a
+    4 KB pipe left unread until act is done: the export blocks there, its temporary file made."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen([PYTHON, os.path.join(REPO, "export.py"), os.path.join(out_dir, "m.bin"),
+                             "--hf", folder], stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    try:
+        for _ in range(6000):  # until the temporary file exists (at most 60 s)
+            if os.listdir(out_dir) or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert os.listdir(out_dir) and proc.poll() is None, "export did not start writing"
+        act(proc)
+        with os.fdopen(read_end, "rb") as stdout:
+            stdout.read()  # unblocks it
+        err = proc.communicate(timeout=TIMEOUT)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ROWS["export"] = ROWS.get("export", 0) + 1
+    return proc.returncode, err
+
+
 def test_export_signals_leave_nothing():
     # SIGINT, SIGTERM, SIGHUP (a closed terminal), SIGQUIT while the model is being written:
-    # exit 128 + the signal, one line, no temporary file. A progress line is printed per
-    # tensor; stdout is a 4 KB pipe that is not read, so the export blocks in the middle of
-    # writing the model until the signal comes.
+    # exit 128 + the signal, one line, no temporary file.
     folder = tiny_checkpoint("signals", config={"num_hidden_layers": 12})
     out_dir = os.path.join(WORK, "signals-out")
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.makedirs(out_dir)
-        read_end, write_end = os.pipe()
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-        proc = subprocess.Popen([PYTHON, os.path.join(REPO, "export.py"), os.path.join(out_dir, "m.bin"),
-                                 "--hf", folder], stdout=write_end, stderr=subprocess.PIPE)
-        os.close(write_end)
-        try:
-            for _ in range(6000):  # until the temporary file exists (at most 60 s)
-                if os.listdir(out_dir) or proc.poll() is not None:
-                    break
-                time.sleep(0.01)
-            assert os.listdir(out_dir) and proc.poll() is None, "export did not start writing"
-            proc.send_signal(signum)
-            with os.fdopen(read_end, "rb") as stdout:
-                stdout.read()  # unblocks it
-            err = proc.communicate(timeout=TIMEOUT)[1].decode()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        status, err = export_interrupted(folder, out_dir, lambda proc: proc.send_signal(signum))
         name = signal.Signals(signum).name
-        assert proc.returncode == 128 + signum, f"{name}: exit {proc.returncode}, {err!r}"
+        assert status == 128 + signum, f"{name}: exit {status}, {err!r}"
         assert err.count("\n") == 1 and name in err, f"{name}: {err!r}"
         assert os.listdir(out_dir) == [], f"{name} left {os.listdir(out_dir)}"
-        ROWS["export"] = ROWS.get("export", 0) + 1
+
+
+def test_export_inputs_shrinking_and_writes_failing():
+    # A safetensors file truncated while export reads it (a SIGBUS when it was mapped), and a
+    # write that fails (the file-size limit stands in for a full disk): one line, nothing left.
+    for preset, name in (("tiny30", "model.safetensors"), ("tiny32", "model-00002-of-00002.safetensors")):
+        folder = tiny_checkpoint("shrinking-" + preset, preset, config={"num_hidden_layers": 12})
+        out_dir = os.path.join(WORK, "shrinking-out")
+        status, err = export_interrupted(folder, out_dir,
+                                         lambda proc: os.truncate(os.path.join(folder, name), 4096))
+        assert status == 1 and err.count("\n") == 1 and "ended early" in err, (status, err)
+        assert os.listdir(out_dir) == [], os.listdir(out_dir)
+    folder = tiny_checkpoint("write-fails")
+    out_dir = os.path.join(WORK, "write-fails-out")
+    os.makedirs(out_dir, exist_ok=True)
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    proc = subprocess.run([PYTHON, os.path.join(REPO, "export.py"), os.path.join(out_dir, "m.bin"),
+                           "--hf", folder], capture_output=True, timeout=TIMEOUT, preexec_fn=small_files)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1 and "too large" in err, (proc.returncode, err)
+    assert os.listdir(out_dir) == [], os.listdir(out_dir)
+    ROWS["export"] = ROWS.get("export", 0) + 1
 
 
 NESTED = "@nested@"  # dumps() puts arrays nested `depth` deep in its place
