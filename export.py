@@ -405,7 +405,8 @@ def config_float32(source, key, accept, rule, where="config.json"):
         raise ExportError(f"{where}: {key} = {shown(value)} does not fit a float32")
     if not accept(stored):
         raise ExportError(f"{where}: {key} = {shown(value)}: {rule}"
-                          + (f" (it is {stored!r} as a float32)" if stored != value else ""))
+                          + (f" (it is {stored!r} as a float32)" if stored != float(value)
+                             and not math.isnan(stored) else ""))
     return stored
 
 
@@ -417,7 +418,8 @@ def read_config(model_dir):
         raise ExportError("config.json: not a JSON object")
     check_architecture(cfg)
     cfg = dict(cfg)
-    cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg.get("num_attention_heads")
     heads, size = cfg.get("num_attention_heads"), cfg.get("hidden_size")
     if cfg.get("head_dim") is None and _is_int(heads) and _is_int(size) and heads > 0:
         if size % heads:
