@@ -797,11 +797,14 @@ def added_specials(name, added, regular):
         added = []
     if not isinstance(added, list):
         raise ExportError(f"{name}: added_tokens {shown(added)} is not a list")
-    specials = {}
+    specials = {}  # keyed by ids checked to be below len(regular) + len(added): no hash flooding
     for entry in added:
         idx, text = (entry.get("id"), entry.get("content")) if isinstance(entry, dict) else (None, None)
         if not _is_int(idx) or not isinstance(text, str):
             raise ExportError(f"{name}: malformed added_tokens entry {shown(entry)}")
+        if not 0 <= idx < len(regular) + len(added):
+            raise ExportError(f"{name}: added token id {shown(idx, 20)} is out of range "
+                              f"(ids are 0..{len(regular) + len(added) - 1})")
         if 0 <= idx < len(regular):
             if text.encode("utf-8") != regular[idx]:
                 raise ExportError(f"{name}: added token {shown(text)} reuses regular id {idx}")
@@ -835,12 +838,16 @@ def check_merge_order(name, merges, vocab):
 
 
 def tokenizer_from_tiktoken(path):
-    """Regular token bytes in rank order from a tiktoken file: lines "base64 rank"."""
+    """Regular token bytes in rank order from a tiktoken file: lines "base64 rank", the ranks
+    0..n-1 for n lines. (Ranks index a list, never a dict: integers that collide in Python's
+    hash would make a dict quadratic.)"""
     name = os.path.basename(path)
-    by_rank, seen = {}, {}
-    for lineno, line in enumerate(read_input(path).splitlines(), 1):
-        if not line.strip():
-            continue
+    lines = [(lineno, line) for lineno, line in enumerate(read_input(path).splitlines(), 1)
+             if line.strip()]
+    if not lines:
+        raise ExportError(f"{name}: no tokens")
+    by_rank, seen = [None] * len(lines), {}
+    for lineno, line in lines:
         parts = line.split()
         if len(parts) != 2:
             raise ExportError(f"{name}:{lineno}: expected 'base64 rank'")
@@ -852,21 +859,18 @@ def tokenizer_from_tiktoken(path):
             rank = int(parts[1])
         except ValueError:
             raise ExportError(f"{name}:{lineno}: bad rank {parts[1][:20]!r}")
-        if rank < 0 or rank in by_rank:
-            raise ExportError(f"{name}:{lineno}: {'duplicate' if rank >= 0 else 'negative'} rank {rank}")
+        if not 0 <= rank < len(lines):
+            raise ExportError(f"{name}:{lineno}: rank {shown(rank, 20)} is out of range: "
+                              f"{len(lines)} tokens have the ranks 0..{len(lines) - 1}")
+        if by_rank[rank] is not None:
+            raise ExportError(f"{name}:{lineno}: duplicate rank {rank}")
         if token in seen:
             raise ExportError(f"{name}:{lineno}: duplicate token {token!r} (also rank {seen[token]})")
         if not token:
             raise ExportError(f"{name}:{lineno}: empty token")
         by_rank[rank] = token
         seen[token] = rank
-    n = len(by_rank)
-    if n == 0:
-        raise ExportError(f"{name}: no tokens")
-    if max(by_rank) != n - 1:
-        missing = next(r for r in range(n) if r not in by_rank)
-        raise ExportError(f"{name}: ranks are not 0..{n - 1}: rank {missing} missing")
-    return [by_rank[r] for r in range(n)]
+    return by_rank  # n distinct ranks in 0..n-1: every one is there
 
 
 def check_tokenizer(name, regular, specials):

@@ -511,8 +511,8 @@ def test_bad_tokenizer_inputs():
     cases = [
         (good[:10] + ["!!notbase64 10"] + good[11:], ["bad base64"]),
         (good[:10] + [good[3].split()[0] + " 10"] + good[11:], ["duplicate token"]),
-        (good[:10] + good[11:], ["rank 10 missing"]),
-        (good + [good[5]], ["duplicate rank"]),
+        (good[:10] + good[11:], ["rank 255 is out of range"]),
+        (good + [good[5].split()[0] + " 5"], ["duplicate rank"]),
         (good[:3] + ["QQ=="] + good[4:], ["expected"]),
     ]
     for i, (lines, words) in enumerate(cases):
@@ -536,7 +536,10 @@ def test_bad_tokenizer_inputs():
             (lambda t: (t["model"]["vocab"].update(ab=2, c=3, abc=4),
                         t["model"].update(merges=["ab c", "a b"])), ["merge"]),
             (lambda t: (t["model"]["vocab"].update(ab=2),
-                        t.update(added_tokens=[{"id": 5, "content": "<|x|>"}])), ["contiguous"])]):
+                        t.update(added_tokens=[{"id": 0, "content": "a"}, {"id": 4, "content": "<|x|>"}])),
+             ["contiguous"]),
+            (lambda t: (t["model"]["vocab"].update(ab=2),
+                        t.update(added_tokens=[{"id": 5, "content": "<|x|>"}])), ["out of range"])]):
         t = json.loads(json.dumps(tj))
         change(t)
         path = os.path.join(WORK, f"bad{i}.json")
@@ -546,7 +549,7 @@ def test_bad_tokenizer_inputs():
     # a bad tokenizer in a model folder fails the export before anything is written
     f = fresh_copy("tiny30", "bad-tok-in-model")
     open(os.path.join(f, "tokenizer.model"), "w").write("\n".join(good[:10] + good[11:]) + "\n")
-    expect_failure(["OUT", "--hf", f], "rank 10 missing")
+    expect_failure(["OUT", "--hf", f], "out of range")
 
 
 # -- what export accepts, run.c runs ----------------------------------------------------------

@@ -924,6 +924,17 @@ def test_export_refuses_what_run_refuses():
     export_refused([out, "--hf", folder], "0x41", [folder, out_dir])
     export_refused(["--tokenizer-only", out, "--tokenizer", os.path.join(folder, "tokenizer.model")],
                    "0x41", [folder, out_dir])
+    # integers chosen to collide in Python's hash (k * (2^61 - 1)): as tiktoken ranks or added
+    # token ids they would make dict insertion quadratic (minutes for 100,000); refused at once
+    colliding = [k * (2 ** 61 - 1) for k in range(1, 100_001)]
+    tiktoken = os.path.join(WORK, "colliding.model")
+    open(tiktoken, "w").write("".join(f"{base64.b64encode(b'x%d' % k).decode()} {rank}\n"
+                                      for k, rank in enumerate(colliding)))
+    export_refused(["--tokenizer-only", out, "--tokenizer", tiktoken], "out of range", [out_dir])
+    flood = dict(good, added_tokens=[{"id": i, "content": f"<|{i}|>"} for i in colliding])
+    json.dump(flood, open(os.path.join(WORK, "colliding.json"), "w"))
+    export_refused(["--tokenizer-only", out, "--tokenizer", os.path.join(WORK, "colliding.json")],
+                   "out of range", [out_dir])
     # the good tokenizer (384 tokens) exports with the model, and both load in run.c
     json.dump(good, open(os.path.join(folder, "tokenizer.json"), "w"))
     run([PYTHON, os.path.join(REPO, "export.py"), out, "--hf", folder])
