@@ -63,6 +63,7 @@ DEFAULT_GROUP_SIZE = 64
 CHUNK_ELEMENTS = 1 << 22  # elements converted at a time: 4M -> about 100 MB of temporaries at most
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
 MAX_TEXT_INPUT = 256 << 20  # config.json, the index, tokenizer.json/.model (real ones: < 20 MB)
+MAX_DIMS = 64  # of a safetensors tensor (real ones have 1 or 2)
 
 # The model file's header, field by field from byte 0, little-endian, then zeros up to
 # HEADER_BYTES. This table is the header's one description in Python: pack_header writes it,
@@ -258,6 +259,8 @@ class SafetensorsFile:
             raise ExportError(f"{where}: unknown dtype {shown(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise ExportError(f"{where}: malformed shape {shown(shape)}")
+        if len(shape) > MAX_DIMS:  # the product of a million dimensions would take minutes
+            raise ExportError(f"{where}: shape has {len(shape)} dimensions (at most {MAX_DIMS})")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(_is_int(o) for o in offsets)):
             raise ExportError(f"{where}: malformed data_offsets {shown(offsets)}")

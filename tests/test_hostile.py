@@ -786,7 +786,7 @@ def test_export_json_of_every_wrong_shape():
                    (json.dumps(dict(header, **{name: [entry]})), name)]
     for field, values in (("dtype", (["F32"], {"F32": 1}, 5, None, NESTED)),
                           ("shape", ("[64, 192]", [64.0, 192], [True, 192], [[64], 192], None, {},
-                                     NESTED, [2 ** 62, 2 ** 62])),
+                                     NESTED, [2 ** 62, 2 ** 62], [3] * 3_000_000)),
                           ("data_offsets", ({"a": 1}, [0], [0.0, 4], ["0", "4"], None, [0, 2 ** 70]))):
         for value in values:
             header_rows.append((with_entry(**{field: value}), name))
