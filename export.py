@@ -62,7 +62,7 @@ MAX_EOS = 8
 DEFAULT_GROUP_SIZE = 64
 CHUNK_ELEMENTS = 1 << 22  # elements converted at a time: 4M -> about 100 MB of temporaries at most
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
-MAX_TEXT_INPUT = 256 << 20  # config.json, the index, tokenizer.json/.model (real ones: < 20 MB)
+MAX_TEXT_INPUT = 64 << 20  # config.json, the index, tokenizer.json/.model (real ones: < 20 MB)
 MAX_DIMS = 64  # of a safetensors tensor (real ones have 1 or 2)
 
 # The model file's header, field by field from byte 0, little-endian, then zeros up to
