@@ -340,6 +340,12 @@ class Checkpoint:
             if not os.path.lexists(path):
                 raise ExportError(f"missing shard {shard} (listed in {index_name})")
             self._open(path)
+        holder = {}  # a tensor in two shards is a duplicate name, as within one header
+        for f in self.files.values():
+            for name in f.tensors:
+                if name in holder:
+                    raise ExportError(f"tensor {shown(name)} is in both {holder[name]} and {f.name}")
+                holder[name] = f.name
         for name, shard in weight_map.items():
             f = self.files[os.path.join(model_dir, shard)]
             if name not in f.tensors:

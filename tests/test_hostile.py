@@ -820,6 +820,16 @@ def test_export_json_of_every_wrong_shape():
         open(index_path, "w").write(text)
         export_refused([out, "--hf", sharded], needle, [sharded, out_dir])
     open(index_path, "w").write(index_text)
+    # one tensor name in two shards: a duplicate too, whichever the index names
+    shards = [os.path.join(sharded, f"model-0000{k}-of-00002.safetensors") for k in (1, 2)]
+    kept = open(shards[1], "rb").read()
+    first_header, _ = read_safetensors(shards[0])
+    second_header, second_data = read_safetensors(shards[1])
+    some = next(n for n in first_header if n != "__metadata__")
+    write_safetensors(shards[1], dict(second_header, **{some: dict(first_header[some], data_offsets=[0, 0],
+                                                                    shape=[0])}), second_data)
+    export_refused([out, "--hf", sharded], ("both", some), [out_dir])
+    open(shards[1], "wb").write(kept)
 
     # tokenizer.json, with --tokenizer-only
     vocab = export_table()  # the 256 single bytes
