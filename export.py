@@ -2,9 +2,20 @@
 """Exports a Hugging Face Llama 3 checkpoint to llama3.c's model file ("L3CM" v1) and tokenizer
 file ("L3TK" v1); both formats are specified in README.md ("File formats").
 
-Needs only the Python standard library and numpy. Safetensors files are read through memory maps
-one tensor (and one bounded chunk of rows) at a time, so the peak memory stays far below the model
-size. The output is written under a temporary name and renamed only when complete.
+Needs only the Python standard library and numpy. Tensors are read from the safetensors files
+one bounded chunk of rows at a time, so the peak memory stays far below the model size.
+
+What it refuses, so that what it writes runs (each refusal is one line on stderr, exit 1):
+- anything run.c would refuse: every header check of run.c's parse_header is made here on the
+  config.json values as the header will hold them (float32), and every check of tokenizer.c's
+  loader on the tokenizer, whose size must equal vocab_size;
+- input files that are not regular files after following symlinks (a FIFO would block),
+  JSON with a duplicate key (config.json, the index, a safetensors header, tokenizer.json),
+  JSON of the wrong shape or nested too deeply, a safetensors header over 100 MB;
+- an output that names an input, or a folder.
+Outputs are written under fresh random names in their own folders (O_EXCL: never through a
+planted file) and renamed into place together, only once all of them are complete; an error or
+SIGINT, SIGTERM, SIGHUP or SIGQUIT removes them.
 
 Decisions worth knowing:
 - q_proj/k_proj rows are written as Hugging Face stores them (rotate-half RoPE layout); the
@@ -28,11 +39,13 @@ Decisions worth knowing:
 import argparse
 import base64
 import binascii
+import contextlib
 import json
 import math
-import mmap
 import os
+import secrets
 import signal
+import stat
 import struct
 import sys
 
@@ -48,6 +61,40 @@ WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "q8_0": 2}
 MAX_EOS = 8
 DEFAULT_GROUP_SIZE = 64
 CHUNK_ELEMENTS = 1 << 22  # elements converted at a time: 4M -> about 100 MB of temporaries at most
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_TEXT_INPUT = 64 << 20  # config.json, the index, tokenizer.json/.model (real ones: < 20 MB)
+MAX_DIMS = 64  # of a safetensors tensor (real ones have 1 or 2)
+
+# The model file's header, field by field from byte 0, little-endian, then zeros up to
+# HEADER_BYTES. This table is the header's one description in Python: pack_header writes it,
+# and tests/fuzz/modelfile.py builds and damages test files with it. The names are those of
+# run.c's Config, whose parse_header reads the same offsets (README.md, "File formats").
+MODEL_HEADER = (
+    ("magic", "4s"), ("version", "I"),
+    ("dim", "i"), ("hidden_dim", "i"), ("n_layers", "i"), ("n_heads", "i"), ("n_kv_heads", "i"),
+    ("head_dim", "i"), ("vocab_size", "i"), ("max_seq_len", "i"),
+    ("rope_theta", "f"), ("norm_eps", "f"),
+    ("rope_scaling", "I"),  # 0 none, 1 Llama 3.1 "llama3"
+    ("rope_factor", "f"), ("rope_low_freq_factor", "f"), ("rope_high_freq_factor", "f"),
+    ("rope_original_max_pos", "i"),
+    ("tied_classifier", "I"),  # 1: the classifier is the token embedding
+    ("weight_type", "I"),  # WEIGHT_TYPES
+    ("group_size", "i"),  # q8_0 values per scale; 0 otherwise
+    ("bos_id", "i"), ("n_eos", "i"), ("eos_ids", f"{MAX_EOS}i"),  # unused eos slots: -1
+)
+
+
+def header_layout():
+    """{field: (offset, struct format)} for every field of MODEL_HEADER."""
+    layout, offset = {}, 0
+    for name, code in MODEL_HEADER:
+        layout[name] = (offset, "<" + code)
+        offset += struct.calcsize("<" + code)
+    assert offset <= HEADER_BYTES
+    return layout
+
+
+HEADER_LAYOUT = header_layout()
 
 # Every dtype name safetensors defines, with its size in bytes. Knowing them all lets us check
 # the offsets of every tensor in a file, even of tensors we never read.
@@ -64,8 +111,97 @@ class ExportError(Exception):
 
 
 def note(message):
-    """Informational lines go to stdout so that stderr carries nothing but errors."""
-    print(message, flush=True)
+    """Progress and notes go to stdout so that stderr carries nothing but errors. They are only
+    information: when stdout is closed (`| head`) or full, the export goes on without them."""
+    try:
+        print(message, flush=True)
+    except OSError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())  # what is still buffered drains there at exit
+        os.close(null)
+
+
+def shown(value, limit=60):
+    """A JSON value for an error message: its repr, cut short (it may be megabytes long)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deeply; an int of over 4300 digits
+        return f"(a {type(value).__name__})"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input files
+# ---------------------------------------------------------------------------------------------
+
+def open_input(path):
+    """A file descriptor for reading a regular file. Symlinks are followed (Hugging Face's cache
+    is made of them); anything else (a FIFO, a device, a folder) is refused, and O_NONBLOCK
+    makes opening a FIFO return at once instead of waiting for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ExportError(f"cannot open {path}: {e.strerror}")
+    except ValueError:  # a NUL in the name (from a JSON string)
+        raise ExportError(f"cannot open {shown(path)}: invalid file name")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ExportError(f"{path} is not a regular file")
+    return fd
+
+
+def read_exactly(fd, buffer, offset, path):
+    """Fills buffer (a writable bytes-like object) from the file at offset."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise ExportError(f"{path}: the file ended early (changed while being read?)")
+        done += got
+
+
+def read_input(path, limit=MAX_TEXT_INPUT):
+    """The bytes of a small input file (config.json, an index, a tokenizer)."""
+    fd = open_input(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise ExportError(f"{path}: {size} bytes is too large (at most {limit} are read)")
+        data = bytearray(size)
+        read_exactly(fd, data, 0, path)
+        return bytes(data)
+    finally:
+        os.close(fd)
+
+
+def parse_json(raw, name):
+    """Parses JSON bytes; a duplicate key anywhere is an error (json would keep the last one)."""
+    def no_duplicates(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ExportError(f"{name}: duplicate key {shown(key)}")
+            seen[key] = value
+        return seen
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{name}: malformed JSON ({e})")
+    except RecursionError:
+        raise ExportError(f"{name}: malformed JSON (nested too deeply)")
+
+
+def load_json(path):
+    return parse_json(read_input(path), os.path.basename(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,36 +209,39 @@ def note(message):
 # ---------------------------------------------------------------------------------------------
 
 class SafetensorsFile:
-    """One .safetensors file: validated header, tensors read as numpy views of a memory map."""
+    """One .safetensors file: validated header; tensor data read a chunk at a time."""
 
     def __init__(self, path):
         self.path = path
         self.name = os.path.basename(path)
+        self.fd = open_input(path)
         try:
-            self.file = open(path, "rb")
-        except OSError as e:
-            raise ExportError(f"cannot open {path}: {e.strerror}")
-        self.file_size = os.fstat(self.file.fileno()).st_size
-        self.tensors = self._read_header()
-        self.map = None  # mapped on first use
+            self.file_size = os.fstat(self.fd).st_size
+            self.tensors = self._read_header()
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def _read_header(self):
         if self.file_size < 8:
             raise ExportError(f"{self.name}: file too short ({self.file_size} bytes) to be safetensors")
-        (header_len,) = struct.unpack("<Q", self.file.read(8))
+        length = bytearray(8)
+        read_exactly(self.fd, length, 0, self.path)
+        (header_len,) = struct.unpack("<Q", length)
         if header_len > self.file_size - 8:
             raise ExportError(f"{self.name}: header length {header_len} runs past the end of the "
                               f"file ({self.file_size} bytes)")
-        raw = self.file.read(header_len)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ExportError(f"{self.name}: malformed JSON header ({e})")
+        if header_len > MAX_SAFETENSORS_HEADER:
+            raise ExportError(f"{self.name}: header length {header_len} is over the limit of "
+                              f"{MAX_SAFETENSORS_HEADER} bytes")
+        raw = bytearray(header_len)
+        read_exactly(self.fd, raw, 8, self.path)
+        header = parse_json(bytes(raw), f"{self.name} header")
         if not isinstance(header, dict):
             raise ExportError(f"{self.name}: malformed header (not a JSON object)")
         self.data_start = 8 + header_len
         data_len = self.file_size - self.data_start
-        tensors = {}
+        tensors = {}  # parse_json refused duplicate names
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -112,17 +251,19 @@ class SafetensorsFile:
 
     def _check_entry(self, name, entry, data_len):
         """Returns (dtype, shape, begin, end) with begin/end relative to the data section."""
-        where = f"{self.name}: tensor {name}"
+        where = f"{self.name}: tensor {shown(name)}"
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise ExportError(f"{where}: malformed header entry (needs dtype, shape, data_offsets)")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPE_SIZES:
-            raise ExportError(f"{where}: unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_SIZES:
+            raise ExportError(f"{where}: unknown dtype {shown(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise ExportError(f"{where}: malformed shape {shape!r}")
+            raise ExportError(f"{where}: malformed shape {shown(shape)}")
+        if len(shape) > MAX_DIMS:  # the product of a million dimensions would take minutes
+            raise ExportError(f"{where}: shape has {len(shape)} dimensions (at most {MAX_DIMS})")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(_is_int(o) for o in offsets)):
-            raise ExportError(f"{where}: malformed data_offsets {offsets!r}")
+            raise ExportError(f"{where}: malformed data_offsets {shown(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end:
             raise ExportError(f"{where}: invalid data_offsets {offsets}")
@@ -132,7 +273,7 @@ class SafetensorsFile:
         expected = math.prod(shape) * SAFETENSORS_DTYPE_SIZES[dtype]
         if end - begin != expected:
             raise ExportError(f"{where}: data_offsets {offsets} span {end - begin} bytes but "
-                              f"{dtype} {shape} needs {expected}")
+                              f"{dtype} {shown(shape)} needs {expected}")
         return dtype, tuple(shape), begin, end
 
     def _check_overlaps(self, tensors):
@@ -140,51 +281,21 @@ class SafetensorsFile:
                        if end > begin)
         for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
-                raise ExportError(f"{self.name}: tensors {n0} and {n1} overlap "
+                raise ExportError(f"{self.name}: tensors {shown(n0)} and {shown(n1)} overlap "
                                   f"(bytes {b0}..{e0} and {b1}..{e1})")
 
-    def _mapped(self):
-        if self.map is None:
-            self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
-        return self.map
-
     def elements(self, name, start, count):
-        """Elements [start, start+count) of a tensor's row-major data, as a read-only numpy view
-        of the map in the source's raw storage dtype (BF16 as uint16)."""
+        """Elements [start, start+count) of a tensor's row-major data, as a numpy array in the
+        source's raw storage dtype (BF16 as uint16). Read, not mapped: a file that shrinks while
+        we read it is then an error, not a SIGBUS."""
         dtype, _, begin, _ = self.tensors[name]
         item = SOURCE_DTYPES[dtype]
-        offset = self.data_start + begin + start * item.itemsize
-        return np.frombuffer(self._mapped(), dtype=item, count=count, offset=offset)
-
-    def release(self, name, start, count):
-        """Drops the pages of elements [start, start+count) from this process (they stay in the
-        page cache): without it the resident set would grow to the size of every file read.
-        Pages shared with neighbouring data are simply read again if needed."""
-        if self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        dtype, _, begin, _ = self.tensors[name]
-        item = SOURCE_DTYPES[dtype].itemsize
-        first = self.data_start + begin + start * item
-        stop = first + count * item
-        first = first // mmap.PAGESIZE * mmap.PAGESIZE
-        if stop > first:
-            self.map.madvise(mmap.MADV_DONTNEED, first, stop - first)
+        out = np.empty(count, dtype=item)
+        read_exactly(self.fd, out.view(np.uint8), self.data_start + begin + start * item.itemsize, self.path)
+        return out
 
     def close(self):
-        if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:
-                pass  # a view is still alive (interrupted mid-tensor): freed at exit anyway
-        self.file.close()
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        os.close(self.fd)
 
 
 class Checkpoint:
@@ -196,13 +307,20 @@ class Checkpoint:
         index = os.path.join(model_dir, "model.safetensors.index.json")
         self.files = {}
         self.where = {}  # tensor name -> SafetensorsFile
-        if os.path.exists(single):
-            f = self._open(single)
-            self.where = {name: f for name in f.tensors}
-        elif os.path.exists(index):
-            self._open_sharded(model_dir, index)
-        else:
-            raise ExportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+        self.index = None
+        try:
+            if os.path.lexists(single):
+                f = self._open(single)
+                self.where = {name: f for name in f.tensors}
+            elif os.path.lexists(index):
+                self.index = index
+                self._open_sharded(model_dir, index)
+            else:
+                raise ExportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"
+                                  " (export.py reads Hugging Face safetensors checkpoints)")
+        except BaseException:
+            self.close()
+            raise
 
     def _open(self, path):
         if path not in self.files:
@@ -210,24 +328,34 @@ class Checkpoint:
         return self.files[path]
 
     def _open_sharded(self, model_dir, index_path):
+        index_name = os.path.basename(index_path)
         index = load_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ExportError(f"{os.path.basename(index_path)}: no valid weight_map")
+            raise ExportError(f"{index_name}: no valid weight_map")
         for shard in sorted(set(weight_map.values())):
-            if os.path.basename(shard) != shard:
-                raise ExportError(f"{os.path.basename(index_path)}: shard name {shard!r} is not a "
-                                  "plain file name")
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise ExportError(f"{index_name}: shard name {shown(shard)} is not a plain file name")
             path = os.path.join(model_dir, shard)
-            if not os.path.exists(path):
-                raise ExportError(f"missing shard {shard} (listed in {os.path.basename(index_path)})")
+            if not os.path.lexists(path):
+                raise ExportError(f"missing shard {shard} (listed in {index_name})")
             self._open(path)
+        holder = {}  # a tensor in two shards is a duplicate name, as within one header
+        for f in self.files.values():
+            for name in f.tensors:
+                if name in holder:
+                    raise ExportError(f"tensor {shown(name)} is in both {holder[name]} and {f.name}")
+                holder[name] = f.name
         for name, shard in weight_map.items():
             f = self.files[os.path.join(model_dir, shard)]
             if name not in f.tensors:
-                raise ExportError(f"tensor {name} is listed in the index for {shard} but {shard} "
-                                  "does not contain it")
+                raise ExportError(f"tensor {shown(name)} is listed in the index for {shard} but "
+                                  f"{shard} does not contain it")
             self.where[name] = f
+
+    def paths(self):
+        """Every file read: the safetensors files and the index."""
+        return list(self.files) + ([self.index] if self.index else [])
 
     def info(self, name):
         """(dtype, shape) of a tensor."""
@@ -237,84 +365,96 @@ class Checkpoint:
     def close(self):
         for f in self.files.values():
             f.close()
-
-
-def load_json(path):
-    """Parses a JSON file; duplicate keys are an error (json would silently keep the last)."""
-    def no_duplicates(pairs):
-        seen = {}
-        for key, value in pairs:
-            if key in seen:
-                raise ExportError(f"{os.path.basename(path)}: duplicate key {key!r}")
-            seen[key] = value
-        return seen
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"), object_pairs_hook=no_duplicates)
-    except OSError as e:
-        raise ExportError(f"cannot read {path}: {e.strerror}")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ExportError(f"{os.path.basename(path)}: malformed JSON ({e})")
+        self.files = {}
 
 
 # ---------------------------------------------------------------------------------------------
 # config.json
 # ---------------------------------------------------------------------------------------------
 
+# The bounds of run.c's parse_header on each integer field (far beyond any Llama 3 model; they
+# keep every size product far from overflow), with the config.json key that gives it.
+HEADER_INTS = (  # (field, config.json key, smallest, largest)
+    ("dim", "hidden_size", 1, 1 << 20),
+    ("hidden_dim", "intermediate_size", 1, 1 << 20),
+    ("n_layers", "num_hidden_layers", 1, 1024),
+    ("n_heads", "num_attention_heads", 1, 4096),
+    ("n_kv_heads", "num_key_value_heads", 1, 4096),
+    ("head_dim", "head_dim", 1, 4096),
+    ("vocab_size", "vocab_size", 1, 1 << 22),
+    ("max_seq_len", "max_position_embeddings", 1, 1 << 24),
+)
+MAX_Q_DIM = 1 << 20  # run.c: n_heads * head_dim
+
+
+def config_int(source, key, low, high, where="config.json"):
+    """An integer field of config.json within run.c's bounds [low, high]."""
+    value = source.get(key)
+    if value is None:
+        raise ExportError(f"{where}: missing field {key}")
+    if not _is_int(value):
+        raise ExportError(f"{where}: {key} = {shown(value)} is not an integer")
+    if not low <= value <= high:
+        raise ExportError(f"{where}: {key} = {shown(value)} is out of range (llama3.c accepts "
+                          f"{low}..{high})")
+    return value
+
+
+def config_float32(source, key, accept, rule, where="config.json"):
+    """A number field of config.json as the header stores it (float32), which must satisfy
+    accept(); rule says in words what run.c requires."""
+    value = source.get(key)
+    if value is None:
+        raise ExportError(f"{where}: missing field {key}")
+    if not _is_number(value):
+        raise ExportError(f"{where}: {key} = {shown(value)} is not a number")
+    try:
+        stored = struct.unpack("<f", struct.pack("<f", float(value)))[0]
+    except OverflowError:
+        raise ExportError(f"{where}: {key} = {shown(value)} does not fit a float32")
+    if not accept(stored):
+        raise ExportError(f"{where}: {key} = {shown(value)}: {rule}"
+                          + (f" (it is {stored!r} as a float32)" if stored != float(value)
+                             and not math.isnan(stored) else ""))
+    return stored
+
+
 def read_config(model_dir):
-    """Reads and checks config.json; returns a dict with the header's fields."""
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
-        raise ExportError(f"{model_dir}: no config.json")
-    cfg = load_json(path)
+    """Reads config.json and checks it as run.c will check the header made from it; returns
+    the header's fields (MODEL_HEADER's names) but the weight type and group size."""
+    cfg = load_json(os.path.join(model_dir, "config.json"))
     if not isinstance(cfg, dict):
         raise ExportError("config.json: not a JSON object")
     check_architecture(cfg)
-
-    def get(key, kind, default=None, optional=False):
-        if key not in cfg or cfg[key] is None:
-            if optional:
-                return default
-            raise ExportError(f"config.json: missing field {key}")
-        value = cfg[key]
-        ok = _is_int(value) if kind is int else _is_number(value)
-        if not ok:
-            raise ExportError(f"config.json: {key} = {value!r} is not {'an integer' if kind is int else 'a number'}")
-        return kind(value)
-
-    c = {}
-    c["dim"] = get("hidden_size", int)
-    c["hidden_dim"] = get("intermediate_size", int)
-    c["n_layers"] = get("num_hidden_layers", int)
-    c["n_heads"] = get("num_attention_heads", int)
-    c["n_kv_heads"] = get("num_key_value_heads", int, default=c["n_heads"], optional=True)
-    c["vocab_size"] = get("vocab_size", int)
-    c["max_seq_len"] = get("max_position_embeddings", int)
-    c["rope_theta"] = get("rope_theta", float)
-    c["norm_eps"] = get("rms_norm_eps", float)
-    for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
-        if not 0 < c[key] < 2**31:
-            raise ExportError(f"config.json: {key} = {c[key]} out of range")
-    if c["rope_theta"] <= 0 or c["norm_eps"] <= 0:
-        raise ExportError("config.json: rope_theta and rms_norm_eps must be positive")
-    if c["n_heads"] % c["n_kv_heads"]:
+    cfg = dict(cfg)
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg.get("num_attention_heads")
+    heads, size = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    if cfg.get("head_dim") is None and _is_int(heads) and _is_int(size) and heads > 0:
+        if size % heads:
+            raise ExportError("config.json: no head_dim and hidden_size is not a multiple of "
+                              "num_attention_heads")
+        cfg["head_dim"] = size // heads
+    c = {field: config_int(cfg, key, low, high) for field, key, low, high in HEADER_INTS}
+    if c["n_kv_heads"] > c["n_heads"] or c["n_heads"] % c["n_kv_heads"]:
         raise ExportError(f"config.json: num_attention_heads {c['n_heads']} is not a multiple of "
                           f"num_key_value_heads {c['n_kv_heads']}")
-    if "head_dim" in cfg and cfg["head_dim"] is not None:
-        c["head_dim"] = get("head_dim", int)
-    elif c["dim"] % c["n_heads"]:
-        raise ExportError("config.json: no head_dim and hidden_size is not a multiple of "
-                          "num_attention_heads")
-    else:
-        c["head_dim"] = c["dim"] // c["n_heads"]
-    if c["head_dim"] <= 0 or c["head_dim"] % 2:
-        raise ExportError(f"config.json: head_dim {c['head_dim']} must be positive and even (RoPE pairs)")
+    if c["head_dim"] % 2:
+        raise ExportError(f"config.json: head_dim {c['head_dim']} must be even (RoPE pairs)")
+    if c["n_heads"] * c["head_dim"] > MAX_Q_DIM:
+        raise ExportError(f"config.json: num_attention_heads * head_dim = "
+                          f"{c['n_heads'] * c['head_dim']} is over llama3.c's limit {MAX_Q_DIM}")
+    c["rope_theta"] = config_float32(cfg, "rope_theta", lambda x: 1 < x < math.inf,
+                                     "must be finite and above 1")
+    c["norm_eps"] = config_float32(cfg, "rms_norm_eps", lambda x: 0 < x < 1,
+                                   "must be above 0 and below 1")
     tied = cfg.get("tie_word_embeddings", False)
     if not isinstance(tied, bool):
-        raise ExportError(f"config.json: tie_word_embeddings = {tied!r} is not true/false")
-    c["tied"] = tied
+        raise ExportError(f"config.json: tie_word_embeddings = {shown(tied)} is not true/false")
+    c["tied_classifier"] = int(tied)
     c.update(read_rope_scaling(cfg.get("rope_scaling")))
     c["bos_id"], c["eos_ids"] = read_special_ids(cfg, c["vocab_size"])
+    c["n_eos"] = len(c["eos_ids"])
     return c
 
 
@@ -325,48 +465,52 @@ def check_architecture(cfg):
     if arch is None and model_type is None:
         raise ExportError("config.json: no architectures or model_type: cannot tell the architecture")
     if arch is not None and arch != ["LlamaForCausalLM"]:
-        raise ExportError(f"config.json: unsupported architecture {arch!r} (need LlamaForCausalLM)")
+        raise ExportError(f"config.json: unsupported architectures {shown(arch)} (need [\"LlamaForCausalLM\"])")
     if model_type is not None and model_type != "llama":
-        raise ExportError(f"config.json: unsupported model_type {model_type!r} (need llama)")
+        raise ExportError(f"config.json: unsupported model_type {shown(model_type)} (need llama)")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ExportError(f"config.json: unsupported hidden_act {cfg['hidden_act']!r} (need silu)")
+        raise ExportError(f"config.json: unsupported hidden_act {shown(cfg['hidden_act'])} (need silu)")
     for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise ExportError(f"config.json: {key} true is not supported")
+        if cfg.get(key) not in (None, False):
+            raise ExportError(f"config.json: {key} = {shown(cfg[key])} is not supported (need false)")
     if cfg.get("pretraining_tp", 1) != 1:
         raise ExportError("config.json: pretraining_tp other than 1 is not supported")
 
 
 def read_rope_scaling(scaling):
-    """Header fields for rope_scaling: none (null / "default") or llama3 with all four values."""
+    """Header fields for rope_scaling: none (null / "default") or llama3 with all four values,
+    as run.c accepts them: factor >= 1, 0 < low_freq_factor < high_freq_factor, all finite."""
     none = {"rope_scaling": 0, "rope_factor": 1.0, "rope_low_freq_factor": 1.0,
             "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192}
     if scaling is None:
         return none
     if not isinstance(scaling, dict):
-        raise ExportError(f"config.json: rope_scaling {scaling!r} is not an object")
+        raise ExportError(f"config.json: rope_scaling {shown(scaling)} is not an object")
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return none
     if kind != "llama3":
-        raise ExportError(f"config.json: unsupported rope_scaling type {kind!r} (supported: null, llama3)")
-    values = {}
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-        value = scaling.get(key)
-        if not _is_number(value) or value <= 0:
-            raise ExportError(f"config.json: rope_scaling.{key} missing or not a positive number")
-        values[key] = value
-    if not _is_int(values["original_max_position_embeddings"]):
-        raise ExportError("config.json: rope_scaling.original_max_position_embeddings is not an integer")
-    if values["high_freq_factor"] <= values["low_freq_factor"]:
-        raise ExportError("config.json: rope_scaling.high_freq_factor must exceed low_freq_factor")
-    return {"rope_scaling": 1, "rope_factor": float(values["factor"]),
-            "rope_low_freq_factor": float(values["low_freq_factor"]),
-            "rope_high_freq_factor": float(values["high_freq_factor"]),
-            "rope_original_max_pos": values["original_max_position_embeddings"]}
+        raise ExportError(f"config.json: unsupported rope_scaling type {shown(kind)} "
+                          "(supported: null, llama3)")
+    where = "config.json: rope_scaling"
+
+    def number(key, accept, rule):
+        return config_float32(scaling, key, accept, rule, where)
+    factor = number("factor", lambda x: 1 <= x < math.inf, "must be finite and at least 1")
+    low = number("low_freq_factor", lambda x: 0 < x < math.inf, "must be finite and above 0")
+    high = number("high_freq_factor", lambda x: low < x < math.inf,
+                  f"must be finite and above low_freq_factor {low}")
+    original = config_int(scaling, "original_max_position_embeddings", 1, 2**31 - 1, where)
+    return {"rope_scaling": 1, "rope_factor": factor, "rope_low_freq_factor": low,
+            "rope_high_freq_factor": high, "rope_original_max_pos": original}
 
 
 def read_special_ids(cfg, vocab_size):
+    """bos_token_id and eos_token_id (one id or a list of 1..MAX_EOS), ids in the vocabulary."""
+    def token_id(key, value):
+        if not _is_int(value) or not 0 <= value < vocab_size:
+            raise ExportError(f"config.json: {key} {shown(value)} is not a token id in 0..{vocab_size - 1}")
+        return value
     bos = cfg.get("bos_token_id")
     eos = cfg.get("eos_token_id")
     if bos is None:
@@ -376,10 +520,7 @@ def read_special_ids(cfg, vocab_size):
     eos_list = eos if isinstance(eos, list) else [eos]
     if not 1 <= len(eos_list) <= MAX_EOS:
         raise ExportError(f"config.json: eos_token_id needs 1..{MAX_EOS} ids, has {len(eos_list)}")
-    for value in [bos] + eos_list:
-        if not _is_int(value) or not 0 <= value < vocab_size:
-            raise ExportError(f"config.json: token id {value!r} is not in 0..{vocab_size - 1}")
-    return bos, eos_list
+    return token_id("bos_token_id", bos), [token_id("eos_token_id", v) for v in eos_list]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +546,7 @@ def tensor_plan(c):
             (p + "mlp.up_proj.weight", (c["hidden_dim"], dim), True),
         ]
     plan.append(("model.norm.weight", (dim,), False))
-    if not c["tied"]:
+    if not c["tied_classifier"]:
         plan.append(("lm_head.weight", (c["vocab_size"], dim), True))
     return plan
 
@@ -423,7 +564,7 @@ def check_tensors(ckpt, plan, c):
                               f"(expected {list(shape)})")
     known = {name for name, _, _ in plan}
     ignored = sorted(set(ckpt.where) - known)
-    if c["tied"] and "lm_head.weight" in ignored:
+    if c["tied_classifier"] and "lm_head.weight" in ignored:
         note("note: tie_word_embeddings is true: lm_head.weight ignored, the classifier is the embedding")
         ignored.remove("lm_head.weight")
     if ignored:
@@ -431,16 +572,16 @@ def check_tensors(ckpt, plan, c):
              + (" ..." if len(ignored) > 4 else ""))
 
 
-def pack_header(c, weight_type, group_size):
-    eos = c["eos_ids"] + [-1] * (MAX_EOS - len(c["eos_ids"]))
-    head = struct.pack(
-        "<4sI8iffIfffiIIiii8i", MAGIC_MODEL, FORMAT_VERSION,
-        c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["head_dim"],
-        c["vocab_size"], c["max_seq_len"], c["rope_theta"], c["norm_eps"],
-        c["rope_scaling"], c["rope_factor"], c["rope_low_freq_factor"], c["rope_high_freq_factor"],
-        c["rope_original_max_pos"], 1 if c["tied"] else 0, weight_type, group_size,
-        c["bos_id"], len(c["eos_ids"]), *eos)
-    return head + bytes(HEADER_BYTES - len(head))
+def pack_header(fields):
+    """The 256-byte header from {MODEL_HEADER field: value}; eos_ids may be short (the unused
+    slots are -1), magic and version may be left out."""
+    fields = dict({"magic": MAGIC_MODEL, "version": FORMAT_VERSION}, **fields)
+    fields["eos_ids"] = list(fields["eos_ids"]) + [-1] * (MAX_EOS - len(fields["eos_ids"]))
+    head = bytearray(HEADER_BYTES)
+    for name, (offset, fmt) in HEADER_LAYOUT.items():
+        value = fields[name]
+        struct.pack_into(fmt, head, offset, *(value if isinstance(value, list) else [value]))
+    return bytes(head)
 
 
 def to_f32(raw, dtype):
@@ -474,9 +615,8 @@ def quantize_q8_0(x, group_size):
 class OutputFile:
     """Writes the model file, padding each tensor to a 64-byte boundary. The bytes reach the
     file in whole pieces of WRITE_PIECE at offsets that are multiples of it: Linux then keeps
-    the fresh file in its page cache as 2 MB folios, which run.c's mapping gets as 2 MB pages.
-    Writes at odd offsets leave 4 KB folios until the kernel drops the file and reads it back:
-    the 1B q8_0 file then decoded 31.5-33.8 tok/s mapped against 36.7-37.6 (70 GB/s)."""
+    the fresh file in its page cache as 2 MB folios, which run.c's mapping gets as 2 MB pages
+    (writes at odd offsets leave 4 KB folios, and a slower first run; README.md, "Performance")."""
 
     def __init__(self, f):
         self.f = f
@@ -542,7 +682,6 @@ def write_tensor(out, ckpt, name, shape, as_matrix, weight_type, group_size):
             sq_err += float(np.einsum("i,i->", err, err, dtype=np.float64))
             sq_ref += float(np.einsum("i,i->", x, x, dtype=np.float64))
         del raw
-        f.release(name, start, count)
     if kind != "q8_0":
         return kind
     out.align()
@@ -569,16 +708,15 @@ def expected_size(plan, weight_type, group_size):
     return pos
 
 
-def write_model(path, ckpt, c, plan, weight_type, group_size):
-    code = WEIGHT_TYPES[weight_type]
-    with open(path, "wb") as f:
-        out = OutputFile(f)
-        out.write(pack_header(c, code, group_size if weight_type == "q8_0" else 0))
-        for i, (name, shape, is_matrix) in enumerate(plan):
-            dtype, _ = ckpt.info(name)
-            what = write_tensor(out, ckpt, name, shape, is_matrix, weight_type, group_size)
-            note(f"[{i + 1:4d}/{len(plan)}] {name:48s} {dtype:4s} {list(shape)} -> {what}")
-        size = out.finish()
+def write_model(f, ckpt, c, plan, weight_type, group_size):
+    """Writes the model file to the open binary file f; returns its size."""
+    out = OutputFile(f)
+    out.write(pack_header(dict(c, weight_type=WEIGHT_TYPES[weight_type], group_size=group_size)))
+    for i, (name, shape, is_matrix) in enumerate(plan):
+        dtype, _ = ckpt.info(name)
+        what = write_tensor(out, ckpt, name, shape, is_matrix, weight_type, group_size)
+        note(f"[{i + 1:4d}/{len(plan)}] {name:48s} {dtype:4s} {list(shape)} -> {what}")
+    size = out.finish()
     if size != expected_size(plan, weight_type, group_size):
         raise ExportError(f"internal error: wrote {size} bytes, expected "
                           f"{expected_size(plan, weight_type, group_size)}")
@@ -644,24 +782,41 @@ def tokenizer_from_json(path):
     regular = [None] * len(vocab)
     for text, idx in vocab.items():
         if not _is_int(idx) or not 0 <= idx < len(vocab):
-            raise ExportError(f"{name}: vocab ids are not 0..{len(vocab) - 1} ({text!r} has id {idx!r})")
+            raise ExportError(f"{name}: vocab ids are not 0..{len(vocab) - 1} "
+                              f"({shown(text)} has id {shown(idx)})")
         if regular[idx] is not None:
             raise ExportError(f"{name}: duplicate vocab id {idx}")
         try:
             regular[idx] = bytes(to_byte[ch] for ch in text)
         except KeyError as e:
-            raise ExportError(f"{name}: vocab entry {text!r} is not byte-level BPE (character {e})")
-    check_merge_order(name, model.get("merges", []), vocab)
+            raise ExportError(f"{name}: vocab entry {shown(text)} is not byte-level BPE (character {e})")
+    merges = model.get("merges", [])
+    if not isinstance(merges, list):
+        raise ExportError(f"{name}: merges {shown(merges)} is not a list")
+    check_merge_order(name, merges, vocab)
     if model.get("ignore_merges") is not True:
         note(f"note: {name} lacks ignore_merges: true; llama3.c encodes like tiktoken (as if it were set)")
-    specials = {}
-    for entry in tok.get("added_tokens") or []:
+    return regular, added_specials(name, tok.get("added_tokens"), regular)
+
+
+def added_specials(name, added, regular):
+    """The special texts in id order from tokenizer.json's added_tokens, whose ids must follow
+    the regular ones without a gap (added tokens that repeat a regular token are skipped)."""
+    if added is None:
+        added = []
+    if not isinstance(added, list):
+        raise ExportError(f"{name}: added_tokens {shown(added)} is not a list")
+    specials = {}  # keyed by ids checked to be below len(regular) + len(added): no hash flooding
+    for entry in added:
         idx, text = (entry.get("id"), entry.get("content")) if isinstance(entry, dict) else (None, None)
         if not _is_int(idx) or not isinstance(text, str):
-            raise ExportError(f"{name}: malformed added_tokens entry {entry!r}")
-        if idx < len(regular):
+            raise ExportError(f"{name}: malformed added_tokens entry {shown(entry)}")
+        if not 0 <= idx < len(regular) + len(added):
+            raise ExportError(f"{name}: added token id {shown(idx, 20)} is out of range "
+                              f"(ids are 0..{len(regular) + len(added) - 1})")
+        if 0 <= idx < len(regular):
             if text.encode("utf-8") != regular[idx]:
-                raise ExportError(f"{name}: added token {text!r} reuses regular id {idx}")
+                raise ExportError(f"{name}: added token {shown(text)} reuses regular id {idx}")
             continue
         if idx in specials:
             raise ExportError(f"{name}: duplicate added token id {idx}")
@@ -669,38 +824,39 @@ def tokenizer_from_json(path):
     ids = sorted(specials)
     if ids != list(range(len(regular), len(regular) + len(ids))):
         raise ExportError(f"{name}: special token ids are not contiguous from {len(regular)}")
-    if len(set(specials.values())) != len(specials):
-        raise ExportError(f"{name}: duplicate special token text")
-    return regular, [specials[i] for i in ids]
+    return [specials[i] for i in ids]
 
 
 def check_merge_order(name, merges, vocab):
     """The .tok format takes the id as the merge priority: the merges must agree (each merge's
-    result id never smaller than the previous one's), as they do for Llama 3."""
+    result id never smaller than the previous one's), as they do for Llama 3. A merge is
+    "left right" or ["left", "right"]."""
     prev = -1
     for k, merge in enumerate(merges):
-        pair = merge.split(" ") if isinstance(merge, str) else merge
-        if not isinstance(pair, list) or len(pair) != 2 or "".join(pair) not in vocab:
-            raise ExportError(f"{name}: malformed merge #{k}: {merge!r}")
+        if isinstance(merge, str):
+            pair = merge.split(" ")
+        else:
+            pair = merge if isinstance(merge, list) and all(isinstance(s, str) for s in merge) else []
+        if len(pair) != 2 or "".join(pair) not in vocab:
+            raise ExportError(f"{name}: malformed merge #{k}: {shown(merge)}")
         idx = vocab["".join(pair)]
         if idx < prev:
-            raise ExportError(f"{name}: merge #{k} {merge!r} is out of id order: llama3.c needs "
-                              "merge priority = token id")
+            raise ExportError(f"{name}: merge #{k} {shown(merge)} is out of id order: llama3.c "
+                              "needs merge priority = token id")
         prev = idx
 
 
 def tokenizer_from_tiktoken(path):
-    """Regular token bytes in rank order from a tiktoken file: lines "base64 rank"."""
+    """Regular token bytes in rank order from a tiktoken file: lines "base64 rank", the ranks
+    0..n-1 for n lines. (Ranks index a list, never a dict: integers that collide in Python's
+    hash would make a dict quadratic.)"""
     name = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ExportError(f"cannot read {path}: {e.strerror}")
-    by_rank, seen = {}, {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    lines = [(lineno, line) for lineno, line in enumerate(read_input(path).splitlines(), 1)
+             if line.strip()]
+    if not lines:
+        raise ExportError(f"{name}: no tokens")
+    by_rank, seen = [None] * len(lines), {}
+    for lineno, line in lines:
         parts = line.split()
         if len(parts) != 2:
             raise ExportError(f"{name}:{lineno}: expected 'base64 rank'")
@@ -712,21 +868,37 @@ def tokenizer_from_tiktoken(path):
             rank = int(parts[1])
         except ValueError:
             raise ExportError(f"{name}:{lineno}: bad rank {parts[1][:20]!r}")
-        if rank < 0 or rank in by_rank:
-            raise ExportError(f"{name}:{lineno}: {'duplicate' if rank >= 0 else 'negative'} rank {rank}")
+        if not 0 <= rank < len(lines):
+            raise ExportError(f"{name}:{lineno}: rank {shown(rank, 20)} is out of range: "
+                              f"{len(lines)} tokens have the ranks 0..{len(lines) - 1}")
+        if by_rank[rank] is not None:
+            raise ExportError(f"{name}:{lineno}: duplicate rank {rank}")
         if token in seen:
             raise ExportError(f"{name}:{lineno}: duplicate token {token!r} (also rank {seen[token]})")
         if not token:
             raise ExportError(f"{name}:{lineno}: empty token")
         by_rank[rank] = token
         seen[token] = rank
-    n = len(by_rank)
-    if n == 0:
-        raise ExportError(f"{name}: no tokens")
-    if max(by_rank) != n - 1:
-        missing = next(r for r in range(n) if r not in by_rank)
-        raise ExportError(f"{name}: ranks are not 0..{n - 1}: rank {missing} missing")
-    return [by_rank[r] for r in range(n)]
+    return by_rank  # n distinct ranks in 0..n-1: every one is there
+
+
+def check_tokenizer(name, regular, specials):
+    """tokenizer.c's checks on loading a .tok, so that every file written loads: no empty
+    token, no two regular (or two special) tokens alike, a regular token for every single
+    byte, and at most 4 GiB."""
+    special_bytes = [s.encode("utf-8") for s in specials]
+    for kind, tokens, first_id in (("regular", regular, 0), ("special", special_bytes, len(regular))):
+        if not all(tokens):
+            raise ExportError(f"{name}: {kind} token {first_id + tokens.index(b'')} is empty")
+        if len(set(tokens)) != len(tokens):
+            raise ExportError(f"{name}: two {kind} tokens are the same bytes")
+    singles = {t for t in regular if len(t) == 1}
+    missing = [b for b in range(256) if bytes([b]) not in singles]
+    if missing:
+        raise ExportError(f"{name}: no regular token for the single byte 0x{missing[0]:02X} "
+                          f"({len(missing)} byte(s) missing): llama3.c needs all 256")
+    if 16 + sum(4 + len(t) for t in regular + special_bytes) > 0xFFFFFFFF:
+        raise ExportError(f"{name}: the tokenizer file would exceed 4 GiB")
 
 
 def pack_tokenizer(regular, specials):
@@ -738,34 +910,44 @@ def pack_tokenizer(regular, specials):
     return b"".join(parts)
 
 
-def build_tokenizer(path, layout, layout_explicit):
-    """The .tok bytes from tokenizer.json (specials from its added_tokens, unless a layout is
-    asked for explicitly or it has none) or from a tiktoken tokenizer.model (specials from the
-    layout)."""
+def build_tokenizer(path, layout, default_layout):
+    """The .tok bytes from tokenizer.json (specials from its added_tokens, unless --specials
+    names a layout or it has none) or from a tiktoken tokenizer.model (specials from a layout).
+    layout: --specials or None; default_layout(): the layout when one is needed and not given."""
+    name = os.path.basename(path)
     if path.endswith(".json"):
         regular, specials = tokenizer_from_json(path)
-        if layout_explicit or not specials:  # no added tokens: the layout supplies them
-            wanted = special_texts(layout)
+        if layout or not specials:  # no added tokens: a layout supplies them
+            wanted = special_texts(layout or default_layout())
             if specials and specials != wanted:
                 note(f"note: special tokens replaced by the {layout} layout (--specials)")
             specials = wanted
     else:
         regular = tokenizer_from_tiktoken(path)
-        specials = special_texts(layout)
+        specials = special_texts(layout or default_layout())
+    check_tokenizer(name, regular, specials)
+    if "<|begin_of_text|>" not in specials:
+        note(f"note: {name} has no <|begin_of_text|>: run can take prompts only as token ids (-I)")
     if (len(regular), len(specials)) != (N_REGULAR_LLAMA3, N_SPECIAL_LLAMA3):
         note(f"note: tokenizer has {len(regular)} regular and {len(specials)} special tokens "
              f"(Llama 3: {N_REGULAR_LLAMA3} and {N_SPECIAL_LLAMA3})")
-    note(f"tokenizer: {os.path.basename(path)}: {len(regular)} regular + {len(specials)} special tokens")
+    note(f"tokenizer: {name}: {len(regular)} regular + {len(specials)} special tokens")
     return pack_tokenizer(regular, specials)
 
 
+def tokenizer_candidates(model_dir):
+    """The tokenizer files of a model folder, in order of preference: tokenizer.json first (it
+    carries the model's own special names), then tiktoken files."""
+    paths = [os.path.join(model_dir, rel) for rel in
+             ("tokenizer.json", os.path.join("original", "tokenizer.model"), "tokenizer.model")]
+    return [path for path in paths if os.path.lexists(path)]
+
+
 def find_tokenizer(model_dir):
-    """tokenizer.json first (it carries the model's own special names), then tiktoken files."""
-    for rel in ("tokenizer.json", os.path.join("original", "tokenizer.model"), "tokenizer.model"):
-        path = os.path.join(model_dir, rel)
-        if os.path.isfile(path):
-            return path
-    return None
+    """The preferred tokenizer file of a model folder, or None. A name that exists but is not a
+    regular file is returned too, to be refused when read."""
+    candidates = tokenizer_candidates(model_dir)
+    return candidates[0] if candidates else None
 
 
 def default_tokenizer_path(model_out):
@@ -774,35 +956,155 @@ def default_tokenizer_path(model_out):
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing outputs atomically
+# Writing outputs: all of them or none
 # ---------------------------------------------------------------------------------------------
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived. A BaseException, like KeyboardInterrupt: nothing catches it on
+    the way out but the cleanup."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def on_stop_signal(signum, frame):
+    """The first stop signal becomes an exception, which removes the temporary files on its
+    way out; later ones are ignored so that nothing interrupts that cleanup."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Defers the stop signals while files are created, renamed or removed, so that none falls
+    between making a temporary file and recording it, or between two renames of a commit."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def same_file(a, b):
+    """Whether two paths name one file: the same resolved path, or the same device and inode
+    (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def check_outputs(outputs, inputs):
+    """Before anything is written: refuses an output that cannot be a file name (too long, a
+    path through a file), that is a folder or another special file (/dev/null: the rename
+    would replace it), or that names an input (the file it is made from) or another output."""
+    for i, out in enumerate(outputs):
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise ExportError(f"output folder {folder} does not exist")
+        try:
+            mode = os.stat(out).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:
+            raise ExportError(f"output {out}: {e.strerror}")
+        if mode is not None and stat.S_ISDIR(mode):
+            raise ExportError(f"output {out} is a folder")
+        if mode is not None and not stat.S_ISREG(mode):
+            raise ExportError(f"output {out} exists and is not a regular file")
+        for source in inputs:
+            if same_file(out, source):
+                raise ExportError(f"output {out} would replace the input {source}: choose another name")
+        for other in outputs[:i]:
+            if same_file(out, other):
+                raise ExportError(f"the outputs {other} and {out} are the same file")
+
+
+def fresh_name(final, kind):
+    """A hidden random name beside final."""
+    folder, stem = os.path.split(os.path.abspath(final))
+    return os.path.join(folder, f".{stem[:200]}.{secrets.token_hex(8)}.{kind}")
+
+
 class AtomicOutputs:
-    """Temporary files next to their targets, renamed into place only by commit(); whatever is
-    not committed is removed, so an error never leaves a partial output behind."""
+    """Each output is written to a temporary file beside its target; commit() renames them all
+    into place, or none; cleanup() removes whatever was not committed."""
 
     def __init__(self):
         self.pending = []  # (temporary path, final path)
 
-    def temp_for(self, final):
-        folder = os.path.dirname(os.path.abspath(final))
-        if not os.path.isdir(folder):
-            raise ExportError(f"output folder {folder} does not exist")
-        temp = os.path.join(folder, f".{os.path.basename(final)}.tmp{os.getpid()}")
-        self.pending.append((temp, final))
-        return temp
+    def create(self, final):
+        """A new temporary file for final, open for writing. Created with O_EXCL under a random
+        name, so that nothing planted under that name (a symlink) is ever written through."""
+        with signals_held():
+            for _ in range(16):
+                temp = fresh_name(final, "tmp")
+                try:
+                    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                except FileExistsError:
+                    continue
+                self.pending.append((temp, final))
+                return os.fdopen(fd, "wb")
+        raise ExportError(f"cannot create a temporary file beside {final}")
 
     def commit(self):
-        for temp, final in self.pending:
-            os.replace(temp, final)
-        self.pending = []
+        """Renames every temporary file into place. check_outputs made sure that no target is
+        a folder; should a rename fail all the same, the ones done are undone: each file an
+        output replaces is first given a second name, to be put back from."""
+        with signals_held():
+            done = []  # (final, the second name of the file it replaced, or None)
+            try:
+                for temp, final in self.pending:
+                    aside = self._put_aside(final)
+                    try:
+                        os.replace(temp, final)
+                    except OSError:
+                        if aside and os.path.lexists(final):  # untouched: drop its second name
+                            os.remove(aside)
+                        elif aside:  # it was renamed aside: put it back
+                            os.replace(aside, final)
+                        raise
+                    done.append((final, aside))
+            except OSError:
+                for final, aside in reversed(done):
+                    if aside:
+                        os.replace(aside, final)
+                    else:
+                        os.remove(final)
+                raise
+            for _, aside in done:
+                if aside:
+                    with contextlib.suppress(OSError):
+                        os.remove(aside)
+            self.pending = []
+
+    @staticmethod
+    def _put_aside(final):
+        """A second name for the file at final (a hard link, or where the filesystem has none,
+        the file renamed); None when there is no file there."""
+        if not os.path.lexists(final):
+            return None
+        aside = fresh_name(final, "old")
+        try:
+            os.link(final, aside, follow_symlinks=False)
+        except OSError:
+            os.rename(final, aside)
+        return aside
 
     def cleanup(self):
-        for temp, _ in self.pending:
-            try:
-                os.remove(temp)
-            except FileNotFoundError:
-                pass
+        with signals_held():
+            for temp, _ in self.pending:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(temp)
+            self.pending = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,14 +1130,17 @@ def parse_args(argv):
                "  python3 export.py l3-8b-q8.bin --hf ~/Meta-Llama-3-8B --dtype q8_0\n"
                "  python3 export.py --tokenizer-only llama3.tok --tokenizer tokenizer.model --specials llama3\n"
                "Progress goes to stdout. Any error, a bad option included, is one line on stderr\n"
-               "and exit status 1; no partial output file is ever left behind.",
+               "and exit status 1; no partial output file is ever left behind, and the outputs\n"
+               "(model and tokenizer) appear together or not at all. SIGINT, SIGTERM, SIGHUP or\n"
+               "SIGQUIT stop the export the same way, with exit status 128 + the signal number.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", metavar="OUT",
                    help="output file: the model (.bin), or the tokenizer (.tok) with --tokenizer-only")
     p.add_argument("--hf", metavar="MODEL_DIR",
                    help="Hugging Face model folder: config.json, model.safetensors or shards with "
                         "model.safetensors.index.json, and tokenizer.json and/or "
-                        "original/tokenizer.model")
+                        "original/tokenizer.model (symlinks, as in Hugging Face's cache, are "
+                        "followed; a file inside the folder, e.g. its config.json, stands for it)")
     p.add_argument("--dtype", choices=sorted(WEIGHT_TYPES), default="fp32",
                    help="weight type of the matrices (norms are always fp32): fp32 exact; bf16 "
                         "(exact for bf16 checkpoints, rounded to nearest even otherwise); q8_0 "
@@ -852,7 +1157,8 @@ def parse_args(argv):
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer source: a tokenizer.json or a tiktoken tokenizer.model (default "
                         "with --hf: MODEL_DIR/tokenizer.json, else MODEL_DIR/original/tokenizer.model, "
-                        "else MODEL_DIR/tokenizer.model; no tokenizer is written if none exists)")
+                        "else MODEL_DIR/tokenizer.model; no tokenizer is written if none exists). "
+                        "Its token count must equal config.json's vocab_size")
     p.add_argument("--tokenizer-only", action="store_true",
                    help="write only a tokenizer file, to OUT, from --tokenizer")
     p.add_argument("--specials", choices=sorted(SPECIAL_LAYOUTS),
@@ -895,76 +1201,114 @@ def choose_group_size(args, plan):
     return size
 
 
-def layout_for(args, config):
-    """The special layout for a tiktoken source when --specials is not given."""
-    if args.specials:
-        return args.specials
-    if config is not None and config["rope_scaling"] == 0:
-        return "llama3"
-    return "llama3.1"
+def layout_for(config):
+    """The special layout for a tiktoken source when --specials is not given: Llama 3.1's names
+    for a model with llama3 rope scaling (3.1/3.2), Llama 3's otherwise."""
+    return "llama3.1" if config["rope_scaling"] else "llama3"
 
 
 def config_near(tokenizer_path):
-    """config.json beside a tokenizer file or one folder up (original/tokenizer.model)."""
+    """config.json beside a tokenizer file or one folder up (original/tokenizer.model), or None."""
     folder = os.path.dirname(os.path.abspath(tokenizer_path))
     for candidate in (folder, os.path.dirname(folder)):
-        if os.path.isfile(os.path.join(candidate, "config.json")):
-            try:
-                return read_config(candidate)
-            except ExportError:
-                return None
+        path = os.path.join(candidate, "config.json")
+        if os.path.lexists(path):
+            return path
     return None
 
 
+def layout_near(config_path):
+    """layout_for the config.json at config_path; its errors are errors, with the way round."""
+    try:
+        cfg = load_json(config_path)
+        if not isinstance(cfg, dict):
+            raise ExportError("config.json: not a JSON object")
+        return layout_for(read_rope_scaling(cfg.get("rope_scaling")))
+    except ExportError as e:
+        raise ExportError(f"{e} (in {config_path}, read to choose the special-token names; "
+                          "--specials skips it)")
+
+
 def export_tokenizer_only(args, outputs):
-    if not os.path.isfile(args.tokenizer):
+    if not os.path.lexists(args.tokenizer):
         raise ExportError(f"tokenizer {args.tokenizer} not found")
-    data = build_tokenizer(args.tokenizer, layout_for(args, config_near(args.tokenizer)),
-                           bool(args.specials))
-    temp = outputs.temp_for(args.out)
-    with open(temp, "wb") as f:
+    config = None if args.specials else config_near(args.tokenizer)
+    check_outputs([args.out], [args.tokenizer, *([config] if config else [])])
+    data = build_tokenizer(args.tokenizer, args.specials,
+                           lambda: layout_near(config) if config else "llama3.1")
+    with outputs.create(args.out) as f:
         f.write(data)
     outputs.commit()
     note(f"wrote {args.out} ({len(data)} bytes)")
 
 
+def model_folder(path):
+    """--hf's folder; a file inside one (its config.json, say) stands for it."""
+    if os.path.isdir(path):
+        return path
+    if not os.path.lexists(path):
+        raise ExportError(f"model folder {path} not found")
+    folder = os.path.dirname(path) or "."
+    if os.path.lexists(os.path.join(folder, "config.json")):
+        note(f"note: --hf {path} is a file: exporting the folder {folder}")
+        return folder
+    raise ExportError(f"--hf {path} is not a folder: give the Hugging Face model folder "
+                      "(config.json and *.safetensors)")
+
+
+def tokenizer_paths(args, folder):
+    """(source, output) of the tokenizer written with the model, or (None, None)."""
+    if args.no_tokenizer:
+        return None, None
+    source = args.tokenizer or find_tokenizer(folder)
+    tok_out = args.tokenizer_out or default_tokenizer_path(args.out)
+    if source is None:
+        if args.tokenizer_out:
+            raise ExportError(f"{folder} has no tokenizer.json or tokenizer.model for "
+                              "--tokenizer-out: give its source with --tokenizer PATH")
+        note(f"note: {folder} has no tokenizer.json or tokenizer.model: no tokenizer file written; "
+             f"run needs one: write one with: python3 export.py --tokenizer-only {tok_out} "
+             "--tokenizer PATH/tokenizer.json (or a tiktoken tokenizer.model)")
+        return None, None
+    if not os.path.lexists(source):
+        raise ExportError(f"tokenizer {source} not found")
+    return source, tok_out
+
+
+def model_tokenizer(source, c, specials):
+    """The .tok bytes for the model; their token count must be its vocab_size, as run.c checks."""
+    data = build_tokenizer(source, specials, lambda: layout_for(c))
+    n_tokens = struct.unpack_from("<I", data, 8)[0]
+    if n_tokens != c["vocab_size"]:
+        raise ExportError(f"{source} has {n_tokens} tokens but config.json's vocab_size is "
+                          f"{c['vocab_size']}; run needs them equal (--no-tokenizer writes the "
+                          "model alone)")
+    return data
+
+
 def export_model(args, outputs):
-    if not os.path.isdir(args.hf):
-        raise ExportError(f"model folder {args.hf} not found")
-    c = read_config(args.hf)
-    ckpt = Checkpoint(args.hf)
+    folder = model_folder(args.hf)
+    c = read_config(folder)
+    ckpt = Checkpoint(folder)
     try:
         plan = tensor_plan(c)
         check_tensors(ckpt, plan, c)
         group_size = choose_group_size(args, plan)
-        # The tokenizer is built (in memory, ~2 MB) before the long model write so that a bad
-        # tokenizer fails fast and both files appear together.
-        tok_data = tok_out = None
-        if not args.no_tokenizer:
-            source = args.tokenizer or find_tokenizer(args.hf)
-            if source is None:
-                if args.tokenizer_out:
-                    raise ExportError(f"{args.hf}: no tokenizer.json or tokenizer.model for --tokenizer-out")
-                note(f"note: {args.hf} has no tokenizer.json or tokenizer.model: no tokenizer file written")
-            elif not os.path.isfile(source):
-                raise ExportError(f"tokenizer {source} not found")
-            else:
-                tok_data = build_tokenizer(source, layout_for(args, c), bool(args.specials))
-                n_tokens = struct.unpack_from("<I", tok_data, 8)[0]
-                if n_tokens != c["vocab_size"]:
-                    note(f"note: the tokenizer has {n_tokens} tokens, the model's vocab_size is "
-                         f"{c['vocab_size']}")
-                tok_out = args.tokenizer_out or default_tokenizer_path(args.out)
-                if os.path.abspath(tok_out) == os.path.abspath(args.out):
-                    raise ExportError("the tokenizer output would overwrite the model output")
+        tok_source, tok_out = tokenizer_paths(args, folder)
+        # the checkpoint's tokenizer files are protected even when not read (--no-tokenizer)
+        inputs = [os.path.join(folder, "config.json"), *ckpt.paths(), *tokenizer_candidates(folder),
+                  *([tok_source] if tok_source else [])]
+        check_outputs([args.out, *([tok_out] if tok_source else [])], inputs)
+        # built (in memory, ~2 MB) before the long model write, so that a bad tokenizer fails fast
+        tok_data = model_tokenizer(tok_source, c, args.specials) if tok_source else None
         note(f"model: dim {c['dim']}, hidden {c['hidden_dim']}, {c['n_layers']} layers, "
              f"{c['n_heads']}/{c['n_kv_heads']} heads of {c['head_dim']}, vocab {c['vocab_size']}, "
-             f"{'tied' if c['tied'] else 'untied'}, rope_scaling {'llama3' if c['rope_scaling'] else 'none'}"
-             f" -> {args.dtype}")
-        temp = outputs.temp_for(args.out)
-        size = write_model(temp, ckpt, c, plan, args.dtype, group_size)
+             f"{'tied' if c['tied_classifier'] else 'untied'}, "
+             f"rope_scaling {'llama3' if c['rope_scaling'] else 'none'} -> {args.dtype}")
+        with outputs.create(args.out) as f:
+            size = write_model(f, ckpt, c, plan, args.dtype, group_size)
         if tok_data is not None:
-            with open(outputs.temp_for(tok_out), "wb") as f:
+            with outputs.create(tok_out) as f:
                 f.write(tok_data)
         outputs.commit()
     finally:
@@ -974,28 +1318,39 @@ def export_model(args, outputs):
         note(f"wrote {tok_out} ({len(tok_data)} bytes)")
 
 
+def report(error):
+    """One line on stderr for whatever stopped the export; returns the exit status."""
+    status = 1
+    if isinstance(error, Interrupted):
+        message, status = f"interrupted by {error}", 128 + error.signum
+    elif isinstance(error, ExportError):
+        message = str(error)
+    elif isinstance(error, OSError):  # disk full, permissions, ...
+        message = (f"{error.filename}: " if error.filename else "") + (error.strerror or str(error))
+    elif isinstance(error, MemoryError):
+        message = "out of memory"
+    else:  # the last line of defence: every known problem is an ExportError
+        message = f"internal error ({type(error).__name__}: {error}); please report it"
+    with signals_held():
+        print("export.py: error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
     outputs = AtomicOutputs()
-    # a plain `kill` must also remove the temporary files: turn SIGTERM into SystemExit
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        if args.tokenizer_only:
-            export_tokenizer_only(args, outputs)
-        else:
-            export_model(args, outputs)
-    except ExportError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions, ...: still one line, never a traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"export.py: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("export.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        outputs.cleanup()
+        try:
+            if args.tokenizer_only:
+                export_tokenizer_only(args, outputs)
+            else:
+                export_model(args, outputs)
+        finally:
+            outputs.cleanup()
+    except (Exception, Interrupted) as e:
+        return report(e)
     return 0
 
 

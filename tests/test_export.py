@@ -7,10 +7,11 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 
 import numpy as np
 
-from common import DATA, PYTHON, REPO, run, scratch
+from common import DATA, PYTHON, REPO, program, run, scratch
 import make_checkpoint
 import reference
 
@@ -48,27 +49,19 @@ def export_module():
     return module
 
 
-# -- an independent reader of the model file (README.md, "File formats") ---------------------------------
-
-HEADER_FIELDS = [  # (offset, struct code, name), straight from the README table
-    (4, "I", "version"), (8, "i", "dim"), (12, "i", "hidden_dim"), (16, "i", "n_layers"),
-    (20, "i", "n_heads"), (24, "i", "n_kv_heads"), (28, "i", "head_dim"), (32, "i", "vocab_size"),
-    (36, "i", "max_seq_len"), (40, "f", "rope_theta"), (44, "f", "norm_eps"),
-    (48, "I", "rope_scaling"), (52, "f", "rope_factor"), (56, "f", "rope_low_freq_factor"),
-    (60, "f", "rope_high_freq_factor"), (64, "i", "rope_original_max_pos"),
-    (68, "I", "tied_classifier"), (72, "I", "weight_type"), (76, "i", "group_size"),
-    (80, "i", "bos_id"), (84, "i", "n_eos"),
-]
-
+# -- a reader of the model file (README.md, "File formats"), independent of export.py but for
+# the header's field table, which export.py's MODEL_HEADER gives once for Python and the tests --
+HEADER_LAYOUT = export_module().HEADER_LAYOUT
 
 def read_model(path):
     """(header dict, [(label, kind, payload, offset)]) where payload is a float32 array for
     fp32/norms, uint16 bits for bf16, (int8 q, float32 scales) for q8_0."""
     blob = open(path, "rb").read()
     assert blob[:4] == b"L3CM", blob[:4]
-    h = {name: struct.unpack_from("<" + code, blob, off)[0] for off, code, name in HEADER_FIELDS}
-    h["eos_ids"] = list(struct.unpack_from("<8i", blob, 88))
-    assert blob[120:256] == bytes(136), "header bytes 120..255 must be zero"
+    h = {name: struct.unpack_from(fmt, blob, offset) for name, (offset, fmt) in HEADER_LAYOUT.items()}
+    h = {name: list(v) if name == "eos_ids" else v[0] for name, v in h.items()}
+    end = max(offset + struct.calcsize(fmt) for offset, fmt in HEADER_LAYOUT.values())
+    assert blob[end:256] == bytes(256 - end), "the header ends in zeros"
     dim, hd, hidden = h["dim"], h["head_dim"], h["hidden_dim"]
     q_rows, kv_rows = h["n_heads"] * hd, h["n_kv_heads"] * hd
     layout = [("embed", (h["vocab_size"], dim))]
@@ -360,20 +353,21 @@ def test_tokenizer_json_and_tiktoken_give_identical_files():
 def test_tiktoken_special_layout_follows_config():
     # tokenizer.model in original/: Llama 3.1 names for a model with llama3 rope scaling,
     # Llama 3 names without; --tokenizer-out puts the file anywhere; m -> m.tok.
-    for preset, layout in (("tiny30", "llama3"), ("tiny32", "llama3.1")):
-        folder = fresh_copy(preset, f"tiktoken-{preset}")
+    for changes, layout in (({"rope_scaling": None}, "llama3"), ({}, "llama3.1")):
+        folder = os.path.join(WORK, f"tiktoken-{layout}")
+        make_checkpoint.make_checkpoint(folder, "full-vocab", tokenizer=None, config=changes)
         os.makedirs(os.path.join(folder, "original"))
         shutil.copyfile(os.path.join(TOKENIZER, "tokenizer.model"),
                         os.path.join(folder, "original", "tokenizer.model"))
-        out = os.path.join(WORK, f"tk-{preset}")
-        proc = export([out, "--hf", folder])
+        out = os.path.join(WORK, f"tk-{layout}")
+        proc = export([out, "--hf", folder, "--dtype", "bf16"])
         assert b"note: tokenizer has" not in proc.stdout
         tokens, _ = read_tok(out + ".tok")
-        assert [t.decode() for t in tokens[128000:]] == special_layout(layout), preset
+        assert [t.decode() for t in tokens[128000:]] == special_layout(layout), layout
     other = os.path.join(WORK, "elsewhere.tok")
-    export([os.path.join(WORK, "tk2.bin"), "--hf", folder, "--tokenizer-out", other])
+    export([os.path.join(WORK, "tk2.bin"), "--hf", folder, "--dtype", "bf16", "--tokenizer-out", other])
     assert os.path.exists(other) and not os.path.exists(os.path.join(WORK, "tk2.tok"))
-    export([os.path.join(WORK, "tk3.bin"), "--hf", folder, "--no-tokenizer"])
+    export([os.path.join(WORK, "tk3.bin"), "--hf", folder, "--dtype", "bf16", "--no-tokenizer"])
     assert not os.path.exists(os.path.join(WORK, "tk3.tok"))
 
 
@@ -517,8 +511,8 @@ def test_bad_tokenizer_inputs():
     cases = [
         (good[:10] + ["!!notbase64 10"] + good[11:], ["bad base64"]),
         (good[:10] + [good[3].split()[0] + " 10"] + good[11:], ["duplicate token"]),
-        (good[:10] + good[11:], ["rank 10 missing"]),
-        (good + [good[5]], ["duplicate rank"]),
+        (good[:10] + good[11:], ["rank 255 is out of range"]),
+        (good + [good[5].split()[0] + " 5"], ["duplicate rank"]),
         (good[:3] + ["QQ=="] + good[4:], ["expected"]),
     ]
     for i, (lines, words) in enumerate(cases):
@@ -542,7 +536,10 @@ def test_bad_tokenizer_inputs():
             (lambda t: (t["model"]["vocab"].update(ab=2, c=3, abc=4),
                         t["model"].update(merges=["ab c", "a b"])), ["merge"]),
             (lambda t: (t["model"]["vocab"].update(ab=2),
-                        t.update(added_tokens=[{"id": 5, "content": "<|x|>"}])), ["contiguous"])]):
+                        t.update(added_tokens=[{"id": 0, "content": "a"}, {"id": 4, "content": "<|x|>"}])),
+             ["contiguous"]),
+            (lambda t: (t["model"]["vocab"].update(ab=2),
+                        t.update(added_tokens=[{"id": 5, "content": "<|x|>"}])), ["out of range"])]):
         t = json.loads(json.dumps(tj))
         change(t)
         path = os.path.join(WORK, f"bad{i}.json")
@@ -552,4 +549,199 @@ def test_bad_tokenizer_inputs():
     # a bad tokenizer in a model folder fails the export before anything is written
     f = fresh_copy("tiny30", "bad-tok-in-model")
     open(os.path.join(f, "tokenizer.model"), "w").write("\n".join(good[:10] + good[11:]) + "\n")
-    expect_failure(["OUT", "--hf", f], "rank 10 missing")
+    expect_failure(["OUT", "--hf", f], "out of range")
+
+
+# -- what export accepts, run.c runs ----------------------------------------------------------
+
+def random_config(rng):
+    """A config.json within every bound export.py (and run.c) accepts, with odd sizes."""
+    kv = int(rng.integers(1, 4))
+    heads = kv * int(rng.integers(1, 4))
+    head_dim = 2 * int(rng.integers(1, 9))
+    vocab = int(rng.integers(1, 300))
+    cfg = make_checkpoint.base_config(
+        hidden_size=int(rng.integers(1, 48)), intermediate_size=int(rng.integers(1, 64)),
+        num_hidden_layers=int(rng.integers(1, 4)), num_attention_heads=heads,
+        num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab,
+        max_position_embeddings=int(rng.choice([2, 17, 8192, 1 << 24])),
+        rope_theta=float(rng.choice([1.0000002, 10.0, 500000.0, 3.4e38])),
+        rms_norm_eps=float(rng.choice([1.4e-45, 1e-5, 0.5, 0.9999999])),
+        tie_word_embeddings=bool(rng.integers(0, 2)),
+        bos_token_id=int(rng.integers(0, vocab)),
+        eos_token_id=[int(e) for e in rng.integers(0, vocab, int(rng.integers(1, 9)))])
+    if rng.integers(0, 2):
+        low = float(rng.choice([1e-30, 1.0, 2.5]))
+        cfg["rope_scaling"] = {
+            "rope_type": "llama3", "factor": float(rng.choice([1.0, 8.0, 1e30])),
+            "low_freq_factor": low, "high_freq_factor": float(rng.choice([low * 1.5, 4.0 + low, 3.4e38])),
+            "original_max_position_embeddings": int(rng.choice([1, 8192, 2 ** 31 - 1]))}
+    if rng.integers(0, 2) and cfg["hidden_size"] == heads * head_dim:
+        del cfg["head_dim"]
+    return cfg
+
+
+def test_what_export_accepts_run_runs():
+    """Configs at the edges of what export.py accepts (float32 values just inside run.c's
+    bounds, the largest context, one-wide matrices, q8_0 groups of 1) and random ones: every
+    exported file loads in run.c and decodes a token."""
+    rng = np.random.default_rng(14)
+    edges = [dict(vocab_size=1, bos_token_id=0, eos_token_id=0, hidden_size=1, intermediate_size=1,
+                  num_attention_heads=1, num_key_value_heads=1, head_dim=2,
+                  max_position_embeddings=1 << 24, rope_theta=1.0000002, rms_norm_eps=1.4e-45),
+             dict(num_attention_heads=3, num_key_value_heads=3, head_dim=4096, hidden_size=2,
+                  rope_theta=3.4e38, rms_norm_eps=0.9999999, eos_token_id=list(range(8)),
+                  rope_scaling={"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1e-30,
+                                "high_freq_factor": 3.4e38,
+                                "original_max_position_embeddings": 2 ** 31 - 1})]
+    base = make_checkpoint.PRESETS["tiny30"]["config"]
+    configs = [dict(base, **edge) for edge in edges] + [random_config(rng) for _ in range(12)]
+    for k, cfg in enumerate(configs):
+        folder = os.path.join(WORK, f"accepted-{k}")
+        source = str(rng.choice(["F32", "F16", "BF16"]))
+        make_checkpoint.write_checkpoint(folder, cfg, dtype=source, shards=1 + k % 2, seed=k, std=0.5)
+        for dtype in ("fp32", "bf16", "q8_0"):
+            model = os.path.join(WORK, f"accepted-{k}-{dtype}.bin")
+            export([model, "--hf", folder, "--dtype", dtype])
+            proc = run([program("run"), model, "-I", "0", "-o", "ids", "-n", "1", "-t", "0", "-e", "0"],
+                       check=False)
+            assert proc.returncode == 0, f"config {k} {dtype} ({cfg}): {proc.stderr.decode()[-400:]}"
+            ids = proc.stdout.split()
+            assert len(ids) == 1 and 0 <= int(ids[0]) < cfg["vocab_size"], (k, dtype, proc.stdout)
+            os.remove(model)
+        shutil.rmtree(folder)
+
+
+# -- outputs: exclusive, random, all or nothing -------------------------------------------------
+
+def test_temporary_files_are_new_random_files():
+    module = export_module()
+    folder = os.path.join(WORK, "temporaries")
+    os.makedirs(folder)
+    victim = os.path.join(folder, "victim")
+    open(victim, "wb").write(b"precious")
+    final = os.path.join(folder, "m.bin")
+    # names a planted symlink cannot guess: two temporaries never share one
+    outputs = module.AtomicOutputs()
+    with outputs.create(final) as a, outputs.create(final) as b:
+        assert a.name != b.name
+    outputs.cleanup()
+    assert sorted(os.listdir(folder)) == ["victim"]
+    # and even a name that was guessed is never written through: the next random one is used
+    names = iter(["guessed", "guessed", "fresh"])
+    original = module.secrets.token_hex
+    module.secrets.token_hex = lambda n: next(names)
+    try:
+        guessed = module.fresh_name(final, "tmp")
+        os.symlink(victim, guessed)
+        outputs = module.AtomicOutputs()
+        with outputs.create(final) as f:
+            f.write(b"model bytes")
+    finally:
+        module.secrets.token_hex = original
+    assert open(victim, "rb").read() == b"precious"
+    assert os.readlink(guessed) == victim
+    outputs.commit()
+    assert open(final, "rb").read() == b"model bytes"
+    assert sorted(os.listdir(folder)) == sorted(["victim", "m.bin", os.path.basename(guessed)])
+
+
+def test_commit_is_all_or_nothing():
+    """When the second rename fails, the first output is undone: the file it replaced comes back
+    (or, where there was none, the new one goes), and no temporary or set-aside file is left."""
+    module = export_module()
+    folder = os.path.join(WORK, "commit")
+    for existed in (True, False):
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        model, tok = os.path.join(folder, "m.bin"), os.path.join(folder, "m.tok")
+        if existed:
+            open(model, "wb").write(b"old model")
+            open(tok, "wb").write(b"old tokenizer")
+        outputs = module.AtomicOutputs()
+        for path in (model, tok):
+            with outputs.create(path) as f:
+                f.write(b"new " + os.path.basename(path).encode())
+        real_replace, calls = module.os.replace, []
+
+        def failing_replace(src, dst):
+            calls.append(dst)
+            if dst == tok and src.endswith(".tmp"):
+                raise OSError(5, "Input/output error", dst)
+            return real_replace(src, dst)
+        module.os.replace = failing_replace
+        try:
+            outputs.commit()
+            raise AssertionError("commit did not fail")
+        except OSError:
+            pass
+        finally:
+            module.os.replace = real_replace
+        outputs.cleanup()
+        assert model in calls and tok in calls
+        left = sorted(os.listdir(folder))
+        if existed:
+            assert left == ["m.bin", "m.tok"], left
+            assert open(model, "rb").read() == b"old model" and open(tok, "rb").read() == b"old tokenizer"
+        else:
+            assert left == [], left
+
+
+# -- paths, hints and stdout ----------------------------------------------------------------------
+
+def test_hf_may_name_a_file_in_the_folder():
+    folder = checkpoint("tiny30")
+    reference_out = os.path.join(WORK, "by-folder.bin")
+    export([reference_out, "--hf", folder])
+    for name in ("config.json", "model.safetensors"):
+        out = os.path.join(WORK, f"by-{name}.bin")
+        proc = export([out, "--hf", os.path.join(folder, name)])
+        assert b"exporting the folder" in proc.stdout
+        assert open(out, "rb").read() == open(reference_out, "rb").read()
+    lone = os.path.join(WORK, "lone-dir")
+    os.makedirs(lone, exist_ok=True)
+    open(os.path.join(lone, "weights.gguf"), "wb").write(b"GGUF")
+    expect_failure(["OUT", "--hf", os.path.join(lone, "weights.gguf")], "not a folder", "config.json")
+
+
+def test_missing_tokenizer_names_the_fix():
+    folder = checkpoint("tiny30")  # no tokenizer in the folder
+    out = os.path.join(WORK, "no-tok.bin")
+    proc = export([out, "--hf", folder])
+    text = proc.stdout.decode()
+    assert "no tokenizer file written" in text and f"--tokenizer-only {WORK}/no-tok.tok" in text, text
+    expect_failure(["OUT", "--hf", folder, "--tokenizer-out", os.path.join(WORK, "x.tok")], "--tokenizer PATH")
+
+
+def test_config_beside_a_tokenizer_is_read_not_swallowed():
+    # --tokenizer-only with a tiktoken file: the layout comes from a config.json beside it (or
+    # one folder up); a broken one is an error that names the way round (--specials)
+    folder = os.path.join(WORK, "tok-with-config")
+    os.makedirs(os.path.join(folder, "original"), exist_ok=True)
+    source = os.path.join(folder, "original", "tokenizer.model")
+    shutil.copyfile(os.path.join(TOKENIZER, "tokenizer.model"), source)
+    cfg = os.path.join(folder, "config.json")
+    out = os.path.join(WORK, "near.tok")
+    for text, layout in (('{"rope_scaling": null}', "llama3"),
+                         (json.dumps({"rope_scaling": make_checkpoint.LLAMA3_ROPE}), "llama3.1")):
+        open(cfg, "w").write(text)
+        export(["--tokenizer-only", out, "--tokenizer", source])
+        assert [t.decode() for t in read_tok(out)[0][128000:]] == special_layout(layout), layout
+    for text in ('{"rope_scaling": ', "[]", '{"rope_scaling": {"rope_type": "yarn"}}'):
+        open(cfg, "w").write(text)
+        expect_failure(["--tokenizer-only", "OUT", "--tokenizer", source], "config.json", "--specials")
+        export(["--tokenizer-only", out, "--tokenizer", source, "--specials", "llama3"])
+    # a tokenizer.json with its own added tokens does not need it
+    shutil.copyfile(os.path.join(TOKENIZER, "tokenizer.json"), os.path.join(folder, "tokenizer.json"))
+    export(["--tokenizer-only", out, "--tokenizer", os.path.join(folder, "tokenizer.json")])
+
+
+def test_closed_stdout_does_not_stop_the_export():
+    # `export.py ... | head -1`: progress lines are information; the export goes on without them
+    out = os.path.join(WORK, "closed-stdout.bin")
+    proc = subprocess.Popen([PYTHON, EXPORT, out, "--hf", checkpoint("tiny30")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 0 and err == b"", err
+    assert read_model(out)[0]["dim"] == 64

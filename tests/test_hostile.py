@@ -6,11 +6,19 @@ The tables are generated: every header field times bad values, truncation at eve
 boundary and inside every tensor, every tensor of a checkpoint dropped or reshaped, every numeric
 flag with bad values. `make test-sanitize` runs them under ASan + UBSan. Each test prints its
 row count; test_row_count checks the total."""
+import base64
+import fcntl
+import hashlib
 import json
 import os
+import resource
 import shutil
+import signal
+import stat
 import struct
+import subprocess
 import sys
+import time
 
 from common import PYTHON, REPO, TESTS, program, run, scratch
 
@@ -598,6 +606,491 @@ def test_damaged_checkpoints():
     os.remove(os.path.join(g, "model-00002-of-00002.safetensors"))
     export_fails(["OUT", "--hf", g], "model-00002-of-00002", out_dir)
     print(f"    {ROWS['export']} damaged checkpoints")
+
+
+# ------------------------------------------------------------------------------------------
+# export.py, round 2: special files, outputs against inputs, signals, JSON of every wrong
+# shape, and every config run.c would refuse
+
+
+def tiny_checkpoint(name, preset="tiny30", **overrides):
+    """A fresh random checkpoint folder under WORK that a row may damage."""
+    folder = os.path.join(WORK, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    make_checkpoint.make_checkpoint(folder, preset, **overrides)
+    return folder
+
+
+def checkpoints_and_output(name):
+    """(single-file checkpoint, sharded checkpoint, empty output folder, OUT in it)."""
+    out_dir = os.path.join(WORK, name + "-out")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    return (tiny_checkpoint(name + "-single"), tiny_checkpoint(name + "-sharded", "tiny32"),
+            out_dir, os.path.join(out_dir, "m.bin"))
+
+
+def tree_state(folders):
+    """{path: content digest, link target or file type} of everything under the folders."""
+    state = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode):
+                    state[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                elif stat.S_ISLNK(st.st_mode):
+                    state[path] = "-> " + os.readlink(path)
+                else:
+                    state[path] = stat.S_IFMT(st.st_mode)
+    return state
+
+
+def export_refused(args, needles, watch, timeout=60):
+    """export.py with args: exit 1 within timeout, one stderr line holding one of needles and
+    no sign of a traceback, and nothing under the watched folders created, changed or removed."""
+    needles = needles if isinstance(needles, tuple) else (needles,)
+    before = tree_state(watch)
+    proc = run([PYTHON, os.path.join(REPO, "export.py"), *args], check=False, timeout=timeout)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, f"export {args}: exit {proc.returncode}: {err[-800:]!r} {needles}"
+    assert err.count("\n") == 1 and err.startswith("export.py: error: "), f"export {args}: {err[-800:]!r}"
+    assert "internal error" not in err and "Traceback" not in err, f"export {args}: {err!r}"
+    assert any(n.lower() in err.lower() for n in needles), f"export {args}: {needles} not in {err!r}"
+    after = tree_state(watch)
+    assert after == before, f"export {args} changed {sorted(set(after.items()) ^ set(before.items()))[:4]}"
+    ROWS["export"] = ROWS.get("export", 0) + 1
+    return err
+
+
+def test_export_refuses_special_files():
+    # A FIFO (or a folder, a device) where a file is read: refused at once, never a hang.
+    full_tok = os.path.join(TESTS, "data", "tokenizer", "tokenizer.json")
+    single, sharded, out_dir, out = checkpoints_and_output("special")
+    shard = os.path.join(sharded, "model-00001-of-00002.safetensors")
+    targets = [(single, "config.json"), (single, "model.safetensors"),
+               (sharded, "model.safetensors.index.json"), (sharded, os.path.basename(shard)),
+               (single, "tokenizer.json"), (single, os.path.join("original", "tokenizer.model"))]
+    specials = {"fifo": lambda p: os.mkfifo(p), "folder": lambda p: os.mkdir(p),
+                "/dev/zero": lambda p: os.symlink("/dev/zero", p),
+                "symlink to a fifo": lambda p: (os.mkfifo(p + ".fifo"), os.symlink(p + ".fifo", p))}
+    for folder, rel in targets:
+        path = os.path.join(folder, rel)
+        for kind, make in specials.items():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            saved = path + ".saved"
+            if os.path.exists(path):
+                os.rename(path, saved)
+            make(path)
+            try:
+                export_refused([out, "--hf", folder], ("not a regular file", os.path.basename(rel)),
+                               [folder, out_dir], timeout=30)
+            finally:
+                shutil.rmtree(path) if kind == "folder" else os.remove(path)
+                if os.path.exists(path + ".fifo"):
+                    os.remove(path + ".fifo")
+                if os.path.exists(saved):
+                    os.rename(saved, path)
+    fifo = os.path.join(WORK, "tokenizer-fifo.json")
+    if not os.path.exists(fifo):
+        os.mkfifo(fifo)
+    for args in (["--tokenizer-only", out, "--tokenizer", fifo],
+                 [out, "--hf", single, "--tokenizer", fifo], [out, "--hf", fifo]):
+        export_refused(args, ("not a regular file", "not found", "not a folder"), [out_dir], timeout=30)
+    # a dangling symlink (an unfinished Hugging Face download): named, not "no safetensors"
+    os.rename(os.path.join(single, "model.safetensors"), os.path.join(single, "blob"))
+    os.symlink(os.path.join(single, "missing-blob"), os.path.join(single, "model.safetensors"))
+    export_refused([out, "--hf", single], "model.safetensors", [single, out_dir])
+    os.remove(os.path.join(single, "model.safetensors"))
+    # symlinks to regular files, as in Hugging Face's cache, are followed
+    os.symlink(os.path.join(single, "blob"), os.path.join(single, "model.safetensors"))
+    os.symlink(full_tok, os.path.join(single, "tokenizer.json"))
+    proc = run([PYTHON, os.path.join(REPO, "export.py"), out, "--hf", single, "--no-tokenizer"],
+               check=False, timeout=TIMEOUT)
+    assert proc.returncode == 0 and os.path.getsize(out) > 256, proc.stderr
+    print(f"    {ROWS['export']} export rows so far")
+
+
+def test_export_outputs_never_replace_inputs():
+    single = tiny_checkpoint("outputs-single", "full-vocab", dtype="BF16")
+    sharded = tiny_checkpoint("outputs-sharded", "tiny32")
+    out_dir = os.path.join(WORK, "outputs-out")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    watch = [single, sharded, out_dir]
+    inputs = {single: ["config.json", "model.safetensors", "tokenizer.json"],
+              sharded: ["config.json", "model.safetensors.index.json",
+                        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]}
+    model_out = os.path.join(out_dir, "m.bin")
+    for folder, names in inputs.items():
+        for name in names:
+            path = os.path.join(folder, name)
+            dotted = os.path.join(folder, "..", os.path.basename(folder), name)
+            link = os.path.join(out_dir, "hard-" + name)
+            sym = os.path.join(out_dir, "sym-" + name)
+            os.link(path, link)
+            os.symlink(path, sym)
+            for out in (path, dotted, link, sym):
+                export_refused([out, "--hf", folder, "--no-tokenizer"], "input", watch)
+                if folder == single:
+                    export_refused([model_out, "--hf", folder, "--tokenizer-out", out], "input", watch)
+            os.remove(link)
+            os.remove(sym)
+    # the tokenizer's output naming the model's, or a folder (by default OUT.tok): nothing is
+    # written, and a good file already at OUT stays as it was
+    open(model_out, "wb").write(b"a good file from before")
+    os.mkdir(os.path.join(out_dir, "m.tok"))
+    for extra in ([], ["--tokenizer-out", out_dir], ["--tokenizer-out", model_out]):
+        export_refused([model_out, "--hf", single, *extra], ("folder", "same file"), watch)
+    os.rmdir(os.path.join(out_dir, "m.tok"))
+    export_refused([out_dir, "--hf", single], "folder", watch)
+    # outputs that cannot be written as files: caught before the model is written
+    fifo = os.path.join(out_dir, "fifo.bin")
+    os.mkfifo(fifo)
+    loop = os.path.join(out_dir, "loop.bin")
+    os.symlink(loop, loop)
+    for out in (fifo, loop, os.path.join(out_dir, "x" * 300 + ".bin"),
+                os.path.join(model_out, "m.bin"), os.path.join(out_dir, "no-folder", "m.bin")):
+        export_refused([out, "--hf", single], ("regular file", "symbolic links", "too long",
+                                               "not a directory", "does not exist"), watch)
+        export_refused([model_out, "--hf", single, "--tokenizer-out", out],
+                       ("regular file", "symbolic links", "too long", "not a directory",
+                        "does not exist"), watch)
+    # --tokenizer-only: OUT naming its source, or the config.json read beside it
+    tok_dir = os.path.join(WORK, "outputs-tok")
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    os.makedirs(os.path.join(tok_dir, "original"))
+    tok = os.path.join(tok_dir, "original", "tokenizer.model")
+    shutil.copyfile(os.path.join(TESTS, "data", "tokenizer", "tokenizer.model"), tok)
+    shutil.copyfile(os.path.join(single, "config.json"), os.path.join(tok_dir, "config.json"))
+    for out in (tok, os.path.join(tok_dir, "config.json")):
+        export_refused(["--tokenizer-only", out, "--tokenizer", tok], "input", [tok_dir])
+
+
+def export_interrupted(folder, out_dir, act):
+    """Runs an export of folder into out_dir and calls act(process) in the middle of the model's
+    write; returns (exit status, stderr). A progress line is printed per tensor, and stdout is a
+    4 KB pipe left unread until act is done: the export blocks there, its temporary file made."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen([PYTHON, os.path.join(REPO, "export.py"), os.path.join(out_dir, "m.bin"),
+                             "--hf", folder], stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    try:
+        for _ in range(6000):  # until the temporary file exists (at most 60 s)
+            if os.listdir(out_dir) or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert os.listdir(out_dir) and proc.poll() is None, "export did not start writing"
+        act(proc)
+        with os.fdopen(read_end, "rb") as stdout:
+            stdout.read()  # unblocks it
+        err = proc.communicate(timeout=TIMEOUT)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ROWS["export"] = ROWS.get("export", 0) + 1
+    return proc.returncode, err
+
+
+def test_export_signals_leave_nothing():
+    # SIGINT, SIGTERM, SIGHUP (a closed terminal), SIGQUIT while the model is being written:
+    # exit 128 + the signal, one line, no temporary file.
+    folder = tiny_checkpoint("signals", config={"num_hidden_layers": 12})
+    out_dir = os.path.join(WORK, "signals-out")
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        status, err = export_interrupted(folder, out_dir, lambda proc: proc.send_signal(signum))
+        name = signal.Signals(signum).name
+        assert status == 128 + signum, f"{name}: exit {status}, {err!r}"
+        assert err.count("\n") == 1 and name in err, f"{name}: {err!r}"
+        assert os.listdir(out_dir) == [], f"{name} left {os.listdir(out_dir)}"
+
+
+def test_export_inputs_shrinking_and_writes_failing():
+    # A safetensors file truncated while export reads it (a SIGBUS when it was mapped), and a
+    # write that fails (the file-size limit stands in for a full disk): one line, nothing left.
+    for preset, name in (("tiny30", "model.safetensors"), ("tiny32", "model-00002-of-00002.safetensors")):
+        folder = tiny_checkpoint("shrinking-" + preset, preset, config={"num_hidden_layers": 12})
+        out_dir = os.path.join(WORK, "shrinking-out")
+        status, err = export_interrupted(folder, out_dir,
+                                         lambda proc: os.truncate(os.path.join(folder, name), 4096))
+        assert status == 1 and err.count("\n") == 1 and "ended early" in err, (status, err)
+        assert os.listdir(out_dir) == [], os.listdir(out_dir)
+    folder = tiny_checkpoint("write-fails")
+    out_dir = os.path.join(WORK, "write-fails-out")
+    os.makedirs(out_dir, exist_ok=True)
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    proc = subprocess.run([PYTHON, os.path.join(REPO, "export.py"), os.path.join(out_dir, "m.bin"),
+                           "--hf", folder], capture_output=True, timeout=TIMEOUT, preexec_fn=small_files)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1 and "too large" in err, (proc.returncode, err)
+    assert os.listdir(out_dir) == [], os.listdir(out_dir)
+    ROWS["export"] = ROWS.get("export", 0) + 1
+
+
+NESTED = "@nested@"  # dumps() puts arrays nested `depth` deep in its place
+
+
+def deep(depth):
+    return "[" * depth + "1" + "]" * depth
+
+
+def dumps(value, depth=900):
+    return json.dumps(value).replace(json.dumps(NESTED), deep(depth))
+
+
+def test_export_json_of_every_wrong_shape():
+    folder, sharded, out_dir, out = checkpoints_and_output("json")
+    cfg_path = os.path.join(folder, "config.json")
+    cfg_text = open(cfg_path).read()
+    base = json.loads(cfg_text)
+    rope = dict(make_checkpoint.LLAMA3_ROPE)
+
+    def config_rows():
+        """(config.json text, needle)"""
+        for depth in (100000, 5000, 900):
+            yield deep(depth), "config.json"
+            yield dumps(dict(base, rope_scaling=NESTED), depth), "config.json"
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                    "rope_theta", "rms_norm_eps", "bos_token_id", "eos_token_id"):
+            for value in ([64], {"a": 64}, "64", True, 64.5, [[[]]], NESTED):
+                valid = (isinstance(value, float) and key in ("rope_theta", "rms_norm_eps")
+                         or value == [64] and key == "eos_token_id")
+                if not valid:
+                    yield dumps(dict(base, **{key: value})), key
+        for key, value in (("architectures", 5), ("architectures", [["LlamaForCausalLM"]]),
+                           ("architectures", NESTED), ("model_type", ["llama"]),
+                           ("hidden_act", {"silu": 1}), ("attention_bias", "false"),
+                           ("mlp_bias", [False]), ("pretraining_tp", "1"),
+                           ("tie_word_embeddings", "false"), ("tie_word_embeddings", 1),
+                           ("rope_scaling", [1]), ("rope_scaling", "llama3"),
+                           ("rope_scaling", dict(rope, rope_type=["llama3"])),
+                           ("rope_scaling", dict(rope, rope_type=NESTED)),
+                           ("rope_scaling", dict(rope, factor="8")),
+                           ("rope_scaling", dict(rope, factor=NESTED)),
+                           ("rope_scaling", dict(rope, original_max_position_embeddings=8192.0)),
+                           ("eos_token_id", [2, [3]]), ("eos_token_id", []),
+                           ("rope_theta", 10 ** 400), ("hidden_size", 10 ** 400),
+                           ("rope_theta", 1e39), ("rms_norm_eps", 1e300),
+                           ("rope_scaling", dict(rope, factor=1e39)),
+                           ("rope_scaling", dict(rope, high_freq_factor=10 ** 400)),
+                           ("rope_scaling", dict(rope, original_max_position_embeddings=2 ** 40))):
+            yield dumps(dict(base, **{key: value})), key
+        yield "[" + cfg_text + "]", "config.json"
+        yield cfg_text[:-2] + ', "vocab_size": 384}', "duplicate"
+        yield dumps(dict(base, rope_scaling=NESTED)).replace(deep(900), '{"factor": 8, "factor": 8}'), "duplicate"
+        yield cfg_text.replace("384", "1" * 5000), "config.json"  # Python's 4300-digit limit
+
+    for text, needle in config_rows():
+        open(cfg_path, "w").write(text)
+        export_refused([out, "--hf", folder], needle, [folder, out_dir])
+    with open(cfg_path, "w") as f:  # 300 MB (sparse): refused before it is read
+        f.write(cfg_text)
+        f.truncate(300 << 20)
+    export_refused([out, "--hf", folder], "too large", [out_dir])
+    open(cfg_path, "w").write(cfg_text)
+
+    # safetensors headers: the raw JSON text replaced, the data kept
+    st = os.path.join(folder, "model.safetensors")
+    original = open(st, "rb").read()
+    header, data = read_safetensors(st)
+    name = "model.layers.0.mlp.up_proj.weight"
+    entry = header[name]
+
+    def raw_header(text):
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw + data
+
+    def with_entry(**fields):
+        return dumps(dict(header, **{name: dict(entry, **fields)}))
+
+    full = json.dumps(header)
+    header_rows = [(deep(100000), "JSON"), (deep(900), "model.safetensors"),
+                   ("{" + f'"{name}": {json.dumps(entry)}, ' + full[1:], "duplicate"),
+                   (full[:-1] + ', "__metadata__": {}}', "duplicate"),
+                   (dumps(dict(header, **{name: NESTED})), name),
+                   (json.dumps(dict(header, **{name: None})), name),
+                   (json.dumps(dict(header, **{name: [entry]})), name)]
+    for field, values in (("dtype", (["F32"], {"F32": 1}, 5, None, NESTED)),
+                          ("shape", ("[64, 192]", [64.0, 192], [True, 192], [[64], 192], None, {},
+                                     NESTED, [2 ** 62, 2 ** 62], [3] * 3_000_000)),
+                          ("data_offsets", ({"a": 1}, [0], [0.0, 4], ["0", "4"], None, [0, 2 ** 70]))):
+        for value in values:
+            header_rows.append((with_entry(**{field: value}), name))
+    for text, needle in header_rows:
+        open(st, "wb").write(raw_header(text))
+        export_refused([out, "--hf", folder], needle, [out_dir])
+    # a header length over the 100 MB cap, in a (sparse) file long enough to hold it: refused
+    # before any of it is read
+    with open(st, "wb") as f:
+        f.write(struct.pack("<Q", 2_000_000_000) + b"{")
+        f.truncate(2_000_000_100)
+    export_refused([out, "--hf", folder], "limit", [out_dir])
+    open(st, "wb").write(original)
+
+    # the index of a sharded checkpoint
+    index_path = os.path.join(sharded, "model.safetensors.index.json")
+    index_text = open(index_path).read()
+    index = json.loads(index_text)
+    first = sorted(index["weight_map"])[0]
+    index_rows = [(deep(100000), "index"), (deep(900), "index"), ("[]", "weight_map"),
+                  (json.dumps({"weight_map": None}), "weight_map"),
+                  (json.dumps({"weight_map": list(index["weight_map"])}), "weight_map"),
+                  (json.dumps({"weight_map": dict(index["weight_map"], **{first: 1})}), "weight_map"),
+                  (dumps({"weight_map": dict(index["weight_map"], **{first: NESTED})}), "weight_map"),
+                  (dumps({"weight_map": NESTED}), "weight_map"),
+                  (index_text.replace('"weight_map": {', '"weight_map": {' + f'"{first}": "x", '), "duplicate")]
+    for shard in ("", ".", "..", "../config.json", "a\u0000b", "/etc/passwd"):
+        index_rows.append((json.dumps({"weight_map": dict(index["weight_map"], **{first: shard})}),
+                           ("shard", "regular file", "not a plain file name")))
+    for text, needle in index_rows:
+        open(index_path, "w").write(text)
+        export_refused([out, "--hf", sharded], needle, [sharded, out_dir])
+    open(index_path, "w").write(index_text)
+    # one tensor name in two shards: a duplicate too, whichever the index names
+    shards = [os.path.join(sharded, f"model-0000{k}-of-00002.safetensors") for k in (1, 2)]
+    kept = open(shards[1], "rb").read()
+    first_header, _ = read_safetensors(shards[0])
+    second_header, second_data = read_safetensors(shards[1])
+    some = next(n for n in first_header if n != "__metadata__")
+    write_safetensors(shards[1], dict(second_header, **{some: dict(first_header[some], data_offsets=[0, 0],
+                                                                    shape=[0])}), second_data)
+    export_refused([out, "--hf", sharded], ("both", some), [out_dir])
+    open(shards[1], "wb").write(kept)
+
+    # tokenizer.json, with --tokenizer-only
+    vocab = export_table()  # the 256 single bytes
+    good = {"model": {"type": "BPE", "vocab": vocab, "merges": [], "ignore_merges": True},
+            "added_tokens": [{"id": 256, "content": "<|begin_of_text|>"}]}
+    good_text = json.dumps(good)
+
+    def tok(**changes):
+        t = json.loads(good_text)
+        for key, value in changes.items():
+            (t["model"] if key in ("type", "vocab", "merges") else t)[key] = value
+        return dumps(t)
+
+    tok_rows = [(deep(100000), "JSON"), (deep(900), ("JSON", "BPE")), ("[]", "BPE"),
+                (tok(model=None), "BPE"), (tok(model=NESTED), "BPE"), (tok(type=5), "BPE"),
+                (tok(vocab=list(vocab)), "BPE"), (tok(vocab=dict(vocab, x="1")), "vocab"),
+                (tok(vocab=dict(vocab, x=NESTED)), "vocab"),
+                (good_text.replace('"vocab": {', '"vocab": {"!": 5, '), "duplicate"),
+                (good_text.replace('"id": 256', '"id": 256, "id": 257'), "duplicate")]
+    for merges in (None, 5, "a b", [[1, 2]], [["a"]], [["a", "b", "c"]], [5], [None], [NESTED], NESTED):
+        tok_rows.append((tok(merges=merges), "merge"))
+    for added in (5, "x", {"id": 256}, [5], [None], [{"id": "256", "content": "x"}], [{"id": 256}],
+                  [{"id": 256, "content": 5}], [{"id": 2.5, "content": "x"}], NESTED, [NESTED]):
+        tok_rows.append((tok(added_tokens=added), "added_tokens"))
+    tok_path = os.path.join(WORK, "json-tokenizer.json")
+    tok_out = os.path.join(out_dir, "t.tok")
+    for text, needle in tok_rows:
+        open(tok_path, "w").write(text)
+        export_refused(["--tokenizer-only", tok_out, "--tokenizer", tok_path], needle, [out_dir])
+    open(tok_path, "w").write(good_text)
+    run([PYTHON, os.path.join(REPO, "export.py"), "--tokenizer-only", tok_out, "--tokenizer", tok_path])
+    os.remove(tok_out)
+
+
+def test_export_refuses_what_run_refuses():
+    # Every header check of run.c's parse_header, made by export.py on config.json (in float32,
+    # as the header holds the values), and every check of tokenizer.c's loader: export refuses
+    # what run.c would refuse. (tests/test_export.py: what export accepts, run.c runs.)
+    folder, _, out_dir, out = checkpoints_and_output("run-checks")
+    cfg_path = os.path.join(folder, "config.json")
+    cfg_text = open(cfg_path).read()
+    base = json.loads(cfg_text)
+    nan, inf = float("nan"), float("inf")
+    rows = []  # (config.json changes, needle)
+    for value in (nan, inf, -inf, 0.5, 1.0, 1e-50, 1.00000001, 0, -1.0, 3.5e38):
+        rows.append(({"rope_theta": value}, "rope_theta"))
+    for value in (nan, inf, 5.0, 1.0, 1e-50, 0.99999999, 0, -1e-5):
+        rows.append(({"rms_norm_eps": value}, "rms_norm_eps"))
+    for key, limit in (("hidden_size", 1 << 20), ("intermediate_size", 1 << 20),
+                       ("num_hidden_layers", 1024), ("num_attention_heads", 4096),
+                       ("num_key_value_heads", 4096), ("head_dim", 4096), ("vocab_size", 1 << 22),
+                       ("max_position_embeddings", 1 << 24)):
+        for value in (limit + 1, 2 ** 31 - 1, 0, -1):
+            rows.append(({key: value}, key))
+    rows += [({"head_dim": 3}, "head_dim"), ({"head_dim": 34}, "shape"),
+             ({"num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 258},
+              "num_attention_heads * head_dim"),
+             ({"num_key_value_heads": 8}, "num_key_value_heads"),
+             ({"num_key_value_heads": 3}, "num_key_value_heads"),
+             ({"num_attention_heads": 5, "head_dim": None}, "hidden_size is not a multiple")]
+    rope = dict(make_checkpoint.LLAMA3_ROPE)
+    for key, values in (("factor", (nan, inf, 0.5, 0.99999, 0, -8.0)),
+                        ("low_freq_factor", (nan, inf, 0, -1.0, 4.0, 5.0)),
+                        ("high_freq_factor", (nan, inf, 1.0, 0.5, 1e39)),
+                        ("original_max_position_embeddings", (0, -1, 2 ** 31, 8192.5))):
+        for value in values:
+            rows.append(({"rope_scaling": dict(rope, **{key: value})}, key))
+    for key, value in (("bos_token_id", 384), ("bos_token_id", -1), ("eos_token_id", [384]),
+                       ("eos_token_id", [2, -1]), ("eos_token_id", list(range(9))), ("eos_token_id", [])):
+        rows.append(({key: value}, key))
+    for changes, needle in rows:
+        cfg = {k: v for k, v in dict(base, **changes).items() if v is not None}
+        open(cfg_path, "w").write(json.dumps(cfg))  # NaN and Infinity as Python writes them
+        export_refused([out, "--hf", folder], needle, [folder, out_dir])
+    open(cfg_path, "w").write(cfg_text)
+
+    # tokenizers: a byte without a token, an empty token, two specials alike, a size that is
+    # not the model's vocab_size
+    chars = {byte: char for char, byte in export_table().items()}
+    vocab = {chars[b]: b for b in range(256)}
+    specials = [{"id": 256 + i, "content": f"<|special_{i}|>"} for i in range(128)]
+    specials[0]["content"] = "<|begin_of_text|>"
+    good = {"model": {"type": "BPE", "vocab": vocab, "merges": [], "ignore_merges": True},
+            "added_tokens": specials}
+    no_a = {c: (i if i < 65 else i - 1) for c, i in vocab.items() if c != "A"}
+    tok_rows = [(dict(good, model=dict(good["model"], vocab=no_a),
+                      added_tokens=[dict(s, id=s["id"] - 1) for s in specials]), "0x41"),
+                (dict(good, model=dict(good["model"], vocab=dict(vocab, **{"": 256})),
+                      added_tokens=[dict(s, id=s["id"] + 1) for s in specials]), "empty"),
+                (dict(good, added_tokens=specials[:-1] + [dict(specials[-1], content="")]), "empty"),
+                (dict(good, added_tokens=specials[:-1] + [dict(specials[-1], content="<|special_1|>")]),
+                 "same bytes"),
+                (dict(good, added_tokens=specials[:-1]), "vocab_size")]
+    for tokenizer, needle in tok_rows:
+        json.dump(tokenizer, open(os.path.join(folder, "tokenizer.json"), "w"))
+        export_refused([out, "--hf", folder], needle, [folder, out_dir])
+        export_refused([out, "--hf", folder, "--tokenizer", os.path.join(folder, "tokenizer.json")],
+                       needle, [folder, out_dir])
+    lines = [base64.b64encode(bytes([b])).decode() + f" {b - (b > 65)}" for b in range(256) if b != 65]
+    open(os.path.join(folder, "tokenizer.model"), "w").write("\n".join(lines) + "\n")
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    export_refused([out, "--hf", folder], "0x41", [folder, out_dir])
+    export_refused(["--tokenizer-only", out, "--tokenizer", os.path.join(folder, "tokenizer.model")],
+                   "0x41", [folder, out_dir])
+    # integers chosen to collide in Python's hash (k * (2^61 - 1)): as tiktoken ranks or added
+    # token ids they would make dict insertion quadratic (minutes for 100,000); refused at once
+    colliding = [k * (2 ** 61 - 1) for k in range(1, 100_001)]
+    tiktoken = os.path.join(WORK, "colliding.model")
+    open(tiktoken, "w").write("".join(f"{base64.b64encode(b'x%d' % k).decode()} {rank}\n"
+                                      for k, rank in enumerate(colliding)))
+    export_refused(["--tokenizer-only", out, "--tokenizer", tiktoken], "out of range", [out_dir])
+    flood = dict(good, added_tokens=[{"id": i, "content": f"<|{i}|>"} for i in colliding])
+    json.dump(flood, open(os.path.join(WORK, "colliding.json"), "w"))
+    export_refused(["--tokenizer-only", out, "--tokenizer", os.path.join(WORK, "colliding.json")],
+                   "out of range", [out_dir])
+    # the good tokenizer (384 tokens) exports with the model, and both load in run.c
+    json.dump(good, open(os.path.join(folder, "tokenizer.json"), "w"))
+    run([PYTHON, os.path.join(REPO, "export.py"), out, "--hf", folder])
+    proc = run([program("run"), out, "-i", "hello", "-n", "2", "-t", "0"], timeout=TIMEOUT)
+    assert proc.returncode == 0
+
+
+def export_table():
+    """GPT-2's byte-level BPE characters: {character: byte}, as export.py reads them."""
+    sys.path.insert(0, REPO)
+    import export
+    return export.gpt2_unicode_to_byte()
 
 
 def test_row_count():

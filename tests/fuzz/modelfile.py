@@ -1,22 +1,15 @@
 """Builds small llama3.c model files (.bin, README.md "File formats") byte by byte, with every
 header field settable, and the offsets of each section, for the hostile-input tests and the
-fuzz seed corpus. Independent of export.py on purpose: damage is easier to aim from here."""
+fuzz seed corpus. The header's layout is export.py's MODEL_HEADER table, its one description;
+the tensors are laid out here, independently of export.py: damage is easier to aim from here."""
+import os
 import struct
+import sys
 
 import numpy as np
 
-HEADER_FIELDS = [  # (name, offset, struct format)
-    ("magic", 0, "4s"), ("version", 4, "<I"), ("dim", 8, "<i"), ("hidden_dim", 12, "<i"),
-    ("n_layers", 16, "<i"), ("n_heads", 20, "<i"), ("n_kv_heads", 24, "<i"),
-    ("head_dim", 28, "<i"), ("vocab_size", 32, "<i"), ("max_seq_len", 36, "<i"),
-    ("rope_theta", 40, "<f"), ("norm_eps", 44, "<f"), ("rope_scaling", 48, "<I"),
-    ("rope_factor", 52, "<f"), ("rope_low_freq_factor", 56, "<f"),
-    ("rope_high_freq_factor", 60, "<f"), ("rope_original_max_pos", 64, "<i"),
-    ("tied_classifier", 68, "<I"), ("weight_type", 72, "<I"), ("group_size", 76, "<i"),
-    ("bos_id", 80, "<i"), ("n_eos", 84, "<i"),
-]
-FIELD = {name: (offset, fmt) for name, offset, fmt in HEADER_FIELDS}
-EOS_OFFSET = 88
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from export import HEADER_LAYOUT, pack_header  # noqa: E402
 
 DEFAULTS = dict(magic=b"L3CM", version=1, dim=16, hidden_dim=32, n_layers=2, n_heads=4,
                 n_kv_heads=2, head_dim=4, vocab_size=300, max_seq_len=64, rope_theta=10000.0,
@@ -26,12 +19,7 @@ DEFAULTS = dict(magic=b"L3CM", version=1, dim=16, hidden_dim=32, n_layers=2, n_h
 
 
 def header(cfg, eos_ids):
-    h = bytearray(256)
-    for name, offset, fmt in HEADER_FIELDS:
-        struct.pack_into(fmt, h, offset, cfg[name])
-    for i in range(8):
-        struct.pack_into("<i", h, EOS_OFFSET + 4 * i, eos_ids[i] if i < len(eos_ids) else -1)
-    return h
+    return bytearray(pack_header(dict(cfg, eos_ids=list(eos_ids))))
 
 
 def align(n):
@@ -90,8 +78,9 @@ def with_field(data, name, value):
     """data with one header field (or "eos0".."eos7") replaced."""
     out = bytearray(data)
     if name.startswith("eos") and name[3:].isdigit():
-        struct.pack_into("<i", out, EOS_OFFSET + 4 * int(name[3:]), value)
+        offset, _ = HEADER_LAYOUT["eos_ids"]
+        struct.pack_into("<i", out, offset + 4 * int(name[3:]), value)
     else:
-        offset, fmt = FIELD[name]
+        offset, fmt = HEADER_LAYOUT[name]
         struct.pack_into(fmt, out, offset, value)
     return bytes(out)
