@@ -2038,6 +2038,7 @@ typedef struct {
     float temperature;
     float top_p;
     unsigned long long rng_state;
+    int position;           /* of the last token fed: the logits sampled are the ones it made */
 } Sampler;
 
 static unsigned int random_u32(unsigned long long *state) {
@@ -2074,7 +2075,9 @@ static int compare_prob_desc(const void *a, const void *b) {
 
 /* Samples among the smallest set of tokens whose probabilities add up to more than top_p.
    Tokens below (1 - top_p) / (n - 1) cannot be in that set, so they are dropped before the
-   sort: the sort then sees a few hundred candidates instead of 128K. */
+   sort: the sort then sees a few hundred candidates instead of 128K. When none reaches the
+   cutoff (a distribution flatter than top_p allows: then top_p < 1/n), the most likely token
+   alone is the set. */
 static int sample_top_p(const float *probs, int n, float top_p, ProbIndex *cand, float coin) {
     int n_cand = 0;
     float cutoff = (1.0f - top_p) / (float)(n - 1);
@@ -2085,6 +2088,7 @@ static int sample_top_p(const float *probs, int n, float top_p, ProbIndex *cand,
             n_cand++;
         }
     }
+    if (n_cand == 0) return sample_argmax(probs, n);
     qsort(cand, (size_t)n_cand, sizeof(ProbIndex), compare_prob_desc);
     float cumulative = 0.0f;
     int last = n_cand - 1;
@@ -2100,7 +2104,20 @@ static int sample_top_p(const float *probs, int n, float top_p, ProbIndex *cand,
     return cand[last].index;
 }
 
-static int sample(Sampler *sampler, float *logits) {
+/* Records the tokens fed to the model, the first at position `first`. */
+static void sampler_accept(Sampler *sampler, const int *tokens, int n, int first) {
+    (void)tokens;
+    sampler->position = first + n - 1;
+}
+
+static int all_finite(const float *x, int n) {
+    for (int i = 0; i < n; i++) if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* The next token, or -1 when the logits are not all finite (NaN or Inf: a damaged model). */
+static int sampler_pick(Sampler *sampler, float *logits) {
+    if (!all_finite(logits, sampler->vocab_size)) return -1;
     if (sampler->temperature == 0.0f) return sample_argmax(logits, sampler->vocab_size);
     for (int i = 0; i < sampler->vocab_size; i++) logits[i] /= sampler->temperature;
     softmax(logits, sampler->vocab_size);
@@ -2108,6 +2125,13 @@ static int sample(Sampler *sampler, float *logits) {
     if (sampler->top_p <= 0.0f || sampler->top_p >= 1.0f || sampler->vocab_size < 2)
         return sample_from(logits, sampler->vocab_size, coin);
     return sample_top_p(logits, sampler->vocab_size, sampler->top_p, sampler->candidates, coin);
+}
+
+static int sample(Sampler *sampler, float *logits) {
+    int token = sampler_pick(sampler, logits);
+    if (token < 0)
+        die("the model produced non-finite logits (NaN or Inf) at position %d", sampler->position);
+    return token;
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -2155,6 +2179,7 @@ static float *feed(Session *s, const int *tokens, size_t n) {
         int last_block = i + (size_t)block == n;
         int mode = s->logits_file ? LOGITS_ALL : last_block ? LOGITS_LAST : LOGITS_NONE;
         logits = forward(s->tr, tokens + i, block, s->pos, mode);
+        sampler_accept(&s->sampler, tokens + i, block, s->pos);
         if (s->logits_file)
             for (int t = 0; t < block; t++) write_logits(s, s->tr->state.logits + t * vocab);
         s->pos += block;

@@ -219,7 +219,49 @@ def test_nonfinite_weights():
                     struct.pack_into("<f" if wt != 1 else "<H", data, off,
                                      float("nan") if wt != 1 else 0x7FC0)
         path = write(f"nan-{wt}.bin", bytes(data))
-        expect("model", run_model(path), "", status=0)
+        # NaN reaches the logits: an error in every sampling mode (test_nonfinite_logits)
+        expect("model", run_model(path), "non-finite logits")
+
+
+def tensor_filled(name, tensor, value, **fields):
+    """A valid synthetic model (fp32) whose tensor `tensor` holds `value` everywhere."""
+    data = bytearray(model_file(**MODEL_ARGS, **fields)[0])
+    for section, start, end in model_file(**MODEL_ARGS, **fields)[1]:
+        if section == tensor:
+            data[start:end] = struct.pack("<f", value) * ((end - start) // 4)
+    return write(name, bytes(data))
+
+
+# every sampling mode, as flags (defaults: temperature 0.6, top-p 0.9)
+SAMPLING_MODES = [["-t", "0"], ["-t", "1", "-p", "1"], [], ["-t", "0.8", "-p", "0.5"]]
+
+
+def test_nonfinite_logits():
+    """Logits of NaN (one NaN weight) or Inf (a norm weight of 3e38) are an error in every
+    sampling mode, never a token read from outside the candidates (issue 14: top-p returned
+    cand[-1] when no token qualified)."""
+    nan = tensor_filled("nan-classifier.bin", "classifier", float("nan"))
+    inf = tensor_filled("inf-norm.bin", "final_norm", 3e38)
+    for path in (nan, inf):
+        for mode in SAMPLING_MODES:
+            expect("sampler", [program("run"), path, "-I", "1 2", "-o", "ids", "-n", "3",
+                               "-s", "1", *mode], "non-finite logits (NaN or Inf) at position 1")
+    # the logits of the prompt's last position are checked too, whatever -n
+    expect("sampler", [program("run"), nan, "-I", "5 6 7", "-o", "ids", "-n", "1", "-t", "0"],
+           "at position 2")
+
+
+def test_flat_logits_with_small_top_p():
+    """All logits equal (a zero classifier) with -p below 1/vocab: no token reaches top-p's
+    cutoff; the most likely one (the lowest id on a tie) is the set, in every mode."""
+    flat = tensor_filled("flat.bin", "classifier", 0.0)
+    for mode in SAMPLING_MODES + [["-p", "0.001"], ["-p", "0.0001", "-t", "2"], ["-p", "0"]]:
+        proc = expect("sampler", [program("run"), flat, "-I", "1 2", "-o", "ids", "-n", "4",
+                                  "-e", "0", "-s", "3", *mode], "", status=0)
+        ids = [int(t) for t in proc.stdout.split()]
+        assert len(ids) == 4 and all(0 <= t < 300 for t in ids), (mode, ids)
+        if mode and mode[0] == "-p" and 0 < float(mode[1]) < 1 / 300:
+            assert ids == [0] * 4, (mode, ids)
 
 
 # ------------------------------------------------------------------------------------------
