@@ -73,12 +73,12 @@ def expect(kind, args, needle, status=1, stdin=None, usage=False, error_word=Tru
     assert "runtime error" not in err and "Sanitizer" not in err, f"{kind} {shown}: {err[-2000:]}"
     if status == 1:
         # the first line that is not the model summary printed once loading is done
-        lines = [l for l in err.splitlines() if not l.startswith(("model:", "prompt:"))]
+        lines = [l for l in err.splitlines() if not l.startswith(("model:", "prompt:", "seed:", "run: note:"))]
         first = lines[0] if lines else ""
         assert ("error" in first or not error_word) and needle.lower() in first.lower(), \
             f"{kind} {shown}: {needle!r} not in first line {first!r}"
-        if usage:
-            assert "usage:" in err, f"{kind} {shown}: no usage text"
+        if usage:  # a flag mistake: one line pointing at -h, not the whole usage text
+            assert "see run -h" in first and "usage:" not in err, f"{kind} {shown}: {err!r}"
     elif needle:
         assert needle.encode() in proc.stdout + proc.stderr, f"{kind} {shown}: {needle!r} missing"
     ROWS[kind] = ROWS.get(kind, 0) + 1
@@ -312,7 +312,9 @@ def test_malformed_tokenizer_files():
         path = write(f"bad-tok-{i}.tok", data)
         proc = expect("tokenizer", [program("run"), model, "-z", path, "-i", "hi"], needle)
         assert path.encode() in proc.stderr, (name, proc.stderr)
-    expect("tokenizer", [program("run"), model, "-z", os.path.join(WORK, "none.tok"), "-i", "x"], "cannot open")
+    proc = expect("tokenizer", [program("run"), model, "-z", os.path.join(WORK, "none.tok"), "-i", "x"],
+                  "not found")
+    assert b"export.py --tokenizer-only" in proc.stderr, proc.stderr  # how to make one
     fifo = os.path.join(WORK, "fifo.tok")
     if not os.path.exists(fifo):
         os.mkfifo(fifo)
@@ -333,23 +335,31 @@ def test_command_line_errors():
     model, tok = good_files()
     cases = [
         ([], "first argument", True), (["-i", "hi"], "first argument", True),
-        ([model, "-x", "1"], "unknown option", True), ([model, "--temp", "1"], "unexpected argument", True),
+        ([model, "-x", "1"], "unknown option", True), ([model, "--tempo", "1"], "unknown option", True),
         ([model, "-", "1"], "unexpected argument", True), ([model, "hello"], "unexpected argument", True),
         ([model, "-m", "poetry"], "-m", True), ([model, "-o", "xml"], "-o", True),
         ([model, "-a", "lossy"], "-a", True), ([model, "-a", ""], "-a", True),
         ([model, "-w", "mmap"], "-w", True), ([model, "-w", ""], "-w", True),
-        ([model, "-i", "a", "-I", "1"], "not both", True), ([model, "-m", "chat", "-I", "1"], "-I", True),
+        ([model, "-i", "a", "-I", "1"], "prompt once", True), ([model, "-f", tok, "-i", "a"], "prompt once", True), ([model, "-m", "chat", "-I", "1"], "-I", True),
         ([model, "-y", "be nice"], "-y", True),
         ([os.path.join(WORK, "missing.bin")], "cannot open", False), ([WORK], "not a regular file", False),
         ([model, "-i", "hi", "-L", os.path.join(WORK, "no-dir", "x.f32")], "cannot create", False),
     ]
-    for flag in "iImytpsnczLTeoaw":  # every flag given without its value
+    for flag in "iImytpsnczLTeoawf":  # every flag given without its value
         cases.append(([model, "-" + flag], "needs a value", True))
+    for flag in ("--temp", "--top-p", "--top-k", "--min-p", "--repeat-penalty", "--repeat-last-n",
+                 "--presence-penalty", "--frequency-penalty", "--seed", "--ctx-size", "--threads",
+                 "--predict", "--file", "--prompt", "--system-prompt"):
+        cases.append(([model, flag], "needs a value", True))
     bad_numbers = {"-t": ["-1", "-0.001", "nan", "inf", "abc", "", "1x", "101"],
                    "-p": ["-0.1", "1.01", "nan", "2", "x"],
-                   "-n": ["-1", "abc", "1.5", "99999999999999999999", "3 "],
+                   "-n": ["-2", "abc", "1.5", "99999999999999999999", "3 "],
                    "-c": ["0", "-5", "abc", str(1 << 25)],
-                   "-s": ["-1", "x", "1e3"], "-T": ["0", "-2", "many"], "-e": ["2", "-1", "yes"]}
+                   "-s": ["-2", "x", "1e3", str(1 << 32)], "-T": ["0", "-2", "many"],
+                   "-e": ["2", "-1", "yes"], "--top-k": ["-1", "x", "2.5"],
+                   "--min-p": ["-0.1", "1.5", "nan"], "--repeat-penalty": ["0", "-1", "inf"],
+                   "--repeat-last-n": ["-2", "x"], "--presence-penalty": ["nan", "1e9"],
+                   "--frequency-penalty": ["-inf", "x"], "--temp": ["-1", "nan"]}
     for flag, values in bad_numbers.items():
         for value in values:
             cases.append(([model, flag, value], flag, True))  # a flag mistake shows the usage
@@ -358,7 +368,8 @@ def test_command_line_errors():
     # documented edges that are not errors: -n 0 runs to the context end, -c past the model's
     # maximum is capped to it, -p 0 and 1 and -t 0 are allowed
     expect("cli", run_model(model, "-n", "0", "-c", "8"), "context full", status=0)
-    expect("cli", run_model(model, "-c", "100000"), "context 64 of 64", status=0)
+    proc = expect("cli", run_model(model, "-c", "100000"), "context 64 of 64", status=0)
+    assert b"-c 100000 is more than the model's maximum context: using 64" in proc.stderr
     for extra in (["-p", "0"], ["-p", "1"], ["-t", "0"], ["-t", "1.5", "-s", "7"]):
         expect("cli", run_model(model, *extra), "", status=0)
 
