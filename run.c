@@ -328,7 +328,13 @@ static void load_model(const char *path, Model *m, int read_into_memory) {
         die("model file %s: file is shorter than the 256-byte header", path);
     m->mapping_size = (size_t)st.st_size;
     m->read_into_memory = read_into_memory;
-    if (read_into_memory) {
+    if (read_into_memory) {  /* the header first: a wrong file is refused before reading it all */
+        unsigned char header[HEADER_BYTES];
+        char msg[160];
+        if (pread(fd, header, HEADER_BYTES, 0) != HEADER_BYTES)
+            die("cannot read model file %s: %s", path, strerror(errno));
+        const char *problem = validate_model(header, m->mapping_size, &m->config, msg, sizeof msg);
+        if (problem) die("model file %s: %s", path, problem);
         m->mapping = read_whole_file(fd, m->mapping_size, path);
         close(fd);
     } else {

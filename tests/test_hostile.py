@@ -374,6 +374,93 @@ def test_command_line_errors():
         expect("cli", run_model(model, *extra), "", status=0)
 
 
+def test_wrong_files_name_the_fix():
+    """An HF folder, a safetensors file or a GGUF file given as the model, a missing .tok:
+    the error names what the file is and the export.py command that makes the right one."""
+    model, tok = good_files()
+    hf = os.path.join(WORK, "hf-tiny30")
+    if not os.path.exists(hf):
+        make_checkpoint.make_checkpoint(hf, "tiny30")
+    fix = "export.py OUT.bin --hf"
+    for path, needle in ((hf, "Hugging Face checkpoint folder"),
+                         (os.path.join(hf, "model.safetensors"), "safetensors file"),
+                         (write("renamed.bin", open(os.path.join(hf, "model.safetensors"), "rb").read()),
+                          "safetensors file"),
+                         (write("model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0)), "GGUF file")):
+        proc = expect("wrong file", [program("run"), path, "-i", "hi"], needle)
+        assert fix.encode() in proc.stderr, proc.stderr
+    lonely = write("lonely.bin", open(model, "rb").read())  # no lonely.tok beside it
+    proc = expect("wrong file", [program("run"), lonely, "-i", "hi"], "not found")
+    assert b"--tokenizer-only" in proc.stderr and b"-z" in proc.stderr, proc.stderr
+
+
+def test_outputs_never_overwrite_inputs():
+    """-L naming the model, the tokenizer or the prompt file is refused before anything is
+    written (-L over the model used to truncate it under its own mapping: SIGBUS)."""
+    model, tok = good_files()
+    prompt = write("prompt.txt", b"the prompt")
+    before = {p: open(p, "rb").read() for p in (model, tok, prompt)}
+    link = os.path.join(WORK, "model-link.bin")
+    if not os.path.lexists(link):
+        os.symlink(model, link)
+    gen = [program("run"), model, "-z", tok, "-n", "2", "-t", "0"]
+    for target, extra in ((model, ["-i", "x"]), (tok, ["-i", "x"]), (prompt, ["-f", prompt]),
+                          (link, ["-i", "x"]), (model, ["-I", "1 2", "-o", "ids"])):
+        expect("outputs", gen + extra + ["-L", target], "input of this run")
+    for path, data in before.items():
+        assert open(path, "rb").read() == data, f"{path} was changed"
+
+
+def test_model_file_changed_while_in_use():
+    """The mapped model truncated while run uses it: one line and status 1, not "Bus error".
+    Deterministic: run reads its prompt from a pipe after mapping the model; the file is
+    truncated once /proc shows the mapping, and only then is the prompt sent."""
+    import subprocess
+    import time
+    model, tok = good_files()
+    victim = write("victim.bin", open(model, "rb").read())
+    proc = subprocess.Popen([program("run"), victim, "-z", tok, "-n", "4", "-t", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + TIMEOUT
+    while victim not in open(f"/proc/{proc.pid}/maps").read():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    os.truncate(victim, 0)
+    out, err = proc.communicate(b"Once upon a time", timeout=TIMEOUT)
+    assert proc.returncode == 1, (proc.returncode, err)
+    assert err.decode().splitlines()[-1] == \
+        "run: error: the model file changed while in use (truncated or rewritten); stopped", err
+    ROWS["sigbus"] = ROWS.get("sigbus", 0) + 1
+
+
+def test_output_write_errors_and_read_header_first():
+    """stdout on a full device is an error (exit 1), in both output formats and in chat;
+    -w read checks the header before reading the file (a 64 GB sparse file with a bad magic
+    or a header implying another size is refused at once, not read)."""
+    model, tok = good_files()
+    for args, stdin in (([model, "-I", "1 2", "-o", "ids", "-n", "3", "-t", "0"], None),
+                        ([model, "-z", tok, "-i", "hello", "-n", "3", "-t", "0"], None),
+                        ([model, "-z", tok, "-m", "chat", "-n", "2", "-t", "0"], b"hi\n")):
+        with open("/dev/full", "wb") as full:
+            proc = subprocess_run([program("run"), *args], stdin, full)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and "cannot write the output" in err, (args, proc.returncode, err)
+        ROWS["outputs"] = ROWS.get("outputs", 0) + 1
+    huge = os.path.join(WORK, "huge-sparse.bin")
+    good = model_file(**MODEL_ARGS)[0]
+    for header, needle in ((b"XXXX" + good[4:256], "magic"), (good[:256], "trailing data")):
+        with open(huge, "wb") as f:
+            f.write(header)
+            f.truncate(64 << 30)
+        expect("model", run_model(huge, "-w", "read"), needle)
+    os.remove(huge)
+
+
+def subprocess_run(args, stdin, stdout):
+    import subprocess
+    return subprocess.run(args, input=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=TIMEOUT)
+
+
 # ------------------------------------------------------------------------------------------
 # Prompts and chat input
 
