@@ -399,3 +399,9 @@ def test_help_version_and_hints():
     proc = run(base + ["-p", "Once upon a time"], check=False)
     assert proc.returncode == 1 and b"the prompt is given with -i" in proc.stderr
     assert proc.stderr.count(b"\n") == 1 and b"see run -h" in proc.stderr
+
+
+def test_readme_shows_the_usage_run_prints():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    usage = run([program("run"), "-h"]).stdout.decode()
+    assert "```\n" + usage + "```\n" in readme, "README's ## run block differs from run -h"
