@@ -2841,6 +2841,7 @@ static void check_model_kind(const char *path) {
     if (fd < 0) return;
     ssize_t got = S_ISREG(st.st_mode) ? read(fd, head, sizeof head) : 0;
     close(fd);
+    if (got >= 4 && memcmp(head, MODEL_MAGIC, 4) == 0) return;
     if (got >= 4 && memcmp(head, "GGUF", 4) == 0)
         die("%s is a GGUF file (llama.cpp's format), not a llama3.c model file: %s FOLDER "
             "(the Hugging Face checkpoint it came from)", path, convert);
@@ -2857,18 +2858,23 @@ static void check_tokenizer_exists(const char *path, int given) {
         path, path, given ? "" : " (or give its path with -z)");
 }
 
-/* Refuses an output path naming an input file (the model, the tokenizer, the prompt file):
-   opening it for writing would truncate what is being read. */
-static void refuse_output_over_inputs(const char *flag, const char *output,
-                                      const char *const *inputs, int n_inputs) {
-    struct stat out;
-    if (!output || stat(output, &out) != 0) return;  /* does not exist yet: cannot be an input */
-    for (int i = 0; i < n_inputs; i++) {
-        struct stat in;
-        if (inputs[i] && stat(inputs[i], &in) == 0 && in.st_dev == out.st_dev &&
-            in.st_ino == out.st_ino)
-            die("%s %s names an input of this run (%s): writing it would destroy it", flag,
-                output, inputs[i]);
+/* Refuses outputs that are input files (the model, the tokenizer, the prompt file): -L
+   would truncate what is being read, and stdout redirected onto one (`>> model.bin`) would
+   change it under its mapping. Same device and inode, so links and other spellings count. */
+static void refuse_outputs_over_inputs(const char *logits_path, const char *const *inputs,
+                                       int n_inputs) {
+    struct stat out[2];
+    int is_output[2] = { logits_path && stat(logits_path, &out[0]) == 0,
+                         fstat(STDOUT_FILENO, &out[1]) == 0 && S_ISREG(out[1].st_mode) };
+    const char *names[2] = { logits_path, "stdout" };
+    for (int o = 0; o < 2; o++) {
+        for (int i = 0; i < n_inputs && is_output[o]; i++) {
+            struct stat in;
+            if (inputs[i] && stat(inputs[i], &in) == 0 && in.st_dev == out[o].st_dev &&
+                in.st_ino == out[o].st_ino)
+                die("%s%s is an input of this run (%s): writing it would destroy it",
+                    o == 0 ? "-L " : "", names[o], inputs[i]);
+        }
     }
 }
 
@@ -2999,7 +3005,7 @@ int main(int argc, char **argv) {
                 tokenizer_vocab_size(s.tokenizer), cfg->vocab_size);
     }
     const char *inputs[] = { o.model_path, tokenizer_path, o.prompt_file };
-    refuse_output_over_inputs("-L", o.logits_path, inputs, 3);
+    refuse_outputs_over_inputs(o.logits_path, inputs, 3);
     if (o.stop_at_end) {
         for (int i = 0; i < cfg->n_eos; i++) add_stop_id(&s, cfg->eos_ids[i]);
         if (s.tokenizer) {

@@ -396,7 +396,8 @@ def test_wrong_files_name_the_fix():
 
 def test_outputs_never_overwrite_inputs():
     """-L naming the model, the tokenizer or the prompt file is refused before anything is
-    written (-L over the model used to truncate it under its own mapping: SIGBUS)."""
+    written (-L over the model used to truncate it under its own mapping: SIGBUS), and so is
+    stdout appended to one of them."""
     model, tok = good_files()
     prompt = write("prompt.txt", b"the prompt")
     before = {p: open(p, "rb").read() for p in (model, tok, prompt)}
@@ -406,7 +407,12 @@ def test_outputs_never_overwrite_inputs():
     gen = [program("run"), model, "-z", tok, "-n", "2", "-t", "0"]
     for target, extra in ((model, ["-i", "x"]), (tok, ["-i", "x"]), (prompt, ["-f", prompt]),
                           (link, ["-i", "x"]), (model, ["-I", "1 2", "-o", "ids"])):
-        expect("outputs", gen + extra + ["-L", target], "input of this run")
+        expect("outputs", gen + extra + ["-L", target], "is an input of this run")
+    for target in (model, prompt):  # stdout appended to an input
+        with open(target, "ab") as out:
+            proc = subprocess_run(gen + ["-f", prompt], None, out)
+        assert proc.returncode == 1 and b"stdout is an input of this run" in proc.stderr, proc.stderr
+        ROWS["outputs"] = ROWS.get("outputs", 0) + 1
     for path, data in before.items():
         assert open(path, "rb").read() == data, f"{path} was changed"
 
