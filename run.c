@@ -2046,8 +2046,8 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
    Temperature 0 is greedy: the penalties, then the highest logit (the lowest id on a tie),
    which no filter can remove. Every filter keeps a prefix of the tokens in one order (logit
    descending, id ascending), so the survivors are known by the last one kept. No stage sorts
-   the vocabulary: top-k and top-p find their boundary by quickselect, min-p is a threshold,
-   and the draw walks the vocabulary in id order. Logits that are not all finite (a damaged
+   the vocabulary: top-k finds its boundary by quickselect, top-p by buckets of logit and a
+   quickselect inside one bucket, min-p is a threshold, and the draw walks the ids in order. Logits that are not all finite (a damaged
    model) are refused before any stage. */
 
 typedef struct {
@@ -2217,6 +2217,34 @@ static int select_prefix(ProbIndex *c, int n, int min_count, double mass) {
     return hi;
 }
 
+/* Top-p's boundary: reorders c[0, n) so that its first `count` elements are the fewest first
+   ones in the order whose weights add up to `mass`, and returns count. One pass files each
+   weight under its logit's distance below the top, in buckets 1/256 wide (the last one open);
+   the buckets before the one where the mass is reached are wholly in, and only that bucket's
+   tokens go through the quickselect: a few hundred of 128K even for a nearly flat
+   distribution. */
+#define MASS_BUCKETS 4096
+
+static int mass_bucket(float logit, float max) {
+    float distance = (max - logit) * 256.0f;  /* an overflow to inf lands in the last bucket */
+    return distance < (float)(MASS_BUCKETS - 1) ? (int)distance : MASS_BUCKETS - 1;
+}
+
+static int select_nucleus(ProbIndex *c, int n, float max, double mass) {
+    double bucket_mass[MASS_BUCKETS] = {0};
+    for (int i = 0; i < n; i++) bucket_mass[mass_bucket(c[i].logit, max)] += c[i].weight;
+    double before = 0.0;
+    int b = 0;
+    while (b < MASS_BUCKETS - 1 && before + bucket_mass[b] < mass) before += bucket_mass[b++];
+    int front = 0;  /* the buckets before b, then bucket b */
+    for (int i = 0; i < n; i++)
+        if (mass_bucket(c[i].logit, max) < b) swap_candidates(&c[front++], &c[i]);
+    int end = front;
+    for (int i = front; i < n; i++)
+        if (mass_bucket(c[i].logit, max) == b) swap_candidates(&c[end++], &c[i]);
+    return front + select_prefix(c + front, end - front, front > 0 ? 0 : 1, mass - before);
+}
+
 /* Draws among the survivors of top-k, top-p and min-p at the temperature, with coin in [0, 1).
    The logits are overwritten with the survivors' weights (0 for the others). */
 static int sample_filtered(Sampler *s, float *logits, float coin) {
@@ -2229,7 +2257,7 @@ static int sample_filtered(Sampler *s, float *logits, float coin) {
     if (p->top_p < 1.0f) {
         double total = 0.0;
         for (int i = 0; i < count; i++) total += c[i].weight = expf(c[i].logit - max);
-        count = select_prefix(c, count, 1, (double)p->top_p * total);
+        count = select_nucleus(c, count, max, (double)p->top_p * total);
     }
     if (p->min_p > 0.0f) {  /* the most likely token is always in c[0, count) and kept */
         float floor = max + logf(p->min_p);
