@@ -2047,8 +2047,8 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
    which no filter can remove. Every filter keeps a prefix of the tokens in one order (logit
    descending, id ascending), so the survivors are known by the last one kept. No stage sorts
    the vocabulary: top-k finds its boundary by quickselect, top-p by buckets of logit and a
-   quickselect inside one bucket, min-p is a threshold, and the draw walks the ids in order. Logits that are not all finite (a damaged
-   model) are refused before any stage. */
+   quickselect inside one bucket, min-p is a threshold, and the draw walks the ids in order.
+   Logits that are not all finite (a damaged model) are refused before any stage. */
 
 typedef struct {
     float temperature, top_p, min_p;
@@ -2071,7 +2071,7 @@ typedef struct {
     int *recent;               /* ring of the last `capacity` tokens fed (penalties only) */
     int *counts;               /* per token: how often it is in the ring */
     int capacity, n_recent, next;
-    int position;              /* of the last token fed: the logits sampled are the ones it made */
+    int position;              /* of the last token fed, whose logits are sampled */
     unsigned long long rng_state;
 } Sampler;
 
@@ -2609,7 +2609,7 @@ static void print_usage(FILE *out) {
     fprintf(out,
         "usage: run <model.bin> [options]\n"
         "  -i, --prompt <text>   prompt (generate mode) or first user message (chat mode);\n"
-        "                        in generate mode without -i, -I or -f, a piped stdin is the prompt\n"
+        "                        generate mode without -i, -I or -f: a piped stdin is the prompt\n"
         "  -f, --file <path>     the prompt, read from a file\n"
         "  -I <ids>              prompt as token ids, space or comma separated, used exactly as\n"
         "                        given (no <|begin_of_text|> added); with -o ids, no tokenizer\n"
@@ -2619,29 +2619,30 @@ static void print_usage(FILE *out) {
         "                        token or the context is full (default 256 generating, 0 in chat)\n"
         "  -c, --ctx-size <int>  context length: positions in the KV cache (default 4096, at most\n"
         "                        the model's maximum)\n"
-        "  -z <path>             tokenizer file (default: the model path with .bin replaced by .tok)\n"
+        "  -z <path>             tokenizer file (default: the model path, .bin replaced by .tok)\n"
         "  -o <format>           text (default) or ids: print generated token ids instead of text\n"
         "  -e <0|1>              stop at end tokens (end_of_text, eot, eom, the model's eos);\n"
         "                        default 1\n"
         "  -L <path>             write the logits of every position as raw float32 rows\n"
         "  -T, --threads <int>   threads (default: OpenMP's choice, OMP_NUM_THREADS; runomp only)\n"
         "  -a <mode>             activations in the matmuls: exact (default: float32, int16 for\n"
-        "                        q8_0) or fast: rounded as llama.cpp does, to bf16 for bf16 weights\n"
-        "                        and to int8 for q8_0 (groups of 64): prompts ~1.6-1.8x faster on\n"
-        "                        CPUs with AVX512-BF16 / VNNI, logits a few 1e-2 off\n"
+        "                        q8_0) or fast: rounded as llama.cpp does, to bf16 for bf16\n"
+        "                        weights and to int8 for q8_0 (groups of 64): prompts ~1.6-1.8x\n"
+        "                        faster on CPUs with AVX512-BF16 / VNNI, logits a few 1e-2 off\n"
         "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
         "                        into memory first (llama.cpp's --no-mmap; see README.md)\n"
         "  -h, --help            this text;  --version: what this build is\n"
         "sampling, applied in llama.cpp's order: penalties, top-k, top-p, min-p, temperature\n"
         "  -t, --temp <float>    temperature, 0 = greedy (default 0.6)\n"
-        "  -p, --top-p <float>   keep the fewest most likely tokens adding up to this probability;\n"
-        "                        1 = off (default 0.9)\n"
+        "  -p, --top-p <float>   keep the fewest most likely tokens adding up to this\n"
+        "                        probability; 1 = off (default 0.9)\n"
         "  --top-k <int>         keep the k most likely tokens; 0 = off (default)\n"
-        "  --min-p <float>       keep tokens at least this times as likely as the most likely one;\n"
-        "                        0 = off (default)\n"
+        "  --min-p <float>       keep tokens at least this times as likely as the most likely\n"
+        "                        one; 0 = off (default)\n"
         "  --repeat-penalty <float>    divide the logit of a token seen in the last\n"
         "                        --repeat-last-n tokens by this (multiply if negative); 1 = off\n"
-        "  --presence-penalty <float>  subtract this from the logit of a token seen there; 0 = off\n"
+        "  --presence-penalty <float>  subtract this from the logit of a token seen there;\n"
+        "                        0 = off\n"
         "  --frequency-penalty <float> subtract this times its count there; 0 = off\n"
         "  --repeat-last-n <int> tokens the penalties look back on, prompt included (default 64;\n"
         "                        -1 = the whole context)\n"
@@ -2824,22 +2825,26 @@ static void parse_options(int argc, char **argv, Options *o) {
         case 'P': sp->presence_penalty = parse_float(flag, v, -100.0f, 100.0f); break;
         case 'F': sp->frequency_penalty = parse_float(flag, v, -100.0f, 100.0f); break;
         case 's': o->seed = parse_long(flag, v, -1, 0xFFFFFFFFL); break;
-        case 'n': o->steps = parse_long(flag, v, -1, 1L << 30); if (o->steps < 0) o->steps = 0; break;
+        case 'n':  /* llama.cpp's -1 is our 0: no limit */
+            o->steps = parse_long(flag, v, -1, 1L << 30);
+            if (o->steps < 0) o->steps = 0;
+            break;
         case 'c': o->context = parse_long(flag, v, 1, 1L << 24); o->context_given = 1; break;
         case 'z': o->tokenizer_path = v; break;
         case 'L': o->logits_path = v; break;
         case 'T': o->threads = parse_long(flag, v, 1, 4096); break;
         case 'e': o->stop_at_end = (int)parse_long(flag, v, 0, 1); break;
-        case 'a': check_choice(flag, v, "exact", "fast"); o->fast = strcmp(v, "fast") == 0; break;
-        case 'w': check_choice(flag, v, "map", "read"); o->read_weights = strcmp(v, "read") == 0; break;
-        case 'o': check_choice(flag, v, "text", "ids"); o->print_ids = strcmp(v, "ids") == 0; break;
+        case 'a': check_choice(flag, v, "exact", "fast"); o->fast = v[0] == 'f'; break;
+        case 'w': check_choice(flag, v, "map", "read"); o->read_weights = v[0] == 'r'; break;
+        case 'o': check_choice(flag, v, "text", "ids"); o->print_ids = v[0] == 'i'; break;
         }
     }
     int given = (o->prompt != NULL) + (o->prompt_ids != NULL) + (o->prompt_file != NULL);
     if (given > 1) usage_error("give the prompt once: -i text, -f file or -I ids");
-    if (o->prompt_ids && strcmp(o->mode, "chat") == 0) usage_error("-I is for generate mode only");
-    if (o->prompt_file && strcmp(o->mode, "chat") == 0) usage_error("-f is for generate mode only");
-    if (o->system_prompt && strcmp(o->mode, "chat") != 0) usage_error("-y is for chat mode only");
+    int chat_mode = strcmp(o->mode, "chat") == 0;
+    if (o->prompt_ids && chat_mode) usage_error("-I is for generate mode only");
+    if (o->prompt_file && chat_mode) usage_error("-f is for generate mode only");
+    if (o->system_prompt && !chat_mode) usage_error("-y is for chat mode only");
 }
 
 /* ---- Files given by mistake, and outputs that would overwrite inputs ---- */
@@ -2852,7 +2857,8 @@ static int has_suffix(const char *s, const char *suffix) {
 /* A Hugging Face folder, a safetensors file or a GGUF file given as the model: name it and
    the command that converts it. Other problems are load_model's to report. */
 static void check_model_kind(const char *path) {
-    static const char *convert = "convert it with export.py: /usr/bin/python3 export.py OUT.bin --hf";
+    static const char *convert =
+        "convert it with export.py: /usr/bin/python3 export.py OUT.bin --hf";
     struct stat st;
     if (stat(path, &st) != 0) return;
     if (S_ISDIR(st.st_mode)) {
