@@ -2630,7 +2630,7 @@ static void print_usage(FILE *out) {
         "                        weights and to int8 for q8_0 (groups of 64): prompts ~1.6-1.8x\n"
         "                        faster on CPUs with AVX512-BF16 / VNNI, logits a few 1e-2 off\n"
         "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
-        "                        into memory first (llama.cpp's --no-mmap; see README.md)\n"
+        "                        into memory first (also --no-mmap, llama.cpp's name; README.md)\n"
         "  -h, --help            this text;  --version: what this build is\n"
         "sampling, applied in llama.cpp's order: penalties, top-k, top-p, min-p, temperature\n"
         "  -t, --temp <float>    temperature, 0 = greedy (default 0.6)\n"
@@ -2739,7 +2739,8 @@ static const Flag FLAGS[] = {
     { "-s", "--seed", 1, 's' }, { "-n", "--predict", 1, 'n' }, { NULL, "--n-predict", 1, 'n' },
     { "-c", "--ctx-size", 1, 'c' }, { "-z", NULL, 1, 'z' }, { "-o", NULL, 1, 'o' },
     { "-e", NULL, 1, 'e' }, { "-L", NULL, 1, 'L' }, { "-T", "--threads", 1, 'T' },
-    { "-a", NULL, 1, 'a' }, { "-w", NULL, 1, 'w' }, { "-h", "--help", 0, 'h' },
+    { "-a", NULL, 1, 'a' }, { "-w", NULL, 1, 'w' }, { NULL, "--no-mmap", 0, 'W' },
+    { "-h", "--help", 0, 'h' },
     { NULL, "--version", 0, 'V' },
 };
 
@@ -2836,6 +2837,7 @@ static void parse_options(int argc, char **argv, Options *o) {
         case 'e': o->stop_at_end = (int)parse_long(flag, v, 0, 1); break;
         case 'a': check_choice(flag, v, "exact", "fast"); o->fast = v[0] == 'f'; break;
         case 'w': check_choice(flag, v, "map", "read"); o->read_weights = v[0] == 'r'; break;
+        case 'W': o->read_weights = 1; break;
         case 'o': check_choice(flag, v, "text", "ids"); o->print_ids = v[0] == 'i'; break;
         }
     }

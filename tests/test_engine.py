@@ -338,6 +338,9 @@ def test_prompt_from_file_and_stdin_equals_argument():
 def test_long_flags_are_the_short_ones():
     model = export(checkpoint("tiny30"), "fp32", "tiny30")
     base = [program("runomp"), model, "-I", "1 2 3", "-o", "ids", "-e", "0"]
+    ids, rows = run_ids(model, [1, 2, 3], 4, ("--no-mmap",))
+    want_ids, want_rows = run_ids(model, [1, 2, 3], 4, ("-w", "read"))
+    assert ids == want_ids and np.array_equal(rows, want_rows)
     short = run(base + ["-t", "0.9", "-p", "0.8", "-s", "5", "-n", "12", "-c", "40"]).stdout
     long = run(base + ["--temp", "0.9", "--top-p", "0.8", "--seed", "5", "--predict", "12",
                        "--ctx-size", "40", "--threads", "1"]).stdout
