@@ -233,7 +233,12 @@ def tensor_filled(name, tensor, value, **fields):
 
 
 # every sampling mode, as flags (defaults: temperature 0.6, top-p 0.9)
-SAMPLING_MODES = [["-t", "0"], ["-t", "1", "-p", "1"], [], ["-t", "0.8", "-p", "0.5"]]
+SAMPLING_MODES = [["-t", "0"], ["-t", "1", "-p", "1"], [], ["-t", "0.8", "-p", "0.5"],
+                  ["--top-k", "5"], ["--top-k", "1", "-p", "1"], ["--min-p", "0.1"],
+                  ["--min-p", "1", "-p", "1"], ["--repeat-penalty", "1.3"],
+                  ["--presence-penalty", "0.5", "-t", "0"], ["--frequency-penalty", "0.5"],
+                  ["--repeat-penalty", "0.5", "--repeat-last-n", "-1", "--top-k", "40",
+                   "--min-p", "0.05", "-p", "0.95", "-t", "1.2"]]
 
 
 def test_nonfinite_logits():
