@@ -2801,9 +2801,14 @@ static void parse_options(int argc, char **argv, Options *o) {
         if (!f && flag[0] == '-' && flag[1] != '\0') usage_error("unknown option %s", flag);
         if (!f) usage_error("unexpected argument '%s'", flag);
         const char *v = NULL;
+        /* llama.cpp's -i is interactive mode, without a value: here that is -m chat */
+        const char *interactive = f->key == 'i' && flag[1] == 'i' ?
+            "; for llama.cpp's interactive -i use -m chat or -cnv" : "";
         if (f->takes_value) {
-            if (i + 1 >= argc) usage_error("%s needs a value", flag);
+            if (i + 1 >= argc) usage_error("%s needs a value%s", flag, interactive);
             v = argv[++i];
+            if (interactive[0] && find_flag(v))
+                usage_error("-i wants the prompt, got the flag %s%s", v, interactive);
         }
         switch (f->key) {
         case 'i': o->prompt = v; break;

@@ -402,6 +402,9 @@ def test_help_version_and_hints():
     assert b"-T is ignored" in run(base + ["-T", "4"]).stderr  # run has no OpenMP
     noted = b"-T is ignored" in run([program("runomp"), *base[1:], "-T", "2"]).stderr
     assert noted != has_openmp
+    for args in (["-i"], ["-i", "-n", "3"]):  # llama.cpp's interactive -i
+        proc = run([program("run"), model, *args], check=False)
+        assert proc.returncode == 1 and b"-m chat or -cnv" in proc.stderr, proc.stderr
     proc = run(base + ["-p", "Once upon a time"], check=False)
     assert proc.returncode == 1 and b"the prompt is given with -i" in proc.stderr
     assert proc.stderr.count(b"\n") == 1 and b"see run -h" in proc.stderr
