@@ -148,11 +148,12 @@ def check(binary, case_list):
             assert picks == [greedy] * len(coins), (name, picks, greedy)
             checked_picks += len(coins)
             continue
+        # The survivors and their probabilities. run.c's float32 weights underflow to 0 where
+        # the reference's float64 ones are below ~1e-45, hence the absolute tolerance.
         got = np.array([float.fromhex(w) for w in weights])
-        assert np.array_equal(got > 0, want > 0) or np.allclose(got / got.sum(), want / want.sum(),
-                                                                rtol=0, atol=1e-7), \
+        assert np.allclose(got / got.sum(), want / want.sum(), rtol=1e-5, atol=1e-9), \
             (name, np.nonzero(got)[0][:20], np.nonzero(want)[0][:20])
-        assert np.allclose(got / got.sum(), want / want.sum(), rtol=1e-5, atol=1e-9), name
+        assert not np.any((got > 0) & (want == 0)), name  # nothing filtered was drawable
         for coin, pick in zip(coins, picks):
             assert want[pick] > 0, (name, coin, pick)  # never a filtered token
             expected = draw(want, coin)
