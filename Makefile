@@ -87,7 +87,10 @@ $(FUZZ_DIR)/fuzz_model: tests/fuzz/fuzz_model.c run.c tokenizer.c tokenizer.h
 $(FUZZ_DIR)/fuzz_tokenizer: tests/fuzz/fuzz_tokenizer.c tokenizer.c tokenizer.h
 	mkdir -p $(FUZZ_DIR)
 	clang $(FUZZ_FLAGS) -o $@ tests/fuzz/fuzz_tokenizer.c tokenizer.c
-fuzz-build: $(FUZZ_DIR)/fuzz_model $(FUZZ_DIR)/fuzz_tokenizer
+$(FUZZ_DIR)/fuzz_sampler: tests/fuzz/fuzz_sampler.c run.c tokenizer.c tokenizer.h
+	mkdir -p $(FUZZ_DIR)
+	clang $(FUZZ_FLAGS) -o $@ tests/fuzz/fuzz_sampler.c tokenizer.c -lm
+fuzz-build: $(FUZZ_DIR)/fuzz_model $(FUZZ_DIR)/fuzz_tokenizer $(FUZZ_DIR)/fuzz_sampler
 
 # Each target for FUZZ_SECONDS from the committed seeds (new finds go to build/fuzz/work-*).
 fuzz: fuzz-build

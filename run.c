@@ -330,7 +330,13 @@ static void load_model(const char *path, Model *m, int read_into_memory) {
         die("model file %s: file is shorter than the 256-byte header", path);
     m->mapping_size = (size_t)st.st_size;
     m->read_into_memory = read_into_memory;
-    if (read_into_memory) {
+    if (read_into_memory) {  /* the header first: a wrong file is refused before reading it all */
+        unsigned char header[HEADER_BYTES];
+        char msg[160];
+        if (pread(fd, header, HEADER_BYTES, 0) != HEADER_BYTES)
+            die("cannot read model file %s: %s", path, strerror(errno));
+        const char *problem = validate_model(header, m->mapping_size, &m->config, msg, sizeof msg);
+        if (problem) die("model file %s: %s", path, problem);
         m->mapping = read_whole_file(fd, m->mapping_size, path);
         close(fd);
     } else {
@@ -2026,20 +2032,48 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
 }
 
 /* ----------------------------------------------------------------------------------------
-   4. The sampler: picks the next token from the logits. Temperature 0 is greedy (argmax,
-   lowest id on a tie); otherwise softmax(logits / temperature), then top-p ("nucleus")
-   sampling when 0 < top_p < 1. */
+   4. The sampler: picks the next token from the logits. Its stages, in the order of
+   llama.cpp's default chain, each one off unless asked for (Meta's defaults: temperature 0.6,
+   top-p 0.9):
+
+     penalties   a token among the last repeat_last_n tokens fed (prompt included), seen there
+                 c times: its logit is divided by repeat_penalty (multiplied when negative),
+                 then lowered by c * frequency_penalty + presence_penalty
+     top-k       the k highest logits
+     top-p       of those, the fewest most likely whose probabilities (softmax at temperature
+                 1 over the top-k) add up to at least top_p
+     min-p       of those, the tokens at least min_p times as likely as the most likely one
+     temperature the survivors' probabilities: softmax(logit / temperature); one is drawn
+
+   Temperature 0 is greedy: the penalties, then the highest logit (the lowest id on a tie),
+   which no filter can remove. Every filter keeps a prefix of the tokens in one order (logit
+   descending, id ascending), so the survivors are known by the last one kept. No stage sorts
+   the vocabulary: top-k finds its boundary by quickselect, top-p by buckets of logit and a
+   quickselect inside one bucket, min-p is a threshold, and the draw walks the ids in order.
+   Logits that are not all finite (a damaged model) are refused before any stage. */
 
 typedef struct {
-    float prob;
+    float temperature, top_p, min_p;
+    int top_k;                 /* 0: off */
+    float repeat_penalty;      /* 1: off */
+    float presence_penalty, frequency_penalty;  /* 0: off */
+    int repeat_last_n;         /* tokens the penalties look back on; -1: the whole context */
+} SamplerParams;
+
+typedef struct {
+    float logit;
+    float weight;  /* exp(logit - max logit): probability at temperature 1, unnormalised */
     int index;
 } ProbIndex;
 
 typedef struct {
+    SamplerParams params;
     int vocab_size;
-    ProbIndex *candidates;  /* scratch for top-p */
-    float temperature;
-    float top_p;
+    ProbIndex *candidates;     /* vocab_size entries */
+    int *recent;               /* ring of the last `capacity` tokens fed (penalties only) */
+    int *counts;               /* per token: how often it is in the ring */
+    int capacity, n_recent, next;
+    int position;              /* of the last token fed, whose logits are sampled */
     unsigned long long rng_state;
 } Sampler;
 
@@ -2055,62 +2089,220 @@ static float random_f32(unsigned long long *state) { /* in [0, 1) */
     return (float)(random_u32(state) >> 8) / 16777216.0f;
 }
 
+static int penalties_on(const SamplerParams *p) {
+    return p->repeat_last_n != 0 &&
+           (p->repeat_penalty != 1.0f || p->presence_penalty != 0.0f ||
+            p->frequency_penalty != 0.0f);
+}
+
+/* context: the KV cache's positions, the look-back of repeat_last_n -1 */
+static void sampler_init(Sampler *s, const SamplerParams *params, int vocab_size, int context,
+                         unsigned long long seed) {
+    *s = (Sampler){ .params = *params, .vocab_size = vocab_size,
+                    .rng_state = seed * 2654435761ull + 1 };
+    s->candidates = checked_calloc((size_t)vocab_size, sizeof(ProbIndex), "the sampler");
+    if (penalties_on(params)) {
+        s->capacity = params->repeat_last_n < 0 ? context : params->repeat_last_n;
+        s->recent = checked_calloc((size_t)s->capacity, sizeof(int), "the penalties' tokens");
+        s->counts = checked_calloc((size_t)vocab_size, sizeof(int), "the penalties' counts");
+    }
+}
+
+static void sampler_free(Sampler *s) {
+    free(s->candidates);
+    free(s->recent);
+    free(s->counts);
+}
+
+/* Records the tokens fed to the model, the first at position `first`. */
+static void sampler_accept(Sampler *s, const int *tokens, int n, int first) {
+    s->position = first + n - 1;
+    for (int i = 0; i < n && s->capacity > 0; i++) {
+        int t = tokens[i];
+        if (t < 0 || t >= s->vocab_size) continue;
+        if (s->n_recent == s->capacity) s->counts[s->recent[s->next]]--;
+        else s->n_recent++;
+        s->recent[s->next] = t;
+        s->counts[t]++;
+        s->next = (s->next + 1) % s->capacity;
+    }
+}
+
+/* A penalised logit that overflowed becomes the largest finite float of its sign. */
+static float clamp_finite(float v) {
+    return isinf(v) ? copysignf(nextafterf(INFINITY, 0.0f), v) : v;
+}
+
+/* The penalties, once per distinct token in the ring (its count is negated while done). */
+static void apply_penalties(Sampler *s, float *logits) {
+    const SamplerParams *p = &s->params;
+    for (int j = 0; j < s->n_recent; j++) {
+        int t = s->recent[j], count = s->counts[t];
+        if (count <= 0) continue;
+        float v = logits[t];
+        v = v <= 0.0f ? v * p->repeat_penalty : v / p->repeat_penalty;
+        v -= (float)count * p->frequency_penalty + p->presence_penalty;
+        logits[t] = clamp_finite(v);
+        s->counts[t] = -count;
+    }
+    for (int j = 0; j < s->n_recent; j++)
+        if (s->counts[s->recent[j]] < 0) s->counts[s->recent[j]] = -s->counts[s->recent[j]];
+}
+
 static int sample_argmax(const float *p, int n) {
     int best = 0;
     for (int i = 1; i < n; i++) if (p[i] > p[best]) best = i;
     return best;
 }
 
-static int sample_from(const float *probs, int n, float coin) {
-    float cdf = 0.0f;
-    for (int i = 0; i < n; i++) {
-        cdf += probs[i];
-        if (coin < cdf) return i;
-    }
-    return n - 1;  /* rounding left the cdf just below 1 */
+/* The order every filter keeps a prefix of: logit descending, id ascending. */
+static int comes_before(const ProbIndex *a, const ProbIndex *b) {
+    return a->logit > b->logit || (a->logit == b->logit && a->index < b->index);
 }
 
-static int compare_prob_desc(const void *a, const void *b) {
-    float pa = ((const ProbIndex *)a)->prob, pb = ((const ProbIndex *)b)->prob;
-    return (pa < pb) - (pa > pb);
+static int compare_order(const void *a, const void *b) {
+    return comes_before(a, b) ? -1 : comes_before(b, a) ? 1 : 0;
 }
 
-/* Samples among the smallest set of tokens whose probabilities add up to more than top_p.
-   Tokens below (1 - top_p) / (n - 1) cannot be in that set, so they are dropped before the
-   sort: the sort then sees a few hundred candidates instead of 128K. */
-static int sample_top_p(const float *probs, int n, float top_p, ProbIndex *cand, float coin) {
-    int n_cand = 0;
-    float cutoff = (1.0f - top_p) / (float)(n - 1);
-    for (int i = 0; i < n; i++) {
-        if (probs[i] >= cutoff) {
-            cand[n_cand].index = i;
-            cand[n_cand].prob = probs[i];
-            n_cand++;
+static void swap_candidates(ProbIndex *a, ProbIndex *b) {
+    ProbIndex t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Moves the elements of c[lo, hi) that come before c[pivot] to the front of the range, then
+   the pivot; returns the pivot's new place and adds their weights to *mass. */
+static int partition(ProbIndex *c, int lo, int hi, int pivot, double *mass) {
+    swap_candidates(&c[pivot], &c[hi - 1]);
+    int store = lo;
+    for (int i = lo; i < hi - 1; i++) {
+        if (comes_before(&c[i], &c[hi - 1])) {
+            *mass += c[i].weight;
+            swap_candidates(&c[i], &c[store++]);
         }
     }
-    qsort(cand, (size_t)n_cand, sizeof(ProbIndex), compare_prob_desc);
-    float cumulative = 0.0f;
-    int last = n_cand - 1;
-    for (int i = 0; i < n_cand; i++) {
-        cumulative += cand[i].prob;
-        if (cumulative > top_p) { last = i; break; }
-    }
-    float r = coin * cumulative, cdf = 0.0f;
-    for (int i = 0; i <= last; i++) {
-        cdf += cand[i].prob;
-        if (r < cdf) return cand[i].index;
-    }
-    return cand[last].index;
+    swap_candidates(&c[store], &c[hi - 1]);
+    return store;
 }
 
-static int sample(Sampler *sampler, float *logits) {
-    if (sampler->temperature == 0.0f) return sample_argmax(logits, sampler->vocab_size);
-    for (int i = 0; i < sampler->vocab_size; i++) logits[i] /= sampler->temperature;
-    softmax(logits, sampler->vocab_size);
-    float coin = random_f32(&sampler->rng_state);
-    if (sampler->top_p <= 0.0f || sampler->top_p >= 1.0f || sampler->vocab_size < 2)
-        return sample_from(logits, sampler->vocab_size, coin);
-    return sample_top_p(logits, sampler->vocab_size, sampler->top_p, sampler->candidates, coin);
+/* Reorders c[0, n) so that its first `count` elements are the first `count` in the order, and
+   returns count: the smallest with count >= min_count whose weights add up to at least `mass`
+   (n if rounding keeps the sum below it). Quickselect, O(n) expected; after SELECT_ROUNDS
+   rounds it sorts what is left, which bounds the worst case. */
+#ifndef SELECT_ROUNDS
+#define SELECT_ROUNDS 64  /* tests/test_sampler.py builds with 0 to check the sorting path */
+#endif
+static int select_prefix(ProbIndex *c, int n, int min_count, double mass) {
+    int lo = 0, hi = n;  /* c[0, lo) are in the prefix, and its end lies in (lo, hi] */
+    double taken = 0.0;  /* weights of c[0, lo) */
+    for (int round = 0; hi - lo > 1; round++) {
+        if (round == SELECT_ROUNDS) {
+            qsort(c + lo, (size_t)(hi - lo), sizeof(ProbIndex), compare_order);
+            for (int i = lo; i < hi; i++) {
+                taken += c[i].weight;
+                if (i + 1 >= min_count && taken >= mass) return i + 1;
+            }
+            return hi;
+        }
+        double before = taken;
+        int p = partition(c, lo, hi, lo + (hi - lo) / 2, &before);
+        double through = before + c[p].weight;
+        if (p + 1 < min_count || through < mass) {
+            lo = p + 1;
+            taken = through;
+        } else if (p > lo && p >= min_count && before >= mass) {
+            hi = p;
+        } else {
+            return p + 1;
+        }
+    }
+    return hi;
+}
+
+/* Top-p's boundary: reorders c[0, n) so that its first `count` elements are the fewest first
+   ones in the order whose weights add up to `mass`, and returns count. One pass files each
+   weight under its logit's distance below the top, in buckets 1/256 wide (the last one open);
+   the buckets before the one where the mass is reached are wholly in, and only that bucket's
+   tokens go through the quickselect: a few hundred of 128K even for a nearly flat
+   distribution. */
+#define MASS_BUCKETS 4096
+
+static int mass_bucket(float logit, float max) {
+    float distance = (max - logit) * 256.0f;  /* an overflow to inf lands in the last bucket */
+    return distance < (float)(MASS_BUCKETS - 1) ? (int)distance : MASS_BUCKETS - 1;
+}
+
+static int select_nucleus(ProbIndex *c, int n, float max, double mass) {
+    double bucket_mass[MASS_BUCKETS] = {0};
+    for (int i = 0; i < n; i++) bucket_mass[mass_bucket(c[i].logit, max)] += c[i].weight;
+    double before = 0.0;
+    int b = 0;
+    while (b < MASS_BUCKETS - 1 && before + bucket_mass[b] < mass) before += bucket_mass[b++];
+    int front = 0;  /* the buckets before b, then bucket b */
+    for (int i = 0; i < n; i++)
+        if (mass_bucket(c[i].logit, max) < b) swap_candidates(&c[front++], &c[i]);
+    int end = front;
+    for (int i = front; i < n; i++)
+        if (mass_bucket(c[i].logit, max) == b) swap_candidates(&c[end++], &c[i]);
+    return front + select_prefix(c + front, end - front, front > 0 ? 0 : 1, mass - before);
+}
+
+/* Draws among the survivors of top-k, top-p and min-p at the temperature, with coin in [0, 1).
+   The logits are overwritten with the survivors' weights (0 for the others). */
+static int sample_filtered(Sampler *s, float *logits, float coin) {
+    const SamplerParams *p = &s->params;
+    int n = s->vocab_size, count = n;
+    float max = logits[sample_argmax(logits, n)];
+    ProbIndex *c = s->candidates;
+    for (int i = 0; i < n; i++) c[i] = (ProbIndex){ logits[i], 0.0f, i };
+    if (p->top_k > 0 && p->top_k < n) count = select_prefix(c, n, p->top_k, 0.0);
+    if (p->top_p < 1.0f) {
+        double total = 0.0;
+        for (int i = 0; i < count; i++) total += c[i].weight = expf(c[i].logit - max);
+        count = select_nucleus(c, count, max, (double)p->top_p * total);
+    }
+    if (p->min_p > 0.0f) {  /* the most likely token is always in c[0, count) and kept */
+        float floor = max + logf(p->min_p);
+        int kept = 0;
+        for (int i = 0; i < count; i++) if (c[i].logit >= floor) c[kept++] = c[i];
+        count = kept;
+    }
+    ProbIndex last = c[0];
+    for (int i = 1; i < count; i++) if (comes_before(&last, &c[i])) last = c[i];
+
+    double total = 0.0;
+    for (int i = 0; i < n; i++) {
+        ProbIndex t = { logits[i], 0.0f, i };
+        logits[i] = comes_before(&last, &t) ? 0.0f : expf((logits[i] - max) / p->temperature);
+        total += logits[i];
+    }
+    double target = coin * total, cdf = 0.0;
+    for (int i = 0; i < n; i++) {
+        cdf += logits[i];
+        if (target < cdf) return i;
+    }
+    return last.index;  /* rounding left the sum just below the target */
+}
+
+static int all_finite(const float *x, int n) {
+    for (int i = 0; i < n; i++) if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* The next token for a given coin in [0, 1), or -1 when the logits are not all finite. The
+   logits are scratch. */
+static int sample_with_coin(Sampler *s, float *logits, float coin) {
+    if (!all_finite(logits, s->vocab_size)) return -1;
+    if (s->n_recent > 0) apply_penalties(s, logits);
+    if (s->params.temperature == 0.0f) return sample_argmax(logits, s->vocab_size);
+    return sample_filtered(s, logits, coin);
+}
+
+static int sample(Sampler *s, float *logits) {
+    int token = sample_with_coin(s, logits, random_f32(&s->rng_state));
+    if (token < 0)
+        die("the model produced non-finite logits (NaN or Inf) at position %d", s->position);
+    return token;
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -2186,6 +2378,7 @@ static float *feed(Session *s, const int *tokens, size_t n) {
         int last_block = i + (size_t)block == n;
         int mode = s->logits_file ? LOGITS_ALL : last_block ? LOGITS_LAST : LOGITS_NONE;
         logits = forward(s->tr, tokens + i, block, s->pos, mode);
+        sampler_accept(&s->sampler, tokens + i, block, s->pos);
         if (s->logits_file)
             for (int t = 0; t < block; t++) write_logits(s, s->tr->state.logits + t * vocab);
         s->pos += block;
@@ -3037,48 +3230,65 @@ static int chat(Session *s, const char *system_prompt, const char *first_message
 }
 
 /* ----------------------------------------------------------------------------------------
-   7. The command line */
+   7. The command line: llama2.c's short flags, and llama.cpp's long names for the same
+   things. A mistake is one error line; -h prints the usage. */
 
-static void print_usage(void) {
-    fprintf(stderr,
+static void print_usage(FILE *out) {
+    fprintf(out,
         "usage: run <model.bin> [options]\n"
-        "  -i <text>    prompt (generate mode) or first user message (chat mode)\n"
-        "  -I <ids>     prompt as token ids, space or comma separated, used exactly as given\n"
-        "               (no <|begin_of_text|> added); no tokenizer is needed with -o ids\n"
-        "  -m <mode>    generate (default) or chat\n"
-        "  -y <text>    system prompt (chat mode)\n"
-        "  -t <float>   temperature, 0 = greedy (default 0.6)\n"
-        "  -p <float>   top-p in [0, 1], 1 = off (default 0.9)\n"
-        "  -s <int>     random seed (default: from the clock)\n"
-        "  -n <int>     tokens to generate (per reply in chat); 0 = until a stop token or the\n"
-        "               context is full (default 256 in generate mode, 0 in chat mode)\n"
-        "  -c <int>     context length: positions in the KV cache (default 4096, at most the\n"
-        "               model's maximum)\n"
-        "  -z <path>    tokenizer file (default: the model path with .bin replaced by .tok)\n"
-        "  -o <format>  text (default) or ids: print generated token ids instead of text;\n"
-        "               json (chat): one JSON object per message, {\"role\":..,\"content\":..}\n"
-        "  --no-context-shift  chat: end the session when the context is full, instead of\n"
-        "               dropping the oldest turns\n"
-        "  -e <0|1>     stop at end tokens (end_of_text, eot, eom, the model's eos); default 1\n"
-        "  -L <path>    write the logits of every position as raw float32 rows\n"
-        "  -T <int>     threads (default: OpenMP's choice, OMP_NUM_THREADS)\n"
-        "  -a <mode>    activations in the matmuls: exact (default: float32, int16 for q8_0)\n"
-        "               or fast: rounded as llama.cpp does, to bf16 for bf16 weights and to\n"
-        "               int8 for q8_0 (groups of 64): prompts ~1.6-1.8x faster on CPUs with\n"
-        "               AVX512-BF16 / VNNI, logits a few 1e-2 off; elsewhere the same as exact\n"
-        "  -w <how>     the weights: map (default: memory-map the file) or read: read it into\n"
-        "               memory first (llama.cpp's --no-mmap): slower to start (~0.5 s per GB),\n"
-        "               and 14-27%% faster to decode where the file's cache lies in 4 KB\n"
-        "               pieces (see README.md)\n");
+        "  -i, --prompt <text>   prompt (generate mode) or first user message (chat mode);\n"
+        "                        generate mode without -i, -I or -f: a piped stdin is the prompt\n"
+        "  -f, --file <path>     the prompt, read from a file\n"
+        "  -I <ids>              prompt as token ids, space or comma separated, used exactly as\n"
+        "                        given (no <|begin_of_text|> added); with -o ids, no tokenizer\n"
+        "  -m <mode>             generate (default) or chat (also -cnv, --conversation)\n"
+        "  -y, --system-prompt <text>  system prompt (chat mode)\n"
+        "  -n, --predict <int>   tokens to generate (per reply in chat); 0 or -1 = until a stop\n"
+        "                        token or the context is full (default 256 generating, 0 in chat)\n"
+        "  -c, --ctx-size <int>  context length: positions in the KV cache (default 4096, at most\n"
+        "                        the model's maximum)\n"
+        "  -z <path>             tokenizer file (default: the model path, .bin replaced by .tok)\n"
+        "  -o <format>           text (default) or ids: print generated token ids instead of text;\n"
+        "                        json (chat): one JSON object per message\n"
+        "  --no-context-shift    chat: end the session when the context is full, instead of\n"
+        "                        dropping the oldest turns\n"
+        "  -e <0|1>              stop at end tokens (end_of_text, eot, eom, the model's eos);\n"
+        "                        default 1\n"
+        "  -L <path>             write the logits of every position as raw float32 rows\n"
+        "  -T, --threads <int>   threads (default: OpenMP's choice, OMP_NUM_THREADS; runomp only)\n"
+        "  -a <mode>             activations in the matmuls: exact (default: float32, int16 for\n"
+        "                        q8_0) or fast: rounded as llama.cpp does, to bf16 for bf16\n"
+        "                        weights and to int8 for q8_0 (groups of 64): prompts ~1.6-1.8x\n"
+        "                        faster on CPUs with AVX512-BF16 / VNNI, logits a few 1e-2 off\n"
+        "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
+        "                        into memory first (also --no-mmap, llama.cpp's name; README.md)\n"
+        "  -h, --help            this text;  --version: what this build is\n"
+        "sampling, applied in llama.cpp's order: penalties, top-k, top-p, min-p, temperature\n"
+        "  -t, --temp <float>    temperature, 0 = greedy (default 0.6)\n"
+        "  -p, --top-p <float>   keep the fewest most likely tokens adding up to this\n"
+        "                        probability; 1 = off (default 0.9)\n"
+        "  --top-k <int>         keep the k most likely tokens; 0 = off (default)\n"
+        "  --min-p <float>       keep tokens at least this times as likely as the most likely\n"
+        "                        one; 0 = off (default)\n"
+        "  --repeat-penalty <float>    divide the logit of a token seen in the last\n"
+        "                        --repeat-last-n tokens by this (multiply if negative); 1 = off\n"
+        "  --presence-penalty <float>  subtract this from the logit of a token seen there;\n"
+        "                        0 = off\n"
+        "  --frequency-penalty <float> subtract this times its count there; 0 = off\n"
+        "  --repeat-last-n <int> tokens the penalties look back on, prompt included (default 64;\n"
+        "                        -1 = the whole context)\n"
+        "  -s, --seed <int>      random seed in [0, 4294967295] (default or -1: a fresh one,\n"
+        "                        printed on stderr)\n");
 }
 
-/* A command-line mistake: the error line, then the usage text, then exit 1. */
+/* A command-line mistake: one error line, pointing at -h, and exit status 1. */
 static void usage_error(const char *fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    print_error(fmt, args);
+    fprintf(stderr, "run: error: ");
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, " (see run -h)\n");
     va_end(args);
-    print_usage();
     exit(EXIT_FAILURE);
 }
 
@@ -3095,9 +3305,12 @@ static float parse_float(const char *flag, const char *text, float min, float ma
     char *end;
     errno = 0;
     float v = strtof(text, &end);
-    if (errno || end == text || *end != '\0' || !(v >= min && v <= max))
-        usage_error("%s wants a number in [%g, %g], got '%s'", flag, (double)min, (double)max,
-                    text);
+    if (errno || end == text || *end != '\0' || !(v >= min && v <= max)) {
+        /* llama.cpp's -p is the prompt: a word given to our -p (top-p) is most likely one */
+        int prompt_habit = strcmp(flag, "-p") == 0 && end == text;
+        usage_error("%s wants a number in [%g, %g], got '%s'%s", flag, (double)min, (double)max,
+                    text, prompt_habit ? "; the prompt is given with -i or --prompt" : "");
+    }
     return v;
 }
 
@@ -3128,11 +3341,12 @@ static char *default_tokenizer_path(const char *model_path) {
 }
 
 typedef struct {
-    const char *model_path, *tokenizer_path, *prompt, *prompt_ids, *mode, *system_prompt;
-    const char *logits_path;
-    float temperature, top_p;
-    unsigned long long seed;
+    const char *model_path, *tokenizer_path, *prompt, *prompt_ids, *prompt_file, *mode;
+    const char *system_prompt, *logits_path;
+    SamplerParams sampling;
+    long long seed;  /* -1: a fresh one */
     long steps, context, threads;
+    int context_given;  /* -c: the user's, so capping it is said */
     int print_ids, stop_at_end;
     int json;  /* -o json */
     int no_context_shift;  /* --no-context-shift */
@@ -3140,86 +3354,340 @@ typedef struct {
     int read_weights;  /* -w read */
 } Options;
 
+/* Every flag: its short and long spellings (either may be NULL), whether it takes a value,
+   and the letter parse_options switches on. */
+typedef struct {
+    const char *short_name, *long_name;
+    int takes_value;
+    char key;
+} Flag;
+
+static const Flag FLAGS[] = {
+    { "-i", "--prompt", 1, 'i' }, { "-f", "--file", 1, 'f' }, { "-I", NULL, 1, 'I' },
+    { "-m", NULL, 1, 'm' }, { "-cnv", "--conversation", 0, 'C' },
+    { "-y", "--system-prompt", 1, 'y' }, { "-t", "--temp", 1, 't' },
+    { "-p", "--top-p", 1, 'p' }, { NULL, "--top-k", 1, 'k' }, { NULL, "--min-p", 1, 'M' },
+    { NULL, "--repeat-penalty", 1, 'r' }, { NULL, "--repeat-last-n", 1, 'R' },
+    { NULL, "--presence-penalty", 1, 'P' }, { NULL, "--frequency-penalty", 1, 'F' },
+    { "-s", "--seed", 1, 's' }, { "-n", "--predict", 1, 'n' }, { NULL, "--n-predict", 1, 'n' },
+    { "-c", "--ctx-size", 1, 'c' }, { "-z", NULL, 1, 'z' }, { "-o", NULL, 1, 'o' },
+    { "-e", NULL, 1, 'e' }, { "-L", NULL, 1, 'L' }, { "-T", "--threads", 1, 'T' },
+    { "-a", NULL, 1, 'a' }, { "-w", NULL, 1, 'w' }, { NULL, "--no-mmap", 0, 'W' },
+    { "-h", "--help", 0, 'h' },
+    { NULL, "--version", 0, 'V' }, { NULL, "--no-context-shift", 0, 'S' },
+};
+
+static const Flag *find_flag(const char *arg) {
+    for (size_t i = 0; i < sizeof FLAGS / sizeof FLAGS[0]; i++) {
+        const Flag *f = &FLAGS[i];
+        if ((f->short_name && strcmp(arg, f->short_name) == 0) ||
+            (f->long_name && strcmp(arg, f->long_name) == 0))
+            return f;
+    }
+    return NULL;
+}
+
+static void print_version(void) {
+    printf("run (llama3.c): model files version %d, tokenizer files version 1; %s, %s\n",
+           MODEL_VERSION,
+#if defined _OPENMP
+           "OpenMP threads",
+#else
+           "one thread (no OpenMP)",
+#endif
+#if defined __AVX512F__
+           "AVX-512 kernels");
+#else
+           "portable kernels");
+#endif
+}
+
+/* -h / --version anywhere (even before the model): print and exit 0. */
+static void handle_info_flags(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        const Flag *f = find_flag(argv[i]);
+        if (f && f->key == 'h') { print_usage(stdout); exit(EXIT_SUCCESS); }
+        if (f && f->key == 'V') { print_version(); exit(EXIT_SUCCESS); }
+        if (f && f->takes_value) i++;  /* a value may look like a flag: -i -h */
+    }
+}
+
+static void check_choice(const char *flag, const char *v, const char *a, const char *b) {
+    if (strcmp(v, a) != 0 && strcmp(v, b) != 0)
+        usage_error("%s wants '%s' or '%s', got '%s'", flag, a, b, v);
+}
+
 static void parse_options(int argc, char **argv, Options *o) {
-    if (argc < 2 || argv[1][0] == '-') usage_error("the first argument must be the model file");
-    *o = (Options){ .model_path = argv[1], .mode = "generate", .temperature = 0.6f,
-                    .top_p = 0.9f, .seed = (unsigned long long)time(NULL), .steps = -1,
-                    .context = 4096, .stop_at_end = 1 };
-    for (int i = 2; i < argc; i += 2) {
+    handle_info_flags(argc, argv);
+    if (argc < 2) usage_error("the first argument must be the model file");
+    if (strcmp(argv[1], "-m") == 0 || strcmp(argv[1], "--model") == 0)
+        usage_error("the model file comes first, without a flag: run MODEL.bin [options]");
+    if (argv[1][0] == '-') usage_error("the first argument must be the model file");
+    *o = (Options){ .model_path = argv[1], .mode = "generate",
+                    .sampling = { .temperature = 0.6f, .top_p = 0.9f, .repeat_penalty = 1.0f,
+                                  .repeat_last_n = 64 },
+                    .seed = -1, .steps = -1, .context = 4096, .stop_at_end = 1 };
+    SamplerParams *sp = &o->sampling;
+    for (int i = 2; i < argc; i++) {
         const char *flag = argv[i];
-        if (strcmp(flag, "--no-context-shift") == 0) { o->no_context_shift = 1; i--; continue; }
-        if (flag[0] != '-' || strlen(flag) != 2) usage_error("unexpected argument '%s'", flag);
-        if (i + 1 >= argc) usage_error("%s needs a value", flag);
-        const char *v = argv[i + 1];
-        switch (flag[1]) {
+        const Flag *f = find_flag(flag);
+        if (!f && flag[0] == '-' && flag[1] != '\0') usage_error("unknown option %s", flag);
+        if (!f) usage_error("unexpected argument '%s'", flag);
+        const char *v = NULL;
+        /* llama.cpp's -i is interactive mode, without a value: here that is -m chat */
+        const char *interactive = f->key == 'i' && flag[1] == 'i' ?
+            "; for llama.cpp's interactive -i use -m chat or -cnv" : "";
+        if (f->takes_value) {
+            if (i + 1 >= argc) usage_error("%s needs a value%s", flag, interactive);
+            v = argv[++i];
+            if (interactive[0] && find_flag(v))
+                usage_error("-i wants the prompt, got the flag %s%s", v, interactive);
+        }
+        switch (f->key) {
         case 'i': o->prompt = v; break;
+        case 'f': o->prompt_file = v; break;
         case 'I': o->prompt_ids = v; break;
-        case 'm': o->mode = v; break;
+        case 'm': check_choice(flag, v, "generate", "chat"); o->mode = v; break;
+        case 'C': o->mode = "chat"; break;
         case 'y': o->system_prompt = v; break;
-        case 't': o->temperature = parse_float(flag, v, 0.0f, 100.0f); break;
-        case 'p': o->top_p = parse_float(flag, v, 0.0f, 1.0f); break;
-        case 's': o->seed = (unsigned long long)parse_long(flag, v, 0, 0x7fffffffL); break;
-        case 'n': o->steps = parse_long(flag, v, 0, 1L << 30); break;
-        case 'c': o->context = parse_long(flag, v, 1, 1L << 24); break;
+        case 't':
+            sp->temperature = parse_float(flag, v, 0.0f, 100.0f);
+            if (strcmp(flag, "-t") == 0 && sp->temperature >= 2.0f && !strchr(v, '.'))
+                fprintf(stderr, "run: note: -t %s is the temperature here (llama2.c's -t); "
+                        "threads are -T or --threads\n", v);
+            break;
+        case 'p': sp->top_p = parse_float(flag, v, 0.0f, 1.0f); break;
+        case 'k': sp->top_k = (int)parse_long(flag, v, 0, 1L << 30); break;
+        case 'M': sp->min_p = parse_float(flag, v, 0.0f, 1.0f); break;
+        case 'r': sp->repeat_penalty = parse_float(flag, v, 0.001f, 100.0f); break;
+        case 'R': sp->repeat_last_n = (int)parse_long(flag, v, -1, 1L << 24); break;
+        case 'P': sp->presence_penalty = parse_float(flag, v, -100.0f, 100.0f); break;
+        case 'F': sp->frequency_penalty = parse_float(flag, v, -100.0f, 100.0f); break;
+        case 's': o->seed = parse_long(flag, v, -1, 0xFFFFFFFFL); break;
+        case 'n':  /* llama.cpp's -1 is our 0: no limit */
+            o->steps = parse_long(flag, v, -1, 1L << 30);
+            if (o->steps < 0) o->steps = 0;
+            break;
+        case 'c': o->context = parse_long(flag, v, 1, 1L << 24); o->context_given = 1; break;
         case 'z': o->tokenizer_path = v; break;
         case 'L': o->logits_path = v; break;
         case 'T': o->threads = parse_long(flag, v, 1, 4096); break;
         case 'e': o->stop_at_end = (int)parse_long(flag, v, 0, 1); break;
-        case 'a':
-            if (strcmp(v, "exact") != 0 && strcmp(v, "fast") != 0)
-                usage_error("-a wants 'exact' or 'fast', got '%s'", v);
-            o->fast = strcmp(v, "fast") == 0;
-            break;
-        case 'w':
-            if (strcmp(v, "map") != 0 && strcmp(v, "read") != 0)
-                usage_error("-w wants 'map' or 'read', got '%s'", v);
-            o->read_weights = strcmp(v, "read") == 0;
-            break;
+        case 'a': check_choice(flag, v, "exact", "fast"); o->fast = v[0] == 'f'; break;
+        case 'w': check_choice(flag, v, "map", "read"); o->read_weights = v[0] == 'r'; break;
+        case 'W': o->read_weights = 1; break;
         case 'o':
             if (strcmp(v, "ids") != 0 && strcmp(v, "text") != 0 && strcmp(v, "json") != 0)
-                usage_error("-o wants 'text', 'ids' or 'json', got '%s'", v);
+                usage_error("%s wants 'text', 'ids' or 'json', got '%s'", flag, v);
             o->print_ids = strcmp(v, "ids") == 0;
             o->json = strcmp(v, "json") == 0;
             break;
-        default:
-            usage_error("unknown option %s", flag);
+        case 'S': o->no_context_shift = 1; break;
         }
     }
-    if (strcmp(o->mode, "generate") != 0 && strcmp(o->mode, "chat") != 0)
-        usage_error("-m wants 'generate' or 'chat', got '%s'", o->mode);
-    if (o->prompt && o->prompt_ids) usage_error("give the prompt as -i text or -I ids, not both");
-    if (o->prompt_ids && strcmp(o->mode, "chat") == 0) usage_error("-I is for generate mode only");
-    if (o->system_prompt && strcmp(o->mode, "chat") != 0) usage_error("-y is for chat mode only");
-    if (o->json && strcmp(o->mode, "chat") != 0) usage_error("-o json is for chat mode only");
+    int given = (o->prompt != NULL) + (o->prompt_ids != NULL) + (o->prompt_file != NULL);
+    if (given > 1) usage_error("give the prompt once: -i text, -f file or -I ids");
+    int chat_mode = strcmp(o->mode, "chat") == 0;
+    if (o->prompt_ids && chat_mode) usage_error("-I is for generate mode only");
+    if (o->prompt_file && chat_mode) usage_error("-f is for generate mode only");
+    if (o->system_prompt && !chat_mode) usage_error("-y is for chat mode only");
+    if (o->json && !chat_mode) usage_error("-o json is for chat mode only");
+}
+
+/* ---- Files given by mistake, and outputs that would overwrite inputs ---- */
+
+static int has_suffix(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+/* A Hugging Face folder, a safetensors file or a GGUF file given as the model: name it and
+   the command that converts it. Other problems are load_model's to report. */
+static void check_model_kind(const char *path) {
+    static const char *convert =
+        "convert it with export.py: /usr/bin/python3 export.py OUT.bin --hf";
+    struct stat st;
+    if (stat(path, &st) != 0) return;
+    if (S_ISDIR(st.st_mode)) {
+        char *config = checked_calloc(strlen(path) + 16, 1, "a path");
+        sprintf(config, "%s/config.json", path);
+        int hf = access(config, F_OK) == 0;
+        free(config);
+        if (hf) die("%s is a Hugging Face checkpoint folder, not a model file: %s %s", path,
+                    convert, path);
+        return;
+    }
+    unsigned char head[9] = {0};
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) return;
+    ssize_t got = S_ISREG(st.st_mode) ? read(fd, head, sizeof head) : 0;
+    close(fd);
+    if (got >= 4 && memcmp(head, MODEL_MAGIC, 4) == 0) return;
+    if (got >= 4 && memcmp(head, "GGUF", 4) == 0)
+        die("%s is a GGUF file (llama.cpp's format), not a llama3.c model file: %s FOLDER "
+            "(the Hugging Face checkpoint it came from)", path, convert);
+    if ((got == 9 && head[8] == '{') || has_suffix(path, ".safetensors"))
+        die("%s is a safetensors file, one part of a Hugging Face checkpoint: %s FOLDER "
+            "(the folder holding it and config.json)", path, convert);
+}
+
+static void check_tokenizer_exists(const char *path, int given) {
+    struct stat st;
+    if (stat(path, &st) == 0 || errno != ENOENT) return;
+    die("tokenizer %s not found: export.py writes it beside the model; to make it alone: "
+        "/usr/bin/python3 export.py --tokenizer-only %s --tokenizer HF_FOLDER/tokenizer.json%s",
+        path, path, given ? "" : " (or give its path with -z)");
+}
+
+/* Refuses outputs that are input files (the model, the tokenizer, the prompt file): -L
+   would truncate what is being read, and stdout redirected onto one (`>> model.bin`) would
+   change it under its mapping. Same device and inode, so links and other spellings count. */
+static void refuse_outputs_over_inputs(const char *logits_path, const char *const *inputs,
+                                       int n_inputs) {
+    struct stat out[2];
+    int is_output[2] = { logits_path && stat(logits_path, &out[0]) == 0,
+                         fstat(STDOUT_FILENO, &out[1]) == 0 && S_ISREG(out[1].st_mode) };
+    const char *names[2] = { logits_path, "stdout" };
+    for (int o = 0; o < 2; o++) {
+        for (int i = 0; i < n_inputs && is_output[o]; i++) {
+            struct stat in;
+            if (inputs[i] && stat(inputs[i], &in) == 0 && in.st_dev == out[o].st_dev &&
+                in.st_ino == out[o].st_ino)
+                die("%s%s is an input of this run (%s): writing it would destroy it",
+                    o == 0 ? "-L " : "", names[o], inputs[i]);
+        }
+    }
+}
+
+/* Reads a prompt of at most `limit` bytes (more cannot fit in the context) from fd. */
+static char *read_prompt(int fd, const char *what, size_t limit, size_t *len) {
+    size_t cap = 4096, n = 0;
+    char *text = checked_calloc(cap + 1, 1, "the prompt");
+    for (;;) {
+        if (n == cap) {
+            cap *= 2;
+            char *bigger = realloc(text, cap + 1);
+            if (!bigger) die("out of memory reading the prompt from %s", what);
+            text = bigger;
+        }
+        ssize_t got = read(fd, text + n, cap - n);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) die("cannot read the prompt from %s: %s", what, strerror(errno));
+        if (got == 0) break;
+        n += (size_t)got;
+        if (n > limit)
+            die("the prompt in %s has more than %zu bytes, more than the context can hold (-c)",
+                what, limit);
+    }
+    text[n] = '\0';
+    *len = n;
+    return text;
+}
+
+/* The prompt text: -i, -f, or a piped stdin in generate mode (NULL when there is none).
+   A prompt longer than the context's positions times the longest token cannot fit. */
+static char *prompt_text(const Options *o, const Tokenizer *t, int context, size_t *len) {
+    if (o->prompt) {
+        *len = strlen(o->prompt);
+        char *copy = checked_calloc(*len + 1, 1, "the prompt");
+        memcpy(copy, o->prompt, *len);
+        return copy;
+    }
+    size_t longest = 1, piece_len;
+    for (int id = 0; id < tokenizer_vocab_size(t); id++)
+        if (tokenizer_piece(t, id, &piece_len) && piece_len > longest) longest = piece_len;
+    size_t limit = (size_t)context * longest;
+    if (o->prompt_file) {
+        int fd = open(o->prompt_file, O_RDONLY | O_NONBLOCK);
+        if (fd < 0) die("cannot open the prompt file %s: %s", o->prompt_file, strerror(errno));
+        struct stat st;
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+            die("the prompt file %s is not a regular file", o->prompt_file);
+        char *text = read_prompt(fd, o->prompt_file, limit, len);
+        close(fd);
+        return text;
+    }
+    struct stat st;
+    if (fstat(STDIN_FILENO, &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISREG(st.st_mode)))
+        return read_prompt(STDIN_FILENO, "stdin", limit, len);
+    return NULL;
+}
+
+/* A seed from the kernel's random source, else the clock's nanoseconds mixed with the pid. */
+static unsigned long long fresh_seed(void) {
+    uint32_t seed = 0;
+    int fd = open("/dev/urandom", O_RDONLY);
+    if (fd >= 0) {
+        ssize_t got = read(fd, &seed, sizeof seed);
+        close(fd);
+        if (got == (ssize_t)sizeof seed) return seed;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    unsigned long long x = (unsigned long long)ts.tv_sec * 1000000000ull +
+                           (unsigned long long)ts.tv_nsec;
+    x ^= (unsigned long long)getpid() << 32;
+    x *= 0x9E3779B97F4A7C15ull;
+    return (uint32_t)(x >> 32);
+}
+
+/* The model file is mapped: if it shrinks while in use, reading a page past its new end
+   raises SIGBUS. One line, then exit (only async-signal-safe calls here). */
+static void on_sigbus(int sig) {
+    (void)sig;
+    static const char msg[] = "run: error: the model file changed while in use "
+                              "(truncated or rewritten); stopped\n";
+    if (write(STDERR_FILENO, msg, sizeof msg - 1) < 0) _exit(EXIT_FAILURE);
+    _exit(EXIT_FAILURE);
+}
+
+static void check_stdout(void) {
+    if (fflush(stdout) != 0 || ferror(stdout))
+        die("cannot write the output: %s", errno ? strerror(errno) : "write error");
 }
 
 int main(int argc, char **argv) {
+    struct sigaction bus = { .sa_handler = on_sigbus };
+    sigaction(SIGBUS, &bus, NULL);
     Options o;
     parse_options(argc, argv, &o);
 #if defined _OPENMP
     if (o.threads > 0) omp_set_num_threads((int)o.threads);
+#else
+    if (o.threads > 0)
+        fprintf(stderr, "run: note: -T is ignored: this build has no OpenMP threads (runomp has)\n");
 #endif
     int chat_mode = strcmp(o.mode, "chat") == 0;
 
+    check_model_kind(o.model_path);
     Transformer tr = {0};
     load_model(o.model_path, &tr.model, o.read_weights);
     const Config *cfg = &tr.model.config;
-    if (o.context > cfg->max_seq_len) o.context = cfg->max_seq_len;
+    if (o.context > cfg->max_seq_len) {
+        if (o.context_given)
+            fprintf(stderr, "run: note: -c %ld is more than the model's maximum context: using %d\n",
+                    o.context, cfg->max_seq_len);
+        o.context = cfg->max_seq_len;
+    }
 
     Session s = { .tr = &tr, .print_ids = o.print_ids, .json = o.json,
                   .context_shift = !o.no_context_shift };
     int need_tokenizer = chat_mode || !o.prompt_ids || !o.print_ids;
     char *default_path = NULL;
+    const char *tokenizer_path = NULL;
     if (need_tokenizer) {
-        const char *path = o.tokenizer_path;
-        if (!path) path = default_path = default_tokenizer_path(o.model_path);
+        tokenizer_path = o.tokenizer_path;
+        if (!tokenizer_path) tokenizer_path = default_path = default_tokenizer_path(o.model_path);
+        check_tokenizer_exists(tokenizer_path, o.tokenizer_path != NULL);
         char err[256];
-        s.tokenizer = tokenizer_load(path, err, sizeof err);
-        if (!s.tokenizer) die("tokenizer %s: %s (give its path with -z)", path, err);
+        s.tokenizer = tokenizer_load(tokenizer_path, err, sizeof err);
+        if (!s.tokenizer) die("tokenizer %s: %s (give its path with -z)", tokenizer_path, err);
         if (tokenizer_vocab_size(s.tokenizer) != cfg->vocab_size)
             die("the tokenizer has %d tokens but the model's vocabulary has %d",
                 tokenizer_vocab_size(s.tokenizer), cfg->vocab_size);
     }
+    const char *inputs[] = { o.model_path, tokenizer_path, o.prompt_file };
+    refuse_outputs_over_inputs(o.logits_path, inputs, 3);
     if (o.stop_at_end) {
         for (int i = 0; i < cfg->n_eos; i++) add_stop_id(&s, cfg->eos_ids[i]);
         if (s.tokenizer) {
@@ -3230,11 +3698,13 @@ int main(int argc, char **argv) {
     }
 
     TokenList prompt = {0};
+    size_t text_len = 0;
+    char *text = NULL;
     if (o.prompt_ids) {
         parse_ids(o.prompt_ids, cfg->vocab_size, &prompt);
     } else if (!chat_mode) {
-        const char *text = o.prompt ? o.prompt : "";
-        encode_or_die(s.tokenizer, text, strlen(text), TOKENIZER_ADD_BOS, &prompt);
+        text = prompt_text(&o, s.tokenizer, (int)o.context, &text_len);
+        encode_or_die(s.tokenizer, text ? text : "", text_len, TOKENIZER_ADD_BOS, &prompt);
     }
     if (prompt.count > (size_t)o.context)
         die("the prompt has %zu tokens but the context holds %ld (-c)", prompt.count,
@@ -3242,9 +3712,8 @@ int main(int argc, char **argv) {
 
     alloc_state(&tr.state, cfg, (int)o.context);
     tr.state.scratch.fast = o.fast;
-    s.sampler = (Sampler){ .vocab_size = cfg->vocab_size, .temperature = o.temperature,
-                           .top_p = o.top_p, .rng_state = o.seed * 2654435761ull + 1 };
-    s.sampler.candidates = checked_calloc((size_t)cfg->vocab_size, sizeof(ProbIndex), "sampler");
+    unsigned long long seed = o.seed >= 0 ? (unsigned long long)o.seed : fresh_seed();
+    sampler_init(&s.sampler, &o.sampling, cfg->vocab_size, (int)o.context, seed);
     if (o.logits_path) {
         s.logits_file = fopen(o.logits_path, "wb");
         if (!s.logits_file) die("cannot create %s: %s", o.logits_path, strerror(errno));
@@ -3254,22 +3723,26 @@ int main(int argc, char **argv) {
             "weights; context %ld of %d\n", cfg->n_layers, cfg->dim, cfg->n_heads,
             cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size, weight_type_name(cfg->weight_type),
             o.context, cfg->max_seq_len);
+    if (o.seed < 0 && o.sampling.temperature > 0.0f)
+        fprintf(stderr, "seed: %llu (-s %llu repeats this run)\n", seed, seed);
     int status = 0;
     catch_interrupts();
     if (chat_mode) {
         status = chat(&s, o.system_prompt, o.prompt, o.steps < 0 ? 0 : (int)o.steps);
     } else {
-        if (!o.print_ids && o.prompt) { fputs(o.prompt, stdout); fflush(stdout); }
+        if (!o.print_ids && text) { fwrite(text, 1, text_len, stdout); fflush(stdout); }
         generate(&s, prompt.ids, prompt.count, o.steps < 0 ? 256 : (int)o.steps, NULL);
         finish_output(&s);
         printf("\n");
     }
+    check_stdout();
     print_speed(&s);
     if (s.logits_file && fclose(s.logits_file) != 0)
         die("cannot write %s: %s", o.logits_path, strerror(errno));
 
     token_list_free(&prompt);
-    free(s.sampler.candidates);
+    free(text);
+    sampler_free(&s.sampler);
     free(default_path);
     if (s.tokenizer) tokenizer_free(s.tokenizer);
     free_state(&tr.state);

@@ -315,3 +315,102 @@ def test_sampling_is_reproducible_with_seed():
     assert a == b and a != c
     ids = [int(t) for t in a.split()]
     assert len(ids) == 20 and all(0 <= t < 384 for t in ids)
+
+
+# -- the command line: llama.cpp's names, prompts from files and stdin, seeds, help ------
+
+def test_prompt_from_file_and_stdin_equals_argument():
+    model, tok = full_vocab_model()
+    prompt = "Line one\nline two: naïve 東京\n"
+    path = os.path.join(WORK, "prompt.txt")
+    open(path, "wb").write(prompt.encode())
+    base = [program("run"), model, "-t", "0", "-n", "6", "-e", "0"]
+    want = run(base + ["-i", prompt]).stdout
+    assert want.startswith(prompt.encode())  # the prompt is echoed, then the continuation
+    for args, stdin in ((["-f", path], None), (["--file", path], None), ([], prompt.encode()),
+                        (["--prompt", prompt], None)):
+        assert run(base + args, input=stdin).stdout == want, args
+    # -I ids win over a piped stdin, which is then not read
+    ids = run(base + ["-I", "128000 791", "-o", "ids"], input=b"ignored").stdout
+    assert len(ids.split()) == 6
+
+
+def test_long_flags_are_the_short_ones():
+    model = export(checkpoint("tiny30"), "fp32", "tiny30")
+    base = [program("runomp"), model, "-I", "1 2 3", "-o", "ids", "-e", "0"]
+    ids, rows = run_ids(model, [1, 2, 3], 4, ("--no-mmap",))
+    want_ids, want_rows = run_ids(model, [1, 2, 3], 4, ("-w", "read"))
+    assert ids == want_ids and np.array_equal(rows, want_rows)
+    short = run(base + ["-t", "0.9", "-p", "0.8", "-s", "5", "-n", "12", "-c", "40"]).stdout
+    long = run(base + ["--temp", "0.9", "--top-p", "0.8", "--seed", "5", "--predict", "12",
+                       "--ctx-size", "40", "--threads", "1"]).stdout
+    assert short == long and len(short.split()) == 12
+    greedy = run(base + ["-t", "0", "-n", "12"]).stdout
+    assert run(base + ["--top-k", "1", "-t", "1.5", "-n", "12", "-s", "9"]).stdout == greedy
+    assert run(base + ["--min-p", "1", "-t", "2", "-n", "12", "-s", "9"]).stdout == greedy
+
+
+def test_penalties_change_greedy_output_as_documented():
+    """Greedy with a strong presence penalty never repeats a token of the look-back window."""
+    model = export(checkpoint("tiny30"), "fp32", "tiny30")
+    base = [program("runomp"), model, "-I", "1 2 3", "-o", "ids", "-e", "0", "-t", "0",
+            "-n", "30"]
+    plain = [int(t) for t in run(base).stdout.split()]
+    assert len(set(plain)) < len(plain)  # this random model repeats itself greedily
+    fresh = [int(t) for t in run(base + ["--presence-penalty", "100", "--repeat-last-n",
+                                         "-1"]).stdout.split()]
+    assert len(set(fresh)) == 30 and not {1, 2, 3} & set(fresh), fresh
+    window = [int(t) for t in run(base + ["--presence-penalty", "100", "--repeat-last-n",
+                                          "4"]).stdout.split()]
+    history = [1, 2, 3] + window
+    for i, t in enumerate(window):
+        assert t not in history[max(0, i - 1):i + 3], (i, window)  # not among the last 4 fed
+
+
+def test_seed_is_printed_and_repeats_the_run():
+    model = export(checkpoint("tiny30"), "fp32", "tiny30")
+    base = [program("runomp"), model, "-I", "1 2 3", "-o", "ids", "-e", "0", "-n", "20",
+            "-t", "1"]
+    first = run(base)
+    seeds = [l for l in first.stderr.decode().splitlines() if l.startswith("seed: ")]
+    assert len(seeds) == 1, first.stderr
+    seed = seeds[0].split()[1]
+    again = run(base + ["-s", seed])
+    assert again.stdout == first.stdout and b"seed:" not in again.stderr
+    # two runs back to back get different seeds (the clock's second no longer decides)
+    assert run(base).stderr.split(b"seed: ")[1].split()[0] != seed.encode()
+    assert b"seed:" not in run(base[:-2] + ["-t", "0"]).stderr  # greedy draws nothing
+
+
+def test_help_version_and_hints():
+    model = export(checkpoint("tiny30"), "fp32", "tiny30")
+    for args in (["-h"], ["--help"], [model, "-h"], [model, "-t", "0.5", "--help"]):
+        proc = run([program("run"), *args])
+        assert proc.stdout.startswith(b"usage: run <model.bin>") and proc.stderr == b"", args
+        for flag in (b"--top-k", b"--min-p", b"--repeat-penalty", b"--repeat-last-n",
+                     b"--presence-penalty", b"--frequency-penalty", b"--seed", b"--ctx-size",
+                     b"--threads", b"--predict", b"--file", b"--prompt", b"--system-prompt",
+                     b"penalties, top-k, top-p, min-p, temperature"):
+            assert flag in proc.stdout, flag
+    version = run([program("runomp"), "--version"]).stdout
+    assert version.startswith(b"run (llama3.c)"), version
+    assert b"no OpenMP" in run([program("run"), "--version"]).stdout
+    has_openmp = b"OpenMP threads" in version  # not in the sanitizer build (see Makefile)
+    base = [program("run"), model, "-I", "1 2", "-o", "ids", "-n", "2"]
+    assert b"threads are -T" in run(base + ["-t", "8"]).stderr  # llama.cpp's -t habit
+    assert b"threads are -T" not in run(base + ["-t", "0.7"]).stderr
+    assert b"-T is ignored" in run(base + ["-T", "4"]).stderr  # run has no OpenMP
+    noted = b"-T is ignored" in run([program("runomp"), *base[1:], "-T", "2"]).stderr
+    assert noted != has_openmp
+    for args in (["-i"], ["-i", "-n", "3"]):  # llama.cpp's interactive -i
+        proc = run([program("run"), model, *args], check=False)
+        assert proc.returncode == 1 and b"-m chat or -cnv" in proc.stderr, proc.stderr
+    proc = run(base + ["-p", "Once upon a time"], check=False)
+    assert proc.returncode == 1 and b"the prompt is given with -i" in proc.stderr
+    assert proc.stderr.count(b"\n") == 1 and b"see run -h" in proc.stderr
+
+
+def test_readme_shows_the_usage_run_prints():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    usage = run([program("run"), "-h"]).stdout.decode()
+    assert "```\n" + usage + "```\n" in readme, "README's ## run block differs from run -h"

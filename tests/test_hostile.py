@@ -81,12 +81,12 @@ def expect(kind, args, needle, status=1, stdin=None, usage=False, error_word=Tru
     assert "runtime error" not in err and "Sanitizer" not in err, f"{kind} {shown}: {err[-2000:]}"
     if status == 1:
         # the first line that is not the model summary printed once loading is done
-        lines = [l for l in err.splitlines() if not l.startswith(("model:", "prompt:"))]
+        lines = [l for l in err.splitlines() if not l.startswith(("model:", "prompt:", "seed:", "run: note:"))]
         first = lines[0] if lines else ""
         assert ("error" in first or not error_word) and needle.lower() in first.lower(), \
             f"{kind} {shown}: {needle!r} not in first line {first!r}"
-        if usage:
-            assert "usage:" in err, f"{kind} {shown}: no usage text"
+        if usage:  # a flag mistake: one line pointing at -h, not the whole usage text
+            assert "see run -h" in first and "usage:" not in err, f"{kind} {shown}: {err!r}"
     elif needle:
         assert needle.encode() in proc.stdout + proc.stderr, f"{kind} {shown}: {needle!r} missing"
     ROWS[kind] = ROWS.get(kind, 0) + 1
@@ -227,7 +227,54 @@ def test_nonfinite_weights():
                     struct.pack_into("<f" if wt != 1 else "<H", data, off,
                                      float("nan") if wt != 1 else 0x7FC0)
         path = write(f"nan-{wt}.bin", bytes(data))
-        expect("model", run_model(path), "", status=0)
+        # NaN reaches the logits: an error in every sampling mode (test_nonfinite_logits)
+        expect("model", run_model(path), "non-finite logits")
+
+
+def tensor_filled(name, tensor, value, **fields):
+    """A valid synthetic model (fp32) whose tensor `tensor` holds `value` everywhere."""
+    data = bytearray(model_file(**MODEL_ARGS, **fields)[0])
+    for section, start, end in model_file(**MODEL_ARGS, **fields)[1]:
+        if section == tensor:
+            data[start:end] = struct.pack("<f", value) * ((end - start) // 4)
+    return write(name, bytes(data))
+
+
+# every sampling mode, as flags (defaults: temperature 0.6, top-p 0.9)
+SAMPLING_MODES = [["-t", "0"], ["-t", "1", "-p", "1"], [], ["-t", "0.8", "-p", "0.5"],
+                  ["--top-k", "5"], ["--top-k", "1", "-p", "1"], ["--min-p", "0.1"],
+                  ["--min-p", "1", "-p", "1"], ["--repeat-penalty", "1.3"],
+                  ["--presence-penalty", "0.5", "-t", "0"], ["--frequency-penalty", "0.5"],
+                  ["--repeat-penalty", "0.5", "--repeat-last-n", "-1", "--top-k", "40",
+                   "--min-p", "0.05", "-p", "0.95", "-t", "1.2"]]
+
+
+def test_nonfinite_logits():
+    """Logits of NaN (one NaN weight) or Inf (a norm weight of 3e38) are an error in every
+    sampling mode, never a token read from outside the candidates (issue 14: top-p returned
+    cand[-1] when no token qualified)."""
+    nan = tensor_filled("nan-classifier.bin", "classifier", float("nan"))
+    inf = tensor_filled("inf-norm.bin", "final_norm", 3e38)
+    for path in (nan, inf):
+        for mode in SAMPLING_MODES:
+            expect("sampler", [program("run"), path, "-I", "1 2", "-o", "ids", "-n", "3",
+                               "-s", "1", *mode], "non-finite logits (NaN or Inf) at position 1")
+    # the logits of the prompt's last position are checked too, whatever -n
+    expect("sampler", [program("run"), nan, "-I", "5 6 7", "-o", "ids", "-n", "1", "-t", "0"],
+           "at position 2")
+
+
+def test_flat_logits_with_small_top_p():
+    """All logits equal (a zero classifier) with -p below 1/vocab: no token reaches top-p's
+    cutoff; the most likely one (the lowest id on a tie) is the set, in every mode."""
+    flat = tensor_filled("flat.bin", "classifier", 0.0)
+    for mode in SAMPLING_MODES + [["-p", "0.001"], ["-p", "0.0001", "-t", "2"], ["-p", "0"]]:
+        proc = expect("sampler", [program("run"), flat, "-I", "1 2", "-o", "ids", "-n", "4",
+                                  "-e", "0", "-s", "3", *mode], "", status=0)
+        ids = [int(t) for t in proc.stdout.split()]
+        assert len(ids) == 4 and all(0 <= t < 300 for t in ids), (mode, ids)
+        if mode and mode[0] == "-p" and float(mode[1]) < 1 / 300:  # -p 0 keeps one token
+            assert ids == [0] * 4, (mode, ids)
 
 
 # ------------------------------------------------------------------------------------------
@@ -278,7 +325,9 @@ def test_malformed_tokenizer_files():
         path = write(f"bad-tok-{i}.tok", data)
         proc = expect("tokenizer", [program("run"), model, "-z", path, "-i", "hi"], needle)
         assert path.encode() in proc.stderr, (name, proc.stderr)
-    expect("tokenizer", [program("run"), model, "-z", os.path.join(WORK, "none.tok"), "-i", "x"], "cannot open")
+    proc = expect("tokenizer", [program("run"), model, "-z", os.path.join(WORK, "none.tok"), "-i", "x"],
+                  "not found")
+    assert b"export.py --tokenizer-only" in proc.stderr, proc.stderr  # how to make one
     fifo = os.path.join(WORK, "fifo.tok")
     if not os.path.exists(fifo):
         os.mkfifo(fifo)
@@ -425,23 +474,31 @@ def test_command_line_errors():
     model, tok = good_files()
     cases = [
         ([], "first argument", True), (["-i", "hi"], "first argument", True),
-        ([model, "-x", "1"], "unknown option", True), ([model, "--temp", "1"], "unexpected argument", True),
+        ([model, "-x", "1"], "unknown option", True), ([model, "--tempo", "1"], "unknown option", True),
         ([model, "-", "1"], "unexpected argument", True), ([model, "hello"], "unexpected argument", True),
         ([model, "-m", "poetry"], "-m", True), ([model, "-o", "xml"], "-o", True),
         ([model, "-a", "lossy"], "-a", True), ([model, "-a", ""], "-a", True),
         ([model, "-w", "mmap"], "-w", True), ([model, "-w", ""], "-w", True),
-        ([model, "-i", "a", "-I", "1"], "not both", True), ([model, "-m", "chat", "-I", "1"], "-I", True),
+        ([model, "-i", "a", "-I", "1"], "prompt once", True), ([model, "-f", tok, "-i", "a"], "prompt once", True), ([model, "-m", "chat", "-I", "1"], "-I", True),
         ([model, "-y", "be nice"], "-y", True),
         ([os.path.join(WORK, "missing.bin")], "cannot open", False), ([WORK], "not a regular file", False),
         ([model, "-i", "hi", "-L", os.path.join(WORK, "no-dir", "x.f32")], "cannot create", False),
     ]
-    for flag in "iImytpsnczLTeoaw":  # every flag given without its value
+    for flag in "iImytpsnczLTeoawf":  # every flag given without its value
         cases.append(([model, "-" + flag], "needs a value", True))
+    for flag in ("--temp", "--top-p", "--top-k", "--min-p", "--repeat-penalty", "--repeat-last-n",
+                 "--presence-penalty", "--frequency-penalty", "--seed", "--ctx-size", "--threads",
+                 "--predict", "--file", "--prompt", "--system-prompt"):
+        cases.append(([model, flag], "needs a value", True))
     bad_numbers = {"-t": ["-1", "-0.001", "nan", "inf", "abc", "", "1x", "101"],
                    "-p": ["-0.1", "1.01", "nan", "2", "x"],
-                   "-n": ["-1", "abc", "1.5", "99999999999999999999", "3 "],
+                   "-n": ["-2", "abc", "1.5", "99999999999999999999", "3 "],
                    "-c": ["0", "-5", "abc", str(1 << 25)],
-                   "-s": ["-1", "x", "1e3"], "-T": ["0", "-2", "many"], "-e": ["2", "-1", "yes"]}
+                   "-s": ["-2", "x", "1e3", str(1 << 32)], "-T": ["0", "-2", "many"],
+                   "-e": ["2", "-1", "yes"], "--top-k": ["-1", "x", "2.5"],
+                   "--min-p": ["-0.1", "1.5", "nan"], "--repeat-penalty": ["0", "-1", "inf"],
+                   "--repeat-last-n": ["-2", "x"], "--presence-penalty": ["nan", "1e9"],
+                   "--frequency-penalty": ["-inf", "x"], "--temp": ["-1", "nan"]}
     for flag, values in bad_numbers.items():
         for value in values:
             cases.append(([model, flag, value], flag, True))  # a flag mistake shows the usage
@@ -450,9 +507,103 @@ def test_command_line_errors():
     # documented edges that are not errors: -n 0 runs to the context end, -c past the model's
     # maximum is capped to it, -p 0 and 1 and -t 0 are allowed
     expect("cli", run_model(model, "-n", "0", "-c", "8"), "context full", status=0)
-    expect("cli", run_model(model, "-c", "100000"), "context 64 of 64", status=0)
+    proc = expect("cli", run_model(model, "-c", "100000"), "context 64 of 64", status=0)
+    assert b"-c 100000 is more than the model's maximum context: using 64" in proc.stderr
     for extra in (["-p", "0"], ["-p", "1"], ["-t", "0"], ["-t", "1.5", "-s", "7"]):
         expect("cli", run_model(model, *extra), "", status=0)
+
+
+def test_wrong_files_name_the_fix():
+    """An HF folder, a safetensors file or a GGUF file given as the model, a missing .tok:
+    the error names what the file is and the export.py command that makes the right one."""
+    model, tok = good_files()
+    hf = os.path.join(WORK, "hf-tiny30")
+    if not os.path.exists(hf):
+        make_checkpoint.make_checkpoint(hf, "tiny30")
+    fix = "export.py OUT.bin --hf"
+    for path, needle in ((hf, "Hugging Face checkpoint folder"),
+                         (os.path.join(hf, "model.safetensors"), "safetensors file"),
+                         (write("renamed.bin", open(os.path.join(hf, "model.safetensors"), "rb").read()),
+                          "safetensors file"),
+                         (write("model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0)), "GGUF file")):
+        proc = expect("wrong file", [program("run"), path, "-i", "hi"], needle)
+        assert fix.encode() in proc.stderr, proc.stderr
+    lonely = write("lonely.bin", open(model, "rb").read())  # no lonely.tok beside it
+    proc = expect("wrong file", [program("run"), lonely, "-i", "hi"], "not found")
+    assert b"--tokenizer-only" in proc.stderr and b"-z" in proc.stderr, proc.stderr
+
+
+def test_outputs_never_overwrite_inputs():
+    """-L naming the model, the tokenizer or the prompt file is refused before anything is
+    written (-L over the model used to truncate it under its own mapping: SIGBUS), and so is
+    stdout appended to one of them."""
+    model, tok = good_files()
+    prompt = write("prompt.txt", b"the prompt")
+    before = {p: open(p, "rb").read() for p in (model, tok, prompt)}
+    link = os.path.join(WORK, "model-link.bin")
+    if not os.path.lexists(link):
+        os.symlink(model, link)
+    gen = [program("run"), model, "-z", tok, "-n", "2", "-t", "0"]
+    for target, extra in ((model, ["-i", "x"]), (tok, ["-i", "x"]), (prompt, ["-f", prompt]),
+                          (link, ["-i", "x"]), (model, ["-I", "1 2", "-o", "ids"])):
+        expect("outputs", gen + extra + ["-L", target], "is an input of this run")
+    for target in (model, prompt):  # stdout appended to an input
+        with open(target, "ab") as out:
+            proc = subprocess_run(gen + ["-f", prompt], None, out)
+        assert proc.returncode == 1 and b"stdout is an input of this run" in proc.stderr, proc.stderr
+        ROWS["outputs"] = ROWS.get("outputs", 0) + 1
+    for path, data in before.items():
+        assert open(path, "rb").read() == data, f"{path} was changed"
+
+
+def test_model_file_changed_while_in_use():
+    """The mapped model truncated while run uses it: one line and status 1, not "Bus error".
+    Deterministic: run reads its prompt from a pipe after mapping the model; the file is
+    truncated once /proc shows the mapping, and only then is the prompt sent."""
+    import subprocess
+    import time
+    model, tok = good_files()
+    victim = write("victim.bin", open(model, "rb").read())
+    proc = subprocess.Popen([program("run"), victim, "-z", tok, "-n", "4", "-t", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + TIMEOUT
+    while victim not in open(f"/proc/{proc.pid}/maps").read():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    os.truncate(victim, 0)
+    out, err = proc.communicate(b"Once upon a time", timeout=TIMEOUT)
+    assert proc.returncode == 1, (proc.returncode, err)
+    assert err.decode().splitlines()[-1] == \
+        "run: error: the model file changed while in use (truncated or rewritten); stopped", err
+    ROWS["sigbus"] = ROWS.get("sigbus", 0) + 1
+
+
+def test_output_write_errors_and_read_header_first():
+    """stdout on a full device is an error (exit 1), in both output formats and in chat;
+    -w read checks the header before reading the file (a 64 GB sparse file with a bad magic
+    or a header implying another size is refused at once, not read)."""
+    model, tok = good_files()
+    for args, stdin in (([model, "-I", "1 2", "-o", "ids", "-n", "3", "-t", "0"], None),
+                        ([model, "-z", tok, "-i", "hello", "-n", "3", "-t", "0"], None),
+                        ([model, "-z", tok, "-m", "chat", "-n", "2", "-t", "0"], b"hi\n")):
+        with open("/dev/full", "wb") as full:
+            proc = subprocess_run([program("run"), *args], stdin, full)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and "cannot write the output" in err, (args, proc.returncode, err)
+        ROWS["outputs"] = ROWS.get("outputs", 0) + 1
+    huge = os.path.join(WORK, "huge-sparse.bin")
+    good = model_file(**MODEL_ARGS)[0]
+    for header, needle in ((b"XXXX" + good[4:256], "magic"), (good[:256], "trailing data")):
+        with open(huge, "wb") as f:
+            f.write(header)
+            f.truncate(64 << 30)
+        expect("model", run_model(huge, "-w", "read"), needle)
+    os.remove(huge)
+
+
+def subprocess_run(args, stdin, stdout):
+    import subprocess
+    return subprocess.run(args, input=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=TIMEOUT)
 
 
 # ------------------------------------------------------------------------------------------

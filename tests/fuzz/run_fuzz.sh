@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs both fuzz targets for FUZZ_SECONDS each (default 45) from the committed seed corpora.
+# Runs the fuzz targets (model, tokenizer, sampler) for FUZZ_SECONDS each (default 45) from
+# the committed seed corpora.
 # A crash leaves its input in build/fuzz/artifacts/ and fails the run: turn it into a row of
 # tests/test_hostile.py (or a seed here) once fixed. Prints executions per target.
 set -euo pipefail
@@ -7,13 +8,13 @@ cd "$(dirname "$0")/../.."
 SECONDS_EACH=${FUZZ_SECONDS:-45}
 PYTHON=${PYTHON:-/usr/bin/python3}
 F=build/fuzz
-mkdir -p $F/work-model $F/work-tokenizer $F/artifacts
+mkdir -p $F/work-model $F/work-tokenizer $F/work-sampler $F/artifacts
 # the real 128K Llama 3 tokenizer for the text half of fuzz_tokenizer
 if [ ! -s $F/llama3.tok ]; then
     $PYTHON export.py --tokenizer-only $F/llama3.tok --tokenizer tests/data/tokenizer/tokenizer.model --specials llama3 >/dev/null
 fi
 status=0
-for target in model tokenizer; do
+for target in model tokenizer sampler; do
     log=$F/$target.log
     [ $target = tokenizer ] && export LLAMA3C_FUZZ_TOK=$F/llama3.tok
     if ! $F/fuzz_$target -max_total_time="$SECONDS_EACH" -max_len=8192 -timeout=10 \
