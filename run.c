@@ -2032,18 +2032,22 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
 }
 
 /* ----------------------------------------------------------------------------------------
-   4. The sampler: picks the next token from the logits. Its stages, in the order of
-   llama.cpp's default chain, each one off unless asked for (Meta's defaults: temperature 0.6,
-   top-p 0.9):
+   4. The sampler: picks the next token from the logits. Its stages, each one off unless asked
+   for (Meta's defaults: temperature 0.6, top-p 0.9):
 
      penalties   a token among the last repeat_last_n tokens fed (prompt included), seen there
                  c times: its logit is divided by repeat_penalty (multiplied when negative),
                  then lowered by c * frequency_penalty + presence_penalty
      top-k       the k highest logits
-     top-p       of those, the fewest most likely whose probabilities (softmax at temperature
-                 1 over the top-k) add up to at least top_p
+     top-p       of those, the fewest most likely whose probabilities (softmax over the top-k)
+                 add up to at least top_p
      min-p       of those, the tokens at least min_p times as likely as the most likely one
      temperature the survivors' probabilities: softmax(logit / temperature); one is drawn
+
+   Where the temperature acts is the one difference between the two orders on offer. Meta's
+   generation.py (and Hugging Face's) divides the logits by it first, so top-p and min-p see the
+   tempered probabilities: that is the default. llama.cpp's chain applies it last, so top-p and
+   min-p see probabilities at temperature 1 (--sampler-order llama.cpp).
 
    Temperature 0 is greedy: the penalties, then the highest logit (the lowest id on a tie),
    which no filter can remove. Every filter keeps a prefix of the tokens in one order (logit
@@ -2058,6 +2062,7 @@ typedef struct {
     float repeat_penalty;      /* 1: off */
     float presence_penalty, frequency_penalty;  /* 0: off */
     int repeat_last_n;         /* tokens the penalties look back on; -1: the whole context */
+    int temperature_last;      /* 1: llama.cpp's order; 0: Meta's (temperature before top-p) */
 } SamplerParams;
 
 typedef struct {
@@ -2254,15 +2259,17 @@ static int sample_filtered(Sampler *s, float *logits, float coin) {
     int n = s->vocab_size, count = n;
     float max = logits[sample_argmax(logits, n)];
     ProbIndex *c = s->candidates;
+    float filter_temperature = p->temperature_last ? 1.0f : p->temperature;  /* top-p's, min-p's */
     for (int i = 0; i < n; i++) c[i] = (ProbIndex){ logits[i], 0.0f, i };
     if (p->top_k > 0 && p->top_k < n) count = select_prefix(c, n, p->top_k, 0.0);
     if (p->top_p < 1.0f) {
         double total = 0.0;
-        for (int i = 0; i < count; i++) total += c[i].weight = expf(c[i].logit - max);
+        for (int i = 0; i < count; i++)
+            total += c[i].weight = expf((c[i].logit - max) / filter_temperature);
         count = select_nucleus(c, count, max, (double)p->top_p * total);
     }
     if (p->min_p > 0.0f) {  /* the most likely token is always in c[0, count) and kept */
-        float floor = max + logf(p->min_p);
+        float floor = max + logf(p->min_p) * filter_temperature;
         int kept = 0;
         for (int i = 0; i < count; i++) if (c[i].logit >= floor) c[kept++] = c[i];
         count = kept;
@@ -3263,7 +3270,10 @@ static void print_usage(FILE *out) {
         "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
         "                        into memory first (also --no-mmap, llama.cpp's name; README.md)\n"
         "  -h, --help            this text;  --version: what this build is\n"
-        "sampling, applied in llama.cpp's order: penalties, top-k, top-p, min-p, temperature\n"
+        "sampling: penalties, top-k, then top-p and min-p on the probabilities at the temperature\n"
+        "(Meta's order); one token is drawn from what is left\n"
+        "  --sampler-order <o>   meta (default) or llama.cpp: top-p and min-p at temperature 1,\n"
+        "                        the temperature applied last, as llama.cpp does\n"
         "  -t, --temp <float>    temperature, 0 = greedy (default 0.6)\n"
         "  -p, --top-p <float>   keep the fewest most likely tokens adding up to this\n"
         "                        probability; 1 = off (default 0.9)\n"
@@ -3375,6 +3385,7 @@ static const Flag FLAGS[] = {
     { "-a", NULL, 1, 'a' }, { "-w", NULL, 1, 'w' }, { NULL, "--no-mmap", 0, 'W' },
     { "-h", "--help", 0, 'h' },
     { NULL, "--version", 0, 'V' }, { NULL, "--no-context-shift", 0, 'S' },
+    { NULL, "--sampler-order", 1, 'O' },
 };
 
 static const Flag *find_flag(const char *arg) {
@@ -3483,6 +3494,10 @@ static void parse_options(int argc, char **argv, Options *o) {
             o->json = strcmp(v, "json") == 0;
             break;
         case 'S': o->no_context_shift = 1; break;
+        case 'O':
+            check_choice(flag, v, "meta", "llama.cpp");
+            sp->temperature_last = strcmp(v, "llama.cpp") == 0;
+            break;
         }
     }
     int given = (o->prompt != NULL) + (o->prompt_ids != NULL) + (o->prompt_file != NULL);

@@ -4,7 +4,7 @@
 
    Input, one case after another, whitespace separated (floats in any strtof format, e.g. hex):
      n temperature top_p top_k min_p repeat_penalty presence_penalty frequency_penalty
-     repeat_last_n n_history n_coins
+     repeat_last_n temperature_last n_history n_coins
      n_history token ids fed before (the penalties' look-back), n logits, n_coins coins
    Output per case: "picks" and the token drawn for each coin (-1: logits not all finite),
    then "weights" and the n weights the draw used for the first coin (hex; nothing for greedy
@@ -15,9 +15,10 @@
 #undef main
 
 static int read_case(SamplerParams *p, int *n, int *n_history, int *n_coins) {
-    return scanf("%d %f %f %d %f %f %f %f %d %d %d", n, &p->temperature, &p->top_p, &p->top_k,
-                 &p->min_p, &p->repeat_penalty, &p->presence_penalty, &p->frequency_penalty,
-                 &p->repeat_last_n, n_history, n_coins) == 11;
+    return scanf("%d %f %f %d %f %f %f %f %d %d %d %d", n, &p->temperature, &p->top_p,
+                 &p->top_k, &p->min_p, &p->repeat_penalty, &p->presence_penalty,
+                 &p->frequency_penalty, &p->repeat_last_n, &p->temperature_last, n_history,
+                 n_coins) == 12;
 }
 
 static void read_floats(float *x, int n) {

@@ -1,5 +1,6 @@
-"""run.c's sampler (through tests/test_sampler.c) against a plain numpy reference of llama.cpp's
-chain: penalties -> top-k -> top-p -> min-p -> temperature -> draw. Synthetic logits: random at
+"""run.c's sampler (through tests/test_sampler.c) against a plain numpy reference of both orders:
+Meta's (penalties -> top-k -> temperature -> top-p -> min-p -> draw, the default) and llama.cpp's
+chain (penalties -> top-k -> top-p -> min-p -> temperature -> draw). Synthetic logits: random at
 several scales, flat (every token tied), few distinct values (many ties), huge, non-finite;
 every stage alone and together, greedy included. Built natively and under ASan + UBSan."""
 import os
@@ -39,6 +40,10 @@ MODES = {
     "greedy with penalties": (0.0, 0.9, 0, 0.0, 1.5, 0.4, 0.3, 32),
     "everything": (0.7, 0.8, 30, 0.02, 1.1, 0.2, 0.1, 64),
 }
+# every mode in both orders where the temperature is not 1 and a filter it moves is on
+ORDERED_MODES = [(mode, "meta") for mode in MODES.items()] + \
+    [(mode, "llama.cpp") for mode in MODES.items()
+     if mode[1][0] not in (0.0, 1.0) and (mode[1][1] < 1 or mode[1][3] > 0)]
 
 
 def build(name, flags):
@@ -53,7 +58,7 @@ def build(name, flags):
 def penalised(logits, params, history):
     """llama.cpp's penalties, in float32 as run.c computes them."""
     l = logits.copy()
-    _, _, _, _, repeat, presence, frequency, last_n = params
+    _, _, _, _, repeat, presence, frequency, last_n, _ = params
     if last_n == 0 or (repeat == 1 and presence == 0 and frequency == 0):
         return l
     window = history if last_n < 0 else history[-last_n:] if history else []
@@ -69,6 +74,8 @@ def penalised(logits, params, history):
 def reference(logits, params, history):
     """(weights the draw uses, in id order) or None for greedy; and the greedy pick."""
     temperature, top_p, top_k, min_p = params[:4]
+    # top-p and min-p see the tempered probabilities in Meta's order, temperature 1's in llama.cpp's
+    filter_t = F32(1.0) if params[-1] == "llama.cpp" else F32(temperature)
     l = penalised(logits, params, history)
     if temperature == 0:
         return None, int(np.argmax(l))  # the first maximum: the lowest id on a tie
@@ -77,12 +84,12 @@ def reference(logits, params, history):
     order = np.lexsort((np.arange(n), -l))  # logit descending, id ascending
     keep = top_k if 0 < top_k < n else n
     if top_p < 1:
-        w = np.exp((l[order[:keep]] - m).astype(np.float64))
+        w = np.exp(((l[order[:keep]] - m) / filter_t).astype(np.float64))
         reached = np.nonzero(np.cumsum(w) >= float(F32(top_p)) * w.sum())[0]
         keep = max(1, reached[0] + 1) if len(reached) else keep
     survivors = order[:keep]
     if min_p > 0:
-        floor = F32(m + F32(np.log(F32(min_p))))
+        floor = F32(m + F32(F32(np.log(F32(min_p))) * filter_t))
         survivors = survivors[l[survivors] >= floor]
     weights = np.zeros(n)
     weights[survivors] = np.exp(((l[survivors] - m) / F32(temperature)).astype(np.float64))
@@ -113,20 +120,21 @@ def cases():
     for kind, make in logit_sets.items():
         for n in (1, 2, 7, 300, 5000):
             logits = make(n).astype(F32)
-            for name, params in MODES.items():
+            for (name, params), order in ORDERED_MODES:
                 history = [int(t) for t in rng.integers(0, n, rng.integers(0, 100))]
                 history += [int(np.argmax(logits))] * 3  # the favourite, repeated
                 coins = [float(F32(c)) for c in rng.random(6)] + [0.0, float(F32(1 - 2 ** -24))]
-                out.append((f"{kind} n={n} {name}", logits, params, history, coins))
+                out.append((f"{kind} n={n} {name} ({order})", logits, params + (order,), history,
+                            coins))
     return out
 
 
 def run_cases(binary, case_list):
     lines = []
     for _, logits, params, history, coins in case_list:
-        t, p, k, mp, rp, pp, fp, last_n = params
+        t, p, k, mp, rp, pp, fp, last_n, order = params
         lines.append(f"{len(logits)} {t} {p} {k} {mp} {rp} {pp} {fp} {last_n} "
-                     f"{len(history)} {len(coins)}")
+                     f"{int(order == 'llama.cpp')} {len(history)} {len(coins)}")
         lines.append(" ".join(map(str, history)))
         lines.append(" ".join(float(x).hex() for x in logits))
         lines.append(" ".join(float(c).hex() for c in coins))
@@ -166,7 +174,8 @@ def check(binary, case_list):
 def test_sampler_against_numpy_reference():
     case_list = cases()
     picks = check(build("native", ["cc", "-O2"]), case_list)
-    print(f"    {len(case_list)} cases x {len(MODES)} modes' params; {picks} draws match the reference")
+    print(f"    {len(case_list)} cases ({len(ORDERED_MODES)} modes and orders); "
+          f"{picks} draws match the reference")
 
 
 def test_sorting_fallback_of_quickselect():
@@ -180,10 +189,10 @@ def test_nonfinite_logits_refused_in_every_mode():
     rng = np.random.default_rng(14)
     case_list = []
     for bad in (np.nan, np.inf, -np.inf):
-        for name, params in MODES.items():
+        for (name, params), order in ORDERED_MODES:
             logits = rng.standard_normal(50).astype(F32)
             logits[rng.integers(0, 50)] = bad
-            case_list.append((f"{bad} {name}", logits, params, [1, 2, 2], [0.5]))
+            case_list.append((f"{bad} {name}", logits, params + (order,), [1, 2, 2], [0.5]))
     check(build("native", ["cc", "-O2"]), case_list)
 
 
@@ -191,8 +200,10 @@ def test_flat_vocabulary_without_sorting_it():
     """128K tied logits under top-p (the case that sorted the vocabulary): the draw is the
     coin's share of the 90% nucleus, ids in order."""
     n = 128256
-    case_list = [("flat 128K top-p 0.9", np.zeros(n, F32), (0.6, 0.9) + OFF[2:], [], [0.5, 0.25]),
-                 ("flat 128K top-k 40", np.zeros(n, F32), (0.6, 1.0, 40) + OFF[3:], [], [0.99])]
+    case_list = [("flat 128K top-p 0.9", np.zeros(n, F32), (0.6, 0.9) + OFF[2:] + ("meta",), [],
+                  [0.5, 0.25]),
+                 ("flat 128K top-k 40", np.zeros(n, F32), (0.6, 1.0, 40) + OFF[3:] + ("meta",), [],
+                  [0.99])]
     (p1, w1), (p2, w2) = run_cases(build("native", ["cc", "-O2"]), case_list)
     nucleus = int(np.ceil(0.9 * n))
     assert [int(p) for p in p1] == [nucleus // 2, nucleus // 4], p1

@@ -27,8 +27,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         .presence_penalty = ((float)b[5] - 128.0f) / 4.0f,
         .frequency_penalty = ((float)b[6] - 128.0f) / 4.0f,
         .repeat_last_n = (int)b[7] - 1,
+        .temperature_last = b[8] & 1,
     };
-    size_t n_history = b[8];
+    size_t n_history = b[8] >> 1;
     float coin = (float)(b[9] | b[10] << 8 | b[11] << 16) / 16777216.0f;
     if (size < 12 + n_history + 4) return 0;
     size_t n = (size - 12 - n_history) / 4;

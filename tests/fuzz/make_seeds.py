@@ -66,18 +66,19 @@ def main():
     for name, data in texts.items():
         open(os.path.join(tok_dir, name + ".txt"), "wb").write(b"A" + data)
 
-    # sampler seeds: 12 parameter bytes (fuzz_sampler.c), history bytes, float32 logits
+    # sampler seeds: 12 parameter bytes (fuzz_sampler.c; byte 8 is 2 x history length + order),
+    # history bytes, float32 logits
     sampler_dir = os.path.join(HERE, "corpus", "sampler")
     os.makedirs(sampler_dir, exist_ok=True)
     ramp = struct.pack("<16f", *[i / 4 for i in range(16)])
     samplers = {
         "defaults": bytes([15, 230, 0, 0, 0, 128, 128, 65, 0, 0, 0, 128]) + ramp,
-        "greedy-penalties": bytes([0, 255, 0, 0, 120, 140, 150, 9, 4, 0, 0, 0, 15, 15, 3, 15]) + ramp,
-        "all-stages": bytes([25, 200, 5, 140, 90, 130, 130, 0, 3, 1, 2, 3, 1, 15, 14]) + ramp,
+        "greedy-penalties": bytes([0, 255, 0, 0, 120, 140, 150, 9, 8, 0, 0, 0, 15, 15, 3, 15]) + ramp,
+        "all-stages": bytes([25, 200, 5, 140, 90, 130, 130, 0, 7, 1, 2, 3, 1, 15, 14]) + ramp,
         "flat-small-top-p": bytes([25, 0, 0, 0, 0, 128, 128, 65, 0, 255, 255, 255]) + b"\0" * 64,
         "nan": bytes([25, 230, 0, 0, 0, 128, 128, 65, 0, 9, 9, 9]) + ramp[:8] +
                struct.pack("<f", float("nan")) + ramp[12:],
-        "huge": bytes([200, 128, 3, 200, 255, 0, 255, 65, 2, 0, 0, 64, 0, 1]) +
+        "huge": bytes([200, 128, 3, 200, 255, 0, 255, 65, 4, 0, 0, 64, 0, 1]) +
                 struct.pack("<4f", 3e38, -3e38, 3e38, 0.0),
     }
     for name, data in samplers.items():
