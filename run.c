@@ -463,7 +463,7 @@ static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulS
 static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
                              MatmulScratch *s);
 static int fast_softmax(float *x, int n);
-static int fast_swiglu(float *gate, const float *up, int n);
+static int fast_swiglu(float *gate, const float *up, int width);
 static inline int fast_score_tiles(float *const *scores, const float *const *rows, int nr,
                                    const float *keys, int tile, int head_dim, float scale,
                                    int tile_rows);
@@ -1863,7 +1863,7 @@ static void round_vector_bf16(uint16_t *out, const float *x, int n) {
 static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     int i = 0;
-    for (; i + 64 <= n; i += 64) {  /* two lines of the row per step (README: four were slower) */
+    for (; i + 64 <= n; i += 64) {  /* two lines of the row per step */
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
                               (__m512bh)_mm512_loadu_si512((const void *)(x + i)));
         a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(w + i + 32)),
@@ -2455,8 +2455,8 @@ static inline __m512i dot_words(__m512i acc, __m512i w, __m512i x, int int8) {
 /* sums[r][t] (row stride STRIP) for Q_ROWS rows of weight words (row stride row_words, their
    scales row stride n_groups) and the strip's tokens, groups of group_words words.
    int8_offsets: NULL for int16 pairs, else the strip's for int8 quads. The caller scatters a
-   panel's sums to the output once its tiles are done (scatter_sums): written from here, 4
-   rows at a time, each output line took 4 partial writes, 8% of this kernel's time. */
+   panel's sums to the output once its tiles are done (scatter_sums), so that each output line
+   is written whole, once, not in 4 partial writes. */
 static void strip_kernel_q8(float *sums, const uint32_t *w, size_t row_words,
                             const float *w_scales, const uint32_t *words,
                             const float *x_scales, const int32_t *int8_offsets,
@@ -2604,8 +2604,7 @@ static int fast_matmul_block(float *out, const float *x, int n_tokens, const Mat
 /* e^x for 16 floats, within 2 ulp of expf (tests/test_kernels.c checks): x = n ln2 + r with
    |r| <= ln2/2 (ln2 in two parts, so r is exact), e^r by its Taylor series to r^7 (the rest is
    below 1e-8 of it), times 2^n by vscalefps, which gives inf past the top of the float range
-   and 0 past the bottom. At a long context attention takes billions of these; expf one at a
-   time would be a quarter of a prompt's time. */
+   and 0 past the bottom. At a long context attention takes billions of these. */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
@@ -2734,8 +2733,8 @@ static int fast_softmax(float *x, int n) {
     (void)x; (void)n;
     return 0;
 }
-static int fast_swiglu(float *gate, const float *up, int n) {
-    (void)gate; (void)up; (void)n;
+static int fast_swiglu(float *gate, const float *up, int width) {
+    (void)gate; (void)up; (void)width;
     return 0;
 }
 static inline int fast_score_tiles(float *const *scores, const float *const *rows, int nr,
