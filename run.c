@@ -368,8 +368,9 @@ static void free_model(Model *m) {
      every token of the block, so the rows are widened to float32 a panel at a time and meet
      all the tokens from cache.
    q8_0 decoding quantizes the activations too, to int16 per group, so that each group's dot
-   product is exact integer arithmetic (dot_q8). Section 8 replaces these loops with AVX-512
-   kernels where the machine has them, with the same results: the hooks are marked. */
+   product is exact integer arithmetic (dot_q8). Where the machine has AVX-512, section 8
+   replaces these loops with kernels that compute the same sums (in another order) faster;
+   the calls into it are marked "hook". */
 
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
