@@ -1697,16 +1697,15 @@ int main(int argc, char **argv) {
 /* ----------------------------------------------------------------------------------------
    8. Fast paths: x86 AVX-512, with VNNI and BF16 where the CPU has them
 
-   Everything here replaces a loop of sections 2 and 3 with one that does the same arithmetic
-   faster, and is reached only through the hooks those sections call (fast_*). Without
-   AVX-512 each hook returns 0 at once, and the portable loop runs. What each one replaces:
+   Everything here replaces a loop of sections 2 and 3 with one that computes the same sums
+   (some in another order) faster, and is reached only through the hooks those sections call
+   (fast_*). Without AVX-512 each hook returns 0 at once, and the portable loop runs. What
+   each one replaces and why it is faster:
    - decoding (fast_prepare_vector, fast_matmul_rows): the row dot products as 16-lane FMAs,
      four chains deep to hide their latency; bf16 rows widened by one shift or mask against x
      reordered once per matmul (split_pairs); q8_0 groups as int8 x int16 VNNI dot products
      (vpdpwssd), 32 per instruction; rows 4096+ wide taken WIDE_ROWS at a time, so that each
-     load of x, which no longer stays in L1, serves 8 rows. Decoding is memory-bound: these
-     keep up with the memory, which the compiler's own vectorisation of the plain loops
-     does not for bf16 and q8_0.
+     load of x, which no longer stays in L1, serves 8 rows.
    - the prompt (fast_matmul_block): register-tiled products of a panel of rows against strips
      of 32 tokens transposed so that one vector load is one column of 16 tokens, in blocks that
      stay in L2 (matmul_strips), and for q8_0 the same with integer words (matmul_strips_q8):
@@ -1719,8 +1718,8 @@ int main(int argc, char **argv) {
    rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 (vpdpbusd), each twice
    the multiply-adds per instruction, about 1e-2 of the logits' range off instead of 1e-6
    (tests/test_engine.py measures it). Without AVX512-BF16 or VNNI it changes nothing.
-   tests/test_kernels.c checks every kernel here against plain loops, and that the exact ones
-   give the bits the portable ones give where they must. */
+   tests/test_kernels.c checks every kernel here against plain loops (and quantize_group16
+   against quantize_group, bit for bit). */
 
 #if defined __AVX512F__
 #include <immintrin.h>
