@@ -453,9 +453,9 @@ typedef struct {
 } Product;
 typedef struct MatmulScratch MatmulScratch;  /* (below) */
 
-/* The hooks into section 8, the fast paths. Each does its part of the work and returns 1 (for
-   fast_sum_values, the dimensions it did), or returns 0 where it does not apply: then the
-   portable code after it runs. Without AVX-512 every one returns 0. */
+/* The hooks into section 8, the fast paths (and fast_attention, in section 3). Each does its
+   part of the work and returns 1, or returns 0 where it does not apply: then the portable code
+   after it runs. Without AVX-512 every one returns 0. */
 static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max);
 static void fast_alloc_scratch(MatmulScratch *s);
 static void fast_free_scratch(MatmulScratch *s);
@@ -465,12 +465,6 @@ static int fast_matmul_block(float *out, const float *x, int n_tokens, const Mat
                              MatmulScratch *s);
 static int fast_softmax(float *x, int n);
 static int fast_swiglu(float *gate, const float *up, int width);
-static inline int fast_score_tiles(float *const *scores, const float *const *rows, int nr,
-                                   const float *keys, int tile, int head_dim, float scale,
-                                   int tile_rows);
-static inline int fast_sum_values(float *const *out, const float *const *weights, int nr,
-                                  const float *values, int p0, int p1, int head_dim,
-                                  int tile_rows);
 
 /* Groups of gs values, each quantized on its own (quantize_group). */
 static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs, float q_max) {
@@ -737,28 +731,17 @@ static void rope(float *vec, int n_heads, int head_dim, const float *cos_t, cons
    block reaches. */
 #define MAX_BLOCK 256
 
-/* Causal grouped-query attention reads the whole KV cache for every token, so at long context
-   it, not the weights, is what decoding streams from memory. Three things keep that to one
-   pass per KV head:
-   - the query heads of a GQA group share their KV head: a pass takes up to ATT_ROWS query rows
-     (those heads, and for a prompt block also the next tokens' heads) over each key and value
-     once, instead of once per query head, ATT_TILE_ROWS rows at a time over two key tiles or
-     VALUE_CHUNK values, which stay in cache while every row of the pass uses them;
-   - each KV head's keys lie in tiles of KEY_TILE positions, transposed ([head_dim][KEY_TILE]),
-     so that a row's scores come out KEY_TILE positions at a time with no horizontal sums;
-   - each KV head's values lie contiguous, position after position, so the weighted sum reads
-     them in order, one position's values meeting every row's weight.
-   A score and an output value are still each one float32 sum in order (over dimensions, over
-   positions), and the softmax is the plain max-subtracted one. */
+/* The KV cache. Each KV head's keys lie in tiles of KEY_TILE positions, transposed
+   ([head_dim][KEY_TILE]): dimension d of the keys of a tile's positions lies contiguous, so
+   that the scores of KEY_TILE positions are taken side by side (a vector of them, for the
+   compiler or section 8). Each KV head's values lie position after position ([head_dim]
+   each), read in order by the weighted sum. */
 #define KEY_TILE 16
-#define ATT_ROWS 16      /* query rows per pass: 4 tokens of a 4-head GQA group */
-#define ATT_TILE_ROWS 8  /* rows per tile (4 where a pass has no more: decoding) */
-#define SCORE_TILES 2    /* key tiles per register tile: 8 rows x 2 vectors of scores */
-#define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
+#define SCORE_TILES 2    /* section 8's score kernel reads key tiles in pairs */
+#define ATT_ROWS 16      /* ... and takes up to 16 query rows per pass (rows of scores) */
 
-/* Positions the cache holds per KV head: seq_len rounded up to whole pairs of key tiles (the
-   score kernel reads tiles in pairs; a tile past the last position holds zeros or stale keys,
-   and the scores from it go unused). */
+/* Positions the cache holds per KV head: seq_len rounded up to whole pairs of key tiles (a
+   tile past the last position holds zeros or stale keys, and the scores from it go unused). */
 static int cache_positions(int seq_len) {
     int step = KEY_TILE * SCORE_TILES;
     return (seq_len + step - 1) / step * step;
@@ -786,6 +769,9 @@ typedef struct {
     Model model;
     RunState state;
 } Transformer;
+
+static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                          int n_tokens);  /* a hook into section 8 */
 
 static float *alloc_block(int width, const char *what) {
     return checked_calloc((size_t)MAX_BLOCK * (size_t)width, sizeof(float), what);
@@ -825,71 +811,6 @@ static void free_state(RunState *s) {
     free_scratch(&s->scratch);
 }
 
-/* scores[r][p] = scale * dot(rows[r], key p) for the SCORE_TILES * KEY_TILE positions from
-   key tile `tile` on, rows r < nr <= tile_rows. Called with a constant tile_rows, 4 or
-   ATT_TILE_ROWS: decoding has 4 rows per KV head (the 1B shape), prompt passes 16. */
-static inline void score_tiles(float *const *scores, const float *const *rows, int nr,
-                               const float *keys, int tile, int head_dim, float scale,
-                               int tile_rows) {
-    if (fast_score_tiles(scores, rows, nr, keys, tile, head_dim, scale, tile_rows))
-        return;  /* hook */
-    const float *k = keys + (size_t)tile * head_dim * KEY_TILE;
-    for (int i = 0; i < SCORE_TILES; i++, k += (size_t)head_dim * KEY_TILE) {
-        float acc[ATT_TILE_ROWS][KEY_TILE] = {{0}};
-        for (int d = 0; d < head_dim; d++)
-            for (int r = 0; r < tile_rows; r++)
-                for (int j = 0; j < KEY_TILE; j++)
-                    acc[r][j] += rows[r][d] * k[(size_t)d * KEY_TILE + j];
-        for (int r = 0; r < nr; r++)
-            for (int j = 0; j < KEY_TILE; j++)
-                scores[r][(size_t)(tile + i) * KEY_TILE + j] = acc[r][j] * scale;
-    }
-}
-
-/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed
-   two whole tiles at a time (the tail is written too; scores rows have room). keys: one KV
-   head's tiles. The row tiles take turns on each pair of key tiles, which stays in L1
-   meanwhile; rows past nr in the last row tile repeat row 0 so that the tiles stay fixed. */
-static void attention_scores(float *const *scores, const float *const *q, int nr,
-                             const float *keys, int n_pos, int head_dim, float scale) {
-    const float *rows[ATT_ROWS];
-    for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
-    for (int i = 0; i * KEY_TILE < n_pos; i += SCORE_TILES) {
-        for (int g = 0; g < nr; g += ATT_TILE_ROWS) {
-            if (nr - g <= 4)
-                score_tiles(scores + g, rows + g, nr - g, keys, i, head_dim, scale, 4);
-            else
-                score_tiles(scores + g, rows + g,
-                            nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, keys, i, head_dim,
-                            scale, ATT_TILE_ROWS);
-        }
-    }
-}
-
-/* out[r] += sum over positions p in [p0, p1) of weights[r][p] * value p, for rows
-   r < nr <= tile_rows (a constant, as in score_tiles), head_dim values each. values: one KV
-   head's, [positions][head_dim]. */
-static inline void sum_values(float *const *out, const float *const *weights, int nr,
-                              const float *values, int p0, int p1, int head_dim,
-                              int tile_rows) {
-    /* hook: the dimensions d < d0 are done */
-    int d0 = fast_sum_values(out, weights, nr, values, p0, p1, head_dim, tile_rows);
-    if (d0 == head_dim) return;
-    for (int p = p0; p < p1; p++) {
-        const float *v = values + (size_t)p * head_dim;
-        for (int r = 0; r < nr; r++) {
-            float wr = weights[r][p];
-            for (int d = d0; d < head_dim; d++) out[r][d] += wr * v[d];
-        }
-    }
-}
-
-static void attention_values(float *const *out, const float *const *weights, int nr,
-                             const float *values, int p0, int p1, int head_dim) {
-    if (nr <= 4) sum_values(out, weights, nr, values, p0, p1, head_dim, 4);
-    else sum_values(out, weights, nr, values, p0, p1, head_dim, ATT_TILE_ROWS);
-}
-
 /* Copies the block's keys and values (rows [n_tokens][kv_dim] of s->k and s->v, keys already
    rotated) into this layer's cache at positions pos .. pos+n_tokens-1, in the layouts above. */
 static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int pos,
@@ -910,62 +831,40 @@ static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int po
     }
 }
 
-/* One pass of attention(): rows row0 .. row0+nr-1 of KV head kv_head, where row i is query
-   head kv_head * group + i % group of token i / group (so the rows' last visible positions
-   rise with i). Writes each row's output into s->xb. */
-static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                           int kv_head, int row0, int nr) {
+/* Causal grouped-query attention for the block's n_tokens queries in s->q (positions pos ..
+   pos+n_tokens-1) over this layer's cached keys and values, which already hold the block:
+   each query head h reads KV head h / (n_heads / n_kv_heads), and token t sees the positions
+   up to its own. Writes each token's heads side by side into s->xb. */
+static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                      int n_tokens) {
+    if (fast_attention(s, cfg, layer_offset, pos, n_tokens)) return;  /* hook */
     int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
     int q_dim = cfg->n_heads * head_dim;
     size_t head_stride = (size_t)s->cache_len * head_dim;
-    const float *keys = s->key_cache + layer_offset + kv_head * head_stride;
-    const float *values = s->value_cache + layer_offset + kv_head * head_stride;
-    const float *q[ATT_ROWS];
-    float *scores[ATT_ROWS], *out[ATT_ROWS];
-    int last[ATT_ROWS];
-    for (int r = 0; r < nr; r++) {
-        int row = row0 + r, t = row / group, h = kv_head * group + row % group;
-        q[r] = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
-        out[r] = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
-        scores[r] = s->att + ((size_t)thread_id() * ATT_ROWS + r) * s->cache_len;
-        last[r] = pos + t;
-    }
-    attention_scores(scores, q, nr, keys, last[nr - 1] + 1, head_dim,
-                     1.0f / sqrtf((float)head_dim));
-    for (int r = 0; r < nr; r++) {
-        softmax(scores[r], last[r] + 1);
-        memset(out[r], 0, (size_t)head_dim * sizeof(float));
-    }
-    /* the positions every row sees, a chunk of values at a time for all the row groups, then
-       each row's own few more */
-    int shared = last[0] + 1;
-    for (int p0 = 0; p0 < shared; p0 += VALUE_CHUNK) {
-        int p1 = shared - p0 < VALUE_CHUNK ? shared : p0 + VALUE_CHUNK;
-        for (int g = 0; g < nr; g += ATT_TILE_ROWS)
-            attention_values(out + g, (const float *const *)scores + g,
-                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, values, p0, p1,
-                             head_dim);
-    }
-    for (int r = 1; r < nr; r++)
-        attention_values(out + r, (const float *const *)scores + r, 1, values, shared,
-                         last[r] + 1, head_dim);
-}
-
-/* Causal grouped-query attention for the block's n_tokens queries in s->q (positions pos ..
-   pos+n_tokens-1) over this layer's cached keys and values, which already hold the block;
-   writes each token's heads side by side into s->xb: for each query head, softmax(q . k /
-   sqrt(head_dim)) over the positions up to the token's own, then those weights' sum of the
-   values. Each KV head's rows (its query heads for each token) go in passes of ATT_ROWS, split
-   over threads. */
-static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                      int n_tokens) {
-    int rows = n_tokens * (cfg->n_heads / cfg->n_kv_heads);
-    int passes = (rows + ATT_ROWS - 1) / ATT_ROWS;
+    float scale = 1.0f / sqrtf((float)head_dim);
     OMP(parallel for schedule(static))
-    for (int i = 0; i < cfg->n_kv_heads * passes; i++) {
-        int row0 = i % passes * ATT_ROWS;
-        attention_rows(s, cfg, layer_offset, pos, i / passes, row0,
-                       rows - row0 < ATT_ROWS ? rows - row0 : ATT_ROWS);
+    for (int i = 0; i < n_tokens * cfg->n_heads; i++) {  /* each token's query heads */
+        int t = i / cfg->n_heads, h = i % cfg->n_heads, n_pos = pos + t + 1;
+        const float *q = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
+        const float *keys = s->key_cache + layer_offset + (size_t)(h / group) * head_stride;
+        const float *values = s->value_cache + layer_offset + (size_t)(h / group) * head_stride;
+        float *scores = s->att + (size_t)thread_id() * ATT_ROWS * s->cache_len;
+        float *out = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
+        /* scores = q . k / sqrt(head_dim) for every position it sees, a key tile at a time */
+        for (int p0 = 0; p0 < n_pos; p0 += KEY_TILE) {
+            const float *tile = keys + (size_t)(p0 / KEY_TILE) * head_dim * KEY_TILE;
+            float acc[KEY_TILE] = {0};
+            for (int d = 0; d < head_dim; d++)
+                for (int j = 0; j < KEY_TILE; j++) acc[j] += q[d] * tile[(size_t)d * KEY_TILE + j];
+            for (int j = 0; j < KEY_TILE && p0 + j < n_pos; j++) scores[p0 + j] = acc[j] * scale;
+        }
+        softmax(scores, n_pos);
+        /* out = the values weighted by the scores */
+        memset(out, 0, (size_t)head_dim * sizeof(float));
+        for (int p = 0; p < n_pos; p++) {
+            const float *v = values + (size_t)p * head_dim;
+            for (int d = 0; d < head_dim; d++) out[d] += scores[p] * v[d];
+        }
     }
 }
 
@@ -1711,9 +1610,10 @@ int main(int argc, char **argv) {
      stay in L2 (matmul_strips), and for q8_0 the same with integer words (matmul_strips_q8):
      the prompt is bound by arithmetic, and a tile makes 16 multiply-adds per 2 loads where a
      dot product makes 1 per load.
+   - attention (fast_attention): the query heads of a GQA group, and the next tokens' in a
+     prompt, share one pass over their KV head's keys and values, in register tiles (below).
    - quantizing (fast_quantize_group), softmax and SwiGLU (fast_softmax, fast_swiglu, with a
-     vectorised exp within 2 ulp of expf), and attention's score and value tiles
-     (fast_score_tiles, fast_sum_values): the same loops, 16 lanes at a time.
+     vectorised exp within 2 ulp of expf): the same loops, 16 lanes at a time.
    -a fast (fast_bf16, fast_int8) trades exactness for speed as llama.cpp does: activations
    rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 (vpdpbusd), each twice
    the multiply-adds per instruction, about 1e-2 of the logits' range off instead of 1e-6
@@ -2651,11 +2551,29 @@ static int fast_swiglu(float *g, const float *u, int width) {
     return 1;
 }
 
-/* Hook (score_tiles): per dimension, 2 key loads and tile_rows broadcasts meet in
-   2 * tile_rows multiply-adds. */
-static inline int fast_score_tiles(float *const *scores, const float *const *rows, int nr,
-                                   const float *keys, int tile, int head_dim, float scale,
-                                   int tile_rows) {
+/* Attention reads the whole KV cache for every token, so at long context it, not the weights,
+   is what decoding streams from memory. Section 3's loop reads a KV head's keys and values
+   once per query head; this one reads them once per KV head:
+   - the query heads of a GQA group share their KV head: a pass takes up to ATT_ROWS query rows
+     (those heads, and for a prompt block also the next tokens' heads) over each key and value
+     once, ATT_TILE_ROWS rows at a time (a register tile) over two key tiles or VALUE_CHUNK
+     values, which stay in cache while every row of the pass uses them;
+   - a row's scores come out KEY_TILE positions at a time from broadcast multiply-adds against
+     the transposed key tiles, with no horizontal sums;
+   - the weighted sum reads the values in order, one position's values meeting every row's
+     weight.
+   A score and an output value are still each one float32 sum in order (over dimensions, over
+   positions), and the softmax is the plain max-subtracted one. */
+#define ATT_TILE_ROWS 8  /* rows per register tile (4 where a pass has no more: decoding) */
+#define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
+
+/* scores[r][p] = scale * dot(rows[r], key p) for the SCORE_TILES * KEY_TILE positions from
+   key tile `tile` on, rows r < nr <= tile_rows. Called with a constant tile_rows, 4 or
+   ATT_TILE_ROWS: decoding has 4 rows per KV head (the 1B shape), prompt passes 16. Per
+   dimension, 2 key loads and tile_rows broadcasts meet in 2 * tile_rows multiply-adds. */
+static inline void score_tiles(float *const *scores, const float *const *rows, int nr,
+                               const float *keys, int tile, int head_dim, float scale,
+                               int tile_rows) {
     const float *tile1 = keys + (size_t)tile * head_dim * KEY_TILE;
     const float *tile2 = tile1 + (size_t)head_dim * KEY_TILE;
     __m512 acc[ATT_TILE_ROWS][SCORE_TILES];
@@ -2673,15 +2591,36 @@ static inline int fast_score_tiles(float *const *scores, const float *const *row
         for (int j = 0; j < SCORE_TILES; j++)
             _mm512_storeu_ps(scores[r] + (size_t)(tile + j) * KEY_TILE,
                              _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
-    return 1;
 }
 
-/* Hook (sum_values): 16 accumulators, tile_rows rows by 64 / tile_rows dimensions at a time
-   (decoding's 4 rows take 64, so that each position's values are read in one pass). Returns
-   the dimensions it did, a multiple of that width. */
-static inline int fast_sum_values(float *const *out, const float *const *weights, int nr,
-                                  const float *values, int p0, int p1, int head_dim,
-                                  int tile_rows) {
+/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed
+   two whole tiles at a time (the tail is written too; scores rows have room). keys: one KV
+   head's tiles. The row tiles take turns on each pair of key tiles, which stays in L1
+   meanwhile; rows past nr in the last row tile repeat row 0 so that the tiles stay fixed. */
+static void attention_scores(float *const *scores, const float *const *q, int nr,
+                             const float *keys, int n_pos, int head_dim, float scale) {
+    const float *rows[ATT_ROWS];
+    for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
+    for (int i = 0; i * KEY_TILE < n_pos; i += SCORE_TILES) {
+        for (int g = 0; g < nr; g += ATT_TILE_ROWS) {
+            if (nr - g <= 4)
+                score_tiles(scores + g, rows + g, nr - g, keys, i, head_dim, scale, 4);
+            else
+                score_tiles(scores + g, rows + g,
+                            nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, keys, i, head_dim,
+                            scale, ATT_TILE_ROWS);
+        }
+    }
+}
+
+/* out[r] += sum over positions p in [p0, p1) of weights[r][p] * value p, for rows
+   r < nr <= tile_rows (a constant, as in score_tiles), head_dim values each. values: one KV
+   head's, [positions][head_dim]. 16 accumulators: tile_rows rows by 64 / tile_rows dimensions
+   at a time (decoding's 4 rows take 64, so that each position's values are read in one
+   pass); the dimensions past the last whole step one at a time. */
+static inline void sum_values(float *const *out, const float *const *weights, int nr,
+                              const float *values, int p0, int p1, int head_dim,
+                              int tile_rows) {
     int d0 = 0, vectors = 16 / tile_rows, width = 16 * vectors;
     const float *w[ATT_TILE_ROWS];
     for (int r = 0; r < tile_rows; r++) w[r] = weights[r < nr ? r : 0];
@@ -2702,7 +2641,76 @@ static inline int fast_sum_values(float *const *out, const float *const *weights
         for (int r = 0; r < nr; r++)
             for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
     }
-    return d0;
+    if (d0 == head_dim) return;
+    for (int p = p0; p < p1; p++) {
+        const float *v = values + (size_t)p * head_dim;
+        for (int r = 0; r < nr; r++) {
+            float wr = weights[r][p];
+            for (int d = d0; d < head_dim; d++) out[r][d] += wr * v[d];
+        }
+    }
+}
+
+static void attention_values(float *const *out, const float *const *weights, int nr,
+                             const float *values, int p0, int p1, int head_dim) {
+    if (nr <= 4) sum_values(out, weights, nr, values, p0, p1, head_dim, 4);
+    else sum_values(out, weights, nr, values, p0, p1, head_dim, ATT_TILE_ROWS);
+}
+
+/* One pass of attention(): rows row0 .. row0+nr-1 of KV head kv_head, where row i is query
+   head kv_head * group + i % group of token i / group (so the rows' last visible positions
+   rise with i). Writes each row's output into s->xb. */
+static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                           int kv_head, int row0, int nr) {
+    int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
+    int q_dim = cfg->n_heads * head_dim;
+    size_t head_stride = (size_t)s->cache_len * head_dim;
+    const float *keys = s->key_cache + layer_offset + kv_head * head_stride;
+    const float *values = s->value_cache + layer_offset + kv_head * head_stride;
+    const float *q[ATT_ROWS];
+    float *scores[ATT_ROWS], *out[ATT_ROWS];
+    int last[ATT_ROWS];
+    for (int r = 0; r < nr; r++) {
+        int row = row0 + r, t = row / group, h = kv_head * group + row % group;
+        q[r] = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
+        out[r] = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
+        scores[r] = s->att + ((size_t)thread_id() * ATT_ROWS + r) * s->cache_len;
+        last[r] = pos + t;
+    }
+    attention_scores(scores, q, nr, keys, last[nr - 1] + 1, head_dim,
+                     1.0f / sqrtf((float)head_dim));
+    for (int r = 0; r < nr; r++) {
+        softmax(scores[r], last[r] + 1);
+        memset(out[r], 0, (size_t)head_dim * sizeof(float));
+    }
+    /* the positions every row sees, a chunk of values at a time for all the row groups, then
+       each row's own few more */
+    int shared = last[0] + 1;
+    for (int p0 = 0; p0 < shared; p0 += VALUE_CHUNK) {
+        int p1 = shared - p0 < VALUE_CHUNK ? shared : p0 + VALUE_CHUNK;
+        for (int g = 0; g < nr; g += ATT_TILE_ROWS)
+            attention_values(out + g, (const float *const *)scores + g,
+                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, values, p0, p1,
+                             head_dim);
+    }
+    for (int r = 1; r < nr; r++)
+        attention_values(out + r, (const float *const *)scores + r, 1, values, shared,
+                         last[r] + 1, head_dim);
+}
+
+/* Hook (attention): section 3's attention, the same sums, with each KV head's rows (its
+   query heads for each token) in passes of ATT_ROWS, split over threads. */
+static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                          int n_tokens) {
+    int rows = n_tokens * (cfg->n_heads / cfg->n_kv_heads);
+    int passes = (rows + ATT_ROWS - 1) / ATT_ROWS;
+    OMP(parallel for schedule(static))
+    for (int i = 0; i < cfg->n_kv_heads * passes; i++) {
+        int row0 = i % passes * ATT_ROWS;
+        attention_rows(s, cfg, layer_offset, pos, i / passes, row0,
+                       rows - row0 < ATT_ROWS ? rows - row0 : ATT_ROWS);
+    }
+    return 1;
 }
 
 #else  /* no AVX-512: no fast path applies */
@@ -2737,18 +2745,9 @@ static int fast_swiglu(float *gate, const float *up, int width) {
     (void)gate; (void)up; (void)width;
     return 0;
 }
-static inline int fast_score_tiles(float *const *scores, const float *const *rows, int nr,
-                                   const float *keys, int tile, int head_dim, float scale,
-                                   int tile_rows) {
-    (void)scores; (void)rows; (void)nr; (void)keys; (void)tile; (void)head_dim; (void)scale;
-    (void)tile_rows;
-    return 0;
-}
-static inline int fast_sum_values(float *const *out, const float *const *weights, int nr,
-                                  const float *values, int p0, int p1, int head_dim,
-                                  int tile_rows) {
-    (void)out; (void)weights; (void)nr; (void)values; (void)p0; (void)p1; (void)head_dim;
-    (void)tile_rows;
+static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                          int n_tokens) {
+    (void)s; (void)cfg; (void)layer_offset; (void)pos; (void)n_tokens;
     return 0;
 }
 
