@@ -2,12 +2,16 @@
 
    Read it top to bottom, in the order the data flows:
      1. the model file: header, validation, memory map
-     2. the math: rmsnorm, softmax, the one matmul dispatch (fp32, bf16, q8_0), RoPE
-     3. the forward pass: one token through every layer, with a KV cache
+     2. the math: dot products, matmul (fp32, bf16, q8_0), rmsnorm, softmax, RoPE
+     3. the forward pass: a block of tokens through every layer, with a KV cache
      4. the sampler: greedy, temperature, top-p
      5. generation: prompt in, tokens out, timings
      6. chat: Meta's dialog format over one KV cache
      7. the command line
+     8. fast paths: x86 AVX-512 (VNNI, BF16) kernels for the math of sections 2 and 3
+   Sections 1-7 are a whole engine in portable C. Section 8 only makes it faster: sections 2 and
+   3 call it through a few hooks (the functions named fast_*), each of which does its part of
+   the work and returns 1, or returns 0 where it does not apply (always, without AVX-512).
 
    The model file is written by export.py; its layout is documented in README.md ("File
    formats") and mirrored by the loader below. The tokenizer lives in tokenizer.c. */
@@ -29,11 +33,22 @@
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
-#if defined _OPENMP
-#include <omp.h>
-#endif
 
 #include "tokenizer.h"
+
+/* OpenMP splits loops over threads where the compiler has it (-fopenmp: the runomp build);
+   OMP(parallel for) is `#pragma omp parallel for` there and nothing elsewhere. */
+#define PRAGMA(...) _Pragma(#__VA_ARGS__)
+#if defined _OPENMP
+#include <omp.h>
+#define OMP(...) PRAGMA(omp __VA_ARGS__)
+static int max_threads(void) { return omp_get_max_threads(); }
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+#define OMP(...)
+static int max_threads(void) { return 1; }
+static int thread_id(void) { return 0; }
+#endif
 
 /* The one line every user-facing error prints on stderr. */
 static void print_error(const char *fmt, va_list args) {
@@ -208,10 +223,8 @@ static const float *take_vector(FileCursor *c, int n) {
     return v;
 }
 
-/* (q8_0 keeps a matrix's scales after all of its values, a second stream for decoding to read.
-   Storing each row's scales beside its values, one stream, was measured: 20% slower decoding
-   at ~63 GB/s, though a loads-only kernel read that file at full speed; README.md,
-   "Performance", has the figures.) */
+/* (q8_0 keeps a matrix's scales after all of its values, a second stream for decoding: scales
+   beside each row decoded slower; README.md, "Performance", has the figures.) */
 static Matrix take_matrix(FileCursor *c, const Config *cfg, int rows, int cols) {
     Matrix m = { .type = cfg->weight_type, .rows = rows, .cols = cols,
                  .group_size = cfg->group_size };
@@ -279,36 +292,30 @@ typedef struct {
 } Model;
 
 /* -w read: the file read into memory instead of mapped, into 2 MB pages where Linux has
-   them. A mapping gets 2 MB pages only where the page cache holds the file in 2 MB folios
-   (Linux 6.x does when it reads a file ahead, or when it was written in aligned 2 MB pieces as
-   export.py writes); a file cached in 4 KB folios maps as 4 KB pages, and the q8_0 1B file
-   then decoded 31.5-33.8 tok/s mapped against 38.4-40.0 read (70 GB/s). The cost: reading the
-   whole file before the first token, and a second copy beside the page cache's. */
+   them. A mapping gets 2 MB pages only where the page cache holds the file in 2 MB folios,
+   and decoding reads 4 KB pages more slowly (README.md, "-w read", has the figures). The
+   cost: reading the whole file before the first token, and a second copy beside the page
+   cache's. */
 static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
     size_t huge_page = (size_t)2 << 20, rounded = (size + huge_page - 1) / huge_page * huge_page;
     unsigned char *buf = aligned_alloc(huge_page, rounded);
     if (!buf) die("model file %s: no memory to read its %zu bytes into (try -w map)", path, size);
 #if defined MADV_HUGEPAGE
-    /* a hint (Linux): 2 MB pages where the kernel has them, another 2-11% on q8_0 decoding
-       (5 of 5 interleaved pairs) for 0.2-0.4 s more reading */
+    /* a hint (Linux): 2 MB pages where the kernel has them */
     madvise(buf, rounded, MADV_HUGEPAGE);
 #endif
     /* 64 MB pieces, read by all threads: the copy out of the page cache and the kernel's
        zeroing of fresh pages both take time per byte */
     size_t piece = (size_t)64 << 20, n_pieces = (size + piece - 1) / piece;
     int error = 0, ended = 0;
-#if defined _OPENMP
-#pragma omp parallel for schedule(dynamic)
-#endif
+    OMP(parallel for schedule(dynamic))
     for (size_t i = 0; i < n_pieces; i++) {
         size_t done = i * piece, end = done + piece < size ? done + piece : size;
         while (done < end) {
             ssize_t got = pread(fd, buf + done, end - done, (off_t)done);
             if (got < 0 && errno == EINTR) continue;
             if (got <= 0) {
-#if defined _OPENMP
-#pragma omp critical
-#endif
+                OMP(critical)
                 { if (got < 0) error = errno; else ended = 1; }
                 break;
             }
@@ -361,27 +368,18 @@ static void free_model(Model *m) {
 /* ----------------------------------------------------------------------------------------
    2. The math
 
-   Every weight type goes through matmul_many() (matmul() for one matrix); the per-type kernels
-   below are the only place that knows how a type's bytes become numbers. Two shapes of work
-   reach it:
-   - decoding: one token, out = W @ x. Every weight is used once, so the speed limit is how
-     fast the weights stream from memory; the row kernels (dot_*) only have to keep up.
-   - the prompt: a block of tokens, out[t] = W @ x[t]. Each weight is reused by every token of
-     the block, so the limit is arithmetic: the rows are multiplied against the tokens in
-     register tiles, a cache-sized block at a time (matmul_strips with AVX-512, which reads
-     fp32 and bf16 rows in place; matmul_block otherwise, on rows widened to float32).
-     Activations stay float32 there, except for q8_0 on a machine with AVX-512 VNNI
-     (matmul_strips_q8), which rounds them to int16 exactly as decoding does and multiplies
-     integers, twice as many per instruction.
-   -a fast trades exactness for speed as llama.cpp does: activations rounded to bf16 for bf16
-   weights (vdpbf16ps) and to int8 for q8_0 (vpdpbusd), each twice the work per instruction.
-   Each kernel is plain C that the compiler vectorises (with AVX2 under -march=native on such
-   a machine), plus an AVX-512 version chosen at compile time. tests/test_kernels.c checks
-   them against plain loops. */
-
-#if defined __AVX512F__
-#include <immintrin.h>
-#endif
+   Every weight type goes through matmul_many() (matmul() for one matrix); the per-type dot
+   products below are the only place that knows how a type's bytes become numbers. Two shapes
+   of work reach it:
+   - decoding: one token, out = W @ x, rows split over threads (matmul_vector). Every weight is
+     used once, so the speed limit is how fast the weights stream from memory.
+   - the prompt: a block of tokens, out[t] = W @ x[t] (matmul_block). Each weight is reused by
+     every token of the block, so the rows are widened to float32 a panel at a time and meet
+     all the tokens from cache.
+   q8_0 decoding quantizes the activations too, to int16 per group, so that each group's dot
+   product is exact integer arithmetic (dot_q8). Where the machine has AVX-512, section 8
+   replaces these loops with kernels that compute the same sums (in another order) faster;
+   the calls into it are marked "hook". */
 
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -390,240 +388,46 @@ static float bf16_to_float(uint16_t v) {
     return f;
 }
 
-/* The portable kernels keep 16 partial sums, so that the compiler may vectorise them without
+/* The dot products keep 16 partial sums, so that the compiler may vectorise them without
    reassociating a single sum (which it may not do for floats). */
 #define LANES 16
 
-#if !defined __AVX512F__
 static float sum_lanes(const float *acc) {
     float sum = 0.0f;
     for (int j = 0; j < LANES; j++) sum += acc[j];
     return sum;
 }
-#endif
-
-#if defined __AVX512F__
-/* The lanes of a 16-float step from i that lie before n (a loop's ragged last step). */
-static __mmask16 lanes_before(int i, int n) {
-    int k = n - i;
-    return k >= 16 ? (__mmask16)0xffff : k <= 0 ? 0 : (__mmask16)((1u << k) - 1);
-}
-
-/* Sums the four accumulators' 64 lanes. */
-static float sum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
-}
-#endif
 
 static float dot_fp32(const float *w, const float *x, int n) {
-    int i = 0;
-    float sum = 0.0f;
-#if defined __AVX512F__
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  /* four chains hide latency */
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-    }
-    for (; i + 16 <= n; i += 16)
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-    sum = sum4_avx512(a0, a1, a2, a3);
-#else
     float acc[LANES] = {0};
+    int i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * x[i + j];
-    sum = sum_lanes(acc);
-#endif
+    float sum = sum_lanes(acc);
     for (; i < n; i++) sum += w[i] * x[i];
     return sum;
 }
 
-/* bf16 rows against float32 x. In memory a bf16 pair (w[2j], w[2j+1]) is one 32-bit word whose
-   upper half is w[2j+1] as a float and whose lower half, shifted up, is w[2j]. So the AVX-512
-   path turns 32 weights into floats with one AND and one shift, and meets them with x_pairs:
-   x reordered once per matmul so that each 32 values list the even ones, then the odd ones. */
-static void split_pairs(float *x_pairs, const float *x, int n) {
-    int i = 0;
-    for (; i + 32 <= n; i += 32)
-        for (int j = 0; j < 16; j++) {
-            x_pairs[i + j] = x[i + 2 * j];
-            x_pairs[i + 16 + j] = x[i + 2 * j + 1];
-        }
-    for (; i < n; i++) x_pairs[i] = x[i];
-}
-
-static float dot_bf16(const uint16_t *w, const float *x, const float *x_pairs, int n) {
-    int i = 0;
-    float sum = 0.0f;
-#if defined __AVX512F__
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    for (; i + 64 <= n; i += 64) {
-        __m512i p0 = _mm512_loadu_si512((const void *)(w + i));
-        __m512i p1 = _mm512_loadu_si512((const void *)(w + i + 32));
-        __m512 even0 = _mm512_castsi512_ps(_mm512_slli_epi32(p0, 16));
-        __m512 odd0 = _mm512_castsi512_ps(_mm512_and_si512(p0, high));
-        __m512 even1 = _mm512_castsi512_ps(_mm512_slli_epi32(p1, 16));
-        __m512 odd1 = _mm512_castsi512_ps(_mm512_and_si512(p1, high));
-        a0 = _mm512_fmadd_ps(even0, _mm512_loadu_ps(x_pairs + i), a0);
-        a1 = _mm512_fmadd_ps(odd0, _mm512_loadu_ps(x_pairs + i + 16), a1);
-        a2 = _mm512_fmadd_ps(even1, _mm512_loadu_ps(x_pairs + i + 32), a2);
-        a3 = _mm512_fmadd_ps(odd1, _mm512_loadu_ps(x_pairs + i + 48), a3);
-    }
-    for (; i + 32 <= n; i += 32) {
-        __m512i p = _mm512_loadu_si512((const void *)(w + i));
-        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p, 16)),
-                             _mm512_loadu_ps(x_pairs + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p, high)),
-                             _mm512_loadu_ps(x_pairs + i + 16), a1);
-    }
-    sum = sum4_avx512(a0, a1, a2, a3);
-#else
-    (void)x_pairs;
+static float dot_bf16(const uint16_t *w, const float *x, int n) {
     float acc[LANES] = {0};
+    int i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int j = 0; j < LANES; j++) acc[j] += bf16_to_float(w[i + j]) * x[i + j];
-    sum = sum_lanes(acc);
-#endif
+    float sum = sum_lanes(acc);
     for (; i < n; i++) sum += bf16_to_float(w[i]) * x[i];
     return sum;
 }
 
-#if defined __AVX512F__
-/* dot_bf16 for WIDE_ROWS rows at once (row stride `stride` values, n a multiple of 32), for
-   rows so wide that x_pairs does not stay in L1 beside the streaming weights (8192 floats
-   fill it): one row at a time then reloads all of x from L2 per row, and 8192-wide rows
-   streamed at 27 GB/s where 2048-wide ones reached the 62 GB/s of the high state (2 threads).
-   Each x load here serves 8 rows: 51 GB/s. Only the first nr rows are real; the others repeat
-   row nr - 1, and their sums go unused. */
-#define WIDE_COLS 4096
-#define WIDE_ROWS 8
-static void dot_bf16_rows(float *out, const uint16_t *w, size_t stride, const float *x_pairs,
-                          int n, int nr) {
-    const uint16_t *row[WIDE_ROWS];
-    for (int r = 0; r < WIDE_ROWS; r++) row[r] = w + (size_t)(r < nr ? r : nr - 1) * stride;
-    __m512 even[WIDE_ROWS], odd[WIDE_ROWS];
-    for (int r = 0; r < WIDE_ROWS; r++) even[r] = odd[r] = _mm512_setzero_ps();
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    for (int i = 0; i < n; i += 32) {
-        __m512 x_even = _mm512_loadu_ps(x_pairs + i), x_odd = _mm512_loadu_ps(x_pairs + i + 16);
-        for (int r = 0; r < WIDE_ROWS; r++) {
-            __m512i p = _mm512_loadu_si512((const void *)(row[r] + i));
-            even[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p, 16)), x_even,
-                                      even[r]);
-            odd[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p, high)), x_odd,
-                                     odd[r]);
-        }
-    }
-    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
-}
-
-/* The same for fp32 rows (8192-wide: 32 KB of weights and 32 KB of x per row). */
-static void dot_fp32_rows(float *out, const float *w, size_t stride, const float *x, int n,
-                          int nr) {
-    const float *row[WIDE_ROWS];
-    for (int r = 0; r < WIDE_ROWS; r++) row[r] = w + (size_t)(r < nr ? r : nr - 1) * stride;
-    __m512 a0[WIDE_ROWS], a1[WIDE_ROWS];
-    for (int r = 0; r < WIDE_ROWS; r++) a0[r] = a1[r] = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 32) {
-        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
-        for (int r = 0; r < WIDE_ROWS; r++) {
-            a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(row[r] + i), x0, a0[r]);
-            a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(row[r] + i + 16), x1, a1[r]);
-        }
-    }
-    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
-}
-#endif
-
-/* Fast activations (-a fast) for bf16 weights, with AVX512-BF16: x is rounded to bf16 as well
-   (round to nearest even), so that one vdpbf16ps makes 32 multiply-adds (two exact products
-   per float lane) where an FMA makes 16. That rounding, not the products, is the cost: about
-   1e-2 of the logits' range instead of 1e-6 (tests/test_engine.py measures it). llama.cpp does
-   the same with bf16 weights. Elsewhere -a fast changes nothing. */
-#if defined __AVX512BF16__
-#define FAST_BF16 1
-
-static uint16_t round_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-static void round_vector_bf16(uint16_t *out, const float *x, int n) {
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256((__m256i *)(out + i),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-    for (; i < n; i++) out[i] = round_to_bf16(x[i]);
-}
-
-static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    int i = 0;
-    /* two lines of the row per step: four per step decoded 17-20% slower at ~65 GB/s */
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
-                              (__m512bh)_mm512_loadu_si512((const void *)(x + i)));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(w + i + 32)),
-                              (__m512bh)_mm512_loadu_si512((const void *)(x + i + 32)));
-    }
-    for (; i + 32 <= n; i += 32)
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
-                              (__m512bh)_mm512_loadu_si512((const void *)(x + i)));
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    for (; i < n; i++) sum += bf16_to_float(w[i]) * bf16_to_float(x[i]);
-    return sum;
-}
-#else
-#define FAST_BF16 0
-#endif
-
-/* acc + the pairwise int16 products of a and b, summed into 16 int32 lanes (vpdpwssd), for
-   the prompt kernel. gcc 12 allocates registers for the intrinsic badly there (it copies every
-   accumulator twice per use, halving the kernel's speed), so for gcc it is written as the one
-   instruction. (Decoding calls the intrinsics: with them gcc reads x straight from memory,
-   which an asm operand cannot offer without costing the prompt kernel its registers.) */
-#if defined __AVX512VNNI__ && defined __AVX512BW__
-static inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
-#if defined __GNUC__ && !defined __clang__
-    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-    return acc;
-#else
-    return _mm512_dpwssd_epi32(acc, a, b);
-#endif
-}
-
-/* acc + the products of a's unsigned bytes and b's signed bytes, four summed into each of 16
-   int32 lanes (vpdpbusd); written out for gcc for the same reason. */
-static inline __m512i dot_bytes(__m512i acc, __m512i a, __m512i b) {
-#if defined __GNUC__ && !defined __clang__
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-    return acc;
-#else
-    return _mm512_dpbusd_epi32(acc, a, b);
-#endif
-}
-#define FAST_Q8 1
-#else
-#define FAST_Q8 0
-#endif
-
 /* q8_0 decoding multiplies the int8 weights by activations quantized on the fly to int16,
    group by group like the weights (scale = max|x| / 32767): each group's dot product is then
    exact integer arithmetic, scaled once. That reads the weights at memory speed where widening
-   every weight to float32 could not. int8 activations (llama2.c's runq) would be no faster
-   here, decoding being memory-bound, but 256 times coarser: measured on the test models, 2e-2
-   of the logits' range against 1e-4 (tests/test_kernels.c measures the kernel's share).
-   Where the cores rather than memory are the limit (prompts; decoding at high bandwidth),
-   -a fast takes int8 activations all the same (see dot_q8). */
+   every weight to float32 could not, and int16 is 256 times finer than int8 activations
+   (llama2.c's runq): tests/test_kernels.c measures the kernel's share of the error. */
 typedef struct {
     int16_t *q;     /* round(x / scale), in [-q_max, q_max] */
     float *scales;  /* one per group */
-    int8_t *bytes;  /* -a fast: q as int8 (q_max 127) */
-    int32_t *corrections;  /* ... and per group -8 * the sum of its bytes (see dot_q8) */
+    int8_t *int8;   /* -a fast (section 8): q as int8 (q_max 127) */
+    int32_t *int8_offsets;  /* ... and per group -8 * the sum of its int8 (see int8_sums) */
 } QuantizedVector;
 
 #define Q16_MAX 32767.0f
@@ -651,134 +455,41 @@ static float quantize_group(int16_t *q, const float *x, int gs, float q_max) {
     return scale;
 }
 
-#if defined __AVX512F__
-/* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the max
-   skips NaNs as the scalar compare does, roundscale rounds to nearest even like nearbyintf,
-   NaNs become 0 and the rest is clamped to +-q_max before the exact conversion. */
-static float quantize_group16(int16_t *q, const float *x, int gs, float q_max) {
-    __m512 amax = _mm512_setzero_ps();
-    for (int i = 0; i < gs; i += 16)
-        amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), amax);
-    float scale = _mm512_reduce_max_ps(amax) / q_max;
-    __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-    __m512 high = _mm512_set1_ps(q_max), low = _mm512_set1_ps(-q_max);
-    for (int i = 0; i < gs; i += 16) {
-        __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), inverse),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
-        r = _mm512_min_ps(_mm512_max_ps(r, low), high);
-        _mm256_storeu_si256((__m256i *)(q + i), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(r)));
-    }
-    return scale;
-}
-#endif
+/* One product of a matmul_many call: out = W applied to the shared input. */
+typedef struct {
+    float *out;
+    const Matrix *w;
+} Product;
+typedef struct MatmulScratch MatmulScratch;  /* (below) */
+
+/* The hooks into section 8, the fast paths (and fast_attention, in section 3). Each does its
+   part of the work and returns 1, or returns 0 where it does not apply: then the portable code
+   after it runs. Without AVX-512 every one returns 0. */
+static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max);
+static void fast_alloc_scratch(MatmulScratch *s);
+static void fast_free_scratch(MatmulScratch *s);
+static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s);
+static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s);
+static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s);
+static int fast_softmax(float *x, int n);
+static int fast_swiglu(float *gate, const float *up, int width);
 
 /* Groups of gs values, each quantized on its own (quantize_group). */
 static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs, float q_max) {
     for (int g = 0; g < n / gs; g++) {
         int16_t *q = v->q + (size_t)g * gs;
         const float *xg = x + (size_t)g * gs;
-#if defined __AVX512F__
-        if (gs % 16 == 0) {
-            v->scales[g] = quantize_group16(q, xg, gs, q_max);
-            continue;
-        }
-#endif
-        v->scales[g] = quantize_group(q, xg, gs, q_max);
+        if (!fast_quantize_group(&v->scales[g], q, xg, gs, q_max))  /* hook */
+            v->scales[g] = quantize_group(q, xg, gs, q_max);
     }
 }
 
-/* -a fast decoding: v quantized with q_max 127, as the int8 bytes and corrections dot_q8 reads. */
-static void quantize_bytes(QuantizedVector *v, const float *x, int n, int gs) {
-    quantize_vector(v, x, n, gs, Q8_MAX);
-    for (int g = 0; g < n / gs; g++) {
-        int32_t sum = 0;
-        for (int i = g * gs; i < (g + 1) * gs; i++) sum += v->bytes[i] = (int8_t)v->q[i];
-        v->corrections[g] = -8 * sum;
-    }
-}
-
-#if defined __AVX512VNNI__ && defined __AVX512BW__
-/* One group's products in 16 int32 lanes (vpdpwssd: 32 int16 products summed pairwise into 16
-   lanes). A lane takes gs/16 products of at most 127 * 32767, so groups up to 4096 cannot
-   overflow it. */
-static inline __m512i group_sums_q8(const int8_t *w, const int16_t *x, int gs) {
-    __m512i isum = _mm512_setzero_si512();
-    for (int i = 0; i < gs; i += 32) {
-        __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
-        isum = _mm512_dpwssd_epi32(isum, w16, _mm512_loadu_si512((const void *)(x + i)));
-    }
-    return isum;
-}
-
-/* -a fast: one group's products against int8 activations (gs a multiple of 64), 64 per
-   vpdpbusd. That instruction takes one side unsigned, so the weights go in with their top bit
-   flipped, as w + 128, which adds 128 * (the sum of x) to the group's sum; the lanes start at
-   minus that, -8 * sum each. */
-static inline __m512i group_sums_fast(const int8_t *w, const int8_t *x, int gs,
-                                      int32_t correction) {
-    __m512i isum = _mm512_set1_epi32(correction), flip = _mm512_set1_epi8((char)0x80);
-    for (int i = 0; i < gs; i += 64) {
-        __m512i w_plus_128 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + i)), flip);
-        isum = _mm512_dpbusd_epi32(isum, w_plus_128, _mm512_loadu_si512((const void *)(x + i)));
-    }
-    return isum;
-}
-
-static inline __m512i group_sums(const int8_t *w, const QuantizedVector *x, int g, int gs,
-                                 int bytes) {
-    size_t first = (size_t)g * gs;
-    if (bytes) return group_sums_fast(w + first, x->bytes + first, gs, x->corrections[g]);
-    return group_sums_q8(w + first, x->q + first, gs);
-}
-
-/* Two groups per step, each into its own accumulator. Inlined with a constant gs (and
-   bytes), the group loop unrolls and no scalar work is left between the integer products:
-   the scale products are formed 16 groups at a time, and each group's is then a broadcast
-   operand of its multiply-add. */
-static inline float groups_dot_q8(const int8_t *w, const float *w_scales,
-                                  const QuantizedVector *x, int n_groups, int gs, int bytes) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    float scales[16];
-    for (int g0 = 0; g0 < n_groups; g0 += 16) {
-        int n = n_groups - g0 < 16 ? n_groups - g0 : 16;
-        __mmask16 m = lanes_before(0, n);
-        _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
-                                               _mm512_maskz_loadu_ps(m, x->scales + g0)));
-        int j = 0;
-        for (; j + 2 <= n; j += 2) {
-            __m512i s0 = group_sums(w, x, g0 + j, gs, bytes);
-            __m512i s1 = group_sums(w, x, g0 + j + 1, gs, bytes);
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(scales[j]), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(scales[j + 1]), acc1);
-        }
-        if (j < n)
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sums(w, x, g0 + j, gs, bytes)),
-                                   _mm512_set1_ps(scales[j]), acc0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-#endif
-
-/* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale.
-   bytes: -a fast's int8 activations (x->bytes; only where fast_q8() says so). */
+/* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale. */
 static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVector *x, int n,
-                    int gs, int bytes) {
-    int n_groups = n / gs;
-#if FAST_Q8
-    if (bytes && gs == 64) return groups_dot_q8(w, w_scales, x, n_groups, 64, 1);
-    if (bytes) return groups_dot_q8(w, w_scales, x, n_groups, gs, 1);
-    if (gs == 64)  /* export.py's default */
-        return groups_dot_q8(w, w_scales, x, n_groups, 64, 0);
-    if (gs == 32)
-        return groups_dot_q8(w, w_scales, x, n_groups, 32, 0);
-    if (gs % 32 == 0 && gs <= 4096)
-        return groups_dot_q8(w, w_scales, x, n_groups, gs, 0);
-#else
-    (void)bytes;
-#endif
+                    int gs) {
     float sum = 0.0f;
-    for (int g = 0; g < n_groups; g++) {
+    for (int g = 0; g < n / gs; g++) {
         int64_t isum = 0;
         for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int32_t)w[i] * (int32_t)x->q[i];
         sum += (float)isum * (w_scales[g] * x->scales[g]);
@@ -812,138 +523,45 @@ static void matrix_row(float *out, const Matrix *w, int row) {
     widen_values(out, w, (size_t)row * (size_t)w->cols, w->cols);
 }
 
+#define PANEL_ROWS 16   /* rows widened at a time by the prompt path */
+#define TILE 4          /* the prompt path's tile: 4 rows x 4 tokens */
+
 /* What matmul needs besides its operands, allocated once (never per token). */
-#define PANEL_ROWS 16   /* rows widened at a time by the q8_0 and portable prompt paths */
-#define TILE 4          /* portable prompt path register tile: 4 rows x 4 tokens */
-
-#define STRIP 32        /* AVX-512 prompt path: tokens per packed strip (two vectors) */
-#define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
-#define BLOCK_ROWS 64   /* ... rows per panel, and columns per block of it: a 128 KB block, */
-#define BLOCK_COLS 512  /* and a strip's 64 KB block, sit in L2 while they are reused */
-
-typedef struct {
+struct MatmulScratch {
     QuantizedVector xq; /* q8_0 decoding: the activations quantized [max_cols] */
-    float *x_pairs;     /* bf16 decoding: x in split_pairs order [max_cols] */
     float *panels;      /* prompt path: one [PANEL_ROWS][max_cols] float panel per thread */
-    float *strips;      /* AVX-512 prompt path: the tokens transposed, [strips][max_cols][STRIP] */
-    float *blocks;      /* ... one [BLOCK_ROWS][BLOCK_COLS] widened weight block per thread */
-    float *strip_sums;  /* ... one [strips][BLOCK_ROWS][STRIP] set of running sums per thread */
-    int16_t *strips_q;  /* q8_0 prompt path: the tokens quantized, [strips][max_cols][STRIP] */
-    float *strip_scales;   /* ... their scales, [strips][max_cols / 2][STRIP] (groups >= 2) */
-    int32_t *strip_corrections;  /* ... and for -a fast corrections, laid out like the scales */
-    int16_t *panels_q;  /* ... and one [PANEL_ROWS][max_cols] int16 panel per thread */
-    QuantizedVector *token_q;  /* ... and one quantized token [max_cols] per thread */
-    float *panel_scales;   /* ... with its scales, [PANEL_ROWS][max_cols / 2] per thread */
-    int fast;           /* -a fast: bf16 (FAST_BF16) or int8 (FAST_Q8) activations */
+    int fast;           /* -a fast: section 8 may round the activations more coarsely */
     int max_cols, max_tokens;
-    int n_strip_tokens; /* max_tokens rounded up to whole strips */
     int n_threads;
-} MatmulScratch;
-
-static int max_threads(void) {
-#if defined _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_id(void) {
-#if defined _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
+    struct FastScratch *fast_paths;  /* section 8's buffers (NULL without AVX-512) */
+};
 
 static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
-    int n_strips = (max_tokens + STRIP - 1) / STRIP;
     s->max_cols = max_cols;
     s->max_tokens = max_tokens;
     s->fast = 0;  /* exact until the caller asks for -a fast */
-    s->strips = checked_calloc((size_t)n_strips * STRIP * (size_t)max_cols, sizeof(float),
-                               "matmul scratch");
     s->n_threads = max_threads();
-    s->x_pairs = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
     s->xq.q = checked_calloc((size_t)max_cols, sizeof(int16_t), "matmul scratch");
     s->xq.scales = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
-    s->xq.bytes = checked_calloc((size_t)max_cols, sizeof(int8_t), "matmul scratch");
-    s->xq.corrections = checked_calloc((size_t)max_cols, sizeof(int32_t), "matmul scratch");
     s->panels = checked_calloc((size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols,
                                sizeof(float), "matmul scratch");
-    s->n_strip_tokens = n_strips * STRIP;
-    s->blocks = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * BLOCK_COLS, sizeof(float),
-                               "matmul scratch");
-    s->strip_sums = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * (size_t)s->n_strip_tokens,
-                                   sizeof(float), "matmul scratch");
-    size_t strip_values = (size_t)n_strips * STRIP * (size_t)max_cols;
-    size_t panel_values = (size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols;
-    s->strips_q = checked_calloc(strip_values, sizeof(int16_t), "matmul scratch");
-    s->strip_scales = checked_calloc(strip_values / 2 + 1, sizeof(float), "matmul scratch");
-    s->strip_corrections = checked_calloc(strip_values / 2 + 1, sizeof(int32_t), "matmul scratch");
-    s->panels_q = checked_calloc(panel_values, sizeof(int16_t), "matmul scratch");
-    s->panel_scales = checked_calloc(panel_values / 2 + 1, sizeof(float), "matmul scratch");
-    s->token_q = checked_calloc((size_t)s->n_threads, sizeof(QuantizedVector), "matmul scratch");
-    for (int i = 0; i < s->n_threads; i++) {
-        s->token_q[i].q = checked_calloc((size_t)max_cols, sizeof(int16_t), "matmul scratch");
-        s->token_q[i].scales = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
-    }
+    fast_alloc_scratch(s);
 }
 
 static void free_scratch(MatmulScratch *s) {
-    free(s->xq.q); free(s->xq.scales); free(s->xq.bytes); free(s->xq.corrections);
-    free(s->panels); free(s->strips); free(s->x_pairs); free(s->blocks); free(s->strip_sums);
-    free(s->strips_q); free(s->strip_scales); free(s->strip_corrections);
-    free(s->panels_q); free(s->panel_scales);
-    for (int i = 0; i < s->n_threads; i++) { free(s->token_q[i].q); free(s->token_q[i].scales); }
-    free(s->token_q);
+    fast_free_scratch(s);
+    free(s->xq.q); free(s->xq.scales); free(s->panels);
 }
 
-/* One product of a matmul_many call: out = W applied to the shared input. */
-typedef struct {
-    float *out;
-    const Matrix *w;
-} Product;
-
-/* Whether -a fast applies to a q8_0 matrix: int8 activations need AVX-512 VNNI and groups of
-   a multiple of 64 (export.py's default is 64). */
-static int fast_q8(const Matrix *w, const MatmulScratch *s) {
-    return FAST_Q8 && s->fast && w->type == WEIGHT_Q8_0 && w->group_size % 64 == 0;
-}
-
-/* Whether -a fast applies to a bf16 matrix: bf16 activations need AVX512-BF16 (the prompt path
-   also wants whole pairs: an even width). */
-#if defined __AVX512F__
-static int fast_bf16(const Matrix *w, const MatmulScratch *s) {
-    return FAST_BF16 && s->fast && w->type == WEIGHT_BF16;
-}
-#endif
-
-#if defined __AVX512F__
-/* Whether decoding takes a matrix WIDE_ROWS rows at a time (dot_bf16_rows, dot_fp32_rows). */
-static int wide_rows(const Matrix *w, const MatmulScratch *s) {
-    int float_x = w->type == WEIGHT_FP32 || (w->type == WEIGHT_BF16 && !fast_bf16(w, s));
-    return float_x && w->cols >= WIDE_COLS && w->cols % 32 == 0;
-}
-#endif
-
-/* Row r of w against x (in the form that w's type reads: see matmul_vector). */
+/* Row r of w against x (for q8_0, against s->xq: see matmul_vector). */
 static float row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
-    size_t row_start = (size_t)r * (size_t)w->cols;
+    size_t start = (size_t)r * (size_t)w->cols;
     switch (w->type) {
-    case WEIGHT_FP32:
-        return dot_fp32((const float *)w->data + row_start, x, w->cols);
-    case WEIGHT_BF16:
-#if FAST_BF16
-        if (fast_bf16(w, s))
-            return dot_bf16_fast((const uint16_t *)w->data + row_start,
-                                 (const uint16_t *)s->x_pairs, w->cols);
-#endif
-        return dot_bf16((const uint16_t *)w->data + row_start, x, s->x_pairs, w->cols);
+    case WEIGHT_FP32: return dot_fp32((const float *)w->data + start, x, w->cols);
+    case WEIGHT_BF16: return dot_bf16((const uint16_t *)w->data + start, x, w->cols);
     default:
-        return dot_q8((const int8_t *)w->data + row_start,
-                      w->scales + row_start / (size_t)w->group_size, &s->xq, w->cols,
-                      w->group_size, fast_q8(w, s));
+        return dot_q8((const int8_t *)w->data + start, w->scales + start / (size_t)w->group_size,
+                      &s->xq, w->cols, w->group_size);
     }
 }
 
@@ -959,494 +577,29 @@ static int same_input(const Product *products, int count) {
 }
 
 /* Decoding: out[rows] = W[rows][cols] @ x[cols] for each product. x is prepared once (q8_0
-   quantizes it, bf16 reorders it). Rows are independent: each matrix's rows are split over
-   threads, every matrix inside one parallel region with no barrier between them, so that q, k
-   and v (or gate and up) cost the threads one meeting instead of three (or two).
-   (Each thread streams runs of consecutive rows: guided scheduling hands out long runs first
-   and short ones at the end, so that a thread slowed by its share of memory does not leave
-   the other waiting at the barrier, 6-7% of decode time with equal halves. q8_0 decode +7%,
-   -a fast +2-6%, bf16 within noise, in interleaved runs. Interleaving two rows per step, to
-   share the activation loads, measured a third slower at 2048 columns: two streams per core
-   defeat the prefetcher. Rows 4096+ wide are the exception: there x itself no longer stays in
-   L1, and fp32/bf16 take WIDE_ROWS rows per step, see dot_bf16_rows.) */
+   quantizes it). Rows are independent: each matrix's rows are split over threads, every
+   matrix inside one parallel region with no barrier between them, so that q, k and v (or gate
+   and up) cost the threads one meeting instead of three (or two). Each thread takes runs of
+   consecutive rows, long ones first and short ones at the end (guided scheduling), so that a
+   thread slowed by its share of memory does not leave the others waiting at the end. */
 static void matmul_vector(const Product *products, int count, const float *x, MatmulScratch *s) {
     if (!same_input(products, count)) {
         for (int i = 0; i < count; i++) matmul_vector(products + i, 1, x, s);
         return;
     }
-    const Matrix *first = products[0].w;
-    if (fast_q8(first, s)) quantize_bytes(&s->xq, x, first->cols, first->group_size);
-    else if (first->type == WEIGHT_Q8_0)
-        quantize_vector(&s->xq, x, first->cols, first->group_size, Q16_MAX);
-#if FAST_BF16
-    if (fast_bf16(first, s))
-        round_vector_bf16((uint16_t *)s->x_pairs, x, first->cols);
-    else
-#endif
-    if (first->type == WEIGHT_BF16) split_pairs(s->x_pairs, x, first->cols);
-#if defined _OPENMP
-#pragma omp parallel
-#endif
+    const Matrix *w0 = products[0].w;
+    if (!fast_prepare_vector(w0, x, s) && w0->type == WEIGHT_Q8_0)  /* hook */
+        quantize_vector(&s->xq, x, w0->cols, w0->group_size, Q16_MAX);
+    OMP(parallel)
     for (int i = 0; i < count; i++) {
         const Matrix *w = products[i].w;
         float *out = products[i].out;
-#if defined __AVX512F__
-        if (wide_rows(w, s)) {  /* the same, WIDE_ROWS rows per step */
-            int steps = (w->rows + WIDE_ROWS - 1) / WIDE_ROWS;
-#if defined _OPENMP
-#pragma omp for schedule(guided) nowait
-#endif
-            for (int step = 0; step < steps; step++) {
-                int r0 = step * WIDE_ROWS, nr = w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS;
-                size_t first = (size_t)r0 * (size_t)w->cols;
-                if (w->type == WEIGHT_FP32)
-                    dot_fp32_rows(out + r0, (const float *)w->data + first, (size_t)w->cols, x,
-                                  w->cols, nr);
-                else
-                    dot_bf16_rows(out + r0, (const uint16_t *)w->data + first, (size_t)w->cols,
-                                  s->x_pairs, w->cols, nr);
-            }
-            continue;
-        }
-#endif
-#if defined _OPENMP
-#pragma omp for schedule(guided) nowait
-#endif
+        if (fast_matmul_rows(out, w, x, s)) continue;  /* hook */
+        OMP(for schedule(guided) nowait)
         for (int r = 0; r < w->rows; r++) out[r] = row_dot(w, r, x, s);
     }
 }
 
-#if defined __AVX512F__
-/* Transposes the tokens into strips of STRIP: strip[k][j] = x[first + j][k], zero past n.
-   A vector load then gives one column for 16 tokens, to meet a broadcast weight. */
-static void pack_strip(float *strip, const float *x, int first, int n, int cols) {
-    /* 16 columns (one cache line of each token) at a time: token rows 2^k floats apart share
-       one L1 set, so a column at a time would miss on every load */
-    for (int k0 = 0; k0 < cols; k0 += 16) {
-        int kn = cols - k0 < 16 ? cols - k0 : 16;
-        for (int j = 0; j < STRIP; j++) {
-            const float *row = x + (size_t)(first + j) * cols + k0;
-            for (int k = 0; k < kn; k++)
-                strip[(size_t)(k0 + k) * STRIP + j] = first + j < n ? row[k] : 0.0f;
-        }
-    }
-}
-
-/* Columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1 of w, widened to float32 into
-   block[r][0 .. kn-1] (row stride BLOCK_COLS); rows nr .. nr_padded-1 are zeroed, so that a
-   ragged last register tile multiplies zeros. */
-static void widen_block(float *block, const Matrix *w, int r0, int nr, int nr_padded, int k0,
-                        int kn) {
-    for (int r = 0; r < nr; r++)
-        widen_values(block + (size_t)r * BLOCK_COLS, w,
-                     (size_t)(r0 + r) * (size_t)w->cols + (size_t)k0, kn);
-    for (int r = nr; r < nr_padded; r++)
-        memset(block + (size_t)r * BLOCK_COLS, 0, (size_t)kn * sizeof(float));
-}
-
-/* One register tile, over one block of columns: sums[r][t] += w[r][k] * strip[k][t] for
-   STRIP_ROWS rows (w: row stride w_stride) and the STRIP tokens of a strip, k = 0 .. kn-1
-   (first: start from zero instead of sums). Each step of k broadcasts one weight per row and
-   multiplies it into two vectors of 16 tokens: 16 multiply-adds per 2 vector loads. Each sum
-   runs over k in order (the sums are parked in memory between blocks, exactly), like the plain
-   dot product. */
-static void strip_kernel(float *sums, const float *w, size_t w_stride, const float *strip, int kn,
-                         int first) {
-    __m512 acc[STRIP_ROWS][2];
-    for (int r = 0; r < STRIP_ROWS; r++) {
-        acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP);
-        acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP + 16);
-    }
-    for (int k = 0; k < kn; k++) {
-        __m512 x0 = _mm512_loadu_ps(strip + (size_t)k * STRIP);
-        __m512 x1 = _mm512_loadu_ps(strip + (size_t)k * STRIP + 16);
-        for (int r = 0; r < STRIP_ROWS; r++) {
-            __m512 wv = _mm512_set1_ps(w[(size_t)r * w_stride + k]);
-            acc[r][0] = _mm512_fmadd_ps(wv, x0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(wv, x1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < STRIP_ROWS; r++) {
-        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
-        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
-    }
-}
-
-/* strip_kernel for bf16 weights read in place (row stride w_stride values; kn even): each
-   32-bit load holds a row's weights k and k+1, and a bf16 is the top half of its float32, so
-   a shift gives weight k and a mask gives weight k+1 without a widened copy of the rows. */
-static void strip_kernel_bf16(float *sums, const uint16_t *w, size_t w_stride, const float *strip,
-                              int kn, int first) {
-    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    __m512 acc[STRIP_ROWS][2];
-    for (int r = 0; r < STRIP_ROWS; r++) {
-        acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP);
-        acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP + 16);
-    }
-    for (int k = 0; k < kn; k += 2) {
-        const float *x = strip + (size_t)k * STRIP;
-        __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-        __m512 y0 = _mm512_loadu_ps(x + STRIP), y1 = _mm512_loadu_ps(x + STRIP + 16);
-        for (int r = 0; r < STRIP_ROWS; r++) {
-            int32_t pair;
-            memcpy(&pair, w + (size_t)r * w_stride + k, sizeof pair);
-            __m512i both = _mm512_set1_epi32(pair);
-            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
-            __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(both, high));
-            acc[r][0] = _mm512_fmadd_ps(w0, x0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(w0, x1, acc[r][1]);
-            acc[r][0] = _mm512_fmadd_ps(w1, y0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(w1, y1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < STRIP_ROWS; r++) {
-        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
-        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
-    }
-}
-
-#if FAST_BF16
-/* Fast activations (see dot_bf16_fast): the tokens rounded to bf16 and packed in pairs,
-   pairs[(k/2) * STRIP + j] = (x[first + j][k], x[first + j][k+1]) (cols even). */
-static void pack_strip_fast(uint32_t *pairs, const float *x, int first, int n, int cols) {
-    for (int k0 = 0; k0 < cols; k0 += 32) {  /* two cache lines of each token at a time */
-        int n_pairs = cols - k0 < 32 ? (cols - k0) / 2 : 16;
-        for (int j = 0; j < STRIP; j++) {
-            uint32_t rounded[16] = {0};
-            if (first + j < n) {
-                const float *row = x + (size_t)(first + j) * cols + k0;
-                __m512 lo = _mm512_maskz_loadu_ps(lanes_before(0, 2 * n_pairs), row);
-                __m512 hi = _mm512_maskz_loadu_ps(lanes_before(16, 2 * n_pairs), row + 16);
-                _mm512_storeu_si512((void *)rounded, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-            }
-            for (int m = 0; m < n_pairs; m++) pairs[(size_t)(k0 / 2 + m) * STRIP + j] = rounded[m];
-        }
-    }
-}
-
-/* strip_kernel_bf16 against bf16 token pairs: one vdpbf16ps takes weights k and k+1 of a row
-   against 16 tokens' pairs, the work of two FMAs. Only the first nr rows are real (a ragged
-   last tile): the others repeat row nr - 1, and their sums go unused. */
-static void strip_kernel_fast(float *sums, const uint16_t *w, size_t w_stride, int nr,
-                              const uint32_t *pairs, int kn, int first) {
-    __m512 acc[STRIP_ROWS][2];
-    for (int r = 0; r < STRIP_ROWS; r++) {
-        acc[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP);
-        acc[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP + 16);
-    }
-    for (int k = 0; k < kn; k += 2) {
-        const uint32_t *p = pairs + (size_t)(k / 2) * STRIP;
-        __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)p);
-        __m512bh x1 = (__m512bh)_mm512_loadu_si512((const void *)(p + 16));
-        for (int r = 0; r < STRIP_ROWS; r++) {
-            int32_t pair;
-            memcpy(&pair, w + (size_t)(r < nr ? r : nr - 1) * w_stride + k, sizeof pair);
-            __m512bh wv = (__m512bh)_mm512_set1_epi32(pair);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, x0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], wv, x1);
-        }
-    }
-    for (int r = 0; r < STRIP_ROWS; r++) {
-        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
-        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
-    }
-}
-#endif
-
-/* One block of a panel: columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1, against the same
-   columns of every strip, tile by tile. fp32 and bf16 rows are read in place, where they lie
-   contiguous (the block is small enough to stay in L1/L2 for every strip); a ragged last
-   panel (zero rows pad its last tile), odd-width bf16 rows (no whole pairs) and q8_0 rows
-   are widened into `block` first. */
-static void strips_block(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
-                         int kn, const float *strips, int n_strips, int fast) {
-    int cols = w->cols, n_tiles = (nr + STRIP_ROWS - 1) / STRIP_ROWS;
-    int whole_tiles = nr % STRIP_ROWS == 0;
-    int fp32_in_place = w->type == WEIGHT_FP32 && whole_tiles;
-    int bf16_in_place = w->type == WEIGHT_BF16 && whole_tiles && cols % 2 == 0;
-    if (!fast && !fp32_in_place && !bf16_in_place)
-        widen_block(block, w, r0, nr, n_tiles * STRIP_ROWS, k0, kn);
-    for (int i = 0; i < n_strips; i++) {
-        const float *strip = strips + ((size_t)i * cols + (size_t)k0) * STRIP;
-        for (int t = 0; t < n_tiles; t++) {
-            float *tile_sums = sums + ((size_t)i * BLOCK_ROWS + (size_t)t * STRIP_ROWS) * STRIP;
-            size_t first_value = (size_t)(r0 + t * STRIP_ROWS) * (size_t)cols + (size_t)k0;
-#if FAST_BF16
-            if (fast) {  /* bf16 rows of even width, read in place */
-                const uint32_t *pairs = (const uint32_t *)(strips + (size_t)i * cols * STRIP);
-                int tile_rows = nr - t * STRIP_ROWS < STRIP_ROWS ? nr - t * STRIP_ROWS : STRIP_ROWS;
-                strip_kernel_fast(tile_sums, (const uint16_t *)w->data + first_value, (size_t)cols,
-                                  tile_rows, pairs + (size_t)(k0 / 2) * STRIP, kn, k0 == 0);
-                continue;
-            }
-#endif
-            if (fp32_in_place)
-                strip_kernel(tile_sums, (const float *)w->data + first_value, (size_t)cols,
-                             strip, kn, k0 == 0);
-            else if (bf16_in_place)
-                strip_kernel_bf16(tile_sums, (const uint16_t *)w->data + first_value,
-                                  (size_t)cols, strip, kn, k0 == 0);
-            else
-                strip_kernel(tile_sums, block + (size_t)t * STRIP_ROWS * BLOCK_COLS, BLOCK_COLS,
-                             strip, kn, k0 == 0);
-        }
-    }
-}
-
-/* A panel's running sums for one strip, sums[r][t] (row stride STRIP), to their places in
-   out[first + t][r0 + r] (row stride rows), for t < nt and r < nr: a token's rows at a time,
-   so that each line of out is written whole, once. */
-static void scatter_sums(float *out, int rows, const float *sums, int first, int nt, int r0,
-                         int nr) {
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < nr; r++)
-            out[(size_t)(first + t) * rows + r0 + r] = sums[r * STRIP + t];
-}
-
-/* The AVX-512 prompt path. The threads first pack the tokens into strips, then take panels of
-   BLOCK_ROWS rows, each walked in blocks of BLOCK_COLS columns (strips_block). A whole strip
-   (up to 1 MB at 8192 columns) would not stay in L2 while every tile of the panel reads it; a
-   block of one does. The running sums, sums[strip][row][token], go to out[token][row] after
-   the panel's last block. */
-static void matmul_strips(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
-    int rows = w->rows, cols = w->cols, n_strips = (n + STRIP - 1) / STRIP;
-    int n_panels = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-    int fast = fast_bf16(w, s) && cols % 2 == 0;
-#if defined _OPENMP
-#pragma omp parallel
-#endif
-    {
-#if defined _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int i = 0; i < n_strips; i++) {
-            float *strip = s->strips + (size_t)i * STRIP * cols;
-#if FAST_BF16
-            if (fast) {
-                pack_strip_fast((uint32_t *)strip, x, i * STRIP, n, cols);
-                continue;
-            }
-#endif
-            pack_strip(strip, x, i * STRIP, n, cols);
-        }
-        /* (the for's implied barrier: every strip is packed before any panel starts) */
-        float *block = s->blocks + (size_t)thread_id() * BLOCK_ROWS * BLOCK_COLS;
-        float *sums = s->strip_sums + (size_t)thread_id() * BLOCK_ROWS * (size_t)s->n_strip_tokens;
-#if defined _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int p = 0; p < n_panels; p++) {
-            int r0 = p * BLOCK_ROWS, nr = rows - r0 < BLOCK_ROWS ? rows - r0 : BLOCK_ROWS;
-            for (int k0 = 0; k0 < cols; k0 += BLOCK_COLS)
-                strips_block(sums, block, w, r0, nr, k0,
-                             cols - k0 < BLOCK_COLS ? cols - k0 : BLOCK_COLS,
-                             s->strips, n_strips, fast);
-            for (int i = 0; i < n_strips; i++)
-                scatter_sums(out, rows, sums + (size_t)i * BLOCK_ROWS * STRIP, i * STRIP,
-                             n - i * STRIP < STRIP ? n - i * STRIP : STRIP, r0, nr);
-        }
-    }
-}
-#endif
-
-#if defined __AVX512VNNI__ && defined __AVX512BW__
-/* The q8_0 prompt path: integer dot products, like decoding. Each token's activations are
-   quantized per group (quantize_vector, the same rounding decoding does) and packed into
-   strips of STRIP tokens whose 32-bit words hold a token's int16 pair (x[k], x[k+1]), or with
-   -a fast its four int8 x[k] .. x[k+3]; a panel of rows is widened to the same words. Then one
-   instruction, a broadcast weight word against 16 tokens' words, makes 32 (vpdpwssd) or 64
-   (vpdpbusd) multiply-adds, where a float32 FMA makes 16. A group's sums are exact in int32
-   (gs * 127 * 32767 < 2^31 for gs <= 512) and meet their two scales, the weight row's and the
-   token's, once per group. */
-#define Q_ROWS 4        /* rows per register tile (strip_kernel_q8 names its four rows) */
-#define Q_MAX_GROUP 512
-
-static int q8_strips_apply(const Matrix *w) {
-    return w->type == WEIGHT_Q8_0 && w->group_size % 2 == 0 && w->group_size <= Q_MAX_GROUP;
-}
-
-/* Quantizes tokens first .. first+STRIP-1 of x (zeros past n) into one strip of words:
-   words[m * STRIP + j] = token j's values 2m, 2m+1 as int16 or (bytes) 4m .. 4m+3 as int8,
-   scales[g * STRIP + j], and for bytes corrections[g * STRIP + j] = -128 * the group's sum
-   (group_sums_fast explains; here a lane is a token, so it takes all of it). */
-static void pack_strip_q8(uint32_t *words, float *scales, int32_t *corrections, const float *x,
-                          int first, int n, int cols, int gs, int bytes, QuantizedVector *tmp) {
-    int n_groups = cols / gs, per_word = bytes ? 4 : 2;
-    for (int j = 0; j < STRIP; j++) {
-        if (first + j < n) {
-            quantize_vector(tmp, x + (size_t)(first + j) * cols, cols, gs,
-                            bytes ? Q8_MAX : Q16_MAX);
-        } else {
-            memset(tmp->q, 0, (size_t)cols * sizeof(int16_t));
-            memset(tmp->scales, 0, (size_t)n_groups * sizeof(float));
-        }
-        for (int m = 0; m < cols / per_word; m++) {
-            const int16_t *q = tmp->q + (size_t)m * per_word;
-            uint32_t word = bytes ? (uint32_t)(uint8_t)q[0] | (uint32_t)(uint8_t)q[1] << 8 |
-                                    (uint32_t)(uint8_t)q[2] << 16 | (uint32_t)(uint8_t)q[3] << 24
-                                  : (uint32_t)(uint16_t)q[0] | (uint32_t)(uint16_t)q[1] << 16;
-            words[(size_t)m * STRIP + j] = word;
-        }
-        for (int g = 0; g < n_groups; g++) scales[(size_t)g * STRIP + j] = tmp->scales[g];
-        for (int g = 0; bytes && g < n_groups; g++) {
-            int32_t sum = 0;
-            for (int i = g * gs; i < (g + 1) * gs; i++) sum += tmp->q[i];
-            corrections[(size_t)g * STRIP + j] = -128 * sum;
-        }
-    }
-}
-
-/* Memory a kernel prefetches while it runs, evenly over its groups: the next panel's rows. */
-typedef struct {
-    const char *start;
-    size_t bytes;
-} Prefetch;
-
-static inline __m512i dot_words(__m512i acc, __m512i w, __m512i x, int bytes) {
-    return bytes ? dot_bytes(acc, w, x) : dot_pairs(acc, w, x);
-}
-
-/* sums[r][t] (row stride STRIP) for Q_ROWS rows of weight words (row stride row_words, their
-   scales row stride n_groups) and the strip's tokens, groups of group_words words.
-   corrections: NULL for int16 pairs, else the strip's for int8 quads. The caller scatters a
-   panel's sums to the output once its tiles are done (scatter_sums): written from here, 4
-   rows at a time, each output line took 4 partial writes, 8% of this kernel's time. */
-static void strip_kernel_q8(float *sums, const uint32_t *w, size_t row_words,
-                            const float *w_scales, const uint32_t *words,
-                            const float *x_scales, const int32_t *corrections,
-                            int n_groups, int group_words, Prefetch ahead) {
-    int bytes = corrections != NULL;
-    size_t ahead_lines = (ahead.bytes + 63) / 64;
-    const uint32_t *w0 = w, *w1 = w + row_words, *w2 = w + 2 * row_words, *w3 = w + 3 * row_words;
-    __m512 acc[Q_ROWS][2];
-    for (int r = 0; r < Q_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int g = 0; g < n_groups; g++) {
-        __m512i c0 = _mm512_setzero_si512(), c1 = c0;
-        if (bytes) {
-            c0 = _mm512_loadu_si512((const void *)(corrections + (size_t)g * STRIP));
-            c1 = _mm512_loadu_si512((const void *)(corrections + (size_t)g * STRIP + 16));
-        }
-        /* named accumulators, not an array: gcc 12 copies an array of them on every step */
-        __m512i s00 = c0, s01 = c1, s10 = c0, s11 = c1, s20 = c0, s21 = c1, s30 = c0, s31 = c1;
-        for (size_t i = g * ahead_lines / n_groups; i < (g + 1) * ahead_lines / n_groups; i++)
-            _mm_prefetch(ahead.start + i * 64, _MM_HINT_T0);
-        for (int m = g * group_words; m < (g + 1) * group_words; m++) {
-            const uint32_t *p = words + (size_t)m * STRIP;
-            __m512i x0 = _mm512_loadu_si512((const void *)p);
-            __m512i x1 = _mm512_loadu_si512((const void *)(p + 16));
-            __m512i wv = _mm512_set1_epi32((int)w0[m]);
-            s00 = dot_words(s00, wv, x0, bytes);
-            s01 = dot_words(s01, wv, x1, bytes);
-            wv = _mm512_set1_epi32((int)w1[m]);
-            s10 = dot_words(s10, wv, x0, bytes);
-            s11 = dot_words(s11, wv, x1, bytes);
-            wv = _mm512_set1_epi32((int)w2[m]);
-            s20 = dot_words(s20, wv, x0, bytes);
-            s21 = dot_words(s21, wv, x1, bytes);
-            wv = _mm512_set1_epi32((int)w3[m]);
-            s30 = dot_words(s30, wv, x0, bytes);
-            s31 = dot_words(s31, wv, x1, bytes);
-        }
-        __m512 xs0 = _mm512_loadu_ps(x_scales + (size_t)g * STRIP);
-        __m512 xs1 = _mm512_loadu_ps(x_scales + (size_t)g * STRIP + 16);
-        __m512i sums[Q_ROWS][2] = { { s00, s01 }, { s10, s11 }, { s20, s21 }, { s30, s31 } };
-        for (int r = 0; r < Q_ROWS; r++) {
-            __m512 ws = _mm512_set1_ps(w_scales[(size_t)r * n_groups + g]);
-            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][0]), _mm512_mul_ps(xs0, ws),
-                                        acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][1]), _mm512_mul_ps(xs1, ws),
-                                        acc[r][1]);
-        }
-    }
-    for (int r = 0; r < Q_ROWS; r++) {
-        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
-        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
-    }
-}
-
-/* Like matmul_strips, with strips of integer words and panels of rows widened from int8 to
-   the same words: int16, or for bytes uint8 with the top bit flipped (w + 128, the unsigned
-   side of vpdpbusd); zero rows and zero scales pad a ragged last panel. The widening waits on
-   memory, so while a panel meets the strips, the next panel's rows are prefetched, a share
-   per kernel call. */
-static void widen_panel_q8(uint32_t *panel, float *scales, const Matrix *w, int r0, int nr,
-                           int bytes) {
-    int cols = w->cols, n_groups = cols / w->group_size;
-    size_t n = (size_t)nr * cols, padding = (size_t)(PANEL_ROWS - nr) * cols;
-    const int8_t *src = (const int8_t *)w->data + (size_t)r0 * cols;
-    if (bytes) {
-        uint8_t *dst = (uint8_t *)panel;
-        for (size_t i = 0; i < n; i++) dst[i] = (uint8_t)src[i] ^ 0x80u;
-        memset(dst + n, 0x80, padding);
-    } else {
-        int16_t *dst = (int16_t *)panel;
-        for (size_t i = 0; i < n; i++) dst[i] = src[i];
-        memset(dst + n, 0, padding * sizeof(int16_t));
-    }
-    memcpy(scales, w->scales + (size_t)r0 * n_groups, (size_t)nr * n_groups * sizeof(float));
-    memset(scales + (size_t)nr * n_groups, 0,
-           (size_t)(PANEL_ROWS - nr) * n_groups * sizeof(float));
-}
-
-static void matmul_strips_q8(float *out, const float *x, int n, const Matrix *w,
-                             MatmulScratch *s) {
-    int rows = w->rows, cols = w->cols, gs = w->group_size, n_groups = cols / gs;
-    int n_strips = (n + STRIP - 1) / STRIP, n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
-    int bytes = fast_q8(w, s), per_word = bytes ? 4 : 2;
-    size_t row_words = (size_t)cols / per_word;
-    int calls = n_strips * (PANEL_ROWS / Q_ROWS);  /* kernel calls per whole panel */
-    size_t panel_bytes = (size_t)PANEL_ROWS * cols, share = (panel_bytes / calls + 63) / 64 * 64;
-#if defined _OPENMP
-#pragma omp parallel
-#endif
-    {
-        int id = thread_id();
-#if defined _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int i = 0; i < n_strips; i++)
-            pack_strip_q8((uint32_t *)(s->strips_q + (size_t)i * STRIP * cols),
-                          s->strip_scales + (size_t)i * STRIP * (cols / 2),
-                          s->strip_corrections + (size_t)i * STRIP * (cols / 2), x, i * STRIP,
-                          n, cols, gs, bytes, &s->token_q[id]);
-        /* (the for's implied barrier: every strip is packed before any panel starts) */
-        uint32_t *panel = (uint32_t *)(s->panels_q + (size_t)id * PANEL_ROWS * (size_t)s->max_cols);
-        float *scales = s->panel_scales + (size_t)id * PANEL_ROWS * (s->max_cols / 2);
-        float *sums = s->strip_sums + (size_t)id * BLOCK_ROWS * (size_t)s->n_strip_tokens;
-#if defined _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int p = 0; p < n_panels; p++) {
-            int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
-            const int8_t *next = (const int8_t *)w->data + (size_t)(r0 + PANEL_ROWS) * cols;
-            size_t next_bytes = p + 1 < n_panels ? (size_t)(rows - r0 - nr) * cols : 0;
-            if (next_bytes > panel_bytes) next_bytes = panel_bytes;
-            widen_panel_q8(panel, scales, w, r0, nr, bytes);
-            int call = 0;
-            for (int i = 0; i < n_strips; i++) {
-                int nt = n - i * STRIP < STRIP ? n - i * STRIP : STRIP;
-                size_t strip_words = (size_t)i * STRIP * cols / 2;  /* strips_q is int16 */
-                const int32_t *corrections =
-                    bytes ? s->strip_corrections + (size_t)i * STRIP * (cols / 2) : NULL;
-                for (int r = 0; r < nr; r += Q_ROWS, call++) {
-                    size_t done = (size_t)call * share;
-                    Prefetch ahead = { (const char *)next + done, 0 };
-                    if (done < next_bytes)
-                        ahead.bytes = next_bytes - done < share ? next_bytes - done : share;
-                    strip_kernel_q8(sums + (size_t)r * STRIP, panel + (size_t)r * row_words,
-                                    row_words, scales + (size_t)r * n_groups,
-                                    (const uint32_t *)s->strips_q + strip_words,
-                                    s->strip_scales + (size_t)i * STRIP * (cols / 2),
-                                    corrections, n_groups, gs / per_word, ahead);
-                }
-                scatter_sums(out, rows, sums, i * STRIP, nt, r0, nr);
-            }
-        }
-    }
-}
-#endif
-
-#if !defined __AVX512F__
 /* out[t][r] = dot(w row r, x token t) for TILE rows and TILE tokens: the rows and tokens of a
    tile stay in cache while their 16 dot products are taken. */
 static void tile_dots(float *out, int out_stride, const float *w, const float *x, int cols) {
@@ -1456,15 +609,15 @@ static void tile_dots(float *out, int out_stride, const float *w, const float *x
                 dot_fp32(w + (size_t)r * cols, x + (size_t)t * cols, cols);
 }
 
-/* The portable prompt path: out[n][rows] = x[n][cols] @ W^T. Threads take panels of
+/* The prompt path: out[n_tokens][rows] = x[n_tokens][cols] @ W^T. Threads take panels of
    PANEL_ROWS rows; a panel is widened to float32 once (fp32 rows are used in place) and then
-   meets all n tokens from cache, so each weight is read from memory once per block of tokens. */
-static void matmul_block(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
+   meets all the tokens from cache, so each weight is read from memory once per block of
+   tokens. */
+static void matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+                         MatmulScratch *s) {
     int rows = w->rows, cols = w->cols;
     int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
-#if defined _OPENMP
-#pragma omp parallel for schedule(static)
-#endif
+    OMP(parallel for schedule(static))
     for (int p = 0; p < n_panels; p++) {
         int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
         const float *panel;
@@ -1475,15 +628,15 @@ static void matmul_block(float *out, const float *x, int n, const Matrix *w, Mat
             for (int r = 0; r < nr; r++) matrix_row(buf + (size_t)r * cols, w, r0 + r);
             panel = buf;
         }
-        for (int t0 = 0; t0 < n; t0 += TILE) {      /* a few tokens stay in L1/L2 ... */
-            for (int r = 0; r < nr; r += TILE) {    /* ... while the panel's rows go by */
+        for (int t0 = 0; t0 < n_tokens; t0 += TILE) {  /* a few tokens stay in L1/L2 ... */
+            for (int r = 0; r < nr; r += TILE) {       /* ... while the panel's rows go by */
                 const float *wr = panel + (size_t)r * cols, *xt = x + (size_t)t0 * cols;
                 float *o = out + (size_t)t0 * rows + r0 + r;
-                if (t0 + TILE <= n && r + TILE <= nr) {
+                if (t0 + TILE <= n_tokens && r + TILE <= nr) {
                     tile_dots(o, rows, wr, xt, cols);
                     continue;
                 }
-                for (int t = 0; t < TILE && t0 + t < n; t++)  /* the ragged edges */
+                for (int t = 0; t < TILE && t0 + t < n_tokens; t++)  /* the ragged edges */
                     for (int rr = 0; rr < TILE && r + rr < nr; rr++)
                         o[(size_t)t * rows + rr] =
                             dot_fp32(wr + (size_t)rr * cols, xt + (size_t)t * cols, cols);
@@ -1491,37 +644,27 @@ static void matmul_block(float *out, const float *x, int n, const Matrix *w, Mat
         }
     }
 }
-#endif
 
-/* The one matmul dispatch: for each product, out[n][rows] = W[rows][cols] applied to each of
-   the n vectors x[n][cols] that the products share. */
-static void matmul_many(const Product *products, int count, const float *x, int n,
+/* The one matmul dispatch: for each product, out[n_tokens][rows] = W[rows][cols] applied to
+   each of the n_tokens vectors x[n_tokens][cols] that the products share. */
+static void matmul_many(const Product *products, int count, const float *x, int n_tokens,
                         MatmulScratch *s) {
-    if (n == 1) {
+    if (n_tokens == 1) {
         matmul_vector(products, count, x, s);
         return;
     }
     for (int i = 0; i < count; i++) {
         float *out = products[i].out;
         const Matrix *w = products[i].w;
-#if defined __AVX512VNNI__ && defined __AVX512BW__
-        if (q8_strips_apply(w)) {
-            matmul_strips_q8(out, x, n, w, s);
-            continue;
-        }
-#endif
-#if defined __AVX512F__
-        matmul_strips(out, x, n, w, s);
-#else
-        matmul_block(out, x, n, w, s);
-#endif
+        if (fast_matmul_block(out, x, n_tokens, w, s)) continue;  /* hook */
+        matmul_block(out, x, n_tokens, w, s);
     }
 }
 
-/* One matrix: out[n][rows] = W applied to each of the n vectors x[n][cols]. */
-static void matmul(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
+/* One matrix: out[n_tokens][rows] = W applied to each of the n_tokens vectors x[n_tokens][cols]. */
+static void matmul(float *out, const float *x, int n_tokens, const Matrix *w, MatmulScratch *s) {
     Product p = { out, w };
-    matmul_many(&p, 1, x, n, s);
+    matmul_many(&p, 1, x, n_tokens, s);
 }
 
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
@@ -1531,50 +674,13 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
 }
 
-#if defined __AVX512F__
-/* e^x for 16 floats, within 2 ulp of expf (tests/test_kernels.c checks): x = n ln2 + r with
-   |r| <= ln2/2 (ln2 in two parts, so r is exact), e^r by its Taylor series to r^7 (the rest is
-   below 1e-8 of it), times 2^n by vscalefps, which gives inf past the top of the float range
-   and 0 past the bottom. At a long context attention takes billions of these; expf one at a
-   time would be a quarter of a prompt's time. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    const float inverse_factorials[] = { 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
-                                         1.0f / 6, 0.5f, 1.0f, 1.0f };
-    __m512 p = _mm512_set1_ps(inverse_factorials[0]);
-    for (int k = 1; k < 8; k++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inverse_factorials[k]));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
-
 static void softmax(float *x, int n) {
-#if defined __AVX512F__
-    __m512 vmax = _mm512_set1_ps(x[0]), vsum = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16)
-        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, lanes_before(i, n), x + i));
-    __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 m = lanes_before(i, n);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), max));
-        _mm512_mask_storeu_ps(x + i, m, e);
-        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
-    }
-    __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 m = lanes_before(i, n);
-        _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), sum));
-    }
-#else
+    if (fast_softmax(x, n)) return;  /* hook */
     float max = x[0];
     for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
     float sum = 0.0f;
     for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
     for (int i = 0; i < n; i++) x[i] /= sum;
-#endif
 }
 
 /* RoPE frequencies, computed with exactly the float32 operations of Meta's reference code
@@ -1624,43 +730,27 @@ static void rope(float *vec, int n_heads, int head_dim, const float *cos_t, cons
 /* ----------------------------------------------------------------------------------------
    3. The forward pass
 
-   forward() runs a block of n consecutive tokens (positions pos .. pos+n-1) through every
-   layer together, so that each weight matrix is read once per block instead of once per
-   token. Decoding is the same code with n = 1. Within a block, attention is causal: token t
-   sees the cached positions up to its own. */
+   forward() runs a block of n_tokens consecutive tokens (positions pos .. pos+n_tokens-1)
+   through every layer together, so that each weight matrix is read once per block instead of
+   once per token. Decoding is the same code with one token. Within a block, attention is
+   causal: token t sees the cached positions up to its own. */
 
-/* Prompt tokens per forward() call. Larger blocks read the weights fewer times and take longer
-   runs of work between the threads' meetings: 512-token prompts on the 1B shape, 64 -> 256,
-   measured fp32 +5%, bf16 -a fast +5%, q8_0 +2-3%; 512 was no better. The buffers it sizes
-   are only touched as far as a block reaches (peak RSS of a 4K q8_0 prompt +22 MiB). */
+/* Prompt tokens per forward() call: larger blocks read the weights fewer times (README.md,
+   "Performance", has the measurements). The buffers it sizes are only touched as far as a
+   block reaches. */
 #define MAX_BLOCK 256
 
-/* Attention reads the whole KV cache for every token, so at long context it, not the weights,
-   is what decoding streams from memory. Three things keep that to one pass per KV head:
-   - the query heads of a GQA group share their KV head: a pass takes up to ATT_ROWS query rows
-     (those heads, and for a prompt block also the next tokens' heads) over each key and value
-     once, instead of once per query head. Within a pass the kernels take ATT_TILE_ROWS rows at
-     a time (a register tile: 8 x 2 vectors) over two key tiles or VALUE_CHUNK values, which
-     stay in cache while every row tile of the pass uses them. (Passes of one token's 4 rows
-     had 4-row tiles, about one load per multiply-add, and re-read the keys and values, 2 MB
-     at a 4K context, per token: a 3960-token q8_0 -a fast prompt ran at 178 tok/s, now 193;
-     decoding, still 4-row tiles, is unchanged);
-   - each KV head's keys lie in tiles of KEY_TILE positions, transposed ([head_dim][KEY_TILE]),
-     so that one vector load is one dimension of 16 keys: a row's scores come out 16 positions
-     at a time from broadcast multiply-adds, with no horizontal sums;
-   - each KV head's values lie contiguous, position after position, so the weighted sum reads
-     them in order, one position's values meeting every row's weight.
-   A score and an output value are still each one float32 sum in order (over dimensions, over
-   positions), and the softmax is the plain max-subtracted one. */
+/* The KV cache. Each KV head's keys lie in tiles of KEY_TILE positions, transposed
+   ([head_dim][KEY_TILE]): dimension d of the keys of a tile's positions lies contiguous, so
+   that the scores of KEY_TILE positions are taken side by side (a vector of them, for the
+   compiler or section 8). Each KV head's values lie position after position ([head_dim]
+   each), read in order by the weighted sum. */
 #define KEY_TILE 16
-#define ATT_ROWS 16      /* query rows per pass: 4 tokens of a 4-head GQA group */
-#define ATT_TILE_ROWS 8  /* rows per register tile (4 where a pass has no more: decoding) */
-#define SCORE_TILES 2    /* key tiles per register tile: 8 rows x 2 vectors of scores */
-#define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
+#define SCORE_TILES 2    /* section 8's score kernel reads key tiles in pairs */
+#define ATT_ROWS 16      /* ... and takes up to 16 query rows per pass (rows of scores) */
 
-/* Positions the cache holds per KV head: seq_len rounded up to whole pairs of key tiles (the
-   score kernel reads tiles in pairs; a tile past the last position holds zeros or stale keys,
-   and the scores from it go unused). */
+/* Positions the cache holds per KV head: seq_len rounded up to whole pairs of key tiles (a
+   tile past the last position holds zeros or stale keys, and the scores from it go unused). */
 static int cache_positions(int seq_len) {
     int step = KEY_TILE * SCORE_TILES;
     return (seq_len + step - 1) / step * step;
@@ -1688,6 +778,9 @@ typedef struct {
     Model model;
     RunState state;
 } Transformer;
+
+static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                          int n_tokens);  /* a hook into section 8 */
 
 static float *alloc_block(int width, const char *what) {
     return checked_calloc((size_t)MAX_BLOCK * (size_t)width, sizeof(float), what);
@@ -1727,120 +820,13 @@ static void free_state(RunState *s) {
     free_scratch(&s->scratch);
 }
 
-/* scores[r][p] = scale * dot(rows[r], key p) for the 2 * KEY_TILE positions from tile first
-   on, rows r < nr <= tile_rows. Called with a constant tile_rows, 4 or ATT_TILE_ROWS, which
-   picks the register tile: decoding has 4 rows per KV head (the 1B shape), prompt passes 16.
-   Per dimension: 2 key loads and tile_rows broadcasts meet in 2 * tile_rows multiply-adds. */
-static inline void score_tiles(float *const *scores, const float *const *rows, int nr,
-                               const float *keys, int first, int head_dim, float scale,
-                               int tile_rows) {
-    const float *tile = keys + (size_t)first * head_dim * KEY_TILE;
-#if defined __AVX512F__
-    const float *tile2 = tile + (size_t)head_dim * KEY_TILE;
-    __m512 acc[ATT_TILE_ROWS][SCORE_TILES];
-    for (int r = 0; r < tile_rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int d = 0; d < head_dim; d++) {
-        __m512 k0 = _mm512_loadu_ps(tile + (size_t)d * KEY_TILE);
-        __m512 k1 = _mm512_loadu_ps(tile2 + (size_t)d * KEY_TILE);
-        for (int r = 0; r < tile_rows; r++) {
-            __m512 q = _mm512_set1_ps(rows[r][d]);
-            acc[r][0] = _mm512_fmadd_ps(q, k0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(q, k1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int j = 0; j < SCORE_TILES; j++)
-            _mm512_storeu_ps(scores[r] + (size_t)(first + j) * KEY_TILE,
-                             _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
-#else
-    for (int i = 0; i < SCORE_TILES; i++, tile += (size_t)head_dim * KEY_TILE) {
-        float acc[ATT_TILE_ROWS][KEY_TILE] = {{0}};
-        for (int d = 0; d < head_dim; d++)
-            for (int r = 0; r < tile_rows; r++)
-                for (int j = 0; j < KEY_TILE; j++)
-                    acc[r][j] += rows[r][d] * tile[(size_t)d * KEY_TILE + j];
-        for (int r = 0; r < nr; r++)
-            for (int j = 0; j < KEY_TILE; j++)
-                scores[r][(size_t)(first + i) * KEY_TILE + j] = acc[r][j] * scale;
-    }
-#endif
-}
-
-/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed
-   two whole tiles at a time (the tail is written too; scores rows have room). keys: one KV
-   head's tiles. The row tiles take turns on each pair of key tiles, which stays in L1
-   meanwhile; rows past nr in the last row tile repeat row 0 so that the tiles stay fixed. */
-static void attention_scores(float *const *scores, const float *const *q, int nr,
-                             const float *keys, int n_pos, int head_dim, float scale) {
-    const float *rows[ATT_ROWS];
-    for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
-    for (int i = 0; i * KEY_TILE < n_pos; i += SCORE_TILES) {
-        for (int g = 0; g < nr; g += ATT_TILE_ROWS) {
-            if (nr - g <= 4)
-                score_tiles(scores + g, rows + g, nr - g, keys, i, head_dim, scale, 4);
-            else
-                score_tiles(scores + g, rows + g,
-                            nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, keys, i, head_dim,
-                            scale, ATT_TILE_ROWS);
-        }
-    }
-}
-
-/* out[r] += sum over positions p in [first, end) of weights[r][p] * value p, for rows
-   r < nr <= tile_rows (a constant, as in score_tiles), head_dim values each. values: one KV
-   head's, [positions][head_dim]. */
-static inline void sum_values(float *const *out, const float *const *weights, int nr,
-                              const float *values, int first, int end, int head_dim,
-                              int tile_rows) {
-    int d0 = 0;
-#if defined __AVX512F__
-    /* 16 accumulators: tile_rows rows by 64 / tile_rows dimensions at a time (decoding's 4
-       rows take 64, so that each position's values are read in one pass) */
-    int vectors = 16 / tile_rows, width = 16 * vectors;
-    const float *w[ATT_TILE_ROWS];
-    for (int r = 0; r < tile_rows; r++) w[r] = weights[r < nr ? r : 0];
-    for (; d0 + width <= head_dim; d0 += width) {
-        __m512 acc[ATT_TILE_ROWS][4];
-        for (int r = 0; r < tile_rows; r++)
-            for (int j = 0; j < vectors; j++)
-                acc[r][j] = _mm512_loadu_ps(out[r < nr ? r : 0] + d0 + 16 * j);
-        for (int p = first; p < end; p++) {
-            const float *v = values + (size_t)p * head_dim + d0;
-            __m512 vv[4];
-            for (int j = 0; j < vectors; j++) vv[j] = _mm512_loadu_ps(v + 16 * j);
-            for (int r = 0; r < tile_rows; r++) {
-                __m512 wr = _mm512_set1_ps(w[r][p]);
-                for (int j = 0; j < vectors; j++) acc[r][j] = _mm512_fmadd_ps(wr, vv[j], acc[r][j]);
-            }
-        }
-        for (int r = 0; r < nr; r++)
-            for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
-    }
-#else
-    (void)tile_rows;
-#endif
-    if (d0 == head_dim) return;
-    for (int p = first; p < end; p++) {
-        const float *v = values + (size_t)p * head_dim;
-        for (int r = 0; r < nr; r++) {
-            float wr = weights[r][p];
-            for (int d = d0; d < head_dim; d++) out[r][d] += wr * v[d];
-        }
-    }
-}
-
-static void attention_values(float *const *out, const float *const *weights, int nr,
-                             const float *values, int first, int end, int head_dim) {
-    if (nr <= 4) sum_values(out, weights, nr, values, first, end, head_dim, 4);
-    else sum_values(out, weights, nr, values, first, end, head_dim, ATT_TILE_ROWS);
-}
-
-/* Copies the block's keys and values (rows [n][kv_dim] of s->k and s->v, keys already rotated)
-   into this layer's cache at positions pos .. pos+n-1, in the layouts above. */
-static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int pos, int n) {
+/* Copies the block's keys and values (rows [n_tokens][kv_dim] of s->k and s->v, keys already
+   rotated) into this layer's cache at positions pos .. pos+n_tokens-1, in the layouts above. */
+static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                     int n_tokens) {
     int head_dim = cfg->head_dim, kv_dim = cfg->n_kv_heads * head_dim;
     size_t head_stride = (size_t)s->cache_len * head_dim;
-    for (int t = 0; t < n; t++) {
+    for (int t = 0; t < n_tokens; t++) {
         int p = pos + t;
         for (int h = 0; h < cfg->n_kv_heads; h++) {
             const float *k = s->k + (size_t)t * kv_dim + (size_t)h * head_dim;
@@ -1854,68 +840,47 @@ static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int po
     }
 }
 
-/* One pass of attention_pass's work: rows first .. first+nr-1 of KV head kv_head, where row
-   i is query head kv_head * group + i % group of token i / group (so the rows' last visible
-   positions rise with i). Writes each row's output into s->xb. */
-static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                           int kv_head, int first, int nr) {
+/* Causal grouped-query attention for the block's n_tokens queries in s->q (positions pos ..
+   pos+n_tokens-1) over this layer's cached keys and values, which already hold the block:
+   each query head h reads KV head h / (n_heads / n_kv_heads), and token t sees the positions
+   up to its own. Writes each token's heads side by side into s->xb. */
+static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                      int n_tokens) {
+    if (fast_attention(s, cfg, layer_offset, pos, n_tokens)) return;  /* hook */
     int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
     int q_dim = cfg->n_heads * head_dim;
     size_t head_stride = (size_t)s->cache_len * head_dim;
-    const float *keys = s->key_cache + layer_offset + kv_head * head_stride;
-    const float *values = s->value_cache + layer_offset + kv_head * head_stride;
-    const float *q[ATT_ROWS];
-    float *scores[ATT_ROWS], *out[ATT_ROWS];
-    int last[ATT_ROWS];
-    for (int r = 0; r < nr; r++) {
-        int row = first + r, t = row / group, h = kv_head * group + row % group;
-        q[r] = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
-        out[r] = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
-        scores[r] = s->att + ((size_t)thread_id() * ATT_ROWS + r) * s->cache_len;
-        last[r] = pos + t;
-    }
-    attention_scores(scores, q, nr, keys, last[nr - 1] + 1, head_dim,
-                     1.0f / sqrtf((float)head_dim));
-    for (int r = 0; r < nr; r++) {
-        softmax(scores[r], last[r] + 1);
-        memset(out[r], 0, (size_t)head_dim * sizeof(float));
-    }
-    /* the positions every row sees, a chunk of values at a time for all the row groups, then
-       each row's own few more */
-    int shared = last[0] + 1;
-    for (int p0 = 0; p0 < shared; p0 += VALUE_CHUNK) {
-        int p1 = shared - p0 < VALUE_CHUNK ? shared : p0 + VALUE_CHUNK;
-        for (int g = 0; g < nr; g += ATT_TILE_ROWS)
-            attention_values(out + g, (const float *const *)scores + g,
-                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, values, p0, p1,
-                             head_dim);
-    }
-    for (int r = 1; r < nr; r++)
-        attention_values(out + r, (const float *const *)scores + r, 1, values, shared,
-                         last[r] + 1, head_dim);
-}
-
-/* Causal grouped-query attention for the block's n queries in s->q (positions pos ..
-   pos+n-1) over this layer's cached keys and values, which already hold the block; writes each
-   token's heads side by side into s->xb. Each KV head's rows (its query heads for each token)
-   go in passes of ATT_ROWS, split over threads. */
-static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos, int n) {
-    int rows = n * (cfg->n_heads / cfg->n_kv_heads);
-    int passes = (rows + ATT_ROWS - 1) / ATT_ROWS;
-#if defined _OPENMP
-#pragma omp parallel for schedule(static)
-#endif
-    for (int i = 0; i < cfg->n_kv_heads * passes; i++) {
-        int first = i % passes * ATT_ROWS;
-        attention_rows(s, cfg, layer_offset, pos, i / passes, first,
-                       rows - first < ATT_ROWS ? rows - first : ATT_ROWS);
+    float scale = 1.0f / sqrtf((float)head_dim);
+    OMP(parallel for schedule(static))
+    for (int i = 0; i < n_tokens * cfg->n_heads; i++) {  /* each token's query heads */
+        int t = i / cfg->n_heads, h = i % cfg->n_heads, n_pos = pos + t + 1;
+        const float *q = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
+        const float *keys = s->key_cache + layer_offset + (size_t)(h / group) * head_stride;
+        const float *values = s->value_cache + layer_offset + (size_t)(h / group) * head_stride;
+        float *scores = s->att + (size_t)thread_id() * ATT_ROWS * s->cache_len;
+        float *out = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
+        /* scores = q . k / sqrt(head_dim) for every position it sees, a key tile at a time */
+        for (int p0 = 0; p0 < n_pos; p0 += KEY_TILE) {
+            const float *tile = keys + (size_t)(p0 / KEY_TILE) * head_dim * KEY_TILE;
+            float acc[KEY_TILE] = {0};
+            for (int d = 0; d < head_dim; d++)
+                for (int j = 0; j < KEY_TILE; j++) acc[j] += q[d] * tile[(size_t)d * KEY_TILE + j];
+            for (int j = 0; j < KEY_TILE && p0 + j < n_pos; j++) scores[p0 + j] = acc[j] * scale;
+        }
+        softmax(scores, n_pos);
+        /* out = the values weighted by the scores */
+        memset(out, 0, (size_t)head_dim * sizeof(float));
+        for (int p = 0; p < n_pos; p++) {
+            const float *v = values + (size_t)p * head_dim;
+            for (int d = 0; d < head_dim; d++) out[d] += scores[p] * v[d];
+        }
     }
 }
 
-/* The rotation angles of positions pos .. pos+n-1. */
-static void rope_angles(RunState *s, const Config *cfg, int pos, int n) {
+/* The rotation angles of positions pos .. pos+n_tokens-1. */
+static void rope_angles(RunState *s, const Config *cfg, int pos, int n_tokens) {
     int half = cfg->head_dim / 2;
-    for (int t = 0; t < n; t++) {
+    for (int t = 0; t < n_tokens; t++) {
         for (int i = 0; i < half; i++) {
             float angle = (float)(pos + t) * s->rope_freqs[i];
             s->rope_cos[(size_t)t * half + i] = cosf(angle);
@@ -1924,27 +889,15 @@ static void rope_angles(RunState *s, const Config *cfg, int pos, int n) {
     }
 }
 
-/* silu(gate) * up for the block's n rows of `width`, a row per thread at a time: a prompt
-   block's 64 x 8192 exponentials would otherwise keep the other threads waiting. */
-static void swiglu(float *gate, const float *up, int n, int width) {
-#if defined _OPENMP
-#pragma omp parallel for schedule(static) if (n > 1)
-#endif
-    for (int t = 0; t < n; t++) {
+/* SwiGLU: silu(gate) * up for the block's n_tokens rows of `width`, a row per thread at a
+   time: a prompt block's exponentials would otherwise keep the other threads waiting. */
+static void swiglu(float *gate, const float *up, int n_tokens, int width) {
+    OMP(parallel for schedule(static) if (n_tokens > 1))
+    for (int t = 0; t < n_tokens; t++) {
         float *g = gate + (size_t)t * width;
         const float *u = up + (size_t)t * width;
-#if defined __AVX512F__
-        const __m512 one = _mm512_set1_ps(1.0f);
-        for (int i = 0; i < width; i += 16) {
-            __mmask16 m = lanes_before(i, width);
-            __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
-            __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
-            _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
-        }
-#else
+        if (fast_swiglu(g, u, width)) continue;  /* hook */
         for (int i = 0; i < width; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-#endif
     }
 }
 
@@ -1955,11 +908,12 @@ static void add_into(float *x, const float *y, size_t n) {
 /* Output modes of forward(). */
 enum { LOGITS_NONE = 0, LOGITS_LAST = 1, LOGITS_ALL = 2 };
 
-/* Runs n <= MAX_BLOCK tokens at positions pos .. pos+n-1 through the model, filling the KV
-   cache there. Returns the logits of the last token (LOGITS_LAST: only that row is computed;
-   LOGITS_ALL: row t of s->logits belongs to token t) or NULL (LOGITS_NONE): prompt positions
-   before the last one do not need them. */
-static float *forward(Transformer *tr, const int *tokens, int n, int pos, int logits_mode) {
+/* Runs n_tokens <= MAX_BLOCK tokens at positions pos .. pos+n_tokens-1 through the model,
+   filling the KV cache there. Returns the logits of the last token (LOGITS_LAST: only that row
+   is computed; LOGITS_ALL: row t of s->logits belongs to token t) or NULL (LOGITS_NONE): prompt
+   positions before the last one do not need them. */
+static float *forward(Transformer *tr, const int *tokens, int n_tokens, int pos,
+                      int logits_mode) {
     const Config *cfg = &tr->model.config;
     const Weights *w = &tr->model.weights;
     RunState *s = &tr->state;
@@ -1967,53 +921,53 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
     int dim = cfg->dim, kv_dim = cfg->n_kv_heads * cfg->head_dim, half = cfg->head_dim / 2;
     int q_dim = cfg->n_heads * cfg->head_dim, hidden = cfg->hidden_dim;
 
-    for (int t = 0; t < n; t++) matrix_row(s->x + (size_t)t * dim, &w->embedding, tokens[t]);
-    rope_angles(s, cfg, pos, n);
+    /* the token embeddings: the residual stream x, one row per token */
+    for (int t = 0; t < n_tokens; t++)
+        matrix_row(s->x + (size_t)t * dim, &w->embedding, tokens[t]);
+    rope_angles(s, cfg, pos, n_tokens);
 
     for (int l = 0; l < cfg->n_layers; l++) {
         const Layer *layer = &w->layers[l];
         size_t layer_offset = (size_t)l * (size_t)s->cache_len * (size_t)kv_dim;
         /* The last layer's outputs feed nothing but the logits. Unless every token's logits
            are asked for, the tokens before `from` need only their keys and values there (for
-           the cache): their queries, attention and FFN are skipped, as llama.cpp does. That is
-           6% of a 16-layer prompt's multiply-adds. */
+           the cache): their queries, attention and FFN are skipped, as llama.cpp does. */
         int from = 0;
         if (l == cfg->n_layers - 1 && logits_mode != LOGITS_ALL)
-            from = logits_mode == LOGITS_LAST ? n - 1 : n;
-        int m = n - from;  /* the tokens that go on through the layer */
+            from = logits_mode == LOGITS_LAST ? n_tokens - 1 : n_tokens;
+        int m = n_tokens - from;  /* the tokens that go on through the layer */
 
-#if defined _OPENMP
-#pragma omp parallel for if (n > 1)  /* per token: a prompt block's rows side by side */
-#endif
-        for (int t = 0; t < n; t++)
+        /* attention block: rmsnorm, then q, k and v */
+        OMP(parallel for if (n_tokens > 1))  /* per token: a prompt block's rows side by side */
+        for (int t = 0; t < n_tokens; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->attn_norm, dim,
                     cfg->norm_eps);
         Product qkv[3] = { { s->q, &layer->wq }, { s->k, &layer->wk }, { s->v, &layer->wv } };
         if (from == 0) {
-            matmul_many(qkv, 3, s->xb, n, scratch);
+            matmul_many(qkv, 3, s->xb, n_tokens, scratch);
         } else {
-            matmul_many(qkv + 1, 2, s->xb, n, scratch);
+            matmul_many(qkv + 1, 2, s->xb, n_tokens, scratch);
             if (m > 0) matmul(s->q, s->xb + (size_t)from * dim, m, &layer->wq, scratch);
         }
-#if defined _OPENMP
-#pragma omp parallel for if (n > 1)
-#endif
-        for (int t = 0; t < n; t++) {  /* query row t - from belongs to token t */
+        /* RoPE on the queries and keys; the keys and values go into the KV cache */
+        OMP(parallel for if (n_tokens > 1))
+        for (int t = 0; t < n_tokens; t++) {  /* query row t - from belongs to token t */
             const float *c = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
             if (t >= from)
                 rope(s->q + (size_t)(t - from) * q_dim, cfg->n_heads, cfg->head_dim, c, sn);
             rope(s->k + (size_t)t * kv_dim, cfg->n_kv_heads, cfg->head_dim, c, sn);
         }
-        store_kv(s, cfg, layer_offset, pos, n);
+        store_kv(s, cfg, layer_offset, pos, n_tokens);
         if (m == 0) break;  /* (no logits asked for: the cache was all this layer owed) */
+        /* causal attention over the cache, then the output projection */
         attention(s, cfg, layer_offset, pos + from, m);
         float *x = s->x + (size_t)from * dim;  /* the rows of the tokens that go on */
         matmul(s->xb2, s->xb, m, &layer->wo, scratch);
+        /* residual */
         add_into(x, s->xb2, (size_t)m * dim);
 
-#if defined _OPENMP
-#pragma omp parallel for if (m > 1)  /* per token: a prompt block's rows side by side */
-#endif
+        /* FFN block: rmsnorm, then w_down(silu(w_gate x) * w_up x) */
+        OMP(parallel for if (m > 1))  /* per token: a prompt block's rows side by side */
         for (int t = 0; t < m; t++)
             rmsnorm(s->xb + (size_t)t * dim, x + (size_t)t * dim, layer->ffn_norm, dim,
                     cfg->norm_eps);
@@ -2021,16 +975,17 @@ static float *forward(Transformer *tr, const int *tokens, int n, int pos, int lo
         matmul_many(gate_up, 2, s->xb, m, scratch);
         swiglu(s->hb, s->hb2, m, hidden);
         matmul(s->xb2, s->hb, m, &layer->w_down, scratch);
+        /* residual */
         add_into(x, s->xb2, (size_t)m * dim);
     }
     if (logits_mode == LOGITS_NONE) return NULL;
-    int first = logits_mode == LOGITS_ALL ? 0 : n - 1;
-    for (int t = first; t < n; t++)
+    /* final rmsnorm, then the classifier: logits for token t0 on (the last, or all) */
+    int t0 = logits_mode == LOGITS_ALL ? 0 : n_tokens - 1;
+    for (int t = t0; t < n_tokens; t++)
         rmsnorm(s->x + (size_t)t * dim, s->x + (size_t)t * dim, w->final_norm, dim, cfg->norm_eps);
-    matmul(s->logits, s->x + (size_t)first * dim, n - first, &w->classifier, scratch);
-    return s->logits + (size_t)(n - 1 - first) * cfg->vocab_size;
+    matmul(s->logits, s->x + (size_t)t0 * dim, n_tokens - t0, &w->classifier, scratch);
+    return s->logits + (size_t)(n_tokens - 1 - t0) * cfg->vocab_size;
 }
-
 /* ----------------------------------------------------------------------------------------
    4. The sampler: picks the next token from the logits. Its stages, each one off unless asked
    for (Meta's defaults: temperature 0.6, top-p 0.9):
@@ -3764,3 +2719,1163 @@ int main(int argc, char **argv) {
     free_model(&tr.model);
     return status;
 }
+
+/* ----------------------------------------------------------------------------------------
+   8. Fast paths: x86 AVX-512, with VNNI and BF16 where the CPU has them
+
+   Everything here replaces a loop of sections 2 and 3 with one that computes the same sums
+   (some in another order) faster, and is reached only through the hooks those sections call
+   (fast_*). Without AVX-512 each hook returns 0 at once, and the portable loop runs. What
+   each one replaces and why it is faster:
+   - decoding (fast_prepare_vector, fast_matmul_rows): the row dot products as 16-lane FMAs,
+     four chains deep to hide their latency; bf16 rows widened by one shift or mask against x
+     reordered once per matmul (split_pairs); q8_0 groups as int8 x int16 VNNI dot products
+     (vpdpwssd), 32 per instruction; rows 4096+ wide taken WIDE_ROWS at a time, so that each
+     load of x, which no longer stays in L1, serves 8 rows.
+   - the prompt (fast_matmul_block): register-tiled products of a panel of rows against strips
+     of 32 tokens transposed so that one vector load is one column of 16 tokens, in blocks that
+     stay in L2 (matmul_strips), and for q8_0 the same with integer words (matmul_strips_q8):
+     the prompt is bound by arithmetic, and a tile makes 16 multiply-adds per 2 loads where a
+     dot product makes 1 per load.
+   - attention (fast_attention): the query heads of a GQA group, and the next tokens' in a
+     prompt, share one pass over their KV head's keys and values, in register tiles (below).
+   - quantizing (fast_quantize_group), softmax and SwiGLU (fast_softmax, fast_swiglu, with a
+     vectorised exp within 2 ulp of expf): the same loops, 16 lanes at a time.
+   -a fast (fast_bf16, fast_int8) trades exactness for speed as llama.cpp does: activations
+   rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 (vpdpbusd), each twice
+   the multiply-adds per instruction, about 1e-2 of the logits' range off instead of 1e-6
+   (tests/test_engine.py measures it). Without AVX512-BF16 or VNNI it changes nothing.
+   tests/test_kernels.c checks every kernel here against plain loops (and quantize_group16
+   against quantize_group, bit for bit). */
+
+#if defined __AVX512F__
+#include <immintrin.h>
+
+/* The lanes of a 16-float step from i that lie before n (a loop's ragged last step). */
+static __mmask16 lanes_before(int i, int n) {
+    int k = n - i;
+    return k >= 16 ? (__mmask16)0xffff : k <= 0 ? 0 : (__mmask16)((1u << k) - 1);
+}
+
+/* Sums the four accumulators' 64 lanes. */
+static float sum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+}
+
+/* dot_fp32, four chains of 16 lanes */
+static float dot_fp32_avx512(const float *w, const float *x, int n) {
+    int i = 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  /* four chains hide latency */
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16)
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    float sum = sum4_avx512(a0, a1, a2, a3);
+    for (; i < n; i++) sum += w[i] * x[i];
+    return sum;
+}
+
+/* bf16 rows against float32 x. In memory a bf16 pair (w[2j], w[2j+1]) is one 32-bit word whose
+   upper half is w[2j+1] as a float and whose lower half, shifted up, is w[2j]. So the AVX-512
+   path turns 32 weights into floats with one AND and one shift, and meets them with x_pairs:
+   x reordered once per matmul so that each 32 values list the even ones, then the odd ones
+   (the values past the last whole 32 stay in place). */
+static void split_pairs(float *x_pairs, const float *x, int n) {
+    int i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int j = 0; j < 16; j++) {
+            x_pairs[i + j] = x[i + 2 * j];
+            x_pairs[i + 16 + j] = x[i + 2 * j + 1];
+        }
+    for (; i < n; i++) x_pairs[i] = x[i];
+}
+
+static float dot_bf16_avx512(const uint16_t *w, const float *x_pairs, int n) {
+    int i = 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (; i + 64 <= n; i += 64) {
+        __m512i p0 = _mm512_loadu_si512((const void *)(w + i));
+        __m512i p1 = _mm512_loadu_si512((const void *)(w + i + 32));
+        __m512 even0 = _mm512_castsi512_ps(_mm512_slli_epi32(p0, 16));
+        __m512 odd0 = _mm512_castsi512_ps(_mm512_and_si512(p0, high));
+        __m512 even1 = _mm512_castsi512_ps(_mm512_slli_epi32(p1, 16));
+        __m512 odd1 = _mm512_castsi512_ps(_mm512_and_si512(p1, high));
+        a0 = _mm512_fmadd_ps(even0, _mm512_loadu_ps(x_pairs + i), a0);
+        a1 = _mm512_fmadd_ps(odd0, _mm512_loadu_ps(x_pairs + i + 16), a1);
+        a2 = _mm512_fmadd_ps(even1, _mm512_loadu_ps(x_pairs + i + 32), a2);
+        a3 = _mm512_fmadd_ps(odd1, _mm512_loadu_ps(x_pairs + i + 48), a3);
+    }
+    for (; i + 32 <= n; i += 32) {
+        __m512i p = _mm512_loadu_si512((const void *)(w + i));
+        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p, 16)),
+                             _mm512_loadu_ps(x_pairs + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p, high)),
+                             _mm512_loadu_ps(x_pairs + i + 16), a1);
+    }
+    float sum = sum4_avx512(a0, a1, a2, a3);
+    for (; i < n; i++) sum += bf16_to_float(w[i]) * x_pairs[i];
+    return sum;
+}
+
+/* dot_bf16_avx512 for WIDE_ROWS rows at once (row stride `stride` values, n a multiple of 32),
+   for rows so wide that x_pairs does not stay in L1 beside the streaming weights (8192 floats
+   fill it): one row at a time would reload all of x from L2 per row. Each x load here serves
+   8 rows. Only the first nr rows are real; the others repeat row nr - 1, and their sums go
+   unused. */
+#define WIDE_COLS 4096
+#define WIDE_ROWS 8
+static void dot_bf16_rows(float *out, const uint16_t *w, size_t stride, const float *x_pairs,
+                          int n, int nr) {
+    const uint16_t *row[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) row[r] = w + (size_t)(r < nr ? r : nr - 1) * stride;
+    __m512 even[WIDE_ROWS], odd[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) even[r] = odd[r] = _mm512_setzero_ps();
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (int i = 0; i < n; i += 32) {
+        __m512 x_even = _mm512_loadu_ps(x_pairs + i), x_odd = _mm512_loadu_ps(x_pairs + i + 16);
+        for (int r = 0; r < WIDE_ROWS; r++) {
+            __m512i p = _mm512_loadu_si512((const void *)(row[r] + i));
+            even[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p, 16)), x_even,
+                                      even[r]);
+            odd[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p, high)), x_odd,
+                                     odd[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
+}
+
+/* The same for fp32 rows (8192-wide: 32 KB of weights and 32 KB of x per row). */
+static void dot_fp32_rows(float *out, const float *w, size_t stride, const float *x, int n,
+                          int nr) {
+    const float *row[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) row[r] = w + (size_t)(r < nr ? r : nr - 1) * stride;
+    __m512 a0[WIDE_ROWS], a1[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        for (int r = 0; r < WIDE_ROWS; r++) {
+            a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(row[r] + i), x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(row[r] + i + 16), x1, a1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
+
+/* -a fast for bf16 weights, with AVX512-BF16: x is rounded to bf16 as well (round to nearest
+   even), so that one vdpbf16ps makes 32 multiply-adds (two exact products per float lane)
+   where an FMA makes 16. That rounding, not the products, is the cost. */
+#if defined __AVX512BF16__
+#define FAST_BF16 1
+
+static uint16_t round_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static void round_vector_bf16(uint16_t *out, const float *x, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(out + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    for (; i < n; i++) out[i] = round_to_bf16(x[i]);
+}
+
+static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {  /* two lines of the row per step */
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
+                              (__m512bh)_mm512_loadu_si512((const void *)(x + i)));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(w + i + 32)),
+                              (__m512bh)_mm512_loadu_si512((const void *)(x + i + 32)));
+    }
+    for (; i + 32 <= n; i += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w + i)),
+                              (__m512bh)_mm512_loadu_si512((const void *)(x + i)));
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; i < n; i++) sum += bf16_to_float(w[i]) * bf16_to_float(x[i]);
+    return sum;
+}
+#else
+#define FAST_BF16 0
+#endif
+
+/* acc + the pairwise int16 products of a and b, summed into 16 int32 lanes (vpdpwssd), for
+   the prompt kernel. gcc 12 allocates registers for the intrinsic badly there (it copies every
+   accumulator twice per use), so for gcc it is written as the one instruction. (Decoding calls
+   the intrinsics: with them gcc reads x straight from memory, which an asm operand cannot
+   offer without costing the prompt kernel its registers.) */
+#if defined __AVX512VNNI__ && defined __AVX512BW__
+static inline __m512i dot_int16(__m512i acc, __m512i a, __m512i b) {
+#if defined __GNUC__ && !defined __clang__
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+#else
+    return _mm512_dpwssd_epi32(acc, a, b);
+#endif
+}
+
+/* acc + the products of a's unsigned bytes and b's signed bytes, four summed into each of 16
+   int32 lanes (vpdpbusd): -a fast's int8 activations. Written out for gcc for the same
+   reason. */
+static inline __m512i dot_int8(__m512i acc, __m512i a, __m512i b) {
+#if defined __GNUC__ && !defined __clang__
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(acc, a, b);
+#endif
+}
+#define FAST_INT8 1
+#else
+#define FAST_INT8 0
+#endif
+
+/* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the max
+   skips NaNs as the scalar compare does, roundscale rounds to nearest even like nearbyintf,
+   NaNs become 0 and the rest is clamped to +-q_max before the exact conversion. */
+static float quantize_group16(int16_t *q, const float *x, int gs, float q_max) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < gs; i += 16)
+        amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), amax);
+    float scale = _mm512_reduce_max_ps(amax) / q_max;
+    __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    __m512 high = _mm512_set1_ps(q_max), low = _mm512_set1_ps(-q_max);
+    for (int i = 0; i < gs; i += 16) {
+        __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), inverse),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
+        r = _mm512_min_ps(_mm512_max_ps(r, low), high);
+        _mm256_storeu_si256((__m256i *)(q + i), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(r)));
+    }
+    return scale;
+}
+
+/* -a fast decoding: v quantized with q_max 127, as the int8 values and offsets int8_sums reads. */
+static void quantize_int8(QuantizedVector *v, const float *x, int n, int gs) {
+    quantize_vector(v, x, n, gs, Q8_MAX);
+    for (int g = 0; g < n / gs; g++) {
+        int32_t sum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++) sum += v->int8[i] = (int8_t)v->q[i];
+        v->int8_offsets[g] = -8 * sum;
+    }
+}
+
+#if FAST_INT8
+/* One group's products in 16 int32 lanes (vpdpwssd: 32 int16 products summed pairwise into 16
+   lanes). A lane takes gs/16 products of at most 127 * 32767, so groups up to 4096 cannot
+   overflow it. */
+static inline __m512i group_sums_q8(const int8_t *w, const int16_t *x, int gs) {
+    __m512i isum = _mm512_setzero_si512();
+    for (int i = 0; i < gs; i += 32) {
+        __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
+        isum = _mm512_dpwssd_epi32(isum, w16, _mm512_loadu_si512((const void *)(x + i)));
+    }
+    return isum;
+}
+
+/* -a fast: one group's products against int8 activations (gs a multiple of 64), 64 per
+   vpdpbusd. That instruction takes one side unsigned, so the weights go in with their top bit
+   flipped, as w + 128, which adds 128 * (the sum of x) to the group's sum; the lanes start at
+   minus that, the group's offset: -8 * sum in each of 16. */
+static inline __m512i int8_sums(const int8_t *w, const int8_t *x, int gs, int32_t offset) {
+    __m512i isum = _mm512_set1_epi32(offset), flip = _mm512_set1_epi8((char)0x80);
+    for (int i = 0; i < gs; i += 64) {
+        __m512i w_plus_128 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + i)), flip);
+        isum = _mm512_dpbusd_epi32(isum, w_plus_128, _mm512_loadu_si512((const void *)(x + i)));
+    }
+    return isum;
+}
+
+static inline __m512i group_sums(const int8_t *w, const QuantizedVector *x, int g, int gs,
+                                 int int8) {
+    size_t start = (size_t)g * gs;
+    if (int8) return int8_sums(w + start, x->int8 + start, gs, x->int8_offsets[g]);
+    return group_sums_q8(w + start, x->q + start, gs);
+}
+
+/* Two groups per step, each into its own accumulator. Inlined with a constant gs (and
+   int8), the group loop unrolls and no scalar work is left between the integer products:
+   the scale products are formed 16 groups at a time, and each group's is then a broadcast
+   operand of its multiply-add. */
+static inline float groups_dot_q8(const int8_t *w, const float *w_scales,
+                                  const QuantizedVector *x, int n_groups, int gs, int int8) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    float scales[16];
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int n = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        __mmask16 m = lanes_before(0, n);
+        _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
+                                               _mm512_maskz_loadu_ps(m, x->scales + g0)));
+        int j = 0;
+        for (; j + 2 <= n; j += 2) {
+            __m512i s0 = group_sums(w, x, g0 + j, gs, int8);
+            __m512i s1 = group_sums(w, x, g0 + j + 1, gs, int8);
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(scales[j]), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(scales[j + 1]), acc1);
+        }
+        if (j < n)
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sums(w, x, g0 + j, gs, int8)),
+                                   _mm512_set1_ps(scales[j]), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
+/* dot_q8 with VNNI where the group size allows; int8: -a fast's int8 activations (x->int8;
+   only where fast_int8() says so). */
+static float dot_q8_avx512(const int8_t *w, const float *w_scales, const QuantizedVector *x,
+                           int n, int gs, int int8) {
+#if FAST_INT8
+    int n_groups = n / gs;
+    if (int8 && gs == 64) return groups_dot_q8(w, w_scales, x, n_groups, 64, 1);
+    if (int8) return groups_dot_q8(w, w_scales, x, n_groups, gs, 1);
+    if (gs == 64)  /* export.py's default */
+        return groups_dot_q8(w, w_scales, x, n_groups, 64, 0);
+    if (gs == 32)
+        return groups_dot_q8(w, w_scales, x, n_groups, 32, 0);
+    if (gs % 32 == 0 && gs <= 4096)
+        return groups_dot_q8(w, w_scales, x, n_groups, gs, 0);
+#else
+    (void)int8;
+#endif
+    return dot_q8(w, w_scales, x, n, gs);
+}
+
+#define STRIP 32        /* prompt path: tokens per packed strip (two vectors) */
+#define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
+#define BLOCK_ROWS 64   /* ... rows per panel, and columns per block of it: a 128 KB block, */
+#define BLOCK_COLS 512  /* and a strip's 64 KB block, sit in L2 while they are reused */
+
+/* The fast paths' buffers beside MatmulScratch's, allocated once. */
+struct FastScratch {
+    float *x_pairs;     /* bf16 decoding: x in split_pairs order [max_cols] (-a fast: as bf16) */
+    float *strips;      /* prompt path: the tokens transposed, [strips][max_cols][STRIP] */
+    float *blocks;      /* ... one [BLOCK_ROWS][BLOCK_COLS] widened weight block per thread */
+    float *strip_sums;  /* ... one [strips][BLOCK_ROWS][STRIP] set of running sums per thread */
+    int16_t *strips_q;  /* q8_0 prompt path: the tokens quantized, [strips][max_cols][STRIP] */
+    float *strip_scales;   /* ... their scales, [strips][max_cols / 2][STRIP] (groups >= 2) */
+    int32_t *strip_int8_offsets;  /* ... and for -a fast's int8, laid out like the scales */
+    int16_t *panels_q;  /* ... and one [PANEL_ROWS][max_cols] int16 panel per thread */
+    QuantizedVector *token_q;  /* ... and one quantized token [max_cols] per thread */
+    float *panel_scales;   /* ... with its scales, [PANEL_ROWS][max_cols / 2] per thread */
+    int n_strip_tokens; /* max_tokens rounded up to whole strips */
+};
+
+static void fast_alloc_scratch(MatmulScratch *s) {
+    struct FastScratch *f = checked_calloc(1, sizeof *f, "matmul scratch");
+    int n_strips = (s->max_tokens + STRIP - 1) / STRIP, max_cols = s->max_cols;
+    size_t strip_values = (size_t)n_strips * STRIP * (size_t)max_cols;
+    size_t panel_values = (size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols;
+    f->strips = checked_calloc(strip_values, sizeof(float), "matmul scratch");
+    f->x_pairs = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
+    s->xq.int8 = checked_calloc((size_t)max_cols, sizeof(int8_t), "matmul scratch");
+    s->xq.int8_offsets = checked_calloc((size_t)max_cols, sizeof(int32_t), "matmul scratch");
+    f->n_strip_tokens = n_strips * STRIP;
+    f->blocks = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * BLOCK_COLS, sizeof(float),
+                               "matmul scratch");
+    f->strip_sums = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * (size_t)f->n_strip_tokens,
+                                   sizeof(float), "matmul scratch");
+    f->strips_q = checked_calloc(strip_values, sizeof(int16_t), "matmul scratch");
+    f->strip_scales = checked_calloc(strip_values / 2 + 1, sizeof(float), "matmul scratch");
+    f->strip_int8_offsets = checked_calloc(strip_values / 2 + 1, sizeof(int32_t),
+                                           "matmul scratch");
+    f->panels_q = checked_calloc(panel_values, sizeof(int16_t), "matmul scratch");
+    f->panel_scales = checked_calloc(panel_values / 2 + 1, sizeof(float), "matmul scratch");
+    f->token_q = checked_calloc((size_t)s->n_threads, sizeof(QuantizedVector), "matmul scratch");
+    for (int i = 0; i < s->n_threads; i++) {
+        f->token_q[i].q = checked_calloc((size_t)max_cols, sizeof(int16_t), "matmul scratch");
+        f->token_q[i].scales = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
+    }
+    s->fast_paths = f;
+}
+
+static void fast_free_scratch(MatmulScratch *s) {
+    struct FastScratch *f = s->fast_paths;
+    if (!f) return;
+    free(s->xq.int8); free(s->xq.int8_offsets);
+    free(f->strips); free(f->x_pairs); free(f->blocks); free(f->strip_sums);
+    free(f->strips_q); free(f->strip_scales); free(f->strip_int8_offsets);
+    free(f->panels_q); free(f->panel_scales);
+    for (int i = 0; i < s->n_threads; i++) { free(f->token_q[i].q); free(f->token_q[i].scales); }
+    free(f->token_q);
+    free(f);
+}
+
+/* Whether -a fast applies to a q8_0 matrix: int8 activations need AVX-512 VNNI and groups of
+   a multiple of 64 (export.py's default is 64). */
+static int fast_int8(const Matrix *w, const MatmulScratch *s) {
+    return FAST_INT8 && s->fast && w->type == WEIGHT_Q8_0 && w->group_size % 64 == 0;
+}
+
+/* Whether -a fast applies to a bf16 matrix: bf16 activations need AVX512-BF16 (the prompt path
+   also wants whole pairs: an even width). */
+static int fast_bf16(const Matrix *w, const MatmulScratch *s) {
+    return FAST_BF16 && s->fast && w->type == WEIGHT_BF16;
+}
+
+/* Whether decoding takes a matrix WIDE_ROWS rows at a time (dot_bf16_rows, dot_fp32_rows). */
+static int wide_rows(const Matrix *w, const MatmulScratch *s) {
+    int float_x = w->type == WEIGHT_FP32 || (w->type == WEIGHT_BF16 && !fast_bf16(w, s));
+    return float_x && w->cols >= WIDE_COLS && w->cols % 32 == 0;
+}
+
+/* Hook (matmul_vector): x in the form w's rows read, in s->xq (q8_0) or x_pairs (bf16). */
+static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
+    float *x_pairs = s->fast_paths->x_pairs;
+    if (fast_int8(w, s)) {
+        quantize_int8(&s->xq, x, w->cols, w->group_size);
+        return 1;
+    }
+    if (w->type != WEIGHT_BF16) return 0;
+#if FAST_BF16
+    if (fast_bf16(w, s)) {
+        round_vector_bf16((uint16_t *)x_pairs, x, w->cols);
+        return 1;
+    }
+#endif
+    split_pairs(x_pairs, x, w->cols);
+    return 1;
+}
+
+/* Hook (quantize_vector): quantize_group16 where gs allows. */
+static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
+    if (gs % 16 != 0) return 0;
+    *scale = quantize_group16(q, x, gs, q_max);
+    return 1;
+}
+
+/* Row r of w against x in the form fast_prepare_vector left it. */
+static float fast_row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
+    size_t start = (size_t)r * (size_t)w->cols;
+    const float *x_pairs = s->fast_paths->x_pairs;
+    switch (w->type) {
+    case WEIGHT_FP32:
+        return dot_fp32_avx512((const float *)w->data + start, x, w->cols);
+    case WEIGHT_BF16:
+#if FAST_BF16
+        if (fast_bf16(w, s))
+            return dot_bf16_fast((const uint16_t *)w->data + start, (const uint16_t *)x_pairs,
+                                 w->cols);
+#endif
+        return dot_bf16_avx512((const uint16_t *)w->data + start, x_pairs, w->cols);
+    default:
+        return dot_q8_avx512((const int8_t *)w->data + start,
+                             w->scales + start / (size_t)w->group_size, &s->xq, w->cols,
+                             w->group_size, fast_int8(w, s));
+    }
+}
+
+/* Hook (matmul_vector, inside its parallel region): one product's rows, split over the
+   threads as matmul_vector splits them, WIDE_ROWS rows per step where wide_rows() says so. */
+static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+    if (wide_rows(w, s)) {
+        int steps = (w->rows + WIDE_ROWS - 1) / WIDE_ROWS;
+        OMP(for schedule(guided) nowait)
+        for (int step = 0; step < steps; step++) {
+            int r0 = step * WIDE_ROWS, nr = w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS;
+            size_t start = (size_t)r0 * (size_t)w->cols;
+            if (w->type == WEIGHT_FP32)
+                dot_fp32_rows(out + r0, (const float *)w->data + start, (size_t)w->cols, x,
+                              w->cols, nr);
+            else
+                dot_bf16_rows(out + r0, (const uint16_t *)w->data + start, (size_t)w->cols,
+                              s->fast_paths->x_pairs, w->cols, nr);
+        }
+        return 1;
+    }
+    OMP(for schedule(guided) nowait)
+    for (int r = 0; r < w->rows; r++) out[r] = fast_row_dot(w, r, x, s);
+    return 1;
+}
+
+/* Transposes the tokens into strips of STRIP: strip[k][j] = x[t0 + j][k], zero past n_tokens.
+   A vector load then gives one column for 16 tokens, to meet a broadcast weight. */
+static void pack_strip(float *strip, const float *x, int t0, int n_tokens, int cols) {
+    /* 16 columns (one cache line of each token) at a time: token rows 2^k floats apart share
+       one L1 set, so a column at a time would miss on every load */
+    for (int k0 = 0; k0 < cols; k0 += 16) {
+        int kn = cols - k0 < 16 ? cols - k0 : 16;
+        for (int j = 0; j < STRIP; j++) {
+            const float *row = x + (size_t)(t0 + j) * cols + k0;
+            for (int k = 0; k < kn; k++)
+                strip[(size_t)(k0 + k) * STRIP + j] = t0 + j < n_tokens ? row[k] : 0.0f;
+        }
+    }
+}
+
+/* Columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1 of w, widened to float32 into
+   block[r][0 .. kn-1] (row stride BLOCK_COLS); rows nr .. nr_padded-1 are zeroed, so that a
+   ragged last register tile multiplies zeros. */
+static void widen_block(float *block, const Matrix *w, int r0, int nr, int nr_padded, int k0,
+                        int kn) {
+    for (int r = 0; r < nr; r++)
+        widen_values(block + (size_t)r * BLOCK_COLS, w,
+                     (size_t)(r0 + r) * (size_t)w->cols + (size_t)k0, kn);
+    for (int r = nr; r < nr_padded; r++)
+        memset(block + (size_t)r * BLOCK_COLS, 0, (size_t)kn * sizeof(float));
+}
+
+/* One register tile, over one block of columns: sums[r][t] += w[r][k] * strip[k][t] for
+   STRIP_ROWS rows (w: row stride w_stride) and the STRIP tokens of a strip, k = 0 .. kn-1
+   (from_zero: start from zero instead of sums). Each step of k broadcasts one weight per row and
+   multiplies it into two vectors of 16 tokens: 16 multiply-adds per 2 vector loads. Each sum
+   runs over k in order (the sums are parked in memory between blocks, exactly), like the plain
+   dot product. */
+static void strip_kernel(float *sums, const float *w, size_t w_stride, const float *strip, int kn,
+                         int from_zero) {
+    __m512 acc[STRIP_ROWS][2];
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        acc[r][0] = from_zero ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP);
+        acc[r][1] = from_zero ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP + 16);
+    }
+    for (int k = 0; k < kn; k++) {
+        __m512 x0 = _mm512_loadu_ps(strip + (size_t)k * STRIP);
+        __m512 x1 = _mm512_loadu_ps(strip + (size_t)k * STRIP + 16);
+        for (int r = 0; r < STRIP_ROWS; r++) {
+            __m512 wv = _mm512_set1_ps(w[(size_t)r * w_stride + k]);
+            acc[r][0] = _mm512_fmadd_ps(wv, x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(wv, x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
+        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
+    }
+}
+
+/* strip_kernel for bf16 weights read in place (row stride w_stride values; kn even): each
+   32-bit load holds a row's weights k and k+1, and a bf16 is the top half of its float32, so
+   a shift gives weight k and a mask gives weight k+1 without a widened copy of the rows. */
+static void strip_kernel_bf16(float *sums, const uint16_t *w, size_t w_stride, const float *strip,
+                              int kn, int from_zero) {
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc[STRIP_ROWS][2];
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        acc[r][0] = from_zero ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP);
+        acc[r][1] = from_zero ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP + 16);
+    }
+    for (int k = 0; k < kn; k += 2) {
+        const float *x = strip + (size_t)k * STRIP;
+        __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+        __m512 y0 = _mm512_loadu_ps(x + STRIP), y1 = _mm512_loadu_ps(x + STRIP + 16);
+        for (int r = 0; r < STRIP_ROWS; r++) {
+            int32_t pair;
+            memcpy(&pair, w + (size_t)r * w_stride + k, sizeof pair);
+            __m512i both = _mm512_set1_epi32(pair);
+            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
+            __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(both, high));
+            acc[r][0] = _mm512_fmadd_ps(w0, x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w0, x1, acc[r][1]);
+            acc[r][0] = _mm512_fmadd_ps(w1, y0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, y1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
+        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
+    }
+}
+
+#if FAST_BF16
+/* Fast activations (see dot_bf16_fast): the tokens rounded to bf16 and packed in pairs,
+   pairs[(k/2) * STRIP + j] = (x[t0 + j][k], x[t0 + j][k+1]) (cols even). */
+static void pack_strip_fast(uint32_t *pairs, const float *x, int t0, int n_tokens, int cols) {
+    for (int k0 = 0; k0 < cols; k0 += 32) {  /* two cache lines of each token at a time */
+        int n_pairs = cols - k0 < 32 ? (cols - k0) / 2 : 16;
+        for (int j = 0; j < STRIP; j++) {
+            uint32_t rounded[16] = {0};
+            if (t0 + j < n_tokens) {
+                const float *row = x + (size_t)(t0 + j) * cols + k0;
+                __m512 lo = _mm512_maskz_loadu_ps(lanes_before(0, 2 * n_pairs), row);
+                __m512 hi = _mm512_maskz_loadu_ps(lanes_before(16, 2 * n_pairs), row + 16);
+                _mm512_storeu_si512((void *)rounded, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            for (int m = 0; m < n_pairs; m++) pairs[(size_t)(k0 / 2 + m) * STRIP + j] = rounded[m];
+        }
+    }
+}
+
+/* strip_kernel_bf16 against bf16 token pairs: one vdpbf16ps takes weights k and k+1 of a row
+   against 16 tokens' pairs, the work of two FMAs. Only the first nr rows are real (a ragged
+   last tile): the others repeat row nr - 1, and their sums go unused. */
+static void strip_kernel_fast(float *sums, const uint16_t *w, size_t w_stride, int nr,
+                              const uint32_t *pairs, int kn, int from_zero) {
+    __m512 acc[STRIP_ROWS][2];
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        acc[r][0] = from_zero ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP);
+        acc[r][1] = from_zero ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * STRIP + 16);
+    }
+    for (int k = 0; k < kn; k += 2) {
+        const uint32_t *p = pairs + (size_t)(k / 2) * STRIP;
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)p);
+        __m512bh x1 = (__m512bh)_mm512_loadu_si512((const void *)(p + 16));
+        for (int r = 0; r < STRIP_ROWS; r++) {
+            int32_t pair;
+            memcpy(&pair, w + (size_t)(r < nr ? r : nr - 1) * w_stride + k, sizeof pair);
+            __m512bh wv = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, x0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], wv, x1);
+        }
+    }
+    for (int r = 0; r < STRIP_ROWS; r++) {
+        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
+        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
+    }
+}
+#endif
+
+/* One block of a panel: columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1, against the same
+   columns of every strip, tile by tile. fp32 and bf16 rows are read in place, where they lie
+   contiguous (the block is small enough to stay in L1/L2 for every strip); a ragged last
+   panel (zero rows pad its last tile), odd-width bf16 rows (no whole pairs) and q8_0 rows
+   are widened into `block` first. */
+static void strips_block(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
+                         int kn, const float *strips, int n_strips, int fast) {
+    int cols = w->cols, n_tiles = (nr + STRIP_ROWS - 1) / STRIP_ROWS;
+    int whole_tiles = nr % STRIP_ROWS == 0;
+    int fp32_in_place = w->type == WEIGHT_FP32 && whole_tiles;
+    int bf16_in_place = w->type == WEIGHT_BF16 && whole_tiles && cols % 2 == 0;
+    if (!fast && !fp32_in_place && !bf16_in_place)
+        widen_block(block, w, r0, nr, n_tiles * STRIP_ROWS, k0, kn);
+    for (int i = 0; i < n_strips; i++) {
+        const float *strip = strips + ((size_t)i * cols + (size_t)k0) * STRIP;
+        for (int t = 0; t < n_tiles; t++) {
+            float *tile_sums = sums + ((size_t)i * BLOCK_ROWS + (size_t)t * STRIP_ROWS) * STRIP;
+            size_t start = (size_t)(r0 + t * STRIP_ROWS) * (size_t)cols + (size_t)k0;
+#if FAST_BF16
+            if (fast) {  /* bf16 rows of even width, read in place */
+                const uint32_t *pairs = (const uint32_t *)(strips + (size_t)i * cols * STRIP);
+                int tile_rows = nr - t * STRIP_ROWS < STRIP_ROWS ? nr - t * STRIP_ROWS : STRIP_ROWS;
+                strip_kernel_fast(tile_sums, (const uint16_t *)w->data + start, (size_t)cols,
+                                  tile_rows, pairs + (size_t)(k0 / 2) * STRIP, kn, k0 == 0);
+                continue;
+            }
+#endif
+            if (fp32_in_place)
+                strip_kernel(tile_sums, (const float *)w->data + start, (size_t)cols,
+                             strip, kn, k0 == 0);
+            else if (bf16_in_place)
+                strip_kernel_bf16(tile_sums, (const uint16_t *)w->data + start,
+                                  (size_t)cols, strip, kn, k0 == 0);
+            else
+                strip_kernel(tile_sums, block + (size_t)t * STRIP_ROWS * BLOCK_COLS, BLOCK_COLS,
+                             strip, kn, k0 == 0);
+        }
+    }
+}
+
+/* A panel's running sums for one strip, sums[r][t] (row stride STRIP), to their places in
+   out[t0 + t][r0 + r] (row stride rows), for t < nt and r < nr: a token's rows at a time,
+   so that each line of out is written whole, once. */
+static void scatter_sums(float *out, int rows, const float *sums, int t0, int nt, int r0,
+                         int nr) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++)
+            out[(size_t)(t0 + t) * rows + r0 + r] = sums[r * STRIP + t];
+}
+
+/* The prompt path. The threads first pack the tokens into strips, then take panels of
+   BLOCK_ROWS rows, each walked in blocks of BLOCK_COLS columns (strips_block). A whole strip
+   (up to 1 MB at 8192 columns) would not stay in L2 while every tile of the panel reads it; a
+   block of one does. The running sums, sums[strip][row][token], go to out[token][row] after
+   the panel's last block. */
+static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix *w, MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, n_strips = (n_tokens + STRIP - 1) / STRIP;
+    int n_panels = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    int fast = fast_bf16(w, s) && cols % 2 == 0;
+    struct FastScratch *f = s->fast_paths;
+    OMP(parallel)
+    {
+        OMP(for schedule(static))
+        for (int i = 0; i < n_strips; i++) {
+            float *strip = f->strips + (size_t)i * STRIP * cols;
+#if FAST_BF16
+            if (fast) {
+                pack_strip_fast((uint32_t *)strip, x, i * STRIP, n_tokens, cols);
+                continue;
+            }
+#endif
+            pack_strip(strip, x, i * STRIP, n_tokens, cols);
+        }
+        /* (the for's implied barrier: every strip is packed before any panel starts) */
+        float *block = f->blocks + (size_t)thread_id() * BLOCK_ROWS * BLOCK_COLS;
+        float *sums = f->strip_sums + (size_t)thread_id() * BLOCK_ROWS * (size_t)f->n_strip_tokens;
+        OMP(for schedule(static))
+        for (int p = 0; p < n_panels; p++) {
+            int r0 = p * BLOCK_ROWS, nr = rows - r0 < BLOCK_ROWS ? rows - r0 : BLOCK_ROWS;
+            for (int k0 = 0; k0 < cols; k0 += BLOCK_COLS)
+                strips_block(sums, block, w, r0, nr, k0,
+                             cols - k0 < BLOCK_COLS ? cols - k0 : BLOCK_COLS,
+                             f->strips, n_strips, fast);
+            for (int i = 0; i < n_strips; i++)
+                scatter_sums(out, rows, sums + (size_t)i * BLOCK_ROWS * STRIP, i * STRIP,
+                             n_tokens - i * STRIP < STRIP ? n_tokens - i * STRIP : STRIP, r0, nr);
+        }
+    }
+}
+
+#if FAST_INT8
+/* The q8_0 prompt path: integer dot products, like decoding. Each token's activations are
+   quantized per group (quantize_vector, the same rounding decoding does) and packed into
+   strips of STRIP tokens whose 32-bit words hold a token's int16 pair (x[k], x[k+1]), or with
+   -a fast its four int8 x[k] .. x[k+3]; a panel of rows is widened to the same words. Then one
+   instruction, a broadcast weight word against 16 tokens' words, makes 32 (vpdpwssd) or 64
+   (vpdpbusd) multiply-adds, where a float32 FMA makes 16. A group's sums are exact in int32
+   (gs * 127 * 32767 < 2^31 for gs <= 512) and meet their two scales, the weight row's and the
+   token's, once per group. */
+#define Q_ROWS 4        /* rows per register tile (strip_kernel_q8 names its four rows) */
+#define Q_MAX_GROUP 512
+
+static int q8_strips_apply(const Matrix *w) {
+    return w->type == WEIGHT_Q8_0 && w->group_size % 2 == 0 && w->group_size <= Q_MAX_GROUP;
+}
+
+/* Quantizes tokens t0 .. t0+STRIP-1 of x (zeros past n_tokens) into one strip of words:
+   words[m * STRIP + j] = token j's values 2m, 2m+1 as int16 or (int8) 4m .. 4m+3 as int8,
+   scales[g * STRIP + j], and for int8 int8_offsets[g * STRIP + j] = -128 * the group's sum
+   (int8_sums explains; here a lane is a token, so it takes all of it). */
+static void pack_strip_q8(uint32_t *words, float *scales, int32_t *int8_offsets, const float *x,
+                          int t0, int n_tokens, int cols, int gs, int int8, QuantizedVector *tmp) {
+    int n_groups = cols / gs, per_word = int8 ? 4 : 2;
+    for (int j = 0; j < STRIP; j++) {
+        if (t0 + j < n_tokens) {
+            quantize_vector(tmp, x + (size_t)(t0 + j) * cols, cols, gs,
+                            int8 ? Q8_MAX : Q16_MAX);
+        } else {
+            memset(tmp->q, 0, (size_t)cols * sizeof(int16_t));
+            memset(tmp->scales, 0, (size_t)n_groups * sizeof(float));
+        }
+        for (int m = 0; m < cols / per_word; m++) {
+            const int16_t *q = tmp->q + (size_t)m * per_word;
+            uint32_t word = int8 ? (uint32_t)(uint8_t)q[0] | (uint32_t)(uint8_t)q[1] << 8 |
+                                    (uint32_t)(uint8_t)q[2] << 16 | (uint32_t)(uint8_t)q[3] << 24
+                                  : (uint32_t)(uint16_t)q[0] | (uint32_t)(uint16_t)q[1] << 16;
+            words[(size_t)m * STRIP + j] = word;
+        }
+        for (int g = 0; g < n_groups; g++) scales[(size_t)g * STRIP + j] = tmp->scales[g];
+        for (int g = 0; int8 && g < n_groups; g++) {
+            int32_t sum = 0;
+            for (int i = g * gs; i < (g + 1) * gs; i++) sum += tmp->q[i];
+            int8_offsets[(size_t)g * STRIP + j] = -128 * sum;
+        }
+    }
+}
+
+/* Memory a kernel prefetches while it runs, evenly over its groups: the next panel's rows. */
+typedef struct {
+    const char *start;
+    size_t bytes;
+} Prefetch;
+
+static inline __m512i dot_words(__m512i acc, __m512i w, __m512i x, int int8) {
+    return int8 ? dot_int8(acc, w, x) : dot_int16(acc, w, x);
+}
+
+/* sums[r][t] (row stride STRIP) for Q_ROWS rows of weight words (row stride row_words, their
+   scales row stride n_groups) and the strip's tokens, groups of group_words words.
+   int8_offsets: NULL for int16 pairs, else the strip's for int8 quads. The caller scatters a
+   panel's sums to the output once its tiles are done (scatter_sums), so that each output line
+   is written whole, once, not in 4 partial writes. */
+static void strip_kernel_q8(float *sums, const uint32_t *w, size_t row_words,
+                            const float *w_scales, const uint32_t *words,
+                            const float *x_scales, const int32_t *int8_offsets,
+                            int n_groups, int group_words, Prefetch ahead) {
+    int int8 = int8_offsets != NULL;
+    size_t ahead_lines = (ahead.bytes + 63) / 64;
+    const uint32_t *w0 = w, *w1 = w + row_words, *w2 = w + 2 * row_words, *w3 = w + 3 * row_words;
+    __m512 acc[Q_ROWS][2];
+    for (int r = 0; r < Q_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int g = 0; g < n_groups; g++) {
+        __m512i c0 = _mm512_setzero_si512(), c1 = c0;
+        if (int8) {
+            c0 = _mm512_loadu_si512((const void *)(int8_offsets + (size_t)g * STRIP));
+            c1 = _mm512_loadu_si512((const void *)(int8_offsets + (size_t)g * STRIP + 16));
+        }
+        /* named accumulators, not an array: gcc 12 copies an array of them on every step */
+        __m512i s00 = c0, s01 = c1, s10 = c0, s11 = c1, s20 = c0, s21 = c1, s30 = c0, s31 = c1;
+        for (size_t i = g * ahead_lines / n_groups; i < (g + 1) * ahead_lines / n_groups; i++)
+            _mm_prefetch(ahead.start + i * 64, _MM_HINT_T0);
+        for (int m = g * group_words; m < (g + 1) * group_words; m++) {
+            const uint32_t *p = words + (size_t)m * STRIP;
+            __m512i x0 = _mm512_loadu_si512((const void *)p);
+            __m512i x1 = _mm512_loadu_si512((const void *)(p + 16));
+            __m512i wv = _mm512_set1_epi32((int)w0[m]);
+            s00 = dot_words(s00, wv, x0, int8);
+            s01 = dot_words(s01, wv, x1, int8);
+            wv = _mm512_set1_epi32((int)w1[m]);
+            s10 = dot_words(s10, wv, x0, int8);
+            s11 = dot_words(s11, wv, x1, int8);
+            wv = _mm512_set1_epi32((int)w2[m]);
+            s20 = dot_words(s20, wv, x0, int8);
+            s21 = dot_words(s21, wv, x1, int8);
+            wv = _mm512_set1_epi32((int)w3[m]);
+            s30 = dot_words(s30, wv, x0, int8);
+            s31 = dot_words(s31, wv, x1, int8);
+        }
+        __m512 xs0 = _mm512_loadu_ps(x_scales + (size_t)g * STRIP);
+        __m512 xs1 = _mm512_loadu_ps(x_scales + (size_t)g * STRIP + 16);
+        __m512i sums[Q_ROWS][2] = { { s00, s01 }, { s10, s11 }, { s20, s21 }, { s30, s31 } };
+        for (int r = 0; r < Q_ROWS; r++) {
+            __m512 ws = _mm512_set1_ps(w_scales[(size_t)r * n_groups + g]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][0]), _mm512_mul_ps(xs0, ws),
+                                        acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][1]), _mm512_mul_ps(xs1, ws),
+                                        acc[r][1]);
+        }
+    }
+    for (int r = 0; r < Q_ROWS; r++) {
+        _mm512_storeu_ps(sums + r * STRIP, acc[r][0]);
+        _mm512_storeu_ps(sums + r * STRIP + 16, acc[r][1]);
+    }
+}
+
+/* Like matmul_strips, with strips of integer words and panels of rows widened from int8 to
+   the same words: int16, or for int8 uint8 with the top bit flipped (w + 128, the unsigned
+   side of vpdpbusd); zero rows and zero scales pad a ragged last panel. The widening waits on
+   memory, so while a panel meets the strips, the next panel's rows are prefetched, a share
+   per kernel call. */
+static void widen_panel_q8(uint32_t *panel, float *scales, const Matrix *w, int r0, int nr,
+                           int int8) {
+    int cols = w->cols, n_groups = cols / w->group_size;
+    size_t n = (size_t)nr * cols, padding = (size_t)(PANEL_ROWS - nr) * cols;
+    const int8_t *src = (const int8_t *)w->data + (size_t)r0 * cols;
+    if (int8) {
+        uint8_t *dst = (uint8_t *)panel;
+        for (size_t i = 0; i < n; i++) dst[i] = (uint8_t)src[i] ^ 0x80u;
+        memset(dst + n, 0x80, padding);
+    } else {
+        int16_t *dst = (int16_t *)panel;
+        for (size_t i = 0; i < n; i++) dst[i] = src[i];
+        memset(dst + n, 0, padding * sizeof(int16_t));
+    }
+    memcpy(scales, w->scales + (size_t)r0 * n_groups, (size_t)nr * n_groups * sizeof(float));
+    memset(scales + (size_t)nr * n_groups, 0,
+           (size_t)(PANEL_ROWS - nr) * n_groups * sizeof(float));
+}
+
+static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, gs = w->group_size, n_groups = cols / gs;
+    int n_strips = (n_tokens + STRIP - 1) / STRIP, n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
+    int int8 = fast_int8(w, s), per_word = int8 ? 4 : 2;
+    size_t row_words = (size_t)cols / per_word;
+    int calls = n_strips * (PANEL_ROWS / Q_ROWS);  /* kernel calls per whole panel */
+    size_t panel_bytes = (size_t)PANEL_ROWS * cols, share = (panel_bytes / calls + 63) / 64 * 64;
+    struct FastScratch *f = s->fast_paths;
+    OMP(parallel)
+    {
+        int id = thread_id();
+        OMP(for schedule(static))
+        for (int i = 0; i < n_strips; i++)
+            pack_strip_q8((uint32_t *)(f->strips_q + (size_t)i * STRIP * cols),
+                          f->strip_scales + (size_t)i * STRIP * (cols / 2),
+                          f->strip_int8_offsets + (size_t)i * STRIP * (cols / 2), x, i * STRIP,
+                          n_tokens, cols, gs, int8, &f->token_q[id]);
+        /* (the for's implied barrier: every strip is packed before any panel starts) */
+        uint32_t *panel = (uint32_t *)(f->panels_q + (size_t)id * PANEL_ROWS * (size_t)s->max_cols);
+        float *scales = f->panel_scales + (size_t)id * PANEL_ROWS * (s->max_cols / 2);
+        float *sums = f->strip_sums + (size_t)id * BLOCK_ROWS * (size_t)f->n_strip_tokens;
+        OMP(for schedule(static))
+        for (int p = 0; p < n_panels; p++) {
+            int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
+            const int8_t *next = (const int8_t *)w->data + (size_t)(r0 + PANEL_ROWS) * cols;
+            size_t next_bytes = p + 1 < n_panels ? (size_t)(rows - r0 - nr) * cols : 0;
+            if (next_bytes > panel_bytes) next_bytes = panel_bytes;
+            widen_panel_q8(panel, scales, w, r0, nr, int8);
+            int call = 0;
+            for (int i = 0; i < n_strips; i++) {
+                int nt = n_tokens - i * STRIP < STRIP ? n_tokens - i * STRIP : STRIP;
+                size_t strip_words = (size_t)i * STRIP * cols / 2;  /* strips_q is int16 */
+                const int32_t *int8_offsets =
+                    int8 ? f->strip_int8_offsets + (size_t)i * STRIP * (cols / 2) : NULL;
+                for (int r = 0; r < nr; r += Q_ROWS, call++) {
+                    size_t done = (size_t)call * share;
+                    Prefetch ahead = { (const char *)next + done, 0 };
+                    if (done < next_bytes)
+                        ahead.bytes = next_bytes - done < share ? next_bytes - done : share;
+                    strip_kernel_q8(sums + (size_t)r * STRIP, panel + (size_t)r * row_words,
+                                    row_words, scales + (size_t)r * n_groups,
+                                    (const uint32_t *)f->strips_q + strip_words,
+                                    f->strip_scales + (size_t)i * STRIP * (cols / 2),
+                                    int8_offsets, n_groups, gs / per_word, ahead);
+                }
+                scatter_sums(out, rows, sums, i * STRIP, nt, r0, nr);
+            }
+        }
+    }
+}
+#endif
+
+/* Hook (matmul_many): the prompt path, matmul_strips_q8 for q8_0 with VNNI, matmul_strips
+   otherwise. */
+static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+#if FAST_INT8
+    if (q8_strips_apply(w)) {
+        matmul_strips_q8(out, x, n_tokens, w, s);
+        return 1;
+    }
+#endif
+    matmul_strips(out, x, n_tokens, w, s);
+    return 1;
+}
+
+/* e^x for 16 floats, within 2 ulp of expf (tests/test_kernels.c checks): x = n ln2 + r with
+   |r| <= ln2/2 (ln2 in two parts, so r is exact), e^r by its Taylor series to r^7 (the rest is
+   below 1e-8 of it), times 2^n by vscalefps, which gives inf past the top of the float range
+   and 0 past the bottom. At a long context attention takes billions of these. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    const float inverse_factorials[] = { 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
+                                         1.0f / 6, 0.5f, 1.0f, 1.0f };
+    __m512 p = _mm512_set1_ps(inverse_factorials[0]);
+    for (int k = 1; k < 8; k++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inverse_factorials[k]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Hook (softmax): the same three passes, 16 lanes at a time, with exp16. */
+static int fast_softmax(float *x, int n) {
+    __m512 vmax = _mm512_set1_ps(x[0]), vsum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16)
+        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, lanes_before(i, n), x + i));
+    __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = lanes_before(i, n);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), max));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+    }
+    __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = lanes_before(i, n);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), sum));
+    }
+    return 1;
+}
+
+/* Hook (swiglu): one row, 16 lanes at a time, with exp16. */
+static int fast_swiglu(float *g, const float *u, int width) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int i = 0; i < width; i += 16) {
+        __mmask16 m = lanes_before(i, width);
+        __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
+    }
+    return 1;
+}
+
+/* Attention reads the whole KV cache for every token, so at long context it, not the weights,
+   is what decoding streams from memory. Section 3's loop reads a KV head's keys and values
+   once per query head; this one reads them once per KV head:
+   - the query heads of a GQA group share their KV head: a pass takes up to ATT_ROWS query rows
+     (those heads, and for a prompt block also the next tokens' heads) over each key and value
+     once, ATT_TILE_ROWS rows at a time (a register tile) over two key tiles or VALUE_CHUNK
+     values, which stay in cache while every row of the pass uses them;
+   - a row's scores come out KEY_TILE positions at a time from broadcast multiply-adds against
+     the transposed key tiles, with no horizontal sums;
+   - the weighted sum reads the values in order, one position's values meeting every row's
+     weight.
+   A score and an output value are still each one float32 sum in order (over dimensions, over
+   positions), and the softmax is the plain max-subtracted one. */
+#define ATT_TILE_ROWS 8  /* rows per register tile (4 where a pass has no more: decoding) */
+#define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
+
+/* scores[r][p] = scale * dot(rows[r], key p) for the SCORE_TILES * KEY_TILE positions from
+   key tile `tile` on, rows r < nr <= tile_rows. Called with a constant tile_rows, 4 or
+   ATT_TILE_ROWS: decoding has 4 rows per KV head (the 1B shape), prompt passes 16. Per
+   dimension, 2 key loads and tile_rows broadcasts meet in 2 * tile_rows multiply-adds. */
+static inline void score_tiles(float *const *scores, const float *const *rows, int nr,
+                               const float *keys, int tile, int head_dim, float scale,
+                               int tile_rows) {
+    const float *tile1 = keys + (size_t)tile * head_dim * KEY_TILE;
+    const float *tile2 = tile1 + (size_t)head_dim * KEY_TILE;
+    __m512 acc[ATT_TILE_ROWS][SCORE_TILES];
+    for (int r = 0; r < tile_rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int d = 0; d < head_dim; d++) {
+        __m512 k0 = _mm512_loadu_ps(tile1 + (size_t)d * KEY_TILE);
+        __m512 k1 = _mm512_loadu_ps(tile2 + (size_t)d * KEY_TILE);
+        for (int r = 0; r < tile_rows; r++) {
+            __m512 q = _mm512_set1_ps(rows[r][d]);
+            acc[r][0] = _mm512_fmadd_ps(q, k0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(q, k1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < SCORE_TILES; j++)
+            _mm512_storeu_ps(scores[r] + (size_t)(tile + j) * KEY_TILE,
+                             _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
+}
+
+/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed
+   two whole tiles at a time (the tail is written too; scores rows have room). keys: one KV
+   head's tiles. The row tiles take turns on each pair of key tiles, which stays in L1
+   meanwhile; rows past nr in the last row tile repeat row 0 so that the tiles stay fixed. */
+static void attention_scores(float *const *scores, const float *const *q, int nr,
+                             const float *keys, int n_pos, int head_dim, float scale) {
+    const float *rows[ATT_ROWS];
+    for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
+    for (int i = 0; i * KEY_TILE < n_pos; i += SCORE_TILES) {
+        for (int g = 0; g < nr; g += ATT_TILE_ROWS) {
+            if (nr - g <= 4)
+                score_tiles(scores + g, rows + g, nr - g, keys, i, head_dim, scale, 4);
+            else
+                score_tiles(scores + g, rows + g,
+                            nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, keys, i, head_dim,
+                            scale, ATT_TILE_ROWS);
+        }
+    }
+}
+
+/* out[r] += sum over positions p in [p0, p1) of weights[r][p] * value p, for rows
+   r < nr <= tile_rows (a constant, as in score_tiles), head_dim values each. values: one KV
+   head's, [positions][head_dim]. 16 accumulators: tile_rows rows by 64 / tile_rows dimensions
+   at a time (decoding's 4 rows take 64, so that each position's values are read in one
+   pass); the dimensions past the last whole step one at a time. */
+static inline void sum_values(float *const *out, const float *const *weights, int nr,
+                              const float *values, int p0, int p1, int head_dim,
+                              int tile_rows) {
+    int d0 = 0, vectors = 16 / tile_rows, width = 16 * vectors;
+    const float *w[ATT_TILE_ROWS];
+    for (int r = 0; r < tile_rows; r++) w[r] = weights[r < nr ? r : 0];
+    for (; d0 + width <= head_dim; d0 += width) {
+        __m512 acc[ATT_TILE_ROWS][4];
+        for (int r = 0; r < tile_rows; r++)
+            for (int j = 0; j < vectors; j++)
+                acc[r][j] = _mm512_loadu_ps(out[r < nr ? r : 0] + d0 + 16 * j);
+        for (int p = p0; p < p1; p++) {
+            const float *v = values + (size_t)p * head_dim + d0;
+            __m512 vv[4];
+            for (int j = 0; j < vectors; j++) vv[j] = _mm512_loadu_ps(v + 16 * j);
+            for (int r = 0; r < tile_rows; r++) {
+                __m512 wr = _mm512_set1_ps(w[r][p]);
+                for (int j = 0; j < vectors; j++) acc[r][j] = _mm512_fmadd_ps(wr, vv[j], acc[r][j]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
+    }
+    if (d0 == head_dim) return;
+    for (int p = p0; p < p1; p++) {
+        const float *v = values + (size_t)p * head_dim;
+        for (int r = 0; r < nr; r++) {
+            float wr = weights[r][p];
+            for (int d = d0; d < head_dim; d++) out[r][d] += wr * v[d];
+        }
+    }
+}
+
+static void attention_values(float *const *out, const float *const *weights, int nr,
+                             const float *values, int p0, int p1, int head_dim) {
+    if (nr <= 4) sum_values(out, weights, nr, values, p0, p1, head_dim, 4);
+    else sum_values(out, weights, nr, values, p0, p1, head_dim, ATT_TILE_ROWS);
+}
+
+/* One pass of attention(): rows row0 .. row0+nr-1 of KV head kv_head, where row i is query
+   head kv_head * group + i % group of token i / group (so the rows' last visible positions
+   rise with i). Writes each row's output into s->xb. */
+static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                           int kv_head, int row0, int nr) {
+    int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
+    int q_dim = cfg->n_heads * head_dim;
+    size_t head_stride = (size_t)s->cache_len * head_dim;
+    const float *keys = s->key_cache + layer_offset + kv_head * head_stride;
+    const float *values = s->value_cache + layer_offset + kv_head * head_stride;
+    const float *q[ATT_ROWS];
+    float *scores[ATT_ROWS], *out[ATT_ROWS];
+    int last[ATT_ROWS];
+    for (int r = 0; r < nr; r++) {
+        int row = row0 + r, t = row / group, h = kv_head * group + row % group;
+        q[r] = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
+        out[r] = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
+        scores[r] = s->att + ((size_t)thread_id() * ATT_ROWS + r) * s->cache_len;
+        last[r] = pos + t;
+    }
+    attention_scores(scores, q, nr, keys, last[nr - 1] + 1, head_dim,
+                     1.0f / sqrtf((float)head_dim));
+    for (int r = 0; r < nr; r++) {
+        softmax(scores[r], last[r] + 1);
+        memset(out[r], 0, (size_t)head_dim * sizeof(float));
+    }
+    /* the positions every row sees, a chunk of values at a time for all the row groups, then
+       each row's own few more */
+    int shared = last[0] + 1;
+    for (int p0 = 0; p0 < shared; p0 += VALUE_CHUNK) {
+        int p1 = shared - p0 < VALUE_CHUNK ? shared : p0 + VALUE_CHUNK;
+        for (int g = 0; g < nr; g += ATT_TILE_ROWS)
+            attention_values(out + g, (const float *const *)scores + g,
+                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, values, p0, p1,
+                             head_dim);
+    }
+    for (int r = 1; r < nr; r++)
+        attention_values(out + r, (const float *const *)scores + r, 1, values, shared,
+                         last[r] + 1, head_dim);
+}
+
+/* Hook (attention): section 3's attention, the same sums, with each KV head's rows (its
+   query heads for each token) in passes of ATT_ROWS, split over threads. */
+static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                          int n_tokens) {
+    int rows = n_tokens * (cfg->n_heads / cfg->n_kv_heads);
+    int passes = (rows + ATT_ROWS - 1) / ATT_ROWS;
+    OMP(parallel for schedule(static))
+    for (int i = 0; i < cfg->n_kv_heads * passes; i++) {
+        int row0 = i % passes * ATT_ROWS;
+        attention_rows(s, cfg, layer_offset, pos, i / passes, row0,
+                       rows - row0 < ATT_ROWS ? rows - row0 : ATT_ROWS);
+    }
+    return 1;
+}
+
+#else  /* no AVX-512: no fast path applies */
+
+#define FAST_BF16 0
+#define FAST_INT8 0
+
+static void fast_alloc_scratch(MatmulScratch *s) { (void)s; }
+static void fast_free_scratch(MatmulScratch *s) { (void)s; }
+static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
+    (void)scale; (void)q; (void)x; (void)gs; (void)q_max;
+    return 0;
+}
+static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
+    (void)w; (void)x; (void)s;
+    return 0;
+}
+static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+    (void)out; (void)w; (void)x; (void)s;
+    return 0;
+}
+static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+    (void)out; (void)x; (void)n_tokens; (void)w; (void)s;
+    return 0;
+}
+static int fast_softmax(float *x, int n) {
+    (void)x; (void)n;
+    return 0;
+}
+static int fast_swiglu(float *gate, const float *up, int width) {
+    (void)gate; (void)up; (void)width;
+    return 0;
+}
+static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                          int n_tokens) {
+    (void)s; (void)cfg; (void)layer_offset; (void)pos; (void)n_tokens;
+    return 0;
+}
+
+#endif

@@ -1,6 +1,7 @@
-/* test_kernels.c: run.c's math kernels against plain loops, on random data.
-   tests/test_kernels.py compiles it twice (the Makefile's flags, so the AVX-512 paths, and a
-   portable build), and runs it.
+/* test_kernels.c: run.c's math kernels against plain loops, on random data: the portable ones
+   of sections 2 and 3 in every build, and section 8's fast paths where the build has them.
+   tests/test_kernels.py compiles it three times (the Makefile's flags, so the AVX-512 paths;
+   an AVX2 build; a portable build), and runs it.
 
    It includes run.c whole, so that it tests exactly the functions the engine runs (run.c's own
    main is renamed out of the way).
@@ -105,7 +106,10 @@ static void test_dots(int n, int gs) {
     float *wb_image = malloc((size_t)n * sizeof(float));
     double worst_fp32 = 0, worst_bf16 = 0, worst_q8_int = 0, worst_q8_float = 0, worst_qx = 0;
     double worst_fast_int = 0, worst_fast_float = 0;
-    int fast = FAST_Q8 && gs % 64 == 0;
+#if defined __AVX512F__
+    double worst_fp32_avx512 = 0, worst_bf16_avx512 = 0, worst_q8_avx512 = 0;
+#endif
+    int fast = FAST_INT8 && gs % 64 == 0;
     for (int trial = 0; trial < 50; trial++) {
         fill(w, (size_t)n);
         fill(x, (size_t)n);
@@ -114,12 +118,19 @@ static void test_dots(int n, int gs) {
             wb_image[i] = bf16_to_float(wb[i]);
         }
         double mag = magnitude(w, x, n);
+        double mag_bf16 = magnitude(wb_image, x, n);
         worst_fp32 = fmax(worst_fp32, fabs(dot_fp32(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
+        worst_bf16 = fmax(worst_bf16, fabs(dot_bf16(wb, x, n) - ref_dot_bf16(wb, x, n)) / mag_bf16);
+#if defined __AVX512F__
         float *pairs = malloc((size_t)n * sizeof(float));
         split_pairs(pairs, x, n);
-        worst_bf16 = fmax(worst_bf16, fabs(dot_bf16(wb, x, pairs, n) - ref_dot_bf16(wb, x, n)) /
-                                          magnitude(wb_image, x, n));
+        worst_fp32_avx512 = fmax(worst_fp32_avx512,
+                                 fabs(dot_fp32_avx512(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
+        worst_bf16_avx512 = fmax(worst_bf16_avx512,
+                                 fabs(dot_bf16_avx512(wb, pairs, n) - ref_dot_bf16(wb, x, n)) /
+                                     mag_bf16);
         free(pairs);
+#endif
 
         TestQ8 t = make_q8(1, n, gs);
         QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
@@ -136,36 +147,52 @@ static void test_dots(int n, int gs) {
             for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * xq[i];
             exact_int += (double)isum * t.scales[g] * xs[g];
         }
-        double got = dot_q8(t.q, t.scales, &qv, n, gs, 0);
+        double got = dot_q8(t.q, t.scales, &qv, n, gs);
         double qmag = magnitude(t.image, x, n);
         worst_q8_int = fmax(worst_q8_int, fabs(got - exact_int) / qmag);
+#if defined __AVX512F__
+        worst_q8_avx512 = fmax(worst_q8_avx512,
+                               fabs(dot_q8_avx512(t.q, t.scales, &qv, n, gs, 0) - exact_int) / qmag);
+#endif
         worst_q8_float = fmax(worst_q8_float,
                               fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
+#if FAST_INT8
         if (fast) {  /* -a fast: int8 activations, through vpdpbusd's unsigned operand */
-            quantize_bytes(&qv, x, n, gs);
-            double exact_bytes = 0.0;
+            quantize_int8(&qv, x, n, gs);
+            double exact_int8 = 0.0;
             for (int g = 0; g < n / gs; g++) {
                 int64_t isum = 0;
-                for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * qv.bytes[i];
-                exact_bytes += (double)isum * t.scales[g] * qv.scales[g];
+                for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * qv.int8[i];
+                exact_int8 += (double)isum * t.scales[g] * qv.scales[g];
             }
-            got = dot_q8(t.q, t.scales, &qv, n, gs, 1);
-            worst_fast_int = fmax(worst_fast_int, fabs(got - exact_bytes) / qmag);
+            got = dot_q8_avx512(t.q, t.scales, &qv, n, gs, 1);
+            worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
             worst_fast_float = fmax(worst_fast_float,
                                     fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
         }
-        free(qv.q); free(qv.scales); free(qv.bytes); free(qv.corrections);
+#endif
+        free(qv.q); free(qv.scales); free(qv.int8); free(qv.int8_offsets);
         free(t.q); free(t.scales); free(t.image);
     }
     snprintf(name, sizeof name, "dot_fp32 n=%d", n);
     check(name, worst_fp32, 1e-6);
     snprintf(name, sizeof name, "dot_bf16 n=%d", n);
     check(name, worst_bf16, 1e-6);
+#if defined __AVX512F__
+    snprintf(name, sizeof name, "dot_fp32_avx512 n=%d", n);
+    check(name, worst_fp32_avx512, 1e-6);
+    snprintf(name, sizeof name, "dot_bf16_avx512 n=%d", n);
+    check(name, worst_bf16_avx512, 1e-6);
+#endif
     /* half a step, plus float32's rounding of x / scale at up to 32767 steps (~0.002 step) */
     snprintf(name, sizeof name, "quantize_vector n=%d gs=%d (steps)", n, gs);
     check(name, worst_qx, 0.51);
     snprintf(name, sizeof name, "dot_q8 vs int8 x int16 n=%d gs=%d", n, gs);
     check(name, worst_q8_int, 1e-6);
+#if defined __AVX512F__
+    snprintf(name, sizeof name, "dot_q8_avx512 vs int8 x int16 n=%d gs=%d", n, gs);
+    check(name, worst_q8_avx512, 1e-6);
+#endif
     /* The activations' rounding: each product moves by up to half an activation step. */
     snprintf(name, sizeof name, "dot_q8 vs float activations n=%d gs=%d", n, gs);
     check(name, worst_q8_float, 1e-4);
@@ -225,7 +252,7 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
 /* -a fast: matmul against the reference on x rounded as that mode rounds it (to bf16 for bf16
    weights, to int8 per group for q8_0), which is all it may change: what is then multiplied
    is exact (two bf16, or two int8 summed in int32). */
-#if FAST_BF16 || FAST_Q8
+#if FAST_BF16 || FAST_INT8
 static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch *s) {
     size_t count = (size_t)rows * cols;
     float *x = malloc((size_t)n * cols * sizeof(float));
@@ -468,7 +495,8 @@ static void test_kernels(void) {
         test_matmul(types[i], 64, 515, 33, &s);    /* odd width: bf16 rows widened, not paired */
     }
     test_matmul_many(&s);
-    {   /* rows wide enough for dot_fp32_rows / dot_bf16_rows: whole steps of 8, a ragged one */
+    {   /* rows wide enough for section 8's dot_fp32_rows / dot_bf16_rows: whole steps of 8,
+           a ragged one */
         MatmulScratch wide = {0};
         alloc_scratch(&wide, 8192, 1);
         for (int type = WEIGHT_FP32; type <= WEIGHT_BF16; type++) {
@@ -484,7 +512,7 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_BF16, 72, 1100, 33, &s);   /* ragged column block and strip */
     test_matmul_fast(WEIGHT_BF16, 70, 256, 7, &s);     /* a ragged row tile */
 #endif
-#if FAST_Q8
+#if FAST_INT8
     test_matmul_fast(WEIGHT_Q8_0, 64, 256, 1, &s);
     test_matmul_fast(WEIGHT_Q8_0, 70, 256, 7, &s);     /* ragged panel and strip */
     test_matmul_fast(WEIGHT_Q8_0, 128, 1024, 64, &s);
