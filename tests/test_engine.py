@@ -390,7 +390,7 @@ def test_help_version_and_hints():
         for flag in (b"--top-k", b"--min-p", b"--repeat-penalty", b"--repeat-last-n",
                      b"--presence-penalty", b"--frequency-penalty", b"--seed", b"--ctx-size",
                      b"--threads", b"--predict", b"--file", b"--prompt", b"--system-prompt",
-                     b"penalties, top-k, top-p, min-p, temperature"):
+                     b"--sampler-order", b"penalties, top-k, then top-p and min-p"):
             assert flag in proc.stdout, flag
     version = run([program("runomp"), "--version"]).stdout
     assert version.startswith(b"run (llama3.c)"), version
