@@ -192,27 +192,39 @@ def label_of(variant):
     return " ".join([variant.split(":")[0], *flags(variant)])
 
 
-def run_engine(binary, model, ids, n_new, threads, context=None, extra=(), cache="warm"):
+def run_engine(binary, model, ids, n_new, threads, context=None, extra=(), cache="warm",
+               decode_from_output=False):
     """Runs runomp; returns (prompt tok/s, decode tok/s, seconds to first id, peak RSS MiB).
     cache: "warm" reads the model file into the page cache first, "cold" drops it from there
-    (the engine then faults it in from the disk itself), "as is" leaves it."""
+    (the engine then faults it in from the disk itself), "as is" leaves it.
+    decode tok/s is the engine's own figure (one decimal; generated ids over the time after the
+    prompt, which holds one step fewer), or with decode_from_output the steps between the first
+    and the last id over the time between their arrivals: precise at a few tok/s."""
     set_cache(model, cache)
     args = [binary, model, *extra, "-I", " ".join(map(str, ids)), "-o", "ids",
             "-n", str(n_new), "-t", "0", "-e", "0", "-T", str(threads),
             "-c", str(context or len(ids) + n_new + 8)]
     start = time.perf_counter()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = p.stdout.read(1)
-    ttft = time.perf_counter() - start
-    rest_out = p.stdout.read()
+    out = bytearray(os.read(p.stdout.fileno(), 1 << 16))  # the engine flushes every id
+    first = last = time.perf_counter()
+    while True:
+        chunk = os.read(p.stdout.fileno(), 1 << 16)
+        if not chunk:
+            break
+        out += chunk
+        last = time.perf_counter()
     err = p.stderr.read().decode()
     _, status, usage = os.wait4(p.pid, 0)
-    if status != 0 or not first:
-        raise SystemExit(f"runomp failed ({status}):\n{err}\n{rest_out[:200]}")
+    if status != 0 or not out:
+        raise SystemExit(f"runomp failed ({status}):\n{err}\n{bytes(out[:200])}")
     line = [l for l in err.splitlines() if l.startswith("prompt:")][-1]
     # "prompt: N tokens, X tok/s; generated: M tokens, Y tok/s"
     parts = line.replace(",", " ").replace(";", " ").split()
-    return float(parts[3]), float(parts[8]), ttft, usage.ru_maxrss / 1024.0
+    decode = float(parts[8])
+    if decode_from_output and n_new > 1 and last > first:
+        decode = (n_new - 1) / (last - first)
+    return float(parts[3]), decode, first - start, usage.ru_maxrss / 1024.0
 
 
 def main():
@@ -241,6 +253,8 @@ def main():
     if llama_dir:
         ggufs = llama_cpp.make(llama_dir, os.path.join(BENCH, "hf"), BENCH,
                                llama_cpp.gguf_types(sorted(set(base[t] for t in types))))
+        for path in ggufs.values():
+            drop_cached(path)  # as for ours: read back in the kernel's own folios
     ceilings = peaks(peak, a.threads)
     rng = random.Random(0)
     prompt = [rng.randrange(128000) for _ in range(a.prompt)]
@@ -251,7 +265,7 @@ def main():
         for t in order if r % 2 == 0 else order[::-1]:
             if t in ggufs:
                 (pp, tg), before, after = with_bandwidth(bw, a.threads, lambda: llama_cpp.bench(
-                    llama_dir, ggufs[t], a.prompt, a.decode, a.threads))
+                    llama_dir, ggufs[t], a.prompt, a.decode, a.threads, warm))
                 gbps = (before + after) / 2
                 frac = tg / (gbps * 1e9 / llama_cpp.bytes_per_token(llama_dir, ggufs[t]))
                 add(lres[t], pp=pp, tg=tg, bw=gbps, frac=frac)

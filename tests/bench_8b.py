@@ -23,7 +23,8 @@ default memory-mapped file; read: -w read) and page-cache state:
         then runs on the file as the engine's page faults brought it in;
   warm: the file is dropped, then read sequentially into the page cache (as a copy or a
         second run finds it) before the engine starts.
-It records decode and prompt tok/s, time to first token (process start to the first id:
+It records decode tok/s (from the arrival times of the generated ids: the engine prints one
+decimal), prompt tok/s, time to first token (process start to the first id:
 loading and the prompt included) and peak RSS. tests/bandwidth.c runs before and after each
 timing (bench.py's machinery), and decode is shown against the bandwidth limit: bandwidth /
 weight bytes per token.
@@ -103,23 +104,28 @@ def plan_disk(a, cfg, hf, llama_dir):
 
     if not take("checkpoint (bf16)", os.path.join(hf, "config.json"), checkpoint_bytes(cfg)):
         raise SystemExit("bench_8b: not enough disk space for the checkpoint")
-    types = [t for t in a.types if take(f"export {t}", model_path(a, t), export_bytes(cfg, t))]
-    ggufs = []
-    if llama_dir:
-        wanted = llama_cpp.gguf_types(types)
-        gguf = lambda g: (f"llama.cpp {g}", os.path.join(a.dir, f"llama-{g}.gguf"),  # noqa: E731
-                          gguf_bytes(cfg, g))
-        # Q8_0 and Q4_0 are quantized from the BF16 file
-        bf16 = any(g != "F32" for g in wanted) and take(*gguf("BF16"))
-        for g in wanted:
-            if g == "F32" and take(*gguf(g)) or g == "BF16" and bf16:
-                ggufs.append(g)
-            elif g not in ("F32", "BF16"):
-                if bf16 and take(*gguf(g)):
-                    ggufs.append(g)
-                elif not bf16:
-                    print(f"  {'llama.cpp ' + g:24s} SKIPPED: the BF16 GGUF it is made from "
-                          "does not fit")
+    types, ggufs, bf16 = [], [], None
+    for t in a.types:  # each type, then llama.cpp's files for it, in --types order
+        if not take(f"export {t}", model_path(a, t), export_bytes(cfg, t)):
+            continue
+        types.append(t)
+        if not llama_dir or t not in llama_cpp.OURS_TO_GGUF:
+            continue
+        g = llama_cpp.OURS_TO_GGUF[t]
+        for want in ([g] if g == "F32" else ["BF16", g, llama_cpp.REFERENCE]):
+            if want in ggufs or want == "BF16" and bf16 is not None:
+                continue
+            if want != "F32" and bf16 is False:
+                print(f"  {'llama.cpp ' + want:24s}          SKIPPED: the BF16 GGUF it is "
+                      "made from does not fit")
+                continue
+            ok = take(f"llama.cpp {want}", os.path.join(a.dir, f"llama-{want}.gguf"),
+                      gguf_bytes(cfg, want))
+            if want == "BF16":
+                bf16 = ok  # Q8_0 and Q4_0 are quantized from it
+            if ok and (want != "BF16" or want == g):
+                ggufs.append(want)
+    ggufs = [g for g in llama_cpp.gguf_types(types) if g in ggufs]
     return types, ggufs
 
 
@@ -212,7 +218,7 @@ def run_rounds(a, models, ggufs, llama_dir, bw):
                 if engine == "ours":
                     return bench.run_engine(a.binary, path, ids, a.decode, a.threads,
                                             extra=("-w", "read") if mode == "read" else (),
-                                            cache="as is")
+                                            cache="as is", decode_from_output=True)
                 pp, tg = llama_cpp.bench(llama_dir, path, a.prompt, a.decode, a.threads)
                 return pp, tg, None, None
 

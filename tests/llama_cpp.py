@@ -62,9 +62,12 @@ def make(llama_dir, hf, dest, types, log=print):
     return models
 
 
-def bench(llama_dir, model, n_prompt, n_gen, threads):
+def bench(llama_dir, model, n_prompt, n_gen, threads, before=None):
     """One llama-bench run (one repetition; the caller interleaves): (prompt tok/s, decode
-    tok/s). Default settings otherwise: the file is memory-mapped."""
+    tok/s). Default settings otherwise: the file is memory-mapped. before(model), when given,
+    runs first (bench.py's warm: the file read into the page cache, as for ours)."""
+    if before:
+        before(model)
     exe = os.path.join(llama_dir, "build", "bin", "llama-bench")
     p = subprocess.run([exe, "-m", model, "-p", str(n_prompt), "-n", str(n_gen),
                         "-t", str(threads), "-r", "1", "-o", "json"],
