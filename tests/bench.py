@@ -285,7 +285,8 @@ def main():
                   f"{tg:6.1f} tok/s ({100 * frac:4.0f}% of bw)  prompt {pp:6.1f} tok/s  "
                   f"ttft {ttft:5.2f} s", flush=True)
     med = statistics.median
-    print(f"\n{a.threads} threads, prompt {a.prompt}, decode {a.decode}, medians of {a.rounds}")
+    print(f"\n{host()}; {a.threads} threads, prompt {a.prompt}, decode {a.decode}, medians of "
+          f"{a.rounds}")
     print("| type | GB/token | bandwidth GB/s | decode tok/s | bw limit tok/s | decode/limit "
           "| prompt tok/s | TTFT s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -306,6 +307,13 @@ def main():
                      a)
     if a.long:
         long_context(a, models, bw, rng, base, extra)
+
+
+def host():
+    """The CPU model and how many CPUs this machine shows, for the table's heading."""
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return f"{names[0] if names else 'unknown CPU'}, {len(names)} CPUs"
 
 
 def new_result():

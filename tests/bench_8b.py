@@ -104,7 +104,7 @@ def plan_disk(a, cfg, hf, llama_dir):
 
     if not take("checkpoint (bf16)", os.path.join(hf, "config.json"), checkpoint_bytes(cfg)):
         raise SystemExit("bench_8b: not enough disk space for the checkpoint")
-    types, ggufs, bf16 = [], [], None
+    types, made, tried = [], set(), set()
     for t in a.types:  # each type, then llama.cpp's files for it, in --types order
         if not take(f"export {t}", model_path(a, t), export_bytes(cfg, t)):
             continue
@@ -112,20 +112,17 @@ def plan_disk(a, cfg, hf, llama_dir):
         if not llama_dir or t not in llama_cpp.OURS_TO_GGUF:
             continue
         g = llama_cpp.OURS_TO_GGUF[t]
-        for want in ([g] if g == "F32" else ["BF16", g, llama_cpp.REFERENCE]):
-            if want in ggufs or want == "BF16" and bf16 is not None:
+        for want in [g] if g == "F32" else ["BF16", g, llama_cpp.REFERENCE]:
+            if want in tried:
                 continue
-            if want != "F32" and bf16 is False:
+            tried.add(want)
+            if want in ("Q8_0", "Q4_0") and "BF16" not in made:
                 print(f"  {'llama.cpp ' + want:24s}          SKIPPED: the BF16 GGUF it is "
                       "made from does not fit")
-                continue
-            ok = take(f"llama.cpp {want}", os.path.join(a.dir, f"llama-{want}.gguf"),
-                      gguf_bytes(cfg, want))
-            if want == "BF16":
-                bf16 = ok  # Q8_0 and Q4_0 are quantized from it
-            if ok and (want != "BF16" or want == g):
-                ggufs.append(want)
-    ggufs = [g for g in llama_cpp.gguf_types(types) if g in ggufs]
+            elif take(f"llama.cpp {want}", os.path.join(a.dir, f"llama-{want}.gguf"),
+                      gguf_bytes(cfg, want)):
+                made.add(want)
+    ggufs = [g for g in llama_cpp.gguf_types(types) if g in made]
     return types, ggufs
 
 
@@ -244,7 +241,7 @@ def report(a, res, exports, models, ggufs, llama_dir):
         values = [v for v in values if v is not None]
         return fmt.format(med(values)) if values else "-"
 
-    print(f"\n8B shape, {a.threads} threads, prompt {a.prompt}, decode {a.decode}, medians of "
+    print(f"\n{bench.host()}; 8B shape, {a.threads} threads, prompt {a.prompt}, decode {a.decode}, medians of "
           f"{a.rounds} rounds")
     print("| engine | type | weights | page cache | GB/token | bandwidth GB/s | decode tok/s "
           "| decode/limit | map/read | prompt tok/s | TTFT s | peak RSS GiB | export s "
@@ -302,10 +299,14 @@ def main():
     hf = a.hf or os.path.join(a.dir, "hf")
     cfg = dict(make_checkpoint.PRESETS[PRESET]["config"])
     if a.hf:
+        if not os.path.exists(os.path.join(a.hf, "config.json")):
+            raise SystemExit(f"bench_8b: --hf {a.hf}: no config.json")
         with open(os.path.join(a.hf, "config.json")) as f:
             cfg = json.load(f)
     llama_dir = llama_cpp.find()
     types, gtypes = plan_disk(a, cfg, hf, llama_dir)
+    print(f"comparing: ours {', '.join(types)}" + (f"; llama.cpp {', '.join(gtypes)}" if gtypes
+                                                    else ""))
     if a.plan:
         return
     if not os.path.exists(os.path.join(hf, "config.json")):

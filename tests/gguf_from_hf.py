@@ -194,13 +194,26 @@ def convert(hf_dir, out_path, out_type, tokenizer_path, llama_cpp_dir):
         if hf_name is not None and (hf_name not in ckpt.where
                                     or tuple(ckpt.info(hf_name)[1]) != shape):
             raise SystemExit(f"gguf_from_hf: {hf_name} missing or not of shape {shape}")
-    Q = gguf.GGMLQuantizationType
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}[out_type]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type]
     part = out_path + ".part"
     w = gguf.GGUFWriter(part, "llama")
     write_metadata(gguf, w, c, ftype, tokenizer_path)
+    try:
+        write_tensors(gguf, w, ckpt, c, plan, out_type)
+    except BaseException:
+        w.close()
+        os.remove(part)  # never a half-written file
+        raise
+    ckpt.close()
+    os.replace(part, out_path)
+
+
+def write_tensors(gguf, w, ckpt, c, plan, out_type):
+    """The tensor table, then each tensor's data streamed chunk by chunk (gguf-py's own
+    write_tensor_data would need each tensor whole in memory)."""
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}[out_type]
     sizes = []
     for gname, _, shape, kind in plan:
         t = Q.F32 if kind == "f32" else qtype
@@ -225,9 +238,6 @@ def convert(hf_dir, out_path, out_type, tokenizer_path, llama_cpp_dir):
                              f"expected {size}")
         w.write_padding(out, size)
     w.close()
-    ckpt.close()
-    os.replace(part, out_path)
-
 
 def main(argv):
     ap = argparse.ArgumentParser(description="Convert a Hugging Face Llama checkpoint to GGUF "
