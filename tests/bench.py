@@ -337,6 +337,11 @@ def with_bandwidth(bw, threads, timed):
     return result, before, after
 
 
+def rate(tok_s):
+    """tok/s with 3 significant digits or more: 8B decodes at a few tok/s."""
+    return f"{tok_s:.2f}" if tok_s < 10 else f"{tok_s:.1f}"
+
+
 def against_llama_cpp(ours, base, lres, condition="mapped"):
     """llama.cpp's figures of the same run and our ratios to them. ours: {label: result},
     base: {label: our weight type}, lres: {GGUF type: result}. Ratios are medians of the
@@ -347,8 +352,8 @@ def against_llama_cpp(ours, base, lres, condition="mapped"):
     print("| llama.cpp type | bandwidth GB/s | decode tok/s | decode/limit | prompt tok/s |")
     print("|---|---|---|---|---|")
     for g, d in lres.items():
-        print(f"| {g} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | {100 * med(d['frac']):.0f}% "
-              f"| {med(d['pp']):.1f} |")
+        print(f"| {g} | {med(d['bw']):.1f} | {rate(med(d['tg']))} | {100 * med(d['frac']):.0f}% "
+              f"| {rate(med(d['pp']))} |")
 
     def ratio(d, g, key):
         if g not in lres or not lres[g][key]:

@@ -35,7 +35,9 @@ plus 4 GiB is available after dropping its cache; skipped cases are said so.
 
 With LLAMA_CPP_DIR (tests/llama_cpp.py), llama.cpp's llama-bench runs in the same rounds on
 GGUF files of the same weights (its same type, and its Q4_0), mapped, cold and warm alike, and
-a table gives our ratios to it.
+a table gives our ratios to it. llama-bench reports no load time, and times its prompt after a
+warmup run over the mapped file; our prompt figure includes the first pass's page faults
+(the TTFT column holds the whole start).
 """
 import argparse
 import json
@@ -298,17 +300,22 @@ def main():
     os.makedirs(bench.BENCH, exist_ok=True)
     hf = a.hf or os.path.join(a.dir, "hf")
     cfg = dict(make_checkpoint.PRESETS[PRESET]["config"])
-    if a.hf:
-        if not os.path.exists(os.path.join(a.hf, "config.json")):
-            raise SystemExit(f"bench_8b: --hf {a.hf}: no config.json")
-        with open(os.path.join(a.hf, "config.json")) as f:
-            cfg = json.load(f)
+    if a.hf and not os.path.exists(os.path.join(a.hf, "config.json")):
+        raise SystemExit(f"bench_8b: --hf {a.hf}: no config.json")
+    if os.path.exists(os.path.join(hf, "config.json")):
+        with open(os.path.join(hf, "config.json")) as f:
+            found = json.load(f)
+        if not a.hf and any(found.get(k) != v for k, v in cfg.items()):
+            raise SystemExit(f"bench_8b: {hf} is not the {PRESET} checkpoint: delete it")
+        cfg = found
     llama_dir = llama_cpp.find()
     types, gtypes = plan_disk(a, cfg, hf, llama_dir)
     print(f"comparing: ours {', '.join(types)}" + (f"; llama.cpp {', '.join(gtypes)}" if gtypes
                                                     else ""))
     if a.plan:
         return
+    if not types:
+        raise SystemExit("bench_8b: no weight type fits on the disk beside the checkpoint")
     if not os.path.exists(os.path.join(hf, "config.json")):
         make_hf(hf)
     exports = {t: export_once(a, cfg, hf, t) for t in types}

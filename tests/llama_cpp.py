@@ -10,6 +10,7 @@ weights, and llama.cpp's Q4_0 as a reference. F32 and BF16 are converted from th
 Q8_0 and Q4_0 are made from the BF16 (else F32) file by llama-quantize --pure (every matrix
 in that type, no mixtures).
 """
+import functools
 import json
 import os
 import subprocess
@@ -83,6 +84,7 @@ def bench(llama_dir, model, n_prompt, n_gen, threads, before=None):
     return pp, tg
 
 
+@functools.lru_cache(maxsize=None)  # reading a GGUF's 128K-token vocabulary takes seconds
 def bytes_per_token(llama_dir, path):
     """Weight bytes one decode step reads: every tensor but the embedding, which is read whole
     only when it is also the classifier (no output tensor)."""
