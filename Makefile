@@ -7,7 +7,7 @@ WARN = -std=c11 -Wall -Wextra
 # Debian's numpy installs for /usr/bin/python3; prefer it over any other python3 on PATH.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 
-.PHONY: all test demo bench clean test-valgrind
+.PHONY: all test demo bench bench-8b clean test-valgrind
 
 all: run runomp tokenize
 
@@ -48,6 +48,12 @@ test-valgrind: build/demo.bin
 bench: runomp tokenize
 	$(PYTHON) tests/bench_tokenizer.py
 	$(PYTHON) tests/bench.py --long 4096 --long-types q8_0,q8_0:fast
+
+# Llama-3.1-8B shape: ~16 GB checkpoint + one export per type that fits on the disk, under
+# build/bench8b/ (BENCH8B_FLAGS: e.g. --types q8_0 --rounds 1). Both benches run llama.cpp's
+# llama-bench side by side when LLAMA_CPP_DIR names a llama.cpp build.
+bench-8b: runomp
+	$(PYTHON) tests/bench_8b.py $(BENCH8B_FLAGS)
 
 clean:
 	rm -rf run runomp tokenize build

@@ -29,6 +29,12 @@ decoding step into parts timed in turn within one process (--parts-seconds each)
 contiguous read rate, the bytes decoding reads read in its order without arithmetic, the
 matmuls, and the whole forward pass.
 
+With LLAMA_CPP_DIR naming a llama.cpp build (tests/llama_cpp.py), the same checkpoint is also
+converted to GGUF (F32, BF16, Q8_0, and Q4_0 as a reference; once, under build/bench/), each
+round also runs llama.cpp's llama-bench on them (same threads, prompt and decode lengths, one
+repetition, interleaved with ours), and a table gives our speed as a ratio to llama.cpp's
+same type and to its Q4_0.
+
 With --long N, a further table (one round) decodes --decode tokens after a prompt that fills the
 context to N (-c N): attention then reads a long KV cache on every token. It shows peak RSS against
 the model file plus the KV cache that -c N allocates (float32 keys and values).
@@ -41,6 +47,8 @@ import struct
 import subprocess
 import sys
 import time
+
+import llama_cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "build", "bench")
@@ -158,6 +166,13 @@ def warm(path):
             pass
 
 
+def set_cache(path, cache):
+    if cache == "warm":
+        warm(path)
+    elif cache == "cold":
+        drop_cached(path)
+
+
 def kv_cache_bytes(path, context):
     c = header(path)
     return 2 * c["n_layers"] * context * c["n_kv_heads"] * c["head_dim"] * 4
@@ -177,25 +192,39 @@ def label_of(variant):
     return " ".join([variant.split(":")[0], *flags(variant)])
 
 
-def run_engine(binary, model, ids, n_new, threads, context=None, extra=()):
-    """Runs runomp; returns (prompt tok/s, decode tok/s, seconds to first id, peak RSS MiB)."""
-    warm(model)
+def run_engine(binary, model, ids, n_new, threads, context=None, extra=(), cache="warm",
+               decode_from_output=False):
+    """Runs runomp; returns (prompt tok/s, decode tok/s, seconds to first id, peak RSS MiB).
+    cache: "warm" reads the model file into the page cache first, "cold" drops it from there
+    (the engine then faults it in from the disk itself), "as is" leaves it.
+    decode tok/s is the engine's own figure (one decimal; generated ids over the time after the
+    prompt, which holds one step fewer), or with decode_from_output the steps between the first
+    and the last id over the time between their arrivals: precise at a few tok/s."""
+    set_cache(model, cache)
     args = [binary, model, *extra, "-I", " ".join(map(str, ids)), "-o", "ids",
             "-n", str(n_new), "-t", "0", "-e", "0", "-T", str(threads),
             "-c", str(context or len(ids) + n_new + 8)]
     start = time.perf_counter()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = p.stdout.read(1)
-    ttft = time.perf_counter() - start
-    rest_out = p.stdout.read()
+    out = bytearray(os.read(p.stdout.fileno(), 1 << 16))  # the engine flushes every id
+    first = last = time.perf_counter()
+    while True:
+        chunk = os.read(p.stdout.fileno(), 1 << 16)
+        if not chunk:
+            break
+        out += chunk
+        last = time.perf_counter()
     err = p.stderr.read().decode()
     _, status, usage = os.wait4(p.pid, 0)
-    if status != 0 or not first:
-        raise SystemExit(f"runomp failed ({status}):\n{err}\n{rest_out[:200]}")
+    if status != 0 or not out:
+        raise SystemExit(f"runomp failed ({status}):\n{err}\n{bytes(out[:200])}")
     line = [l for l in err.splitlines() if l.startswith("prompt:")][-1]
     # "prompt: N tokens, X tok/s; generated: M tokens, Y tok/s"
     parts = line.replace(",", " ").replace(";", " ").split()
-    return float(parts[3]), float(parts[8]), ttft, usage.ru_maxrss / 1024.0
+    decode = float(parts[8])
+    if decode_from_output and n_new > 1 and last > first:
+        decode = (n_new - 1) / (last - first)
+    return float(parts[3]), decode, first - start, usage.ru_maxrss / 1024.0
 
 
 def main():
@@ -219,33 +248,45 @@ def main():
     base = {t: t.split(":")[0] for t in types + long_types}
     extra = {t: flags(t) for t in types + long_types}
     models, bw, peak, parts = prepare(sorted(set(base.values())))
+    llama_dir = llama_cpp.find()
+    ggufs = {}
+    if llama_dir:
+        ggufs = llama_cpp.make(llama_dir, os.path.join(BENCH, "hf"), BENCH,
+                               llama_cpp.gguf_types(sorted(set(base[t] for t in types))))
+        for path in ggufs.values():
+            drop_cached(path)  # as for ours: read back in the kernel's own folios
     ceilings = peaks(peak, a.threads)
     rng = random.Random(0)
     prompt = [rng.randrange(128000) for _ in range(a.prompt)]
-    res = {t: {"pp": [], "tg": [], "ttft": [], "rss": [], "bw": [], "frac": []} for t in types}
+    res = {t: new_result() for t in types}
+    lres = {g: new_result() for g in ggufs}
     for r in range(a.rounds):
-        order = types if r % 2 == 0 else types[::-1]
-        for t in order:
+        order = types + list(ggufs)
+        for t in order if r % 2 == 0 else order[::-1]:
+            if t in ggufs:
+                (pp, tg), before, after = with_bandwidth(bw, a.threads, lambda: llama_cpp.bench(
+                    llama_dir, ggufs[t], a.prompt, a.decode, a.threads, warm))
+                gbps = (before + after) / 2
+                frac = tg / (gbps * 1e9 / llama_cpp.bytes_per_token(llama_dir, ggufs[t]))
+                add(lres[t], pp=pp, tg=tg, bw=gbps, frac=frac)
+                print(f"round {r + 1} llama.cpp {t:4s}: bw {before:5.1f}/{after:5.1f} GB/s  "
+                      f"decode {tg:6.1f} tok/s ({100 * frac:4.0f}% of bw)  prompt {pp:6.1f} "
+                      "tok/s", flush=True)
+                continue
             model = models[base[t]]
-            for attempt in range(4):  # a flip during the decode shows as before != after
-                before = bandwidth(bw, a.threads)
-                _, tg, _, rss1 = run_engine(a.binary, model, prompt[:1], a.decode, a.threads,
-                                            extra=extra[t])
-                after = bandwidth(bw, a.threads)
-                if abs(before - after) <= 0.1 * max(before, after):
-                    break
+            (_, tg, _, rss1), before, after = with_bandwidth(bw, a.threads, lambda: run_engine(
+                a.binary, model, prompt[:1], a.decode, a.threads, extra=extra[t]))
             pp, _, ttft, rss2 = run_engine(a.binary, model, prompt, 1, a.threads,
                                            extra=extra[t])
             gbps = (before + after) / 2
             frac = tg / (gbps * 1e9 / bytes_per_token(model))
-            d = res[t]
-            d["pp"].append(pp); d["tg"].append(tg); d["ttft"].append(ttft)
-            d["rss"].append(max(rss1, rss2)); d["bw"].append(gbps); d["frac"].append(frac)
+            add(res[t], pp=pp, tg=tg, ttft=ttft, rss=max(rss1, rss2), bw=gbps, frac=frac)
             print(f"round {r + 1} {t:9s}: bw {before:5.1f}/{after:5.1f} GB/s  decode "
                   f"{tg:6.1f} tok/s ({100 * frac:4.0f}% of bw)  prompt {pp:6.1f} tok/s  "
                   f"ttft {ttft:5.2f} s", flush=True)
     med = statistics.median
-    print(f"\n{a.threads} threads, prompt {a.prompt}, decode {a.decode}, medians of {a.rounds}")
+    print(f"\n{host()}; {a.threads} threads, prompt {a.prompt}, decode {a.decode}, medians of "
+          f"{a.rounds}")
     print("| type | GB/token | bandwidth GB/s | decode tok/s | bw limit tok/s | decode/limit "
           "| prompt tok/s | TTFT s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -256,6 +297,9 @@ def main():
         print(f"| {label} | {bpt / 1e9:.2f} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | "
               f"{med(d['bw']) * 1e9 / bpt:.1f} | {100 * med(d['frac']):.0f}% | {med(d['pp']):.1f} "
               f"| {med(d['ttft']):.2f} | {med(d['rss']):.0f} |")
+    if ggufs:
+        against_llama_cpp({label_of(t): res[t] for t in types},
+                          {label_of(t): base[t] for t in types}, lres)
     by_state(res, types)
     against_peak(res, types, models, base, ceilings, a.prompt)
     if a.parts_seconds > 0:
@@ -263,6 +307,68 @@ def main():
                      a)
     if a.long:
         long_context(a, models, bw, rng, base, extra)
+
+
+def host():
+    """The CPU model and how many CPUs this machine shows, for the table's heading."""
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return f"{names[0] if names else 'unknown CPU'}, {len(names)} CPUs"
+
+
+def new_result():
+    return {"pp": [], "tg": [], "ttft": [], "rss": [], "bw": [], "frac": []}
+
+
+def add(result, **values):
+    for key, value in values.items():
+        result[key].append(value)
+
+
+def with_bandwidth(bw, threads, timed):
+    """Runs timed() between two bandwidth readings; again (up to 3 more times) when they differ
+    by more than 10%: the bandwidth state flipped during it. Returns (its result, before, after)."""
+    for attempt in range(4):
+        before = bandwidth(bw, threads)
+        result = timed()
+        after = bandwidth(bw, threads)
+        if abs(before - after) <= 0.1 * max(before, after):
+            break
+    return result, before, after
+
+
+def rate(tok_s):
+    """tok/s with 3 significant digits or more: 8B decodes at a few tok/s."""
+    return f"{tok_s:.2f}" if tok_s < 10 else f"{tok_s:.1f}"
+
+
+def against_llama_cpp(ours, base, lres, condition="mapped"):
+    """llama.cpp's figures of the same run and our ratios to them. ours: {label: result},
+    base: {label: our weight type}, lres: {GGUF type: result}. Ratios are medians of the
+    per-round ratios (a round's pair shares its bandwidth state), against the same type and
+    against llama.cpp's Q4_0 (the type most people run)."""
+    med = statistics.median
+    print(f"\nllama.cpp llama-bench, same run, interleaved ({condition}, medians)")
+    print("| llama.cpp type | bandwidth GB/s | decode tok/s | decode/limit | prompt tok/s |")
+    print("|---|---|---|---|---|")
+    for g, d in lres.items():
+        print(f"| {g} | {med(d['bw']):.1f} | {rate(med(d['tg']))} | {100 * med(d['frac']):.0f}% "
+              f"| {rate(med(d['pp']))} |")
+
+    def ratio(d, g, key):
+        if g not in lres or not lres[g][key]:
+            return "-"
+        pairs = [x / y for x, y in zip(d[key], lres[g][key]) if y > 0]
+        return f"{med(pairs):.2f}x" if pairs else "-"
+
+    q4 = llama_cpp.REFERENCE
+    print(f"\nllama3.c against llama.cpp (decode and prompt, same type and {q4})")
+    print(f"| llama3.c | llama.cpp type | decode | decode vs {q4} | prompt | prompt vs {q4} |")
+    print("|---|---|---|---|---|---|")
+    for label, d in ours.items():
+        g = llama_cpp.OURS_TO_GGUF.get(base[label], "-")
+        print(f"| {label} | {g} | {ratio(d, g, 'tg')} | {ratio(d, q4, 'tg')} "
+              f"| {ratio(d, g, 'pp')} | {ratio(d, q4, 'pp')} |")
 
 
 def by_state(res, types):

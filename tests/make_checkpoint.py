@@ -97,6 +97,13 @@ PRESETS = {
                            rope_scaling=dict(LLAMA32_ROPE), tie_word_embeddings=True,
                            bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
         dtype="BF16", shards=1, std=0.02, seed=1),
+    # Llama 3.1 8B shapes (about 16 GB in bf16, 4 shards): for `make bench-8b` only.
+    "llama31-8b": dict(
+        config=base_config(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                           max_position_embeddings=131072, rope_scaling=dict(LLAMA3_ROPE),
+                           bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+        dtype="BF16", shards=4, std=0.02, seed=8),
 }
 
 
