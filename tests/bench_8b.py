@@ -75,7 +75,7 @@ def export_bytes(cfg, wtype):
     c = {"dim": cfg["hidden_size"], "head_dim": make_checkpoint.head_dim(cfg),
          "n_heads": cfg["num_attention_heads"], "n_kv_heads": cfg["num_key_value_heads"],
          "hidden_dim": cfg["intermediate_size"], "n_layers": cfg["num_hidden_layers"],
-         "vocab_size": cfg["vocab_size"], "tied": cfg["tie_word_embeddings"]}
+         "vocab_size": cfg["vocab_size"], "tied_classifier": int(cfg["tie_word_embeddings"])}
     known = wtype if wtype in ("fp32", "bf16", "q8_0") else "q8_0"
     return export.expected_size(export.tensor_plan(c), known, export.DEFAULT_GROUP_SIZE)
 

@@ -146,7 +146,7 @@ def tensor_plan(gguf, c):
             (name(T.FFN_DOWN, bid=i), p + "mlp.down_proj.weight", (dim, hidden), "matrix"),
         ]
     plan.append((name(T.OUTPUT_NORM), "model.norm.weight", (dim,), "f32"))
-    if not c["tied"]:
+    if not c["tied_classifier"]:
         plan.append((name(T.OUTPUT), "lm_head.weight", (c["vocab_size"], dim), "matrix"))
     return plan
 
