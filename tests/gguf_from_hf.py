@@ -176,7 +176,6 @@ def tensor_chunks(ckpt, hf_name, shape, kind, out_type, head_dim):
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
         x = export.to_f32(f.elements(hf_name, r0 * cols, n * cols), dtype).reshape(n, cols)
-        f.release(hf_name, r0 * cols, n * cols)
         if kind in ("q", "k"):
             x = to_meta_layout(x, head_dim)
         yield converted(x, "f32" if kind == "f32" else out_type).tobytes()
