@@ -1,5 +1,6 @@
-# llama3.c: `make` builds ./run; `make test` runs every test; `make demo` runs the whole path
-# (random checkpoint -> export -> generate) with nothing downloaded; `make bench` measures speed.
+# llama3.c: `make` builds ./run, ./runomp and ./tokenize; `make test` runs every test; `make demo`
+# runs the whole path (random checkpoint -> export -> generate) with nothing downloaded;
+# `make bench` and `make bench-8b` measure speed.
 
 CC ?= cc
 CFLAGS ?= -O3 -march=native

@@ -414,3 +414,60 @@ def test_readme_shows_the_usage_run_prints():
     readme = open(os.path.join(REPO, "README.md")).read()
     usage = run([program("run"), "-h"]).stdout.decode()
     assert "```\n" + usage + "```\n" in readme, "README's ## run block differs from run -h"
+
+
+def mapped_kb(path):
+    """(resident kB, kB mapped in 2 MB pages) of a fresh read-only mapping of path with every
+    page touched, from /proc/self/smaps: how a mapping of the file's page cache comes out."""
+    import mmap
+    real = os.path.realpath(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        for i in range(0, len(m), 4096):
+            m[i]
+        fields, inside = {}, False
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split()
+                if head and "-" in head[0] and not head[0].endswith(":"):
+                    inside = head[-1] == real
+                elif inside and head[0] in ("Rss:", "FilePmdMapped:"):
+                    fields[head[0]] = fields.get(head[0], 0) + int(head[1])
+        return fields["Rss:"], fields["FilePmdMapped:"]
+
+
+def test_mapped_file_cached_in_small_pages_is_refolded():
+    """A model file written in 4 KB pieces (as cp writes) sits in the page cache in 4 KB folios;
+    run reads it back once in 2 MB pages (fast_map_pages) where the kernel makes them, and says
+    so. Whatever the kernel does, the output stays the same. The file must span two 64 MB
+    pieces, hence a 165 MB fp32 model."""
+    folder = os.path.join(WORK, "hf-wide")
+    make_checkpoint.make_checkpoint(folder, "full-vocab",
+                                    config={"hidden_size": 320, "intermediate_size": 640})
+    model = export(folder, "fp32", "wide")
+    copy = os.path.join(WORK, "wide-copy.bin")
+    with open(model, "rb") as src, open(copy, "wb") as dst:
+        while True:
+            piece = src.read(4096)
+            if not piece:
+                break
+            dst.write(piece)
+    with open(model[:-4] + ".tok", "rb") as src, open(copy[:-4] + ".tok", "wb") as dst:
+        dst.write(src.read())
+    ids = [128000, 791, 6864, 315, 9822, 374]
+    want, _ = run_ids(model, ids, 3)
+    resident, large = mapped_kb(copy)
+    small_before = large * 2 < resident
+    proc = run([program("runomp"), copy, "-I", " ".join(map(str, ids)), "-o", "ids", "-t", "0",
+                "-n", "3", "-e", "0"])
+    assert [int(t) for t in proc.stdout.split()] == want
+    refolded = b"reading it again in 2 MB pages" in proc.stderr
+    kept = b"the kernel keeps it so" in proc.stderr
+    print(f"    copy mapped {large}/{resident} kB in 2 MB pages before; "
+          f"{'refolded' if refolded else 'kept as cached' if kept else 'left alone'}")
+    assert refolded or kept if small_before else not (refolded or kept), proc.stderr
+    if refolded:
+        resident, large = mapped_kb(copy)
+        assert large * 2 >= resident, (large, resident)
+        again = run([program("runomp"), copy, "-I", " ".join(map(str, ids)), "-o", "ids",
+                     "-t", "0", "-n", "3", "-e", "0"])
+        assert b"2 MB pages" not in again.stderr and again.stdout == proc.stdout
