@@ -467,7 +467,7 @@ typedef struct MatmulScratch MatmulScratch;  /* (below) */
 
 /* The hooks into section 8, the fast paths (and fast_attention, in section 3). Each does its
    part of the work and returns 1, or returns 0 where it does not apply: then the portable code
-   after it runs. Without AVX-512 every one returns 0. */
+   after it runs. Without AVX-512 every one but fast_attention (plain C) returns 0. */
 static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max);
 static void fast_alloc_scratch(MatmulScratch *s);
 static void fast_free_scratch(MatmulScratch *s);
@@ -2213,7 +2213,7 @@ static void print_usage(FILE *out) {
         "  -c, --ctx-size <int>  context length: positions in the KV cache (default 4096, at most\n"
         "                        the model's maximum)\n"
         "  -z <path>             tokenizer file (default: the model path, .bin replaced by .tok)\n"
-        "  -o <format>           text (default) or ids: print generated token ids instead of text;\n"
+        "  -o <format>           text (default) or ids: print generated token ids, not text;\n"
         "                        json (chat): one JSON object per message\n"
         "  --no-context-shift    chat: end the session when the context is full, instead of\n"
         "                        dropping the oldest turns\n"
@@ -2628,7 +2628,8 @@ int main(int argc, char **argv) {
     if (o.threads > 0) omp_set_num_threads((int)o.threads);
 #else
     if (o.threads > 0)
-        fprintf(stderr, "run: note: -T is ignored: this build has no OpenMP threads (runomp has)\n");
+        fprintf(stderr,
+                "run: note: -T is ignored: this build has no OpenMP threads (runomp has)\n");
 #endif
     int chat_mode = strcmp(o.mode, "chat") == 0;
 
@@ -2638,7 +2639,8 @@ int main(int argc, char **argv) {
     const Config *cfg = &tr.model.config;
     if (o.context > cfg->max_seq_len) {
         if (o.context_given)
-            fprintf(stderr, "run: note: -c %ld is more than the model's maximum context: using %d\n",
+            fprintf(stderr,
+                    "run: note: -c %ld is more than the model's maximum context: using %d\n",
                     o.context, cfg->max_seq_len);
         o.context = cfg->max_seq_len;
     }
@@ -2729,8 +2731,9 @@ int main(int argc, char **argv) {
 
    Everything here replaces a loop of sections 2 and 3 with one that computes the same sums
    (some in another order) faster, and is reached only through the hooks those sections call
-   (fast_*). Without AVX-512 each hook returns 0 at once, and the portable loop runs. What
-   each one replaces and why it is faster:
+   (fast_*). Without AVX-512 each hook returns 0 at once, and the portable loop runs, except
+   the attention's, whose shared passes are plain C around two small kernels. What each one
+   replaces and why it is faster:
    - decoding (fast_prepare_vector, fast_matmul_rows): the row dot products as 16-lane FMAs,
      four chains deep to hide their latency; bf16 rows widened by one shift or mask against x
      reordered once per matmul (split_pairs); q8_0 groups as int8 x int16 VNNI dot products
@@ -3391,7 +3394,8 @@ static void scatter_sums(float *out, int rows, const float *sums, int t0, int nt
    (up to 1 MB at 8192 columns) would not stay in L2 while every tile of the panel reads it; a
    block of one does. The running sums, sums[strip][row][token], go to out[token][row] after
    the panel's last block. */
-static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix *w, MatmulScratch *s) {
+static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix *w,
+                          MatmulScratch *s) {
     int rows = w->rows, cols = w->cols, n_strips = (n_tokens + STRIP - 1) / STRIP;
     int n_panels = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
     int fast = fast_bf16(w, s) && cols % 2 == 0;
@@ -3682,7 +3686,43 @@ static int fast_swiglu(float *g, const float *u, int width) {
     return 1;
 }
 
-/* Attention reads the whole KV cache for every token, so at long context it, not the weights,
+#else  /* no AVX-512: no fast path applies */
+
+#define FAST_BF16 0
+#define FAST_INT8 0
+
+static void fast_alloc_scratch(MatmulScratch *s) { (void)s; }
+static void fast_free_scratch(MatmulScratch *s) { (void)s; }
+static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
+    (void)scale; (void)q; (void)x; (void)gs; (void)q_max;
+    return 0;
+}
+static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
+    (void)w; (void)x; (void)s;
+    return 0;
+}
+static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+    (void)out; (void)w; (void)x; (void)s;
+    return 0;
+}
+static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+    (void)out; (void)x; (void)n_tokens; (void)w; (void)s;
+    return 0;
+}
+static int fast_softmax(float *x, int n) {
+    (void)x; (void)n;
+    return 0;
+}
+static int fast_swiglu(float *gate, const float *up, int width) {
+    (void)gate; (void)up; (void)width;
+    return 0;
+}
+
+#endif
+
+/* ---- Attention (every build: plain C where there is no AVX-512) ------------------------
+   Attention reads the whole KV cache for every token, so at long context it, not the weights,
    is what decoding streams from memory. Section 3's loop reads a KV head's keys and values
    once per query head; this one reads them once per KV head:
    - the query heads of a GQA group share their KV head: a pass takes up to ATT_ROWS query rows
@@ -3706,6 +3746,7 @@ static inline void score_tiles(float *const *scores, const float *const *rows, i
                                const float *keys, int tile, int head_dim, float scale,
                                int tile_rows) {
     const float *tile1 = keys + (size_t)tile * head_dim * KEY_TILE;
+#if defined __AVX512F__
     const float *tile2 = tile1 + (size_t)head_dim * KEY_TILE;
     __m512 acc[ATT_TILE_ROWS][SCORE_TILES];
     for (int r = 0; r < tile_rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -3722,6 +3763,18 @@ static inline void score_tiles(float *const *scores, const float *const *rows, i
         for (int j = 0; j < SCORE_TILES; j++)
             _mm512_storeu_ps(scores[r] + (size_t)(tile + j) * KEY_TILE,
                              _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
+#else  /* the same sums, KEY_TILE-wide rows of plain floats (the compiler vectorises them) */
+    for (int i = 0; i < SCORE_TILES; i++, tile1 += (size_t)head_dim * KEY_TILE) {
+        float acc[ATT_TILE_ROWS][KEY_TILE] = {{0}};
+        for (int d = 0; d < head_dim; d++)
+            for (int r = 0; r < tile_rows; r++)
+                for (int j = 0; j < KEY_TILE; j++)
+                    acc[r][j] += rows[r][d] * tile1[(size_t)d * KEY_TILE + j];
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < KEY_TILE; j++)
+                scores[r][(size_t)(tile + i) * KEY_TILE + j] = acc[r][j] * scale;
+    }
+#endif
 }
 
 /* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed
@@ -3752,7 +3805,9 @@ static void attention_scores(float *const *scores, const float *const *q, int nr
 static inline void sum_values(float *const *out, const float *const *weights, int nr,
                               const float *values, int p0, int p1, int head_dim,
                               int tile_rows) {
-    int d0 = 0, vectors = 16 / tile_rows, width = 16 * vectors;
+    int d0 = 0;
+#if defined __AVX512F__
+    int vectors = 16 / tile_rows, width = 16 * vectors;
     const float *w[ATT_TILE_ROWS];
     for (int r = 0; r < tile_rows; r++) w[r] = weights[r < nr ? r : 0];
     for (; d0 + width <= head_dim; d0 += width) {
@@ -3772,6 +3827,9 @@ static inline void sum_values(float *const *out, const float *const *weights, in
         for (int r = 0; r < nr; r++)
             for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
     }
+#else
+    (void)tile_rows;
+#endif
     if (d0 == head_dim) return;
     for (int p = p0; p < p1; p++) {
         const float *v = values + (size_t)p * head_dim;
@@ -3843,46 +3901,6 @@ static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, i
     }
     return 1;
 }
-
-#else  /* no AVX-512: no fast path applies */
-
-#define FAST_BF16 0
-#define FAST_INT8 0
-
-static void fast_alloc_scratch(MatmulScratch *s) { (void)s; }
-static void fast_free_scratch(MatmulScratch *s) { (void)s; }
-static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
-    (void)scale; (void)q; (void)x; (void)gs; (void)q_max;
-    return 0;
-}
-static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
-    (void)w; (void)x; (void)s;
-    return 0;
-}
-static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
-    (void)out; (void)w; (void)x; (void)s;
-    return 0;
-}
-static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
-                             MatmulScratch *s) {
-    (void)out; (void)x; (void)n_tokens; (void)w; (void)s;
-    return 0;
-}
-static int fast_softmax(float *x, int n) {
-    (void)x; (void)n;
-    return 0;
-}
-static int fast_swiglu(float *gate, const float *up, int width) {
-    (void)gate; (void)up; (void)width;
-    return 0;
-}
-static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                          int n_tokens) {
-    (void)s; (void)cfg; (void)layer_offset; (void)pos; (void)n_tokens;
-    return 0;
-}
-
-#endif
 
 /* ---- The mapped model file in 2 MB pages (Linux) ----------------------------------------
    Decoding reads every weight once per token, so its loads range over the whole file: in 4 KB
