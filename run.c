@@ -2,7 +2,7 @@
 
    Read it top to bottom, in the order the data flows:
      1. the model file: header, validation, memory map
-     2. the math: dot products, matmul (fp32, bf16, q8_0), rmsnorm, softmax, RoPE
+     2. the math: dot products, matmul (fp32, bf16, q8_0, q4_0), rmsnorm, softmax, RoPE
      3. the forward pass: a block of tokens through every layer, with a KV cache
      4. the sampler: greedy, temperature, top-p
      5. generation: prompt in, tokens out, timings
@@ -85,9 +85,10 @@ static void *checked_calloc(size_t count, size_t size, const char *what) {
 #define TENSOR_ALIGN 64
 #define MAX_EOS 8
 
-enum { WEIGHT_FP32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8_0 = 2 };
+enum { WEIGHT_FP32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8_0 = 2, WEIGHT_Q4_0 = 3 };
 static const char *weight_type_name(int type) {
-    return type == WEIGHT_FP32 ? "fp32" : type == WEIGHT_BF16 ? "bf16" : "q8_0";
+    return type == WEIGHT_FP32 ? "fp32" : type == WEIGHT_BF16 ? "bf16" :
+           type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
 }
 
 typedef struct {
@@ -106,7 +107,7 @@ typedef struct {
     int rope_original_max_pos;
     int tied_classifier; /* 1: the classifier is the token embedding matrix */
     int weight_type;     /* WEIGHT_* */
-    int group_size;      /* q8_0: values per scale */
+    int group_size;      /* q8_0, q4_0: values per scale */
     int bos_id;
     int n_eos;
     int eos_ids[MAX_EOS];
@@ -116,9 +117,10 @@ typedef struct {
 typedef struct {
     int type;             /* WEIGHT_* */
     int rows, cols;
-    int group_size;       /* q8_0 only */
-    const void *data;     /* float, uint16_t (bf16) or int8_t (q8_0) values */
+    int group_size;       /* q8_0, q4_0 */
+    const void *data;     /* float, uint16_t (bf16), int8_t (q8_0) or packed nibbles (q4_0) */
     const float *scales;  /* q8_0: one per group_size values, row-major */
+    const uint16_t *fp16_scales;  /* q4_0: the same, as IEEE binary16 */
 } Matrix;
 
 typedef struct {
@@ -190,13 +192,16 @@ static const char *parse_header(const unsigned char *h, size_t file_size, Config
         if (cfg->rope_original_max_pos <= 0) return "rope original context must be positive";
     }
     if (cfg->tied_classifier != 0 && cfg->tied_classifier != 1) return "tied flag is not 0 or 1";
-    if (cfg->weight_type < WEIGHT_FP32 || cfg->weight_type > WEIGHT_Q8_0)
+    if (cfg->weight_type < WEIGHT_FP32 || cfg->weight_type > WEIGHT_Q4_0)
         return "unknown weight type";
-    if (cfg->weight_type == WEIGHT_Q8_0) {
-        int gs = cfg->group_size, q_dim = cfg->n_heads * cfg->head_dim;
-        if (gs <= 0 || cfg->dim % gs || cfg->hidden_dim % gs || q_dim % gs)
-            return "q8_0 group size must divide dim, hidden_dim and n_heads * head_dim";
-    }
+    int gs = cfg->group_size, q_dim = cfg->n_heads * cfg->head_dim;
+    int divides_rows = gs > 0 && cfg->dim % gs == 0 && cfg->hidden_dim % gs == 0 &&
+                       q_dim % gs == 0;
+    if (cfg->weight_type == WEIGHT_Q8_0 && !divides_rows)
+        return "q8_0 group size must divide dim, hidden_dim and n_heads * head_dim";
+    if (cfg->weight_type == WEIGHT_Q4_0 && (!divides_rows || gs % 32 != 0))  /* whole blocks */
+        return "q4_0 group size must be a multiple of 32 dividing dim, hidden_dim and "
+               "n_heads * head_dim";
     if (cfg->bos_id < 0 || cfg->bos_id >= cfg->vocab_size) return "bos id outside the vocabulary";
     if (cfg->n_eos < 1 || cfg->n_eos > MAX_EOS) return "number of eos ids out of range";
     for (int i = 0; i < cfg->n_eos; i++)
@@ -223,21 +228,25 @@ static const float *take_vector(FileCursor *c, int n) {
     return v;
 }
 
-/* (q8_0 keeps a matrix's scales after all of its values, a second stream for decoding: scales
-   beside each row decoded slower; README.md, "Performance", has the figures.) */
+/* (q8_0 and q4_0 keep a matrix's scales after all of its values, a second stream for
+   decoding: scales beside each row decoded slower; README.md, "Performance", has the figures.)
+   q4_0 values are two to a byte (the parser's group size, a multiple of 32, divides every row,
+   so a row is whole bytes and whole 16-byte blocks). */
 static Matrix take_matrix(FileCursor *c, const Config *cfg, int rows, int cols) {
-    Matrix m = { .type = cfg->weight_type, .rows = rows, .cols = cols,
-                 .group_size = cfg->group_size };
+    int type = cfg->weight_type;
+    Matrix m = { .type = type, .rows = rows, .cols = cols, .group_size = cfg->group_size };
     uint64_t count = (uint64_t)rows * (uint64_t)cols;
-    uint64_t bytes_per_value = cfg->weight_type == WEIGHT_FP32 ? 4 :
-                               cfg->weight_type == WEIGHT_BF16 ? 2 : 1;
+    uint64_t value_bytes = type == WEIGHT_FP32 ? 4 * count : type == WEIGHT_BF16 ? 2 * count :
+                           type == WEIGHT_Q8_0 ? count : count / 2;
     c->offset = align_up(c->offset);
     if (c->base) m.data = c->base + c->offset;
-    c->offset += count * bytes_per_value;
-    if (cfg->weight_type == WEIGHT_Q8_0) {
+    c->offset += value_bytes;
+    if (type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) {
         c->offset = align_up(c->offset);
-        if (c->base) m.scales = (const float *)(c->base + c->offset);
-        c->offset += count / (uint64_t)cfg->group_size * sizeof(float);
+        const void *scales = c->base ? c->base + c->offset : NULL;
+        if (type == WEIGHT_Q8_0) m.scales = scales;
+        else m.fp16_scales = scales;
+        c->offset += count / (uint64_t)cfg->group_size * (type == WEIGHT_Q8_0 ? 4 : 2);
     }
     return m;
 }
@@ -379,13 +388,29 @@ static void free_model(Model *m) {
    - the prompt: a block of tokens, out[t] = W @ x[t] (matmul_block). Each weight is reused by
      every token of the block, so the rows are widened to float32 a panel at a time and meet
      all the tokens from cache.
-   q8_0 decoding quantizes the activations too, to int16 per group, so that each group's dot
-   product is exact integer arithmetic (dot_q8). Where the machine has AVX-512, section 8
+   q8_0 and q4_0 decoding quantize the activations too, to int16 per group, so that each
+   group's dot product is exact integer arithmetic (dot_q8, dot_q4). Where the machine has AVX-512, section 8
    replaces these loops with kernels that compute the same sums (in another order) faster;
    the calls into it are marked "hook". */
 
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* IEEE binary16 (q4_0's scales) to float32, exact for every value: subnormals are
+   mantissa * 2^-24, the rest moves its exponent from bias 15 to bias 127. */
+static float fp16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    if (exponent == 0) {
+        float f = ldexpf((float)mantissa, -24);
+        return sign ? -f : f;
+    }
+    uint32_t biased = exponent == 31 ? 0xffu : exponent + 112;  /* 31: infinity or NaN */
+    uint32_t bits = sign | biased << 23 | mantissa << 13;
     float f;
     memcpy(&f, &bits, 4);
     return f;
@@ -500,6 +525,36 @@ static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVecto
     return sum;
 }
 
+/* Value i (row-major) of a q4_0 matrix, w its packed nibbles: each 32 values of a row are 16
+   bytes, byte j holding value j + 8 in its low nibble and value j + 16, + 8, in its high one
+   (llama.cpp's Q4_0 order: the two halves of a block unpack with one mask and one shift). */
+static int q4_value(const uint8_t *w, size_t i) {
+    uint8_t byte = w[i / 32 * 16 + i % 16];
+    return (i % 32 < 16 ? byte & 15 : byte >> 4) - 8;
+}
+
+/* One q4_0 row (w: its first byte) against quantized activations, as dot_q8. */
+static float dot_q4(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x, int n,
+                    int gs) {
+    float sum = 0.0f;
+    for (int g = 0; g < n / gs; g++) {
+        int64_t isum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++)
+            isum += (int64_t)q4_value(w, (size_t)i) * x->q[i];
+        sum += (float)isum * (fp16_to_float(w_scales[g]) * x->scales[g]);
+    }
+    return sum;
+}
+
+/* Value i (row-major) of a q8_0 or q4_0 matrix, before its group's scale. */
+static int quantized_value(const Matrix *w, size_t i) {
+    return w->type == WEIGHT_Q8_0 ? ((const int8_t *)w->data)[i] : q4_value(w->data, i);
+}
+
+static float group_scale(const Matrix *w, size_t group) {
+    return w->type == WEIGHT_Q8_0 ? w->scales[group] : fp16_to_float(w->fp16_scales[group]);
+}
+
 /* Values start .. start+n-1 of a matrix's row-major data widened to float32: the embedding
    lookup and the prompt paths' widened rows and blocks. */
 static void widen_values(float *out, const Matrix *w, size_t start, int n) {
@@ -509,15 +564,14 @@ static void widen_values(float *out, const Matrix *w, size_t start, int n) {
         const uint16_t *src = (const uint16_t *)w->data + start;
         for (int i = 0; i < n; i++) out[i] = bf16_to_float(src[i]);
     } else {
-        const int8_t *src = (const int8_t *)w->data + start;
         size_t gs = (size_t)w->group_size;
         int i = 0;
-        while (i < n) {  /* one q8_0 group (or the part of it in range) at a time */
+        while (i < n) {  /* one group (or the part of it in range) at a time */
             size_t group = (start + (size_t)i) / gs;
             size_t group_end = (group + 1) * gs - start;
             int end = group_end < (size_t)n ? (int)group_end : n;
-            float scale = w->scales[group];
-            for (; i < end; i++) out[i] = (float)src[i] * scale;
+            float scale = group_scale(w, group);
+            for (; i < end; i++) out[i] = (float)quantized_value(w, start + (size_t)i) * scale;
         }
     }
 }
@@ -531,7 +585,7 @@ static void matrix_row(float *out, const Matrix *w, int row) {
 
 /* What matmul needs besides its operands, allocated once (never per token). */
 struct MatmulScratch {
-    QuantizedVector xq; /* q8_0 decoding: the activations quantized [max_cols] */
+    QuantizedVector xq; /* q8_0, q4_0 decoding: the activations quantized [max_cols] */
     float *panels;      /* prompt path: one [PANEL_ROWS][max_cols] float panel per thread */
     int fast;           /* -a fast: section 8 may round the activations more coarsely */
     int max_cols, max_tokens;
@@ -556,12 +610,16 @@ static void free_scratch(MatmulScratch *s) {
     free(s->xq.q); free(s->xq.scales); free(s->panels);
 }
 
-/* Row r of w against x (for q8_0, against s->xq: see matmul_vector). */
+/* Row r of w against x (for q8_0 and q4_0, against s->xq: see matmul_vector). */
 static float row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
     size_t start = (size_t)r * (size_t)w->cols;
     switch (w->type) {
     case WEIGHT_FP32: return dot_fp32((const float *)w->data + start, x, w->cols);
     case WEIGHT_BF16: return dot_bf16((const uint16_t *)w->data + start, x, w->cols);
+    case WEIGHT_Q4_0:
+        return dot_q4((const uint8_t *)w->data + start / 2,
+                      w->fp16_scales + start / (size_t)w->group_size, &s->xq, w->cols,
+                      w->group_size);
     default:
         return dot_q8((const int8_t *)w->data + start, w->scales + start / (size_t)w->group_size,
                       &s->xq, w->cols, w->group_size);
@@ -580,7 +638,7 @@ static int same_input(const Product *products, int count) {
 }
 
 /* Decoding: out[rows] = W[rows][cols] @ x[cols] for each product. x is prepared once (q8_0
-   quantizes it). Rows are independent: each matrix's rows are split over threads, every
+   and q4_0 quantize it). Rows are independent: each matrix's rows are split over threads, every
    matrix inside one parallel region with no barrier between them, so that q, k and v (or gate
    and up) cost the threads one meeting instead of three (or two). Each thread takes runs of
    consecutive rows, long ones first and short ones at the end (guided scheduling), so that a
@@ -591,7 +649,8 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
         return;
     }
     const Matrix *w0 = products[0].w;
-    if (!fast_prepare_vector(w0, x, s) && w0->type == WEIGHT_Q8_0)  /* hook */
+    int quantized = w0->type == WEIGHT_Q8_0 || w0->type == WEIGHT_Q4_0;
+    if (!fast_prepare_vector(w0, x, s) && quantized)  /* hook */
         quantize_vector(&s->xq, x, w0->cols, w0->group_size, Q16_MAX);
     OMP(parallel)
     for (int i = 0; i < count; i++) {
@@ -3173,6 +3232,10 @@ static float fast_row_dot(const Matrix *w, int r, const float *x, const MatmulSc
                                  w->cols);
 #endif
         return dot_bf16_avx512((const uint16_t *)w->data + start, x_pairs, w->cols);
+    case WEIGHT_Q4_0:
+        return dot_q4((const uint8_t *)w->data + start / 2,
+                      w->fp16_scales + start / (size_t)w->group_size, &s->xq, w->cols,
+                      w->group_size);
     default:
         return dot_q8_avx512((const int8_t *)w->data + start,
                              w->scales + start / (size_t)w->group_size, &s->xq, w->cols,
