@@ -456,6 +456,8 @@ typedef struct {
     float *scales;  /* one per group */
     int8_t *int8;   /* -a fast (section 8): q as int8 (q_max 127) */
     int32_t *int8_offsets;  /* ... and per group -8 * the sum of its int8 (see int8_sums) */
+    int16_t *q4_pairs;      /* q4_0 (section 8): q in the order its nibbles unpack (prepare_q4) */
+    float *q4_offsets;      /* ... and per group -8 * the sum of its q */
 } QuantizedVector;
 
 #define Q16_MAX 32767.0f
@@ -3115,6 +3117,138 @@ static float dot_q8_avx512(const int8_t *w, const float *w_scales, const Quantiz
     return dot_q8(w, w_scales, x, n, gs);
 }
 
+/* q4_0 decoding: dot_q4, 64 values per step. 32 bytes of nibbles are two 32-value blocks;
+   widened to 16-bit lanes, an AND gives their low nibbles (values 0..15 of each block) and a
+   shift the high ones (values 16..31), each against x in that order (prepare_q4), one vpdpwssd
+   each: int32 lanes 0..7 then hold the first block's sums, 8..15 the second's. The nibbles are
+   the values + 8; the -8 comes back once per group, as -8 * the sum of its x (q4_offsets)
+   times the group's scales. Each 16 groups' scale products are formed at once, and with
+   groups of 32 each step's sums meet theirs by one permute (lanes 0..7 the first group's,
+   8..15 the next's), with no reduction per group. */
+#if FAST_INT8 && defined __AVX512VL__
+#define FAST_Q4 1
+
+/* Whether the kernels below take a q4_0 matrix: groups of 32, or of a multiple of 64 (whole
+   steps) small enough for int32 lanes: gs / 16 products of at most 15 * 32767 each. */
+static int q4_kernel_applies(const Matrix *w) {
+    return w->type == WEIGHT_Q4_0 &&
+           (w->group_size == 32 || (w->group_size % 64 == 0 && w->group_size <= 4096));
+}
+
+/* v->q (quantized) reordered for the kernels: per 64 values, x[0..15], x[32..47] (against
+   the low nibbles), then x[16..31], x[48..63] (the high ones); a last lone block pads with
+   zeros. And each group's offset, -8 * the sum of its values (exact in float for gs <= 64,
+   the only groups that take it in float). */
+static void prepare_q4(QuantizedVector *v, int n, int gs) {
+    for (int i = 0; i < n; i += 64) {
+        int16_t *p = v->q4_pairs + i;
+        const int16_t *q = v->q + i;
+        int two = i + 64 <= n;
+        for (int j = 0; j < 16; j++) {
+            p[j] = q[j];
+            p[16 + j] = two ? q[32 + j] : 0;
+            p[32 + j] = q[16 + j];
+            p[48 + j] = two ? q[48 + j] : 0;
+        }
+    }
+    for (int g = 0; g < n / gs; g++) {
+        int32_t sum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++) sum += v->q[i];
+        v->q4_offsets[g] = (float)(-8 * sum);
+    }
+}
+
+/* acc + the products of 64 nibbles (two blocks, `bytes`) with x_pairs (128 bytes). */
+static inline __m512i nibble_sums(__m512i acc, __m256i bytes, const int16_t *x_pairs) {
+    __m512i w16 = _mm512_cvtepu8_epi16(bytes);
+    __m512i low = _mm512_and_si512(w16, _mm512_set1_epi16(15));
+    __m512i high = _mm512_srli_epi16(w16, 4);
+    acc = _mm512_dpwssd_epi32(acc, low, _mm512_loadu_si512((const void *)x_pairs));
+    return _mm512_dpwssd_epi32(acc, high, _mm512_loadu_si512((const void *)(x_pairs + 32)));
+}
+
+/* Groups g0 .. g0+n-1 (n <= 16): w_scale * x_scale of each, in lanes 0 .. n-1 (zeros after). */
+static inline __m512 q4_scales(const uint16_t *w_scales, const QuantizedVector *x, int g0, int n) {
+    __mmask16 m = lanes_before(0, n);
+    __m512 w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w_scales + g0));
+    return _mm512_mul_ps(w, _mm512_maskz_loadu_ps(m, x->scales + g0));
+}
+
+/* Groups of 32. */
+static float dot_q4_32(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+                       int n) {
+    int n_groups = n / 32;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, offsets = acc0;
+    const __m512i zero = _mm512_setzero_si512(), two = _mm512_set1_epi32(2);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int ng = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        __m512 scales = q4_scales(w_scales, x, g0, ng);
+        offsets = _mm512_fmadd_ps(scales, _mm512_maskz_loadu_ps(lanes_before(0, ng),
+                                                                x->q4_offsets + g0), offsets);
+        const uint8_t *wg = w + (size_t)g0 * 16;
+        const int16_t *xg = x->q4_pairs + (size_t)g0 * 32;
+        __m512i index = halves;  /* lanes 0..7: group k, 8..15: group k + 1 */
+        int k = 0;
+        for (; k + 4 <= ng; k += 4) {  /* two steps, two chains */
+            __m512i s0 = nibble_sums(zero, _mm256_loadu_si256((const __m256i *)(wg + k * 16)),
+                                     xg + k * 32);
+            __m512i s1 = nibble_sums(zero, _mm256_loadu_si256((const __m256i *)(wg + k * 16 + 32)),
+                                     xg + k * 32 + 64);
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_permutexvar_ps(index, scales),
+                                   acc0);
+            index = _mm512_add_epi32(index, two);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_permutexvar_ps(index, scales),
+                                   acc1);
+            index = _mm512_add_epi32(index, two);
+        }
+        for (; k < ng; k += 2) {  /* a last pair, or a lone last block (the rest zeros) */
+            const uint8_t *wk = wg + k * 16;
+            __m256i bytes = k + 2 <= ng
+                ? _mm256_loadu_si256((const __m256i *)wk)
+                : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)wk));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_sums(zero, bytes, xg + k * 32)),
+                                   _mm512_permutexvar_ps(index, scales), acc0);
+            index = _mm512_add_epi32(index, two);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), offsets));
+}
+
+/* Groups of a multiple of 64: each group's steps summed in int32, then scaled. */
+static float dot_q4_groups(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+                           int n, int gs) {
+    int n_groups = n / gs;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, offsets = acc0;
+    float scales[16];
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int ng = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        __m512 s = q4_scales(w_scales, x, g0, ng);
+        offsets = _mm512_fmadd_ps(s, _mm512_maskz_loadu_ps(lanes_before(0, ng),
+                                                           x->q4_offsets + g0), offsets);
+        _mm512_storeu_ps(scales, s);
+        for (int j = 0; j < ng; j++) {
+            size_t start = (size_t)(g0 + j) * gs;
+            __m512i isum = _mm512_setzero_si512();
+            for (int i = 0; i < gs; i += 64)
+                isum = nibble_sums(isum, _mm256_loadu_si256((const __m256i *)(w + (start + i) / 2)),
+                                   x->q4_pairs + start + i);
+            __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(scales[j]));
+            if (j % 2) acc1 = _mm512_add_ps(acc1, sum);
+            else acc0 = _mm512_add_ps(acc0, sum);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), offsets));
+}
+
+static float dot_q4_avx512(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+                           int n, int gs) {
+    return gs == 32 ? dot_q4_32(w, w_scales, x, n) : dot_q4_groups(w, w_scales, x, n, gs);
+}
+#else
+#define FAST_Q4 0
+#endif
+
 #define STRIP 32        /* prompt path: tokens per packed strip (two vectors) */
 #define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
 #define BLOCK_ROWS 64   /* ... rows per panel, and columns per block of it: a 128 KB block, */
@@ -3144,6 +3278,8 @@ static void fast_alloc_scratch(MatmulScratch *s) {
     f->x_pairs = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
     s->xq.int8 = checked_calloc((size_t)max_cols, sizeof(int8_t), "matmul scratch");
     s->xq.int8_offsets = checked_calloc((size_t)max_cols, sizeof(int32_t), "matmul scratch");
+    s->xq.q4_pairs = checked_calloc((size_t)max_cols + 64, sizeof(int16_t), "matmul scratch");
+    s->xq.q4_offsets = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
     f->n_strip_tokens = n_strips * STRIP;
     f->blocks = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * BLOCK_COLS, sizeof(float),
                                "matmul scratch");
@@ -3166,7 +3302,7 @@ static void fast_alloc_scratch(MatmulScratch *s) {
 static void fast_free_scratch(MatmulScratch *s) {
     struct FastScratch *f = s->fast_paths;
     if (!f) return;
-    free(s->xq.int8); free(s->xq.int8_offsets);
+    free(s->xq.int8); free(s->xq.int8_offsets); free(s->xq.q4_pairs); free(s->xq.q4_offsets);
     free(f->strips); free(f->x_pairs); free(f->blocks); free(f->strip_sums);
     free(f->strips_q); free(f->strip_scales); free(f->strip_int8_offsets);
     free(f->panels_q); free(f->panel_scales);
@@ -3193,13 +3329,21 @@ static int wide_rows(const Matrix *w, const MatmulScratch *s) {
     return float_x && w->cols >= WIDE_COLS && w->cols % 32 == 0;
 }
 
-/* Hook (matmul_vector): x in the form w's rows read, in s->xq (q8_0) or x_pairs (bf16). */
+/* Hook (matmul_vector): x in the form w's rows read, in s->xq (q8_0, q4_0) or x_pairs
+   (bf16). */
 static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
     float *x_pairs = s->fast_paths->x_pairs;
     if (fast_int8(w, s)) {
         quantize_int8(&s->xq, x, w->cols, w->group_size);
         return 1;
     }
+#if FAST_Q4
+    if (q4_kernel_applies(w)) {
+        quantize_vector(&s->xq, x, w->cols, w->group_size, Q16_MAX);
+        prepare_q4(&s->xq, w->cols, w->group_size);
+        return 1;
+    }
+#endif
     if (w->type != WEIGHT_BF16) return 0;
 #if FAST_BF16
     if (fast_bf16(w, s)) {
@@ -3232,10 +3376,15 @@ static float fast_row_dot(const Matrix *w, int r, const float *x, const MatmulSc
                                  w->cols);
 #endif
         return dot_bf16_avx512((const uint16_t *)w->data + start, x_pairs, w->cols);
-    case WEIGHT_Q4_0:
-        return dot_q4((const uint8_t *)w->data + start / 2,
-                      w->fp16_scales + start / (size_t)w->group_size, &s->xq, w->cols,
-                      w->group_size);
+    case WEIGHT_Q4_0: {
+        const uint8_t *row = (const uint8_t *)w->data + start / 2;
+        const uint16_t *scales = w->fp16_scales + start / (size_t)w->group_size;
+#if FAST_Q4
+        if (q4_kernel_applies(w))
+            return dot_q4_avx512(row, scales, &s->xq, w->cols, w->group_size);
+#endif
+        return dot_q4(row, scales, &s->xq, w->cols, w->group_size);
+    }
     default:
         return dot_q8_avx512((const int8_t *)w->data + start,
                              w->scales + start / (size_t)w->group_size, &s->xq, w->cols,
@@ -3505,8 +3654,11 @@ static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix
 #define Q_ROWS 4        /* rows per register tile (strip_kernel_q8 names its four rows) */
 #define Q_MAX_GROUP 512
 
+/* q4_0 rows take the same path, widened from their nibbles (|q| <= 8 keeps every sum far
+   inside int32 too). */
 static int q8_strips_apply(const Matrix *w) {
-    return w->type == WEIGHT_Q8_0 && w->group_size % 2 == 0 && w->group_size <= Q_MAX_GROUP;
+    return (w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0) && w->group_size % 2 == 0 &&
+           w->group_size <= Q_MAX_GROUP;
 }
 
 /* Quantizes tokens t0 .. t0+STRIP-1 of x (zeros past n_tokens) into one strip of words:
@@ -3608,6 +3760,19 @@ static void strip_kernel_q8(float *sums, const uint32_t *w, size_t row_words,
     }
 }
 
+/* n q4_0 values (whole 32-value blocks) from their nibbles to int16: per block, one widening
+   of its 16 bytes, then the low nibbles are values 0..15 and the high ones 16..31. */
+static void widen_nibbles(int16_t *dst, const uint8_t *src, size_t n) {
+    const __m256i low = _mm256_set1_epi16(15), eight = _mm256_set1_epi16(8);
+    for (size_t i = 0; i < n; i += 32) {
+        __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(src + i / 2)));
+        _mm256_storeu_si256((__m256i *)(dst + i),
+                            _mm256_sub_epi16(_mm256_and_si256(w16, low), eight));
+        _mm256_storeu_si256((__m256i *)(dst + i + 16),
+                            _mm256_sub_epi16(_mm256_srli_epi16(w16, 4), eight));
+    }
+}
+
 /* Like matmul_strips, with strips of integer words and panels of rows widened from int8 to
    the same words: int16, or for int8 uint8 with the top bit flipped (w + 128, the unsigned
    side of vpdpbusd); zero rows and zero scales pad a ragged last panel. The widening waits on
@@ -3618,6 +3783,15 @@ static void widen_panel_q8(uint32_t *panel, float *scales, const Matrix *w, int 
     int cols = w->cols, n_groups = cols / w->group_size;
     size_t n = (size_t)nr * cols, padding = (size_t)(PANEL_ROWS - nr) * cols;
     const int8_t *src = (const int8_t *)w->data + (size_t)r0 * cols;
+    if (w->type == WEIGHT_Q4_0) {  /* (never int8: -a fast is q8_0's) */
+        widen_nibbles((int16_t *)panel, (const uint8_t *)w->data + (size_t)r0 * cols / 2, n);
+        memset((int16_t *)panel + n, 0, padding * sizeof(int16_t));
+        const uint16_t *half = w->fp16_scales + (size_t)r0 * n_groups;
+        for (size_t g = 0; g < (size_t)nr * n_groups; g++) scales[g] = fp16_to_float(half[g]);
+        memset(scales + (size_t)nr * n_groups, 0,
+               (size_t)(PANEL_ROWS - nr) * n_groups * sizeof(float));
+        return;
+    }
     if (int8) {
         uint8_t *dst = (uint8_t *)panel;
         for (size_t i = 0; i < n; i++) dst[i] = (uint8_t)src[i] ^ 0x80u;
@@ -3639,7 +3813,8 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
     int int8 = fast_int8(w, s), per_word = int8 ? 4 : 2;
     size_t row_words = (size_t)cols / per_word;
     int calls = n_strips * (PANEL_ROWS / Q_ROWS);  /* kernel calls per whole panel */
-    size_t panel_bytes = (size_t)PANEL_ROWS * cols, share = (panel_bytes / calls + 63) / 64 * 64;
+    size_t row_bytes = w->type == WEIGHT_Q4_0 ? (size_t)cols / 2 : (size_t)cols;  /* stored */
+    size_t panel_bytes = PANEL_ROWS * row_bytes, share = (panel_bytes / calls + 63) / 64 * 64;
     struct FastScratch *f = s->fast_paths;
     OMP(parallel)
     {
@@ -3657,8 +3832,8 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
         OMP(for schedule(static))
         for (int p = 0; p < n_panels; p++) {
             int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
-            const int8_t *next = (const int8_t *)w->data + (size_t)(r0 + PANEL_ROWS) * cols;
-            size_t next_bytes = p + 1 < n_panels ? (size_t)(rows - r0 - nr) * cols : 0;
+            const char *next = (const char *)w->data + (size_t)(r0 + PANEL_ROWS) * row_bytes;
+            size_t next_bytes = p + 1 < n_panels ? (size_t)(rows - r0 - nr) * row_bytes : 0;
             if (next_bytes > panel_bytes) next_bytes = panel_bytes;
             widen_panel_q8(panel, scales, w, r0, nr, int8);
             int call = 0;
@@ -3669,7 +3844,7 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
                     int8 ? f->strip_int8_offsets + (size_t)i * STRIP * (cols / 2) : NULL;
                 for (int r = 0; r < nr; r += Q_ROWS, call++) {
                     size_t done = (size_t)call * share;
-                    Prefetch ahead = { (const char *)next + done, 0 };
+                    Prefetch ahead = { next + done, 0 };
                     if (done < next_bytes)
                         ahead.bytes = next_bytes - done < share ? next_bytes - done : share;
                     strip_kernel_q8(sums + (size_t)r * STRIP, panel + (size_t)r * row_words,

@@ -155,8 +155,11 @@ static void test_dots_q4(int n, int gs) {
     char name[80];
     float *x = malloc((size_t)n * sizeof(float));
     QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
-                           malloc((size_t)(n / gs) * sizeof(float)), NULL, NULL };
-    double worst_int = 0, worst_float = 0;
+                           malloc((size_t)(n / gs) * sizeof(float)), NULL, NULL,
+                           malloc((size_t)(n + 64) * sizeof(int16_t)),
+                           malloc((size_t)(n / gs) * sizeof(float)) };
+    double worst_int = 0, worst_float = 0, worst_avx512 = 0;
+    int avx512 = 0;
     for (int trial = 0; trial < 50; trial++) {
         TestQ4 t = make_q4(1, n, gs);
         fill(x, (size_t)n);
@@ -175,13 +178,25 @@ static void test_dots_q4(int n, int gs) {
         double got = dot_q4(t.packed, t.scales, &qv, n, gs);
         worst_int = fmax(worst_int, fabs(got - exact_int) / qmag);
         worst_float = fmax(worst_float, fabs(got - exact_float) / qmag);
+#if FAST_Q4
+        avx512 = q4_kernel_applies(&t.m);
+        if (avx512) {
+            prepare_q4(&qv, n, gs);
+            got = dot_q4_avx512(t.packed, t.scales, &qv, n, gs);
+            worst_avx512 = fmax(worst_avx512, fabs(got - exact_int) / qmag);
+        }
+#endif
         free_q4(&t);
     }
     snprintf(name, sizeof name, "dot_q4 vs int4 x int16 n=%d gs=%d", n, gs);
     check(name, worst_int, 1e-6);
     snprintf(name, sizeof name, "dot_q4 vs float activations n=%d gs=%d", n, gs);
     check(name, worst_float, 1e-4);
-    free(x); free(qv.q); free(qv.scales);
+    if (avx512) {
+        snprintf(name, sizeof name, "dot_q4_avx512 vs int4 x int16 n=%d gs=%d", n, gs);
+        check(name, worst_avx512, 1e-6);
+    }
+    free(x); free(qv.q); free(qv.scales); free(qv.q4_pairs); free(qv.q4_offsets);
 }
 
 static void test_dots(int n, int gs) {
@@ -220,7 +235,8 @@ static void test_dots(int n, int gs) {
         TestQ8 t = make_q8(1, n, gs);
         QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
                                malloc((size_t)(n / gs) * sizeof(float)),
-                               malloc((size_t)n), malloc((size_t)(n / gs) * sizeof(int32_t)) };
+                               malloc((size_t)n), malloc((size_t)(n / gs) * sizeof(int32_t)),
+                               NULL, NULL };
         quantize_vector(&qv, x, n, gs, Q16_MAX);
         const int16_t *xq = qv.q;
         const float *xs = qv.scales;
@@ -370,7 +386,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
         m = q8.m;
         memcpy(image, q8.image, count * sizeof(float));
         QuantizedVector qv = { malloc((size_t)cols * sizeof(int16_t)),
-                               malloc((size_t)cols * sizeof(float)), NULL, NULL };
+                               malloc((size_t)cols * sizeof(float)), NULL, NULL, NULL, NULL };
         for (int t = 0; t < n; t++) {
             quantize_vector(&qv, x + (size_t)t * cols, cols, 64, Q8_MAX);
             for (int i = 0; i < cols; i++)
@@ -580,7 +596,11 @@ static void test_kernels(void) {
     test_dots_q4(2048, 32);
     test_dots_q4(2048, 64);
     test_dots_q4(8192, 32);
-    test_dots_q4(96, 96);
+    test_dots_q4(96, 96);     /* groups the kernels leave to dot_q4 */
+    test_dots_q4(96, 32);     /* a lone last block */
+    test_dots_q4(1056, 32);   /* 33 groups: two whole windows of 16 and a lone block */
+    test_dots_q4(2048, 128);
+    test_dots_q4(4096, 4096);
     int types[] = { WEIGHT_FP32, WEIGHT_BF16, WEIGHT_Q8_0, WEIGHT_Q4_0 };
     for (int i = 0; i < 4; i++) {
         test_matmul(types[i], 64, 256, 1, &s);

@@ -100,8 +100,11 @@ def check_against_numpy(folder, model, rtol, prompt_len=40, steps=16):
 
 def test_q4_0_exact_on_grid_weights():
     # The weights are stored exactly (checked value by value), so the only rounding left is
-    # the activations' to int16 per group, as for q8_0's grid test (its tolerance): every
-    # position and every greedy step of the prompt path and of decoding.
+    # the activations' to int16 per group, in decoding and (with VNNI) in prompt blocks, as in
+    # q8_0's grid test: every position and every greedy step. That rounding measures 3.5e-4 to
+    # 4.8e-4 of the logits' range here (q8_0's grid: 2.4e-4 to 3.5e-4, bound 5e-4), so the
+    # bound is 1e-3; swapping the nibble halves of one 32-value block of one matrix moves
+    # them by 1e-2 (layer 1's w_down) to 2.5e-1 (layer 0's wq).
     for preset in ("tiny31", "tiny32"):
         folder = write_checkpoint(os.path.join(WORK, "grid-" + preset),
                                   make_checkpoint.PRESETS[preset]["config"], grid_values)
@@ -116,7 +119,7 @@ def test_q4_0_exact_on_grid_weights():
                 want = weights[names[label]]
                 got = payload if kind == "fp32" else dequantized(payload)
                 assert kind in ("fp32", "q4_0") and np.array_equal(got, want), label
-            check_against_numpy(folder, model, 5e-4)
+            check_against_numpy(folder, model, 1e-3)
 
 
 def test_export_error_at_most_llama_cpps_q4_0():
