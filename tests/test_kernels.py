@@ -74,7 +74,7 @@ def test_decode_parts_tool():
          "-lm"])
     folder = os.path.join(WORK, "hf-parts")
     make_checkpoint.make_checkpoint(folder, "tiny32")
-    for dtype, extra in (("fp32", []), ("q8_0", []), ("q8_0", ["fast"])):
+    for dtype, extra in (("fp32", []), ("q8_0", []), ("q8_0", ["fast"]), ("q4_0", [])):
         model = os.path.join(WORK, f"parts-{dtype}.bin")
         if not os.path.exists(model):
             run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", dtype])
