@@ -458,6 +458,7 @@ typedef struct {
     int32_t *int8_offsets;  /* ... and per group -8 * the sum of its int8 (see int8_sums) */
     int16_t *q4_pairs;      /* q4_0 (section 8): q in the order its nibbles unpack (prepare_q4) */
     float *q4_offsets;      /* ... and per group -8 * the sum of its q */
+    int8_t *q4_int8;        /* -a fast's q4_0: q (q_max 127) as the nibbles come (prepare_q4) */
 } QuantizedVector;
 
 #define Q16_MAX 32767.0f
@@ -2283,8 +2284,9 @@ static void print_usage(FILE *out) {
         "  -L <path>             write the logits of every position as raw float32 rows\n"
         "  -T, --threads <int>   threads (default: OpenMP's choice, OMP_NUM_THREADS; runomp only)\n"
         "  -a <mode>             activations in the matmuls: exact (default: float32, int16 for\n"
-        "                        q8_0) or fast: rounded as llama.cpp does, to bf16 for bf16\n"
-        "                        weights and to int8 for q8_0 (groups of 64): prompts ~1.6-1.8x\n"
+        "                        q8_0 and q4_0) or fast: rounded as llama.cpp does, to bf16 for\n"
+        "                        bf16 weights and to int8 for q8_0 (groups of 64) and q4_0\n"
+        "                        (groups of 32, 64 or 128): prompts ~1.6-1.8x\n"
         "                        faster on CPUs with AVX512-BF16 / VNNI, logits a few 1e-2 off\n"
         "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
         "                        into memory first (also --no-mmap, llama.cpp's name; README.md)\n"
@@ -3124,21 +3126,11 @@ static float dot_q8_avx512(const int8_t *w, const float *w_scales, const Quantiz
    the values + 8; the -8 comes back once per group, as -8 * the sum of its x (q4_offsets)
    times the group's scales. Each 16 groups' scale products are formed at once, and with
    groups of 32 each step's sums meet theirs by one permute (lanes 0..7 the first group's,
-   8..15 the next's), with no reduction per group. */
-#if FAST_INT8 && defined __AVX512VL__
-#define FAST_Q4 1
-
-/* Whether the kernels below take a q4_0 matrix: groups of 32, or of a multiple of 64 (whole
-   steps) small enough for int32 lanes: gs / 16 products of at most 15 * 32767 each. */
-static int q4_kernel_applies(const Matrix *w) {
-    return w->type == WEIGHT_Q4_0 &&
-           (w->group_size == 32 || (w->group_size % 64 == 0 && w->group_size <= 4096));
-}
+   8..15 the next's), with no reduction per group. -a fast's kernel (dot_q4_fast) is below. */
 
 /* v->q (quantized) reordered for the kernels: per 64 values, x[0..15], x[32..47] (against
    the low nibbles), then x[16..31], x[48..63] (the high ones); a last lone block pads with
-   zeros. And each group's offset, -8 * the sum of its values (exact in float for gs <= 64,
-   the only groups that take it in float). */
+   zeros. And each group's offset, -8 * the sum of its values. */
 static void prepare_q4(QuantizedVector *v, int n, int gs) {
     for (int i = 0; i < n; i += 64) {
         int16_t *p = v->q4_pairs + i;
@@ -3157,6 +3149,22 @@ static void prepare_q4(QuantizedVector *v, int n, int gs) {
         v->q4_offsets[g] = (float)(-8 * sum);
     }
 }
+
+/* v->q (int8 values) as dot_q4_fast reads them: per 128 values (zeros past n), values
+   0..15 of each of the four blocks, then values 16..31 of each. */
+static void prepare_q4_int8(QuantizedVector *v, int n) {
+    for (int i = 0; i < n; i += 128) {
+        int8_t *p = v->q4_int8 + i;
+        for (int k = 0; k < 64; k++) {  /* block k / 16, value k % 16, and 16 later */
+            int at = i + k / 16 * 32 + k % 16;
+            p[k] = at < n ? (int8_t)v->q[at] : 0;
+            p[64 + k] = at + 16 < n ? (int8_t)v->q[at + 16] : 0;
+        }
+    }
+}
+
+#if FAST_INT8 && defined __AVX512VL__
+#define FAST_Q4 1
 
 /* acc + the products of 64 nibbles (two blocks, `bytes`) with x_pairs (128 bytes). */
 static inline __m512i nibble_sums(__m512i acc, __m256i bytes, const int16_t *x_pairs) {
@@ -3258,9 +3266,62 @@ static float dot_q4_avx512(const uint8_t *w, const uint16_t *w_scales, const Qua
                            int n, int gs) {
     return gs == 32 ? dot_q4_32(w, w_scales, x, n) : dot_q4_groups(w, w_scales, x, n, gs);
 }
+
+/* -a fast for q4_0: x quantized to int8 (q_max 127), 128 values per step. 64 bytes of
+   nibbles are four blocks; an AND gives their low nibbles, a shift and an AND the high ones,
+   as unsigned bytes: the unsigned side of vpdpbusd, against x's bytes in the same order
+   (prepare_q4_int8). Two instructions make a step's 128 products; int32 lane l holds four of
+   block l / 4's, so that with groups of 32, 64 or 128 lane l of a step is group l / 4, l / 8
+   or 0 of it, and meets its scales by one permute. */
+static float dot_q4_fast(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+                         int n, int gs) {
+    int n_groups = n / gs, per_step = 128 / gs;  /* groups per step: 4, 2 or 1 */
+    int32_t first[16];
+    for (int l = 0; l < 16; l++) first[l] = l * per_step / 16;  /* lane l's group in a step */
+    const __m512i step = _mm512_set1_epi32(per_step), mask = _mm512_set1_epi8(15);
+    __m512 acc = _mm512_setzero_ps();
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int ng = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        const uint8_t *wg = w + (size_t)g0 * gs / 2;
+        for (int ahead = 0; ahead < 8 * gs; ahead += 256)  /* the window's 8 * gs bytes */
+            prefetch_q4(wg + ahead, w_scales + g0);
+        __m512 scales = q4_scales(w_scales, x, g0, ng);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes_before(0, ng), x->q4_offsets + g0),
+                              scales, acc);
+        __m512i index = _mm512_loadu_si512((const void *)first);
+        for (int i = g0 * gs; i < (g0 + ng) * gs; i += 128) {
+            int bytes = n - i >= 128 ? 64 : (n - i) / 2;  /* a row's last, partial step */
+            __mmask64 in_row = bytes == 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
+            __m512i nibbles = _mm512_maskz_loadu_epi8(in_row, w + i / 2);
+            __m512i low = _mm512_and_si512(nibbles, mask);
+            __m512i high = _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), mask);
+            const int8_t *xi = x->q4_int8 + i;
+            __m512i sums = dot_int8(_mm512_setzero_si512(), low,
+                                    _mm512_loadu_si512((const void *)xi));
+            sums = dot_int8(sums, high, _mm512_loadu_si512((const void *)(xi + 64)));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(index, scales),
+                                  acc);
+            index = _mm512_add_epi32(index, step);
+        }
+    }
+    return _mm512_reduce_add_ps(acc);
+}
 #else
 #define FAST_Q4 0
 #endif
+
+/* Whether the kernels above take a q4_0 matrix: groups of 32, or of a multiple of 64 (whole
+   steps) small enough for int32 lanes: gs / 16 products of at most 15 * 32767 each. */
+static int q4_kernel_applies(const Matrix *w) {
+    return FAST_Q4 && w->type == WEIGHT_Q4_0 &&
+           (w->group_size == 32 || (w->group_size % 64 == 0 && w->group_size <= 4096));
+}
+
+/* Whether -a fast applies to a q4_0 matrix (dot_q4_fast, and int8 prompt strips). */
+static int fast_q4(const Matrix *w, const MatmulScratch *s) {
+    int gs = w->group_size;
+    return FAST_Q4 && s->fast && w->type == WEIGHT_Q4_0 && (gs == 32 || gs == 64 || gs == 128);
+}
 
 #define STRIP 32        /* prompt path: tokens per packed strip (two vectors) */
 #define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
@@ -3293,6 +3354,7 @@ static void fast_alloc_scratch(MatmulScratch *s) {
     s->xq.int8_offsets = checked_calloc((size_t)max_cols, sizeof(int32_t), "matmul scratch");
     s->xq.q4_pairs = checked_calloc((size_t)max_cols + 64, sizeof(int16_t), "matmul scratch");
     s->xq.q4_offsets = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
+    s->xq.q4_int8 = checked_calloc((size_t)max_cols + 128, 1, "matmul scratch");
     f->n_strip_tokens = n_strips * STRIP;
     f->blocks = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * BLOCK_COLS, sizeof(float),
                                "matmul scratch");
@@ -3316,6 +3378,7 @@ static void fast_free_scratch(MatmulScratch *s) {
     struct FastScratch *f = s->fast_paths;
     if (!f) return;
     free(s->xq.int8); free(s->xq.int8_offsets); free(s->xq.q4_pairs); free(s->xq.q4_offsets);
+    free(s->xq.q4_int8);
     free(f->strips); free(f->x_pairs); free(f->blocks); free(f->strip_sums);
     free(f->strips_q); free(f->strip_scales); free(f->strip_int8_offsets);
     free(f->panels_q); free(f->panel_scales);
@@ -3350,13 +3413,13 @@ static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s
         quantize_int8(&s->xq, x, w->cols, w->group_size);
         return 1;
     }
-#if FAST_Q4
-    if (q4_kernel_applies(w)) {
-        quantize_vector(&s->xq, x, w->cols, w->group_size, Q16_MAX);
+    if (fast_q4(w, s) || q4_kernel_applies(w)) {
+        int int8 = fast_q4(w, s);  /* (prepare_q4's offsets are then the int8 values') */
+        quantize_vector(&s->xq, x, w->cols, w->group_size, int8 ? Q8_MAX : Q16_MAX);
         prepare_q4(&s->xq, w->cols, w->group_size);
+        if (int8) prepare_q4_int8(&s->xq, w->cols);
         return 1;
     }
-#endif
     if (w->type != WEIGHT_BF16) return 0;
 #if FAST_BF16
     if (fast_bf16(w, s)) {
@@ -3393,6 +3456,7 @@ static float fast_row_dot(const Matrix *w, int r, const float *x, const MatmulSc
         const uint8_t *row = (const uint8_t *)w->data + start / 2;
         const uint16_t *scales = w->fp16_scales + start / (size_t)w->group_size;
 #if FAST_Q4
+        if (fast_q4(w, s)) return dot_q4_fast(row, scales, &s->xq, w->cols, w->group_size);
         if (q4_kernel_applies(w))
             return dot_q4_avx512(row, scales, &s->xq, w->cols, w->group_size);
 #endif
@@ -3786,6 +3850,18 @@ static void widen_nibbles(int16_t *dst, const uint8_t *src, size_t n) {
     }
 }
 
+/* The same for -a fast's int8 words: the values + 128 as unsigned bytes (as widen_panel_q8
+   makes of q8_0's). */
+static void widen_nibbles_u8(uint8_t *dst, const uint8_t *src, size_t n) {
+    const __m128i low = _mm_set1_epi8(15), shift = _mm_set1_epi8(120);  /* (u - 8) + 128 */
+    for (size_t i = 0; i < n; i += 32) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(src + i / 2));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm_add_epi8(_mm_and_si128(v, low), shift));
+        _mm_storeu_si128((__m128i *)(dst + i + 16),
+                         _mm_add_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low), shift));
+    }
+}
+
 /* Like matmul_strips, with strips of integer words and panels of rows widened from int8 to
    the same words: int16, or for int8 uint8 with the top bit flipped (w + 128, the unsigned
    side of vpdpbusd); zero rows and zero scales pad a ragged last panel. The widening waits on
@@ -3796,9 +3872,15 @@ static void widen_panel_q8(uint32_t *panel, float *scales, const Matrix *w, int 
     int cols = w->cols, n_groups = cols / w->group_size;
     size_t n = (size_t)nr * cols, padding = (size_t)(PANEL_ROWS - nr) * cols;
     const int8_t *src = (const int8_t *)w->data + (size_t)r0 * cols;
-    if (w->type == WEIGHT_Q4_0) {  /* (never int8: -a fast is q8_0's) */
-        widen_nibbles((int16_t *)panel, (const uint8_t *)w->data + (size_t)r0 * cols / 2, n);
-        memset((int16_t *)panel + n, 0, padding * sizeof(int16_t));
+    if (w->type == WEIGHT_Q4_0) {
+        const uint8_t *nibbles = (const uint8_t *)w->data + (size_t)r0 * cols / 2;
+        if (int8) {
+            widen_nibbles_u8((uint8_t *)panel, nibbles, n);
+            memset((uint8_t *)panel + n, 0x80, padding);
+        } else {
+            widen_nibbles((int16_t *)panel, nibbles, n);
+            memset((int16_t *)panel + n, 0, padding * sizeof(int16_t));
+        }
         const uint16_t *half = w->fp16_scales + (size_t)r0 * n_groups;
         for (size_t g = 0; g < (size_t)nr * n_groups; g++) scales[g] = fp16_to_float(half[g]);
         memset(scales + (size_t)nr * n_groups, 0,
@@ -3823,7 +3905,7 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
                              MatmulScratch *s) {
     int rows = w->rows, cols = w->cols, gs = w->group_size, n_groups = cols / gs;
     int n_strips = (n_tokens + STRIP - 1) / STRIP, n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
-    int int8 = fast_int8(w, s), per_word = int8 ? 4 : 2;
+    int int8 = fast_int8(w, s) || fast_q4(w, s), per_word = int8 ? 4 : 2;
     size_t row_words = (size_t)cols / per_word;
     int calls = n_strips * (PANEL_ROWS / Q_ROWS);  /* kernel calls per whole panel */
     size_t row_bytes = w->type == WEIGHT_Q4_0 ? (size_t)cols / 2 : (size_t)cols;  /* stored */

@@ -157,9 +157,10 @@ static void test_dots_q4(int n, int gs) {
     QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
                            malloc((size_t)(n / gs) * sizeof(float)), NULL, NULL,
                            malloc((size_t)(n + 64) * sizeof(int16_t)),
-                           malloc((size_t)(n / gs) * sizeof(float)) };
-    double worst_int = 0, worst_float = 0, worst_avx512 = 0;
-    int avx512 = 0;
+                           malloc((size_t)(n / gs) * sizeof(float)), malloc((size_t)n + 128) };
+    double worst_int = 0, worst_float = 0, worst_avx512 = 0, worst_fast_int = 0;
+    double worst_fast_float = 0;
+    int avx512 = 0, fast = 0;
     for (int trial = 0; trial < 50; trial++) {
         TestQ4 t = make_q4(1, n, gs);
         fill(x, (size_t)n);
@@ -185,6 +186,24 @@ static void test_dots_q4(int n, int gs) {
             got = dot_q4_avx512(t.packed, t.scales, &qv, n, gs);
             worst_avx512 = fmax(worst_avx512, fabs(got - exact_int) / qmag);
         }
+        MatmulScratch fast_scratch = { .fast = 1 };
+        fast = fast_q4(&t.m, &fast_scratch);
+        if (fast) {  /* -a fast: int8 activations against the unsigned nibbles */
+            quantize_vector(&qv, x, n, gs, Q8_MAX);
+            prepare_q4(&qv, n, gs);
+            prepare_q4_int8(&qv, n);
+            double exact_int8 = 0.0;
+            for (int g = 0; g < n / gs; g++) {
+                int64_t isum = 0;
+                for (int i = g * gs; i < (g + 1) * gs; i++)
+                    isum += (int64_t)(t.packed[i / 32 * 16 + i % 16] >> (i % 32 < 16 ? 0 : 4) & 15)
+                            * qv.q[i] - 8 * qv.q[i];
+                exact_int8 += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
+            }
+            got = dot_q4_fast(t.packed, t.scales, &qv, n, gs);
+            worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
+            worst_fast_float = fmax(worst_fast_float, fabs(got - exact_float) / qmag);
+        }
 #endif
         free_q4(&t);
     }
@@ -196,7 +215,14 @@ static void test_dots_q4(int n, int gs) {
         snprintf(name, sizeof name, "dot_q4_avx512 vs int4 x int16 n=%d gs=%d", n, gs);
         check(name, worst_avx512, 1e-6);
     }
-    free(x); free(qv.q); free(qv.scales); free(qv.q4_pairs); free(qv.q4_offsets);
+    if (fast) {
+        snprintf(name, sizeof name, "dot_q4 -a fast vs int4 x int8 n=%d gs=%d", n, gs);
+        check(name, worst_fast_int, 1e-6);
+        /* 256 times coarser steps than int16, as q8_0's -a fast */
+        snprintf(name, sizeof name, "dot_q4 -a fast vs float activations n=%d gs=%d", n, gs);
+        check(name, worst_fast_float, 5e-3);
+    }
+    free(x); free(qv.q); free(qv.scales); free(qv.q4_pairs); free(qv.q4_offsets); free(qv.q4_int8);
 }
 
 static void test_dots(int n, int gs) {
@@ -236,7 +262,7 @@ static void test_dots(int n, int gs) {
         QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
                                malloc((size_t)(n / gs) * sizeof(float)),
                                malloc((size_t)n), malloc((size_t)(n / gs) * sizeof(int32_t)),
-                               NULL, NULL };
+                               NULL, NULL, NULL };
         quantize_vector(&qv, x, n, gs, Q16_MAX);
         const int16_t *xq = qv.q;
         const float *xs = qv.scales;
@@ -369,6 +395,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
     float *image = malloc(count * sizeof(float));
     uint16_t *bf = NULL;
     TestQ8 q8 = {0};
+    TestQ4 q4 = {0};
     Matrix m;
     fill(x, (size_t)n * cols);
     if (type == WEIGHT_BF16) {
@@ -382,15 +409,23 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
             x_rounded[i] = bf16_to_float(round_to_bf16(x[i]));
 #endif
     } else {
-        q8 = make_q8(rows, cols, 64);
-        m = q8.m;
-        memcpy(image, q8.image, count * sizeof(float));
+        int gs = type == WEIGHT_Q8_0 ? 64 : 32;
+        if (type == WEIGHT_Q8_0) {
+            q8 = make_q8(rows, cols, gs);
+            m = q8.m;
+            memcpy(image, q8.image, count * sizeof(float));
+        } else {
+            q4 = make_q4(rows, cols, gs);
+            m = q4.m;
+            memcpy(image, q4.image, count * sizeof(float));
+        }
         QuantizedVector qv = { malloc((size_t)cols * sizeof(int16_t)),
-                               malloc((size_t)cols * sizeof(float)), NULL, NULL, NULL, NULL };
+                               malloc((size_t)cols * sizeof(float)), NULL, NULL, NULL, NULL,
+                               NULL };
         for (int t = 0; t < n; t++) {
-            quantize_vector(&qv, x + (size_t)t * cols, cols, 64, Q8_MAX);
+            quantize_vector(&qv, x + (size_t)t * cols, cols, gs, Q8_MAX);
             for (int i = 0; i < cols; i++)
-                x_rounded[(size_t)t * cols + i] = (float)qv.q[i] * qv.scales[i / 64];
+                x_rounded[(size_t)t * cols + i] = (float)qv.q[i] * qv.scales[i / gs];
         }
         free(qv.q); free(qv.scales);
     }
@@ -409,7 +444,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
              rows, cols, n);
     check(name, worst, 1e-6);
     free(x); free(x_rounded); free(out); free(image); free(bf);
-    free(q8.q); free(q8.scales); free(q8.image);
+    free(q8.q); free(q8.scales); free(q8.image); free_q4(&q4);
 }
 #endif
 
@@ -635,6 +670,12 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q8_0, 70, 256, 7, &s);     /* ragged panel and strip */
     test_matmul_fast(WEIGHT_Q8_0, 128, 1024, 64, &s);
     test_matmul_fast(WEIGHT_Q8_0, 40, 1536, 33, &s);
+#endif
+#if FAST_Q4
+    test_matmul_fast(WEIGHT_Q4_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);       /* a partial last step */
+    test_matmul_fast(WEIGHT_Q4_0, 70, 256, 7, &s);      /* ragged panel and strip */
+    test_matmul_fast(WEIGHT_Q4_0, 40, 1536, 33, &s);
 #endif
     free_scratch(&s);
     test_attention(32, 8, 64, 0, 1);      /* Llama 3.2 1B: one token */
