@@ -2800,8 +2800,9 @@ int main(int argc, char **argv) {
    - decoding (fast_prepare_vector, fast_matmul_rows): the row dot products as 16-lane FMAs,
      four chains deep to hide their latency; bf16 rows widened by one shift or mask against x
      reordered once per matmul (split_pairs); q8_0 groups as int8 x int16 VNNI dot products
-     (vpdpwssd), 32 per instruction; rows 4096+ wide taken WIDE_ROWS at a time, so that each
-     load of x, which no longer stays in L1, serves 8 rows.
+     (vpdpwssd), 32 per instruction; q4_0 nibbles the same way, two blocks unpacked per step
+     (dot_q4_32); rows 4096+ wide taken WIDE_ROWS at a time, so that each load of x, which no
+     longer stays in L1, serves 8 rows.
    - the prompt (fast_matmul_block): register-tiled products of a panel of rows against strips
      of 32 tokens transposed so that one vector load is one column of 16 tokens, in blocks that
      stay in L2 (matmul_strips), and for q8_0 the same with integer words (matmul_strips_q8):
@@ -2811,10 +2812,10 @@ int main(int argc, char **argv) {
      prompt, share one pass over their KV head's keys and values, in register tiles (below).
    - quantizing (fast_quantize_group), softmax and SwiGLU (fast_softmax, fast_swiglu, with a
      vectorised exp within 2 ulp of expf): the same loops, 16 lanes at a time.
-   -a fast (fast_bf16, fast_int8) trades exactness for speed as llama.cpp does: activations
-   rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 (vpdpbusd), each twice
-   the multiply-adds per instruction, about 1e-2 of the logits' range off instead of 1e-6
-   (tests/test_engine.py measures it). Without AVX512-BF16 or VNNI it changes nothing.
+   -a fast (fast_bf16, fast_int8, fast_q4) trades exactness for speed as llama.cpp does:
+   activations rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 and q4_0
+   (vpdpbusd), each twice the multiply-adds per instruction, about 1e-2 of the logits' range
+   off instead of 1e-6 (tests/test_engine.py and tests/test_q4.py measure it). Without AVX512-BF16 or VNNI it changes nothing.
    tests/test_kernels.c checks every kernel here against plain loops (and quantize_group16
    against quantize_group, bit for bit). */
 

@@ -130,11 +130,11 @@ def prompt_macs(path, n_prompt):
 def instruction(variant):
     """The multiply-add instruction that a variant's prompt kernels are built on (tests/peak.c
     names): exact fp32 and bf16 widen to float32 FMAs, -a fast bf16 takes bf16 pairs, q8_0 int16
-    pairs and -a fast q8_0 int8 quads; q4_0 int16 pairs (its rows widened from nibbles)."""
+    pairs and -a fast q8_0 int8 quads; q4_0 the same as q8_0 (its rows widened from nibbles)."""
     fast = "-a" in flags(variant)
     return {"fp32": "fp32_fma", "bf16": "bf16_pairs" if fast else "fp32_fma",
             "q8_0": "int8_quads" if fast else "int16_pairs",
-            "q4_0": "int16_pairs"}[variant.split(":")[0]]
+            "q4_0": "int8_quads" if fast else "int16_pairs"}[variant.split(":")[0]]
 
 
 def peaks(peak, threads):
