@@ -2815,7 +2815,8 @@ int main(int argc, char **argv) {
    -a fast (fast_bf16, fast_int8, fast_q4) trades exactness for speed as llama.cpp does:
    activations rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 and q4_0
    (vpdpbusd), each twice the multiply-adds per instruction, about 1e-2 of the logits' range
-   off instead of 1e-6 (tests/test_engine.py and tests/test_q4.py measure it). Without AVX512-BF16 or VNNI it changes nothing.
+   off instead of 1e-6 (tests/test_engine.py and tests/test_q4.py measure it). Without
+   AVX512-BF16 or VNNI it changes nothing.
    tests/test_kernels.c checks every kernel here against plain loops (and quantize_group16
    against quantize_group, bit for bit). */
 
