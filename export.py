@@ -32,6 +32,10 @@ Decisions worth knowing:
 - Tensors in the files that the format has no place for (e.g. rotary_emb.inv_freq) are ignored.
 - q8_0 without --group-size: 64, or gcd(64, every row length) when 64 does not divide them all
   (ref30's hidden_size 96 -> 32). An explicit --group-size that does not divide is an error.
+- q4_0: every matrix (embedding and classifier included) is 4-bit, groups of 32 by default
+  (--group-size: any multiple of 32 dividing every row length). Each group's fp16 scale is
+  searched (quantize_q4_0): its squared error is never above llama.cpp's Q4_0 of the same group,
+  which the progress line prints beside ours.
 - Tokenizer specials: a tokenizer.json's own added_tokens; for a tiktoken tokenizer.model (or a
   tokenizer.json without added tokens) the --specials layout, by default llama3.1 when
   config.json has llama3 rope_scaling (3.1/3.2) and llama3 otherwise.
@@ -57,9 +61,10 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 256
 ALIGN = 64
 WRITE_PIECE = 2 << 20  # bytes per write(): see OutputFile
-WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "q8_0": 2}
+WEIGHT_TYPES = {"fp32": 0, "bf16": 1, "q8_0": 2, "q4_0": 3}
 MAX_EOS = 8
 DEFAULT_GROUP_SIZE = 64
+Q4_GROUP_SIZE = 32  # q4_0's default group size, and its blocks: 32 values in 16 bytes
 CHUNK_ELEMENTS = 1 << 22  # elements converted at a time: 4M -> about 100 MB of temporaries at most
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
 MAX_TEXT_INPUT = 64 << 20  # config.json, the index, tokenizer.json/.model (real ones: < 20 MB)
@@ -612,6 +617,84 @@ def quantize_q8_0(x, group_size):
     return q.reshape(-1), scale
 
 
+# q4_0's scale search (quantize_q4_0): for each group, scales that put the value of largest
+# magnitude at -t (the wide side of [-8, 7]) or +t for these t, besides llama.cpp's Q4_0 choice.
+Q4_SEARCH_NEGATIVE = np.arange(6.0, 8.01, 0.25)
+Q4_SEARCH_POSITIVE = np.arange(5.5, 7.01, 0.25)
+FP16_MAX = 65504.0
+
+
+def q4_0_like_llama_cpp(groups):
+    """llama.cpp's Q4_0 of float32 groups [G, gs]: d = (the value of largest magnitude) / -8,
+    stored as fp16; q = min(15, trunc(x / d + 8.5)) - 8 with 1/d from the float32 d. Returns
+    (q int8 [G, gs], fp16 scales [G])."""
+    rows = np.arange(len(groups))
+    extreme = groups[rows, np.abs(groups).argmax(axis=1)]
+    d = (extreme / np.float32(-8)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    shifted = groups * inverse[:, None] + np.float32(8.5)
+    q = np.minimum(15, shifted.astype(np.int8)) - 8
+    with np.errstate(over="ignore"):  # an infinite scale: quantize_q4_0 refuses it
+        return q.astype(np.int8), d.astype(np.float16)
+
+
+def group_errors(groups, q, scales):
+    """Squared error of each group [G] of q * scales (fp16, widened exactly) against groups."""
+    err = q.astype(np.float32) * scales.astype(np.float32)[:, None] - groups
+    return np.einsum("gi,gi->g", err, err, dtype=np.float64)
+
+
+def quantize_q4_0(x, group_size):
+    """float32 [n] -> (int8 q [n] in [-8, 7], fp16 scales [n/group_size], and llama.cpp's Q4_0
+    squared error of x) as README.md ("File formats") defines: per group the
+    candidate (scale, q) of least squared error, q = clip(round(x / scale), -8, 7), among
+    llama.cpp's Q4_0 choice, the Q4_SEARCH scales and the least-squares scale of the best q.
+    Every group's error, hence every matrix's, is thus at most Q4_0's."""
+    groups = x.reshape(-1, group_size)
+    if not np.isfinite(groups).all():
+        raise ExportError("weights must be finite for q4_0")
+    best_q, best_scale = q4_0_like_llama_cpp(groups)
+    if np.isinf(best_scale).any():
+        raise ExportError(f"a weight's magnitude exceeds q4_0's range (fp16 scales: at most "
+                          f"{8 * FP16_MAX:g})")
+    q4_0_err = best_err = group_errors(groups, best_q, best_scale)
+    rows = np.arange(len(groups))
+    extreme = groups[rows, np.abs(groups).argmax(axis=1)]
+
+    def consider(scale):
+        nonlocal best_q, best_scale, best_err
+        scale = scale.astype(np.float16)  # inf where it overflows: never chosen
+        wide = scale.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint(groups / wide[:, None])
+        q = np.clip(np.nan_to_num(q, nan=0.0), -8, 7).astype(np.int8)
+        with np.errstate(invalid="ignore", over="ignore"):
+            err = group_errors(groups, q, scale)
+        better = err < best_err
+        best_q = np.where(better[:, None], q, best_q)
+        best_scale = np.where(better, scale, best_scale)
+        best_err = np.where(better, err, best_err)
+
+    for t in Q4_SEARCH_NEGATIVE:
+        consider(extreme / np.float32(-t))
+    for t in Q4_SEARCH_POSITIVE:
+        consider(extreme / np.float32(t))
+    qf = best_q.astype(np.float64)
+    norm = np.einsum("gi,gi->g", qf, qf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        least_squares = np.einsum("gi,gi->g", qf, groups) / norm
+    consider(np.where(norm > 0, least_squares, 0).astype(np.float32))
+    return best_q.reshape(-1), best_scale, float(q4_0_err.sum())
+
+
+def pack_q4_0(q):
+    """int8 q [n] in [-8, 7] -> the nibbles q + 8, each 32 values as 16 bytes: byte j holds
+    value j in its low nibble and value j + 16 in its high one."""
+    u = (q.reshape(-1, 32) + 8).astype(np.uint8)
+    return (u[:, :16] | (u[:, 16:] << 4)).reshape(-1)
+
+
 class OutputFile:
     """Writes the model file, padding each tensor to a 64-byte boundary. The bytes reach the
     file in whole pieces of WRITE_PIECE at offsets that are multiples of it: Linux then keeps
@@ -663,7 +746,7 @@ def write_tensor(out, ckpt, name, shape, as_matrix, weight_type, group_size):
     kind = weight_type if as_matrix else "fp32"
     out.align()
     scales = []
-    max_err = sq_err = sq_ref = 0.0
+    max_err = sq_err = sq_ref = sq_err_q4_0 = 0.0
     for start, count in chunks(shape):
         raw = f.elements(name, start, count)
         if kind == "bf16" and dtype == "BF16":
@@ -674,21 +757,34 @@ def write_tensor(out, ckpt, name, shape, as_matrix, weight_type, group_size):
             out.write(f32_to_bf16(to_f32(raw, dtype)))
         else:
             x = to_f32(raw, dtype)
-            q, scale = quantize_q8_0(x, group_size)
-            out.write(q)
+            if kind == "q8_0":
+                q, scale = quantize_q8_0(x, group_size)
+                out.write(q)
+            else:
+                try:
+                    q, scale, q4_0_err = quantize_q4_0(x, group_size)
+                except ExportError as e:
+                    raise ExportError(f"tensor {name}: {e}") from None
+                out.write(pack_q4_0(q))
+                sq_err_q4_0 += q4_0_err
             scales.append(scale)
-            err = (q.reshape(-1, group_size).astype(np.float32) * scale[:, None]).reshape(-1) - x
+            err = (q.reshape(-1, group_size).astype(np.float32) *
+                   scale.astype(np.float32)[:, None]).reshape(-1) - x
             max_err = max(max_err, float(np.abs(err).max(initial=0)))
             sq_err += float(np.einsum("i,i->", err, err, dtype=np.float64))
             sq_ref += float(np.einsum("i,i->", x, x, dtype=np.float64))
         del raw
-    if kind != "q8_0":
+    if kind not in ("q8_0", "q4_0"):
         return kind
     out.align()
     for scale in scales:
         out.write(scale)
     rel = math.sqrt(sq_err / sq_ref) if sq_ref > 0 else 0.0
-    return f"q8_0  max abs err {max_err:.3g}  rms rel err {rel:.3g}"
+    what = f"{kind}  max abs err {max_err:.3g}  rms rel err {rel:.3g}"
+    if kind == "q4_0":  # beside llama.cpp's Q4_0 of the same tensor, never smaller
+        rel_q4_0 = math.sqrt(sq_err_q4_0 / sq_ref) if sq_ref > 0 else 0.0
+        what += f"  (llama.cpp Q4_0: {rel_q4_0:.3g})"
+    return what
 
 
 def expected_size(plan, weight_type, group_size):
@@ -701,10 +797,14 @@ def expected_size(plan, weight_type, group_size):
             pos += 4 * n
         elif weight_type == "bf16":
             pos += 2 * n
-        else:
+        elif weight_type == "q8_0":
             pos += n
             pos += -pos % ALIGN
             pos += 4 * (n // group_size)
+        else:
+            pos += n // 2
+            pos += -pos % ALIGN
+            pos += 2 * (n // group_size)
     return pos
 
 
@@ -1144,11 +1244,14 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=sorted(WEIGHT_TYPES), default="fp32",
                    help="weight type of the matrices (norms are always fp32): fp32 exact; bf16 "
                         "(exact for bf16 checkpoints, rounded to nearest even otherwise); q8_0 "
-                        "int8 with one float32 scale per group (default: fp32)")
+                        "int8 with one float32 scale per group; q4_0 4-bit integers in [-8, 7] "
+                        "with one fp16 scale per group, chosen per group for the least squared "
+                        "error, never more than llama.cpp's Q4_0 (default: fp32)")
     p.add_argument("--group-size", type=int, metavar="N",
-                   help="q8_0 group size: elements per scale; must divide every matrix's row "
-                        "length (default: 64, or the largest divisor of 64 that divides them all, "
-                        "e.g. 32 for hidden_size 96)")
+                   help="q8_0 and q4_0 group size: elements per scale; must divide every "
+                        "matrix's row length. q8_0 default: 64, or the largest divisor of 64 that "
+                        "divides them all, e.g. 32 for hidden_size 96; q4_0: a multiple of 32, "
+                        "default 32")
     p.add_argument("--tokenizer-out", metavar="PATH",
                    help="where to write the tokenizer file (default: OUT without a trailing .bin, "
                         "plus .tok)")
@@ -1185,10 +1288,21 @@ def parse_args(argv):
 
 def choose_group_size(args, plan):
     """The q8_0 group size: --group-size if it divides every row length (error otherwise), else
-    64 reduced to a common divisor so that small test models with odd sizes still export."""
-    if args.dtype != "q8_0":
+    64 reduced to a common divisor so that small test models with odd sizes still export. The
+    q4_0 group size: --group-size or 32, a multiple of 32 (whole 16-byte blocks) dividing every
+    row length (error otherwise)."""
+    if args.dtype not in ("q8_0", "q4_0"):
         return 0
     columns = [shape[1] for _, shape, is_matrix in plan if is_matrix]
+    if args.dtype == "q4_0":
+        size = Q4_GROUP_SIZE if args.group_size is None else args.group_size
+        if size % Q4_GROUP_SIZE:
+            raise ExportError(f"--group-size {size}: q4_0 groups must be a multiple of 32")
+        for name, shape, is_matrix in plan:
+            if is_matrix and shape[1] % size:
+                raise ExportError(f"q4_0 group size {size} does not divide the row length "
+                                  f"{shape[1]} of {name}")
+        return size
     if args.group_size is not None:
         for name, shape, is_matrix in plan:
             if is_matrix and shape[1] % args.group_size:

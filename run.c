@@ -2,7 +2,7 @@
 
    Read it top to bottom, in the order the data flows:
      1. the model file: header, validation, memory map
-     2. the math: dot products, matmul (fp32, bf16, q8_0), rmsnorm, softmax, RoPE
+     2. the math: dot products, matmul (fp32, bf16, q8_0, q4_0), rmsnorm, softmax, RoPE
      3. the forward pass: a block of tokens through every layer, with a KV cache
      4. the sampler: greedy, temperature, top-p
      5. generation: prompt in, tokens out, timings
@@ -85,9 +85,10 @@ static void *checked_calloc(size_t count, size_t size, const char *what) {
 #define TENSOR_ALIGN 64
 #define MAX_EOS 8
 
-enum { WEIGHT_FP32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8_0 = 2 };
+enum { WEIGHT_FP32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8_0 = 2, WEIGHT_Q4_0 = 3 };
 static const char *weight_type_name(int type) {
-    return type == WEIGHT_FP32 ? "fp32" : type == WEIGHT_BF16 ? "bf16" : "q8_0";
+    return type == WEIGHT_FP32 ? "fp32" : type == WEIGHT_BF16 ? "bf16" :
+           type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
 }
 
 typedef struct {
@@ -106,7 +107,7 @@ typedef struct {
     int rope_original_max_pos;
     int tied_classifier; /* 1: the classifier is the token embedding matrix */
     int weight_type;     /* WEIGHT_* */
-    int group_size;      /* q8_0: values per scale */
+    int group_size;      /* q8_0, q4_0: values per scale */
     int bos_id;
     int n_eos;
     int eos_ids[MAX_EOS];
@@ -116,9 +117,10 @@ typedef struct {
 typedef struct {
     int type;             /* WEIGHT_* */
     int rows, cols;
-    int group_size;       /* q8_0 only */
-    const void *data;     /* float, uint16_t (bf16) or int8_t (q8_0) values */
+    int group_size;       /* q8_0, q4_0 */
+    const void *data;     /* float, uint16_t (bf16), int8_t (q8_0) or packed nibbles (q4_0) */
     const float *scales;  /* q8_0: one per group_size values, row-major */
+    const uint16_t *fp16_scales;  /* q4_0: the same, as IEEE binary16 */
 } Matrix;
 
 typedef struct {
@@ -190,13 +192,16 @@ static const char *parse_header(const unsigned char *h, size_t file_size, Config
         if (cfg->rope_original_max_pos <= 0) return "rope original context must be positive";
     }
     if (cfg->tied_classifier != 0 && cfg->tied_classifier != 1) return "tied flag is not 0 or 1";
-    if (cfg->weight_type < WEIGHT_FP32 || cfg->weight_type > WEIGHT_Q8_0)
+    if (cfg->weight_type < WEIGHT_FP32 || cfg->weight_type > WEIGHT_Q4_0)
         return "unknown weight type";
-    if (cfg->weight_type == WEIGHT_Q8_0) {
-        int gs = cfg->group_size, q_dim = cfg->n_heads * cfg->head_dim;
-        if (gs <= 0 || cfg->dim % gs || cfg->hidden_dim % gs || q_dim % gs)
-            return "q8_0 group size must divide dim, hidden_dim and n_heads * head_dim";
-    }
+    int gs = cfg->group_size, q_dim = cfg->n_heads * cfg->head_dim;
+    int divides_rows = gs > 0 && cfg->dim % gs == 0 && cfg->hidden_dim % gs == 0 &&
+                       q_dim % gs == 0;
+    if (cfg->weight_type == WEIGHT_Q8_0 && !divides_rows)
+        return "q8_0 group size must divide dim, hidden_dim and n_heads * head_dim";
+    if (cfg->weight_type == WEIGHT_Q4_0 && (!divides_rows || gs % 32 != 0))  /* whole blocks */
+        return "q4_0 group size must be a multiple of 32 dividing dim, hidden_dim and "
+               "n_heads * head_dim";
     if (cfg->bos_id < 0 || cfg->bos_id >= cfg->vocab_size) return "bos id outside the vocabulary";
     if (cfg->n_eos < 1 || cfg->n_eos > MAX_EOS) return "number of eos ids out of range";
     for (int i = 0; i < cfg->n_eos; i++)
@@ -223,21 +228,25 @@ static const float *take_vector(FileCursor *c, int n) {
     return v;
 }
 
-/* (q8_0 keeps a matrix's scales after all of its values, a second stream for decoding: scales
-   beside each row decoded slower; README.md, "Performance", has the figures.) */
+/* (q8_0 and q4_0 keep a matrix's scales after all of its values, a second stream for
+   decoding: scales beside each row decoded slower; README.md, "Performance", has the figures.)
+   q4_0 values are two to a byte (the parser's group size, a multiple of 32, divides every row,
+   so a row is whole bytes and whole 16-byte blocks). */
 static Matrix take_matrix(FileCursor *c, const Config *cfg, int rows, int cols) {
-    Matrix m = { .type = cfg->weight_type, .rows = rows, .cols = cols,
-                 .group_size = cfg->group_size };
+    int type = cfg->weight_type;
+    Matrix m = { .type = type, .rows = rows, .cols = cols, .group_size = cfg->group_size };
     uint64_t count = (uint64_t)rows * (uint64_t)cols;
-    uint64_t bytes_per_value = cfg->weight_type == WEIGHT_FP32 ? 4 :
-                               cfg->weight_type == WEIGHT_BF16 ? 2 : 1;
+    uint64_t value_bytes = type == WEIGHT_FP32 ? 4 * count : type == WEIGHT_BF16 ? 2 * count :
+                           type == WEIGHT_Q8_0 ? count : count / 2;
     c->offset = align_up(c->offset);
     if (c->base) m.data = c->base + c->offset;
-    c->offset += count * bytes_per_value;
-    if (cfg->weight_type == WEIGHT_Q8_0) {
+    c->offset += value_bytes;
+    if (type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) {
         c->offset = align_up(c->offset);
-        if (c->base) m.scales = (const float *)(c->base + c->offset);
-        c->offset += count / (uint64_t)cfg->group_size * sizeof(float);
+        const void *scales = c->base ? c->base + c->offset : NULL;
+        if (type == WEIGHT_Q8_0) m.scales = scales;
+        else m.fp16_scales = scales;
+        c->offset += count / (uint64_t)cfg->group_size * (type == WEIGHT_Q8_0 ? 4 : 2);
     }
     return m;
 }
@@ -379,13 +388,29 @@ static void free_model(Model *m) {
    - the prompt: a block of tokens, out[t] = W @ x[t] (matmul_block). Each weight is reused by
      every token of the block, so the rows are widened to float32 a panel at a time and meet
      all the tokens from cache.
-   q8_0 decoding quantizes the activations too, to int16 per group, so that each group's dot
-   product is exact integer arithmetic (dot_q8). Where the machine has AVX-512, section 8
+   q8_0 and q4_0 decoding quantize the activations too, to int16 per group, so that each
+   group's dot product is exact integer arithmetic (dot_q8, dot_q4). Where the machine has AVX-512, section 8
    replaces these loops with kernels that compute the same sums (in another order) faster;
    the calls into it are marked "hook". */
 
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* IEEE binary16 (q4_0's scales) to float32, exact for every value: subnormals are
+   mantissa * 2^-24, the rest moves its exponent from bias 15 to bias 127. */
+static float fp16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    if (exponent == 0) {
+        float f = ldexpf((float)mantissa, -24);
+        return sign ? -f : f;
+    }
+    uint32_t biased = exponent == 31 ? 0xffu : exponent + 112;  /* 31: infinity or NaN */
+    uint32_t bits = sign | biased << 23 | mantissa << 13;
     float f;
     memcpy(&f, &bits, 4);
     return f;
@@ -431,6 +456,9 @@ typedef struct {
     float *scales;  /* one per group */
     int8_t *int8;   /* -a fast (section 8): q as int8 (q_max 127) */
     int32_t *int8_offsets;  /* ... and per group -8 * the sum of its int8 (see int8_sums) */
+    int16_t *q4_pairs;      /* q4_0 (section 8): q in the order its nibbles unpack (prepare_q4) */
+    float *q4_offsets;      /* ... and per group -8 * the sum of its q */
+    int8_t *q4_int8;        /* -a fast's q4_0: q (q_max 127) as the nibbles come (prepare_q4) */
 } QuantizedVector;
 
 #define Q16_MAX 32767.0f
@@ -500,6 +528,36 @@ static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVecto
     return sum;
 }
 
+/* Value i (row-major) of a q4_0 matrix, w its packed nibbles: each 32 values of a row are 16
+   bytes, byte j holding value j + 8 in its low nibble and value j + 16, + 8, in its high one
+   (llama.cpp's Q4_0 order: the two halves of a block unpack with one mask and one shift). */
+static int q4_value(const uint8_t *w, size_t i) {
+    uint8_t byte = w[i / 32 * 16 + i % 16];
+    return (i % 32 < 16 ? byte & 15 : byte >> 4) - 8;
+}
+
+/* One q4_0 row (w: its first byte) against quantized activations, as dot_q8. */
+static float dot_q4(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x, int n,
+                    int gs) {
+    float sum = 0.0f;
+    for (int g = 0; g < n / gs; g++) {
+        int64_t isum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++)
+            isum += (int64_t)q4_value(w, (size_t)i) * x->q[i];
+        sum += (float)isum * (fp16_to_float(w_scales[g]) * x->scales[g]);
+    }
+    return sum;
+}
+
+/* Value i (row-major) of a q8_0 or q4_0 matrix, before its group's scale. */
+static int quantized_value(const Matrix *w, size_t i) {
+    return w->type == WEIGHT_Q8_0 ? ((const int8_t *)w->data)[i] : q4_value(w->data, i);
+}
+
+static float group_scale(const Matrix *w, size_t group) {
+    return w->type == WEIGHT_Q8_0 ? w->scales[group] : fp16_to_float(w->fp16_scales[group]);
+}
+
 /* Values start .. start+n-1 of a matrix's row-major data widened to float32: the embedding
    lookup and the prompt paths' widened rows and blocks. */
 static void widen_values(float *out, const Matrix *w, size_t start, int n) {
@@ -509,15 +567,14 @@ static void widen_values(float *out, const Matrix *w, size_t start, int n) {
         const uint16_t *src = (const uint16_t *)w->data + start;
         for (int i = 0; i < n; i++) out[i] = bf16_to_float(src[i]);
     } else {
-        const int8_t *src = (const int8_t *)w->data + start;
         size_t gs = (size_t)w->group_size;
         int i = 0;
-        while (i < n) {  /* one q8_0 group (or the part of it in range) at a time */
+        while (i < n) {  /* one group (or the part of it in range) at a time */
             size_t group = (start + (size_t)i) / gs;
             size_t group_end = (group + 1) * gs - start;
             int end = group_end < (size_t)n ? (int)group_end : n;
-            float scale = w->scales[group];
-            for (; i < end; i++) out[i] = (float)src[i] * scale;
+            float scale = group_scale(w, group);
+            for (; i < end; i++) out[i] = (float)quantized_value(w, start + (size_t)i) * scale;
         }
     }
 }
@@ -531,7 +588,7 @@ static void matrix_row(float *out, const Matrix *w, int row) {
 
 /* What matmul needs besides its operands, allocated once (never per token). */
 struct MatmulScratch {
-    QuantizedVector xq; /* q8_0 decoding: the activations quantized [max_cols] */
+    QuantizedVector xq; /* q8_0, q4_0 decoding: the activations quantized [max_cols] */
     float *panels;      /* prompt path: one [PANEL_ROWS][max_cols] float panel per thread */
     int fast;           /* -a fast: section 8 may round the activations more coarsely */
     int max_cols, max_tokens;
@@ -556,12 +613,16 @@ static void free_scratch(MatmulScratch *s) {
     free(s->xq.q); free(s->xq.scales); free(s->panels);
 }
 
-/* Row r of w against x (for q8_0, against s->xq: see matmul_vector). */
+/* Row r of w against x (for q8_0 and q4_0, against s->xq: see matmul_vector). */
 static float row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
     size_t start = (size_t)r * (size_t)w->cols;
     switch (w->type) {
     case WEIGHT_FP32: return dot_fp32((const float *)w->data + start, x, w->cols);
     case WEIGHT_BF16: return dot_bf16((const uint16_t *)w->data + start, x, w->cols);
+    case WEIGHT_Q4_0:
+        return dot_q4((const uint8_t *)w->data + start / 2,
+                      w->fp16_scales + start / (size_t)w->group_size, &s->xq, w->cols,
+                      w->group_size);
     default:
         return dot_q8((const int8_t *)w->data + start, w->scales + start / (size_t)w->group_size,
                       &s->xq, w->cols, w->group_size);
@@ -580,7 +641,7 @@ static int same_input(const Product *products, int count) {
 }
 
 /* Decoding: out[rows] = W[rows][cols] @ x[cols] for each product. x is prepared once (q8_0
-   quantizes it). Rows are independent: each matrix's rows are split over threads, every
+   and q4_0 quantize it). Rows are independent: each matrix's rows are split over threads, every
    matrix inside one parallel region with no barrier between them, so that q, k and v (or gate
    and up) cost the threads one meeting instead of three (or two). Each thread takes runs of
    consecutive rows, long ones first and short ones at the end (guided scheduling), so that a
@@ -591,7 +652,8 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
         return;
     }
     const Matrix *w0 = products[0].w;
-    if (!fast_prepare_vector(w0, x, s) && w0->type == WEIGHT_Q8_0)  /* hook */
+    int quantized = w0->type == WEIGHT_Q8_0 || w0->type == WEIGHT_Q4_0;
+    if (!fast_prepare_vector(w0, x, s) && quantized)  /* hook */
         quantize_vector(&s->xq, x, w0->cols, w0->group_size, Q16_MAX);
     OMP(parallel)
     for (int i = 0; i < count; i++) {
@@ -2222,9 +2284,10 @@ static void print_usage(FILE *out) {
         "  -L <path>             write the logits of every position as raw float32 rows\n"
         "  -T, --threads <int>   threads (default: OpenMP's choice, OMP_NUM_THREADS; runomp only)\n"
         "  -a <mode>             activations in the matmuls: exact (default: float32, int16 for\n"
-        "                        q8_0) or fast: rounded as llama.cpp does, to bf16 for bf16\n"
-        "                        weights and to int8 for q8_0 (groups of 64): prompts ~1.6-1.8x\n"
-        "                        faster on CPUs with AVX512-BF16 / VNNI, logits a few 1e-2 off\n"
+        "                        q8_0 and q4_0) or fast: rounded as llama.cpp does, to bf16 for\n"
+        "                        bf16 weights, to int8 for q8_0 (groups of 64) and q4_0 (groups\n"
+        "                        of 32, 64 or 128): prompts ~1.6-1.8x faster on CPUs with\n"
+        "                        AVX512-BF16 / VNNI, logits a few 1e-2 off\n"
         "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
         "                        into memory first (also --no-mmap, llama.cpp's name; README.md)\n"
         "  -h, --help            this text;  --version: what this build is\n"
@@ -2737,8 +2800,9 @@ int main(int argc, char **argv) {
    - decoding (fast_prepare_vector, fast_matmul_rows): the row dot products as 16-lane FMAs,
      four chains deep to hide their latency; bf16 rows widened by one shift or mask against x
      reordered once per matmul (split_pairs); q8_0 groups as int8 x int16 VNNI dot products
-     (vpdpwssd), 32 per instruction; rows 4096+ wide taken WIDE_ROWS at a time, so that each
-     load of x, which no longer stays in L1, serves 8 rows.
+     (vpdpwssd), 32 per instruction; q4_0 nibbles the same way, two blocks unpacked per step
+     (dot_q4_32); rows 4096+ wide taken WIDE_ROWS at a time, so that each load of x, which no
+     longer stays in L1, serves 8 rows.
    - the prompt (fast_matmul_block): register-tiled products of a panel of rows against strips
      of 32 tokens transposed so that one vector load is one column of 16 tokens, in blocks that
      stay in L2 (matmul_strips), and for q8_0 the same with integer words (matmul_strips_q8):
@@ -2748,10 +2812,11 @@ int main(int argc, char **argv) {
      prompt, share one pass over their KV head's keys and values, in register tiles (below).
    - quantizing (fast_quantize_group), softmax and SwiGLU (fast_softmax, fast_swiglu, with a
      vectorised exp within 2 ulp of expf): the same loops, 16 lanes at a time.
-   -a fast (fast_bf16, fast_int8) trades exactness for speed as llama.cpp does: activations
-   rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 (vpdpbusd), each twice
-   the multiply-adds per instruction, about 1e-2 of the logits' range off instead of 1e-6
-   (tests/test_engine.py measures it). Without AVX512-BF16 or VNNI it changes nothing.
+   -a fast (fast_bf16, fast_int8, fast_q4) trades exactness for speed as llama.cpp does:
+   activations rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 and q4_0
+   (vpdpbusd), each twice the multiply-adds per instruction, about 1e-2 of the logits' range
+   off instead of 1e-6 (tests/test_engine.py and tests/test_q4.py measure it). Without
+   AVX512-BF16 or VNNI it changes nothing.
    tests/test_kernels.c checks every kernel here against plain loops (and quantize_group16
    against quantize_group, bit for bit). */
 
@@ -3056,6 +3121,210 @@ static float dot_q8_avx512(const int8_t *w, const float *w_scales, const Quantiz
     return dot_q8(w, w_scales, x, n, gs);
 }
 
+/* q4_0 decoding: dot_q4, 64 values per step. 32 bytes of nibbles are two 32-value blocks;
+   widened to 16-bit lanes, an AND gives their low nibbles (values 0..15 of each block) and a
+   shift the high ones (values 16..31), each against x in that order (prepare_q4), one vpdpwssd
+   each: int32 lanes 0..7 then hold the first block's sums, 8..15 the second's. The nibbles are
+   the values + 8; the -8 comes back once per group, as -8 * the sum of its x (q4_offsets)
+   times the group's scales. Each 16 groups' scale products are formed at once, and with
+   groups of 32 each step's sums meet theirs by one permute (lanes 0..7 the first group's,
+   8..15 the next's), with no reduction per group. -a fast's kernel (dot_q4_fast) is below. */
+
+/* v->q (quantized) reordered for the kernels: per 64 values, x[0..15], x[32..47] (against
+   the low nibbles), then x[16..31], x[48..63] (the high ones); a last lone block pads with
+   zeros. And each group's offset, -8 * the sum of its values. */
+static void prepare_q4(QuantizedVector *v, int n, int gs) {
+    for (int i = 0; i < n; i += 64) {
+        int16_t *p = v->q4_pairs + i;
+        const int16_t *q = v->q + i;
+        int two = i + 64 <= n;
+        for (int j = 0; j < 16; j++) {
+            p[j] = q[j];
+            p[16 + j] = two ? q[32 + j] : 0;
+            p[32 + j] = q[16 + j];
+            p[48 + j] = two ? q[48 + j] : 0;
+        }
+    }
+    for (int g = 0; g < n / gs; g++) {
+        int32_t sum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++) sum += v->q[i];
+        v->q4_offsets[g] = (float)(-8 * sum);
+    }
+}
+
+/* v->q (int8 values) as dot_q4_fast reads them: per 128 values (zeros past n), values
+   0..15 of each of the four blocks, then values 16..31 of each. */
+static void prepare_q4_int8(QuantizedVector *v, int n) {
+    for (int i = 0; i < n; i += 128) {
+        int8_t *p = v->q4_int8 + i;
+        for (int k = 0; k < 64; k++) {  /* block k / 16, value k % 16, and 16 later */
+            int at = i + k / 16 * 32 + k % 16;
+            p[k] = at < n ? (int8_t)v->q[at] : 0;
+            p[64 + k] = at + 16 < n ? (int8_t)v->q[at + 16] : 0;
+        }
+    }
+}
+
+#if FAST_INT8 && defined __AVX512VL__
+#define FAST_Q4 1
+
+/* acc + the products of 64 nibbles (two blocks, `bytes`) with x_pairs (128 bytes). */
+static inline __m512i nibble_sums(__m512i acc, __m256i bytes, const int16_t *x_pairs) {
+    __m512i w16 = _mm512_cvtepu8_epi16(bytes);
+    __m512i low = _mm512_and_si512(w16, _mm512_set1_epi16(15));
+    __m512i high = _mm512_srli_epi16(w16, 4);
+    acc = _mm512_dpwssd_epi32(acc, low, _mm512_loadu_si512((const void *)x_pairs));
+    return _mm512_dpwssd_epi32(acc, high, _mm512_loadu_si512((const void *)(x_pairs + 32)));
+}
+
+/* Groups g0 .. g0+n-1 (n <= 16): w_scale * x_scale of each, in lanes 0 .. n-1 (zeros after). */
+static inline __m512 q4_scales(const uint16_t *w_scales, const QuantizedVector *x, int g0, int n) {
+    __mmask16 m = lanes_before(0, n);
+    __m512 w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w_scales + g0));
+    return _mm512_mul_ps(w, _mm512_maskz_loadu_ps(m, x->scales + g0));
+}
+
+/* The nibbles Q4_AHEAD bytes ahead of the 256 (16 groups of 32) at w, and of their scales
+   line: the hardware prefetcher alone leaves the kernel waiting on memory between its bursts
+   of arithmetic (README.md, "Performance"). */
+#define Q4_AHEAD 2048
+static inline void prefetch_q4(const uint8_t *w, const uint16_t *scales) {
+    for (int line = 0; line < 256; line += 64)
+        _mm_prefetch((const char *)w + Q4_AHEAD + line, _MM_HINT_T0);
+    _mm_prefetch((const char *)scales + Q4_AHEAD / 8, _MM_HINT_T0);
+}
+
+/* Groups of 32. */
+static float dot_q4_32(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+                       int n) {
+    int n_groups = n / 32;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, offsets = acc0;
+    const __m512i zero = _mm512_setzero_si512(), two = _mm512_set1_epi32(2);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int ng = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        __m512 scales = q4_scales(w_scales, x, g0, ng);
+        offsets = _mm512_fmadd_ps(scales, _mm512_maskz_loadu_ps(lanes_before(0, ng),
+                                                                x->q4_offsets + g0), offsets);
+        const uint8_t *wg = w + (size_t)g0 * 16;
+        const int16_t *xg = x->q4_pairs + (size_t)g0 * 32;
+        prefetch_q4(wg, w_scales + g0);
+        __m512i index = halves;  /* lanes 0..7: group k, 8..15: group k + 1 */
+        int k = 0;
+        for (; k + 4 <= ng; k += 4) {  /* two steps, two chains */
+            __m512i s0 = nibble_sums(zero, _mm256_loadu_si256((const __m256i *)(wg + k * 16)),
+                                     xg + k * 32);
+            __m512i s1 = nibble_sums(zero, _mm256_loadu_si256((const __m256i *)(wg + k * 16 + 32)),
+                                     xg + k * 32 + 64);
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_permutexvar_ps(index, scales),
+                                   acc0);
+            index = _mm512_add_epi32(index, two);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_permutexvar_ps(index, scales),
+                                   acc1);
+            index = _mm512_add_epi32(index, two);
+        }
+        for (; k < ng; k += 2) {  /* a last pair, or a lone last block (the rest zeros) */
+            const uint8_t *wk = wg + k * 16;
+            __m256i bytes = k + 2 <= ng
+                ? _mm256_loadu_si256((const __m256i *)wk)
+                : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)wk));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_sums(zero, bytes, xg + k * 32)),
+                                   _mm512_permutexvar_ps(index, scales), acc0);
+            index = _mm512_add_epi32(index, two);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), offsets));
+}
+
+/* Groups of a multiple of 64: each group's steps summed in int32, then scaled. */
+static float dot_q4_groups(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+                           int n, int gs) {
+    int n_groups = n / gs;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, offsets = acc0;
+    float scales[16];
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int ng = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        __m512 s = q4_scales(w_scales, x, g0, ng);
+        offsets = _mm512_fmadd_ps(s, _mm512_maskz_loadu_ps(lanes_before(0, ng),
+                                                           x->q4_offsets + g0), offsets);
+        _mm512_storeu_ps(scales, s);
+        for (int j = 0; j < ng; j++) {
+            size_t start = (size_t)(g0 + j) * gs;
+            for (int i = 0; i < gs; i += 512)
+                prefetch_q4(w + (start + i) / 2, w_scales + g0 + j + i / 32);
+            __m512i isum = _mm512_setzero_si512();
+            for (int i = 0; i < gs; i += 64)
+                isum = nibble_sums(isum, _mm256_loadu_si256((const __m256i *)(w + (start + i) / 2)),
+                                   x->q4_pairs + start + i);
+            __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(scales[j]));
+            if (j % 2) acc1 = _mm512_add_ps(acc1, sum);
+            else acc0 = _mm512_add_ps(acc0, sum);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), offsets));
+}
+
+static float dot_q4_avx512(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+                           int n, int gs) {
+    return gs == 32 ? dot_q4_32(w, w_scales, x, n) : dot_q4_groups(w, w_scales, x, n, gs);
+}
+
+/* -a fast for q4_0: x quantized to int8 (q_max 127), 128 values per step. 64 bytes of
+   nibbles are four blocks; an AND gives their low nibbles, a shift and an AND the high ones,
+   as unsigned bytes: the unsigned side of vpdpbusd, against x's bytes in the same order
+   (prepare_q4_int8). Two instructions make a step's 128 products; int32 lane l holds four of
+   block l / 4's, so that with groups of 32, 64 or 128 lane l of a step is group l / 4, l / 8
+   or 0 of it, and meets its scales by one permute. */
+static float dot_q4_fast(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+                         int n, int gs) {
+    int n_groups = n / gs, per_step = 128 / gs;  /* groups per step: 4, 2 or 1 */
+    int32_t first[16];
+    for (int l = 0; l < 16; l++) first[l] = l * per_step / 16;  /* lane l's group in a step */
+    const __m512i step = _mm512_set1_epi32(per_step), mask = _mm512_set1_epi8(15);
+    __m512 acc = _mm512_setzero_ps();
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int ng = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        const uint8_t *wg = w + (size_t)g0 * gs / 2;
+        for (int ahead = 0; ahead < 8 * gs; ahead += 256)  /* the window's 8 * gs bytes */
+            prefetch_q4(wg + ahead, w_scales + g0);
+        __m512 scales = q4_scales(w_scales, x, g0, ng);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes_before(0, ng), x->q4_offsets + g0),
+                              scales, acc);
+        __m512i index = _mm512_loadu_si512((const void *)first);
+        for (int i = g0 * gs; i < (g0 + ng) * gs; i += 128) {
+            int bytes = n - i >= 128 ? 64 : (n - i) / 2;  /* a row's last, partial step */
+            __mmask64 in_row = bytes == 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
+            __m512i nibbles = _mm512_maskz_loadu_epi8(in_row, w + i / 2);
+            __m512i low = _mm512_and_si512(nibbles, mask);
+            __m512i high = _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), mask);
+            const int8_t *xi = x->q4_int8 + i;
+            __m512i sums = dot_int8(_mm512_setzero_si512(), low,
+                                    _mm512_loadu_si512((const void *)xi));
+            sums = dot_int8(sums, high, _mm512_loadu_si512((const void *)(xi + 64)));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(index, scales),
+                                  acc);
+            index = _mm512_add_epi32(index, step);
+        }
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#else
+#define FAST_Q4 0
+#endif
+
+/* Whether the kernels above take a q4_0 matrix: groups of 32, or of a multiple of 64 (whole
+   steps) small enough for int32 lanes: gs / 16 products of at most 15 * 32767 each. */
+static int q4_kernel_applies(const Matrix *w) {
+    return FAST_Q4 && w->type == WEIGHT_Q4_0 &&
+           (w->group_size == 32 || (w->group_size % 64 == 0 && w->group_size <= 4096));
+}
+
+/* Whether -a fast applies to a q4_0 matrix (dot_q4_fast, and int8 prompt strips). */
+static int fast_q4(const Matrix *w, const MatmulScratch *s) {
+    int gs = w->group_size;
+    return FAST_Q4 && s->fast && w->type == WEIGHT_Q4_0 && (gs == 32 || gs == 64 || gs == 128);
+}
+
 #define STRIP 32        /* prompt path: tokens per packed strip (two vectors) */
 #define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
 #define BLOCK_ROWS 64   /* ... rows per panel, and columns per block of it: a 128 KB block, */
@@ -3085,6 +3354,9 @@ static void fast_alloc_scratch(MatmulScratch *s) {
     f->x_pairs = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
     s->xq.int8 = checked_calloc((size_t)max_cols, sizeof(int8_t), "matmul scratch");
     s->xq.int8_offsets = checked_calloc((size_t)max_cols, sizeof(int32_t), "matmul scratch");
+    s->xq.q4_pairs = checked_calloc((size_t)max_cols + 64, sizeof(int16_t), "matmul scratch");
+    s->xq.q4_offsets = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
+    s->xq.q4_int8 = checked_calloc((size_t)max_cols + 128, 1, "matmul scratch");
     f->n_strip_tokens = n_strips * STRIP;
     f->blocks = checked_calloc((size_t)s->n_threads * BLOCK_ROWS * BLOCK_COLS, sizeof(float),
                                "matmul scratch");
@@ -3107,7 +3379,8 @@ static void fast_alloc_scratch(MatmulScratch *s) {
 static void fast_free_scratch(MatmulScratch *s) {
     struct FastScratch *f = s->fast_paths;
     if (!f) return;
-    free(s->xq.int8); free(s->xq.int8_offsets);
+    free(s->xq.int8); free(s->xq.int8_offsets); free(s->xq.q4_pairs); free(s->xq.q4_offsets);
+    free(s->xq.q4_int8);
     free(f->strips); free(f->x_pairs); free(f->blocks); free(f->strip_sums);
     free(f->strips_q); free(f->strip_scales); free(f->strip_int8_offsets);
     free(f->panels_q); free(f->panel_scales);
@@ -3134,11 +3407,19 @@ static int wide_rows(const Matrix *w, const MatmulScratch *s) {
     return float_x && w->cols >= WIDE_COLS && w->cols % 32 == 0;
 }
 
-/* Hook (matmul_vector): x in the form w's rows read, in s->xq (q8_0) or x_pairs (bf16). */
+/* Hook (matmul_vector): x in the form w's rows read, in s->xq (q8_0, q4_0) or x_pairs
+   (bf16). */
 static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
     float *x_pairs = s->fast_paths->x_pairs;
     if (fast_int8(w, s)) {
         quantize_int8(&s->xq, x, w->cols, w->group_size);
+        return 1;
+    }
+    if (fast_q4(w, s) || q4_kernel_applies(w)) {
+        int int8 = fast_q4(w, s);  /* (prepare_q4's offsets are then the int8 values') */
+        quantize_vector(&s->xq, x, w->cols, w->group_size, int8 ? Q8_MAX : Q16_MAX);
+        prepare_q4(&s->xq, w->cols, w->group_size);
+        if (int8) prepare_q4_int8(&s->xq, w->cols);
         return 1;
     }
     if (w->type != WEIGHT_BF16) return 0;
@@ -3173,6 +3454,16 @@ static float fast_row_dot(const Matrix *w, int r, const float *x, const MatmulSc
                                  w->cols);
 #endif
         return dot_bf16_avx512((const uint16_t *)w->data + start, x_pairs, w->cols);
+    case WEIGHT_Q4_0: {
+        const uint8_t *row = (const uint8_t *)w->data + start / 2;
+        const uint16_t *scales = w->fp16_scales + start / (size_t)w->group_size;
+#if FAST_Q4
+        if (fast_q4(w, s)) return dot_q4_fast(row, scales, &s->xq, w->cols, w->group_size);
+        if (q4_kernel_applies(w))
+            return dot_q4_avx512(row, scales, &s->xq, w->cols, w->group_size);
+#endif
+        return dot_q4(row, scales, &s->xq, w->cols, w->group_size);
+    }
     default:
         return dot_q8_avx512((const int8_t *)w->data + start,
                              w->scales + start / (size_t)w->group_size, &s->xq, w->cols,
@@ -3442,8 +3733,11 @@ static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix
 #define Q_ROWS 4        /* rows per register tile (strip_kernel_q8 names its four rows) */
 #define Q_MAX_GROUP 512
 
+/* q4_0 rows take the same path, widened from their nibbles (|q| <= 8 keeps every sum far
+   inside int32 too). */
 static int q8_strips_apply(const Matrix *w) {
-    return w->type == WEIGHT_Q8_0 && w->group_size % 2 == 0 && w->group_size <= Q_MAX_GROUP;
+    return (w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0) && w->group_size % 2 == 0 &&
+           w->group_size <= Q_MAX_GROUP;
 }
 
 /* Quantizes tokens t0 .. t0+STRIP-1 of x (zeros past n_tokens) into one strip of words:
@@ -3545,6 +3839,31 @@ static void strip_kernel_q8(float *sums, const uint32_t *w, size_t row_words,
     }
 }
 
+/* n q4_0 values (whole 32-value blocks) from their nibbles to int16: per block, one widening
+   of its 16 bytes, then the low nibbles are values 0..15 and the high ones 16..31. */
+static void widen_nibbles(int16_t *dst, const uint8_t *src, size_t n) {
+    const __m256i low = _mm256_set1_epi16(15), eight = _mm256_set1_epi16(8);
+    for (size_t i = 0; i < n; i += 32) {
+        __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(src + i / 2)));
+        _mm256_storeu_si256((__m256i *)(dst + i),
+                            _mm256_sub_epi16(_mm256_and_si256(w16, low), eight));
+        _mm256_storeu_si256((__m256i *)(dst + i + 16),
+                            _mm256_sub_epi16(_mm256_srli_epi16(w16, 4), eight));
+    }
+}
+
+/* The same for -a fast's int8 words: the values + 128 as unsigned bytes (as widen_panel_q8
+   makes of q8_0's). */
+static void widen_nibbles_u8(uint8_t *dst, const uint8_t *src, size_t n) {
+    const __m128i low = _mm_set1_epi8(15), shift = _mm_set1_epi8(120);  /* (u - 8) + 128 */
+    for (size_t i = 0; i < n; i += 32) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(src + i / 2));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm_add_epi8(_mm_and_si128(v, low), shift));
+        _mm_storeu_si128((__m128i *)(dst + i + 16),
+                         _mm_add_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low), shift));
+    }
+}
+
 /* Like matmul_strips, with strips of integer words and panels of rows widened from int8 to
    the same words: int16, or for int8 uint8 with the top bit flipped (w + 128, the unsigned
    side of vpdpbusd); zero rows and zero scales pad a ragged last panel. The widening waits on
@@ -3555,6 +3874,21 @@ static void widen_panel_q8(uint32_t *panel, float *scales, const Matrix *w, int 
     int cols = w->cols, n_groups = cols / w->group_size;
     size_t n = (size_t)nr * cols, padding = (size_t)(PANEL_ROWS - nr) * cols;
     const int8_t *src = (const int8_t *)w->data + (size_t)r0 * cols;
+    if (w->type == WEIGHT_Q4_0) {
+        const uint8_t *nibbles = (const uint8_t *)w->data + (size_t)r0 * cols / 2;
+        if (int8) {
+            widen_nibbles_u8((uint8_t *)panel, nibbles, n);
+            memset((uint8_t *)panel + n, 0x80, padding);
+        } else {
+            widen_nibbles((int16_t *)panel, nibbles, n);
+            memset((int16_t *)panel + n, 0, padding * sizeof(int16_t));
+        }
+        const uint16_t *half = w->fp16_scales + (size_t)r0 * n_groups;
+        for (size_t g = 0; g < (size_t)nr * n_groups; g++) scales[g] = fp16_to_float(half[g]);
+        memset(scales + (size_t)nr * n_groups, 0,
+               (size_t)(PANEL_ROWS - nr) * n_groups * sizeof(float));
+        return;
+    }
     if (int8) {
         uint8_t *dst = (uint8_t *)panel;
         for (size_t i = 0; i < n; i++) dst[i] = (uint8_t)src[i] ^ 0x80u;
@@ -3573,10 +3907,11 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
                              MatmulScratch *s) {
     int rows = w->rows, cols = w->cols, gs = w->group_size, n_groups = cols / gs;
     int n_strips = (n_tokens + STRIP - 1) / STRIP, n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
-    int int8 = fast_int8(w, s), per_word = int8 ? 4 : 2;
+    int int8 = fast_int8(w, s) || fast_q4(w, s), per_word = int8 ? 4 : 2;
     size_t row_words = (size_t)cols / per_word;
     int calls = n_strips * (PANEL_ROWS / Q_ROWS);  /* kernel calls per whole panel */
-    size_t panel_bytes = (size_t)PANEL_ROWS * cols, share = (panel_bytes / calls + 63) / 64 * 64;
+    size_t row_bytes = w->type == WEIGHT_Q4_0 ? (size_t)cols / 2 : (size_t)cols;  /* stored */
+    size_t panel_bytes = PANEL_ROWS * row_bytes, share = (panel_bytes / calls + 63) / 64 * 64;
     struct FastScratch *f = s->fast_paths;
     OMP(parallel)
     {
@@ -3594,8 +3929,8 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
         OMP(for schedule(static))
         for (int p = 0; p < n_panels; p++) {
             int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
-            const int8_t *next = (const int8_t *)w->data + (size_t)(r0 + PANEL_ROWS) * cols;
-            size_t next_bytes = p + 1 < n_panels ? (size_t)(rows - r0 - nr) * cols : 0;
+            const char *next = (const char *)w->data + (size_t)(r0 + PANEL_ROWS) * row_bytes;
+            size_t next_bytes = p + 1 < n_panels ? (size_t)(rows - r0 - nr) * row_bytes : 0;
             if (next_bytes > panel_bytes) next_bytes = panel_bytes;
             widen_panel_q8(panel, scales, w, r0, nr, int8);
             int call = 0;
@@ -3606,7 +3941,7 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
                     int8 ? f->strip_int8_offsets + (size_t)i * STRIP * (cols / 2) : NULL;
                 for (int r = 0; r < nr; r += Q_ROWS, call++) {
                     size_t done = (size_t)call * share;
-                    Prefetch ahead = { (const char *)next + done, 0 };
+                    Prefetch ahead = { next + done, 0 };
                     if (done < next_bytes)
                         ahead.bytes = next_bytes - done < share ? next_bytes - done : share;
                     strip_kernel_q8(sums + (size_t)r * STRIP, panel + (size_t)r * row_words,

@@ -107,7 +107,8 @@ def bytes_per_token(path):
     embedding lookup reads one row); tied, the embedding is read whole as the classifier."""
     c = header(path)
     gs = c["group_size"]
-    per_value = {0: 4.0, 1: 2.0, 2: 1.0 + 4.0 / gs if gs else 1.0}[c["weight_type"]]
+    per_value = {0: 4.0, 1: 2.0, 2: 1.0 + 4.0 / gs if gs else 1.0,
+                 3: 0.5 + 2.0 / gs if gs else 0.5}[c["weight_type"]]
     size = os.path.getsize(path)
     return size if c["tied"] else size - c["vocab"] * c["dim"] * per_value
 
@@ -129,10 +130,11 @@ def prompt_macs(path, n_prompt):
 def instruction(variant):
     """The multiply-add instruction that a variant's prompt kernels are built on (tests/peak.c
     names): exact fp32 and bf16 widen to float32 FMAs, -a fast bf16 takes bf16 pairs, q8_0 int16
-    pairs and -a fast q8_0 int8 quads."""
+    pairs and -a fast q8_0 int8 quads; q4_0 the same as q8_0 (its rows widened from nibbles)."""
     fast = "-a" in flags(variant)
     return {"fp32": "fp32_fma", "bf16": "bf16_pairs" if fast else "fp32_fma",
-            "q8_0": "int8_quads" if fast else "int16_pairs"}[variant.split(":")[0]]
+            "q8_0": "int8_quads" if fast else "int16_pairs",
+            "q4_0": "int8_quads" if fast else "int16_pairs"}[variant.split(":")[0]]
 
 
 def peaks(peak, threads):

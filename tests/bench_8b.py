@@ -76,8 +76,9 @@ def export_bytes(cfg, wtype):
          "n_heads": cfg["num_attention_heads"], "n_kv_heads": cfg["num_key_value_heads"],
          "hidden_dim": cfg["intermediate_size"], "n_layers": cfg["num_hidden_layers"],
          "vocab_size": cfg["vocab_size"], "tied_classifier": int(cfg["tie_word_embeddings"])}
-    known = wtype if wtype in ("fp32", "bf16", "q8_0") else "q8_0"
-    return export.expected_size(export.tensor_plan(c), known, export.DEFAULT_GROUP_SIZE)
+    known = wtype if wtype in ("fp32", "bf16", "q8_0", "q4_0") else "q8_0"
+    group_size = export.Q4_GROUP_SIZE if known == "q4_0" else export.DEFAULT_GROUP_SIZE
+    return export.expected_size(export.tensor_plan(c), known, group_size)
 
 
 def gguf_bytes(cfg, gtype):
@@ -147,7 +148,8 @@ def export_once(a, cfg, hf, wtype):
     """Exports hf to TYPE.bin unless there, recording wall time and peak RSS of export.py."""
     path, record = model_path(a, wtype), model_path(a, wtype)[:-4] + ".export.json"
     if os.path.exists(path):
-        if wtype in ("fp32", "bf16", "q8_0") and os.path.getsize(path) != export_bytes(cfg, wtype):
+        if wtype in ("fp32", "bf16", "q8_0", "q4_0") and \
+                os.path.getsize(path) != export_bytes(cfg, wtype):
             raise SystemExit(f"bench_8b: {path} is not an export of this checkpoint's shape "
                              "(its size differs): delete it")
         if not os.path.exists(record):

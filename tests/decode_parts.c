@@ -56,20 +56,28 @@ static uint64_t read_bytes(const unsigned char *p, size_t n) {
 #endif
 }
 
-/* Bytes of one value in a matrix's rows (q8_0: its int8, without the scales). */
-static size_t value_bytes(const Matrix *w) {
-    return w->type == WEIGHT_FP32 ? 4 : w->type == WEIGHT_BF16 ? 2 : 1;
+/* Bytes of a matrix's row (q8_0, q4_0: its values, without the scales). */
+static size_t row_bytes(const Matrix *w) {
+    size_t cols = (size_t)w->cols;
+    return w->type == WEIGHT_FP32 ? 4 * cols : w->type == WEIGHT_BF16 ? 2 * cols :
+           w->type == WEIGHT_Q8_0 ? cols : cols / 2;
 }
 
-/* Reads what decoding reads of row r: the row (in whole 64-byte lines), and for q8_0 one
-   value of each line of its scales, which lie after the matrix. */
+/* Bytes of one scale (q8_0: float32, q4_0: fp16; none for the others). */
+static size_t scale_bytes(const Matrix *w) {
+    return w->type == WEIGHT_Q8_0 ? 4 : w->type == WEIGHT_Q4_0 ? 2 : 0;
+}
+
+/* Reads what decoding reads of row r: the row (in whole 64-byte lines), and for q8_0 and
+   q4_0 one value of each line of its scales, which lie after the matrix. */
 static uint64_t read_row(const Matrix *w, int r) {
-    size_t row = (size_t)w->cols * value_bytes(w);
+    size_t row = row_bytes(w);
     uint64_t sum = read_bytes((const unsigned char *)w->data + (size_t)r * row, row / 64 * 64);
-    if (w->type == WEIGHT_Q8_0) {
-        size_t groups = (size_t)(w->cols / w->group_size);
-        const float *scales = w->scales + (size_t)r * groups;
-        for (size_t g = 0; g < groups; g += 16) sum += (uint64_t)scales[g];
+    if (scale_bytes(w)) {
+        size_t groups = (size_t)(w->cols / w->group_size), per_line = 64 / scale_bytes(w);
+        for (size_t g = 0; g < groups; g += per_line)
+            sum += w->type == WEIGHT_Q8_0 ? (uint64_t)w->scales[(size_t)r * groups + g]
+                                          : w->fp16_scales[(size_t)r * groups + g];
     }
     return sum;
 }
@@ -105,9 +113,8 @@ static double group_bytes(const ProductGroup *groups, int n) {
     for (int i = 0; i < n; i++)
         for (int j = 0; j < groups[i].count; j++) {
             const Matrix *m = groups[i].m[j];
-            double per_value = (double)value_bytes(m) +
-                               (m->type == WEIGHT_Q8_0 ? 4.0 / m->group_size : 0.0);
-            bytes += (double)m->rows * m->cols * per_value;
+            double scales = scale_bytes(m) ? (double)scale_bytes(m) / m->group_size : 0.0;
+            bytes += (double)m->rows * ((double)row_bytes(m) + m->cols * scales);
         }
     return bytes;
 }

@@ -5,8 +5,8 @@ LLAMA_CPP_DIR names a llama.cpp checkout built with its CMake build in build/ (t
 llama-bench and llama-quantize). Nothing of llama.cpp is copied into this project: the GGUF
 conversion (tests/gguf_from_hf.py) imports the checkout's own gguf-py.
 
-Types compared: our fp32, bf16 and q8_0 against llama.cpp's F32, BF16 and Q8_0 of the same
-weights, and llama.cpp's Q4_0 as a reference. F32 and BF16 are converted from the checkpoint;
+Types compared: our fp32, bf16, q8_0 and q4_0 against llama.cpp's F32, BF16, Q8_0 and Q4_0
+of the same weights, and llama.cpp's Q4_0 as a reference for all of them. F32 and BF16 are converted from the checkpoint;
 Q8_0 and Q4_0 are made from the BF16 (else F32) file by llama-quantize --pure (every matrix
 in that type, no mixtures).
 """
@@ -18,7 +18,7 @@ import sys
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-OURS_TO_GGUF = {"fp32": "F32", "bf16": "BF16", "q8_0": "Q8_0"}
+OURS_TO_GGUF = {"fp32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 REFERENCE = "Q4_0"
 # bytes per weight of each GGUF type (Q8_0: 32 int8 + an f16 scale; Q4_0: 32 nibbles + f16)
 BYTES_PER_WEIGHT = {"F32": 4.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
@@ -38,7 +38,8 @@ def find():
 
 def gguf_types(our_types):
     """The GGUF types to compare with our base types, the Q4_0 reference last."""
-    return [OURS_TO_GGUF[t] for t in our_types if t in OURS_TO_GGUF] + [REFERENCE]
+    same = [OURS_TO_GGUF[t] for t in our_types if t in OURS_TO_GGUF]
+    return list(dict.fromkeys(same + [REFERENCE]))  # each once, in order
 
 
 def make(llama_dir, hf, dest, types, log=print):

@@ -55,7 +55,8 @@ HEADER_LAYOUT = export_module().HEADER_LAYOUT
 
 def read_model(path):
     """(header dict, [(label, kind, payload, offset)]) where payload is a float32 array for
-    fp32/norms, uint16 bits for bf16, (int8 q, float32 scales) for q8_0."""
+    fp32/norms, uint16 bits for bf16, (int8 q, float32 scales) for q8_0, (int8 q in [-8, 7],
+    float16 scales) for q4_0."""
     blob = open(path, "rb").read()
     assert blob[:4] == b"L3CM", blob[:4]
     h = {name: struct.unpack_from(fmt, blob, offset) for name, (offset, fmt) in HEADER_LAYOUT.items()}
@@ -93,6 +94,13 @@ def read_model(path):
         elif h["weight_type"] == 1:
             arr, off = take(2 * n, "<u2", n)
             tensors.append((label, "bf16", arr.reshape(shape), off))
+        elif h["weight_type"] == 3:  # q4_0: nibbles q + 8, byte j of each 32 values: j | j+16
+            packed, off = take(n // 2, "u1", n // 2)
+            scales, off2 = take(2 * (n // h["group_size"]), "<f2", n // h["group_size"])
+            blocks = packed.reshape(-1, 16)
+            nibbles = np.concatenate([blocks & 15, blocks >> 4], axis=1).astype(np.int8) - 8
+            tensors.append((label, "q4_0", (nibbles.reshape(shape), scales), off))
+            assert off2 % 64 == 0
         else:
             assert h["weight_type"] == 2, h["weight_type"]
             q, off = take(n, "i1", n)
@@ -136,7 +144,8 @@ def check_header(h, cfg, weight_type, group_size=0):
         "rope_high_freq_factor": f32(scaling["high_freq_factor"]) if scaling else 4.0,
         "rope_original_max_pos": scaling["original_max_position_embeddings"] if scaling else 8192,
         "tied_classifier": 1 if cfg.get("tie_word_embeddings") else 0,
-        "weight_type": {"fp32": 0, "bf16": 1, "q8_0": 2}[weight_type], "group_size": group_size,
+        "weight_type": {"fp32": 0, "bf16": 1, "q8_0": 2, "q4_0": 3}[weight_type],
+        "group_size": group_size,
         "bos_id": cfg["bos_token_id"], "n_eos": len(eos), "eos_ids": eos + [-1] * (8 - len(eos)),
     }
     for key, value in want.items():
@@ -189,17 +198,23 @@ def test_bf16_exact_from_bf16_and_rounded_otherwise():
                 assert np.all(err <= np.abs(up - want)) and np.all(err <= np.abs(down - want)), label
 
 
+def quantized_matrices(tensors, weights, names):
+    """(label, kind, payload, HF tensor) of each matrix of a q8_0 or q4_0 file, once its norms
+    are found equal to the HF ones."""
+    for label, kind, payload, _ in tensors:
+        want = weights[names[label]]
+        if kind == "fp32":
+            assert np.array_equal(payload, want), label
+        else:
+            yield label, kind, payload, want
+
+
 def test_q8_0_within_half_a_step():
     for preset, extra in (("tiny30", ()), ("tiny31", ("--group-size", "32")), ("tiny32", ())):
         cfg, weights, h, tensors = export_and_read(preset, "q8_0", *extra)
         gs = int(extra[1]) if extra else 64
         check_header(h, cfg, "q8_0", gs)
-        names = hf_names(cfg)
-        for label, kind, payload, _ in tensors:
-            want = weights[names[label]]
-            if kind == "fp32":
-                assert np.array_equal(payload, want), label
-                continue
+        for label, kind, payload, want in quantized_matrices(tensors, weights, hf_names(cfg)):
             q, scales = payload
             groups = want.reshape(-1, gs)
             assert np.array_equal(scales, (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32))
@@ -503,6 +518,11 @@ def test_bad_tensor_inputs():
     expect_failure(["OUT", "--hf", checkpoint("tiny30"), "--dtype", "q8_0", "--group-size", "48"],
                    "group-size 48")
     expect_failure(["OUT", "--hf", checkpoint("tiny30"), "--dtype", "int4"], "dtype")
+    for size in ("48", "16", "0", "-32"):  # q4_0 groups: whole blocks of 32
+        expect_failure(["OUT", "--hf", checkpoint("tiny30"), "--dtype", "q4_0", "--group-size", size],
+                       "group")
+    expect_failure(["OUT", "--hf", os.path.join(DATA, "reference", "ref30"), "--dtype", "q4_0",
+                    "--group-size", "64"], "does not divide", "96")
     expect_failure([os.path.join(WORK, "no-dir", "m.bin"), "--hf", checkpoint("tiny30")], "does not exist")
 
 

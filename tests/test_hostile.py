@@ -139,7 +139,7 @@ def model_rows():
              ("tied flag on an untied file", with_field(good, "tied_classifier", 1), "trailing"),
              ("tied flag 2", with_field(good, "tied_classifier", 2), "tied"),
              ("fp32 file marked bf16", with_field(good, "weight_type", 1), "trailing")]
-    for value in (3, 0xFFFFFFFF):
+    for value in (4, 0xFFFFFFFF):
         rows.append((f"weight_type={value}", with_field(good, "weight_type", value), "weight type"))
     for value in (0.0, 1.0, -5.0, float("nan"), float("inf")):
         rows.append((f"rope_theta={value}", with_field(good, "rope_theta", value), "rope_theta"))
@@ -173,6 +173,18 @@ def model_rows():
     for name, start, end in q8_sections:
         if name.endswith(".scales"):
             rows.append((f"q8_0 cut inside {name}", q8[:(start + end) // 2], "truncated"))
+    # q4_0: group size not a multiple of 32, or not dividing the rows; nibbles or scales cut
+    q4, q4_sections = model_file(weight_type=3, group_size=32, dim=64, hidden_dim=128,
+                                 head_dim=16, **MODEL_ARGS)
+    for value in (0, -32, 16, 48, 96, 128, INT_MAX):
+        rows.append((f"q4_0 group_size={value}", with_field(q4, "group_size", value), "group size"))
+    rows.append(("q4_0 group 64 on a group-32 file", with_field(q4, "group_size", 64), "trailing"))
+    rows.append(("q8_0 file marked q4_0", with_field(q8, "weight_type", 3), "group size"))
+    rows.append(("q4_0 file marked q8_0", with_field(q4, "weight_type", 2), "truncated"))
+    for name, start, end in q4_sections:
+        if name.endswith((".scales", ".q")) and name.startswith(("embedding", "layer1.w_down")):
+            rows.append((f"q4_0 cut inside {name}", q4[:(start + end) // 2], "truncated"))
+    rows.append(("q4_0 one scale short", q4[:-2], "truncated"))
     return rows
 
 

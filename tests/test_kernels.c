@@ -99,6 +99,132 @@ static TestQ8 make_q8(int rows, int cols, int gs) {
     return t;
 }
 
+/* IEEE binary16 by its definition, in double: (1024 + m) * 2^(e - 25), or m * 2^-24 when e is
+   0 (subnormals); e 31 is infinity or NaN. */
+static double ref_fp16(uint16_t h) {
+    int e = (h >> 10) & 31, m = h & 1023;
+    double v = e == 0 ? ldexp(m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexp(1024 + m, e - 25);
+    return h & 0x8000 ? -v : v;
+}
+
+/* fp16_to_float against the definition, on all 65536 values (NaN to NaN). */
+static void test_fp16(void) {
+    double worst = 0.0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        double want = ref_fp16((uint16_t)h), got = fp16_to_float((uint16_t)h);
+        if (isnan(want) ? !isnan(got) : got != want || signbit(got) != signbit(want)) worst = 1;
+    }
+    check("fp16_to_float, every value (mismatches)", worst, 0);
+}
+
+/* A q4_0 matrix of random 4-bit values and random fp16 scales (a few subnormal), packed as
+   README.md's "File formats" says (independently of run.c's q4_value), and its float image. */
+typedef struct {
+    Matrix m;
+    uint8_t *packed;
+    uint16_t *scales;
+    float *image;
+} TestQ4;
+
+static TestQ4 make_q4(int rows, int cols, int gs) {
+    TestQ4 t;
+    size_t n = (size_t)rows * cols;
+    t.packed = calloc(n / 2, 1);
+    t.scales = malloc(n / gs * sizeof(uint16_t));
+    t.image = malloc(n * sizeof(float));
+    for (size_t g = 0; g < n / gs; g++) {
+        uint32_t r = random_u32(&rng_state);
+        int exponent = r % 8 == 0 ? 0 : 9 + (int)(r >> 3) % 6;  /* 2^-6 .. 2^-1, or subnormal */
+        t.scales[g] = (uint16_t)((r >> 16 & 0x8000) | exponent << 10 | (r >> 6 & 1023));
+    }
+    for (size_t i = 0; i < n; i++) {
+        int u = (int)(random_u32(&rng_state) % 16);
+        t.packed[i / 32 * 16 + i % 16] |= (uint8_t)(i % 32 < 16 ? u : u << 4);
+        t.image[i] = (float)((u - 8) * ref_fp16(t.scales[i / gs]));
+    }
+    t.m = (Matrix){ .type = WEIGHT_Q4_0, .rows = rows, .cols = cols, .group_size = gs,
+                    .data = t.packed, .fp16_scales = t.scales };
+    return t;
+}
+
+static void free_q4(TestQ4 *t) { free(t->packed); free(t->scales); free(t->image); }
+
+/* dot_q4 (and section 8's kernel for it) against the exact integer sums of the stored values
+   and the activations quantized to int16, and against float activations. */
+static void test_dots_q4(int n, int gs) {
+    char name[80];
+    float *x = malloc((size_t)n * sizeof(float));
+    QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
+                           malloc((size_t)(n / gs) * sizeof(float)), NULL, NULL,
+                           malloc((size_t)(n + 64) * sizeof(int16_t)),
+                           malloc((size_t)(n / gs) * sizeof(float)), malloc((size_t)n + 128) };
+    double worst_int = 0, worst_float = 0, worst_avx512 = 0, worst_fast_int = 0;
+    double worst_fast_float = 0;
+    int avx512 = 0, fast = 0;
+    for (int trial = 0; trial < 50; trial++) {
+        TestQ4 t = make_q4(1, n, gs);
+        fill(x, (size_t)n);
+        quantize_vector(&qv, x, n, gs, Q16_MAX);
+        double exact_int = 0.0, exact_float = 0.0;
+        for (int g = 0; g < n / gs; g++) {
+            int64_t isum = 0;
+            for (int i = g * gs; i < (g + 1) * gs; i++) {
+                int u = t.packed[i / 32 * 16 + i % 16] >> (i % 32 < 16 ? 0 : 4) & 15;
+                isum += (int64_t)(u - 8) * qv.q[i];
+                exact_float += (double)t.image[i] * x[i];
+            }
+            exact_int += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
+        }
+        double qmag = magnitude(t.image, x, n) + 1e-30;
+        double got = dot_q4(t.packed, t.scales, &qv, n, gs);
+        worst_int = fmax(worst_int, fabs(got - exact_int) / qmag);
+        worst_float = fmax(worst_float, fabs(got - exact_float) / qmag);
+#if FAST_Q4
+        avx512 = q4_kernel_applies(&t.m);
+        if (avx512) {
+            prepare_q4(&qv, n, gs);
+            got = dot_q4_avx512(t.packed, t.scales, &qv, n, gs);
+            worst_avx512 = fmax(worst_avx512, fabs(got - exact_int) / qmag);
+        }
+        MatmulScratch fast_scratch = { .fast = 1 };
+        fast = fast_q4(&t.m, &fast_scratch);
+        if (fast) {  /* -a fast: int8 activations against the unsigned nibbles */
+            quantize_vector(&qv, x, n, gs, Q8_MAX);
+            prepare_q4(&qv, n, gs);
+            prepare_q4_int8(&qv, n);
+            double exact_int8 = 0.0;
+            for (int g = 0; g < n / gs; g++) {
+                int64_t isum = 0;
+                for (int i = g * gs; i < (g + 1) * gs; i++)
+                    isum += (int64_t)(t.packed[i / 32 * 16 + i % 16] >> (i % 32 < 16 ? 0 : 4) & 15)
+                            * qv.q[i] - 8 * qv.q[i];
+                exact_int8 += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
+            }
+            got = dot_q4_fast(t.packed, t.scales, &qv, n, gs);
+            worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
+            worst_fast_float = fmax(worst_fast_float, fabs(got - exact_float) / qmag);
+        }
+#endif
+        free_q4(&t);
+    }
+    snprintf(name, sizeof name, "dot_q4 vs int4 x int16 n=%d gs=%d", n, gs);
+    check(name, worst_int, 1e-6);
+    snprintf(name, sizeof name, "dot_q4 vs float activations n=%d gs=%d", n, gs);
+    check(name, worst_float, 1e-4);
+    if (avx512) {
+        snprintf(name, sizeof name, "dot_q4_avx512 vs int4 x int16 n=%d gs=%d", n, gs);
+        check(name, worst_avx512, 1e-6);
+    }
+    if (fast) {
+        snprintf(name, sizeof name, "dot_q4 -a fast vs int4 x int8 n=%d gs=%d", n, gs);
+        check(name, worst_fast_int, 1e-6);
+        /* 256 times coarser steps than int16, as q8_0's -a fast */
+        snprintf(name, sizeof name, "dot_q4 -a fast vs float activations n=%d gs=%d", n, gs);
+        check(name, worst_fast_float, 5e-3);
+    }
+    free(x); free(qv.q); free(qv.scales); free(qv.q4_pairs); free(qv.q4_offsets); free(qv.q4_int8);
+}
+
 static void test_dots(int n, int gs) {
     char name[80];
     float *w = malloc((size_t)n * sizeof(float)), *x = malloc((size_t)n * sizeof(float));
@@ -135,7 +261,8 @@ static void test_dots(int n, int gs) {
         TestQ8 t = make_q8(1, n, gs);
         QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
                                malloc((size_t)(n / gs) * sizeof(float)),
-                               malloc((size_t)n), malloc((size_t)(n / gs) * sizeof(int32_t)) };
+                               malloc((size_t)n), malloc((size_t)(n / gs) * sizeof(int32_t)),
+                               NULL, NULL, NULL };
         quantize_vector(&qv, x, n, gs, Q16_MAX);
         const int16_t *xq = qv.q;
         const float *xs = qv.scales;
@@ -212,11 +339,16 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
     float *image = malloc(count * sizeof(float));
     uint16_t *bf = NULL;
     TestQ8 q8 = {0};
+    TestQ4 q4 = {0};
     Matrix m = { .type = type, .rows = rows, .cols = cols, .group_size = 0 };
     if (type == WEIGHT_Q8_0) {
         q8 = make_q8(rows, cols, 32);
         m = q8.m;
         memcpy(image, q8.image, count * sizeof(float));
+    } else if (type == WEIGHT_Q4_0) {
+        q4 = make_q4(rows, cols, cols % 64 ? 32 : 64);
+        m = q4.m;
+        memcpy(image, q4.image, count * sizeof(float));
     } else {
         fill(image, count);
         if (type == WEIGHT_BF16) {
@@ -244,9 +376,11 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
     char name[80];
     snprintf(name, sizeof name, "matmul %s %dx%d, %d tokens", weight_type_name(type), rows, cols,
              n);
-    /* one token of q8_0 goes through int16 activations; everything else is float32 */
-    check(name, worst, type == WEIGHT_Q8_0 ? 1e-4 : 1e-6);
+    /* one token of q8_0 or q4_0 goes through int16 activations (so do their blocks with
+       AVX-512 VNNI); everything else is float32 */
+    check(name, worst, type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0 ? 1e-4 : 1e-6);
     free(image); free(bf); free(x); free(out); free(q8.q); free(q8.scales); free(q8.image);
+    free_q4(&q4);
 }
 
 /* -a fast: matmul against the reference on x rounded as that mode rounds it (to bf16 for bf16
@@ -261,6 +395,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
     float *image = malloc(count * sizeof(float));
     uint16_t *bf = NULL;
     TestQ8 q8 = {0};
+    TestQ4 q4 = {0};
     Matrix m;
     fill(x, (size_t)n * cols);
     if (type == WEIGHT_BF16) {
@@ -274,15 +409,23 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
             x_rounded[i] = bf16_to_float(round_to_bf16(x[i]));
 #endif
     } else {
-        q8 = make_q8(rows, cols, 64);
-        m = q8.m;
-        memcpy(image, q8.image, count * sizeof(float));
+        int gs = type == WEIGHT_Q8_0 ? 64 : 32;
+        if (type == WEIGHT_Q8_0) {
+            q8 = make_q8(rows, cols, gs);
+            m = q8.m;
+            memcpy(image, q8.image, count * sizeof(float));
+        } else {
+            q4 = make_q4(rows, cols, gs);
+            m = q4.m;
+            memcpy(image, q4.image, count * sizeof(float));
+        }
         QuantizedVector qv = { malloc((size_t)cols * sizeof(int16_t)),
-                               malloc((size_t)cols * sizeof(float)), NULL, NULL };
+                               malloc((size_t)cols * sizeof(float)), NULL, NULL, NULL, NULL,
+                               NULL };
         for (int t = 0; t < n; t++) {
-            quantize_vector(&qv, x + (size_t)t * cols, cols, 64, Q8_MAX);
+            quantize_vector(&qv, x + (size_t)t * cols, cols, gs, Q8_MAX);
             for (int i = 0; i < cols; i++)
-                x_rounded[(size_t)t * cols + i] = (float)qv.q[i] * qv.scales[i / 64];
+                x_rounded[(size_t)t * cols + i] = (float)qv.q[i] * qv.scales[i / gs];
         }
         free(qv.q); free(qv.scales);
     }
@@ -301,7 +444,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
              rows, cols, n);
     check(name, worst, 1e-6);
     free(x); free(x_rounded); free(out); free(image); free(bf);
-    free(q8.q); free(q8.scales); free(q8.image);
+    free(q8.q); free(q8.scales); free(q8.image); free_q4(&q4);
 }
 #endif
 
@@ -483,8 +626,18 @@ static void test_kernels(void) {
     test_dots(2048, 128);
     MatmulScratch s = {0};
     alloc_scratch(&s, 1536, 64);
-    int types[] = { WEIGHT_FP32, WEIGHT_BF16, WEIGHT_Q8_0 };
-    for (int i = 0; i < 3; i++) {
+    test_fp16();
+    test_dots_q4(128, 32);
+    test_dots_q4(2048, 32);
+    test_dots_q4(2048, 64);
+    test_dots_q4(8192, 32);
+    test_dots_q4(96, 96);     /* groups the kernels leave to dot_q4 */
+    test_dots_q4(96, 32);     /* a lone last block */
+    test_dots_q4(1056, 32);   /* 33 groups: two whole windows of 16 and a lone block */
+    test_dots_q4(2048, 128);
+    test_dots_q4(4096, 4096);
+    int types[] = { WEIGHT_FP32, WEIGHT_BF16, WEIGHT_Q8_0, WEIGHT_Q4_0 };
+    for (int i = 0; i < 4; i++) {
         test_matmul(types[i], 64, 256, 1, &s);
         test_matmul(types[i], 70, 256, 7, &s);     /* ragged row and token edges */
         test_matmul(types[i], 128, 1024, 64, &s);
@@ -517,6 +670,12 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q8_0, 70, 256, 7, &s);     /* ragged panel and strip */
     test_matmul_fast(WEIGHT_Q8_0, 128, 1024, 64, &s);
     test_matmul_fast(WEIGHT_Q8_0, 40, 1536, 33, &s);
+#endif
+#if FAST_Q4
+    test_matmul_fast(WEIGHT_Q4_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);       /* a partial last step */
+    test_matmul_fast(WEIGHT_Q4_0, 70, 256, 7, &s);      /* ragged panel and strip */
+    test_matmul_fast(WEIGHT_Q4_0, 40, 1536, 33, &s);
 #endif
     free_scratch(&s);
     test_attention(32, 8, 64, 0, 1);      /* Llama 3.2 1B: one token */
@@ -580,11 +739,12 @@ static void test_model(const char *path, int n) {
     char name[120];
     snprintf(name, sizeof name, "blocks vs one at a time, %s, %d tokens",
              weight_type_name(cfg->weight_type), n);
-    /* q8_0 decoding rounds activations to int16; blocks do too with AVX-512 VNNI (then only
+    /* q8_0 (and q4_0) decoding rounds activations to int16; blocks do too with AVX-512 VNNI (then only
        the order of the group sums differs, 1.8e-4 measured) and keep them float32 otherwise
        (2.4e-4): of the logits' range on tiny32, a peaked random model that amplifies any
        rounding */
-    double bound = cfg->weight_type == WEIGHT_Q8_0 ? 1e-3 : 1e-5;
+    int quantized = cfg->weight_type == WEIGHT_Q8_0 || cfg->weight_type == WEIGHT_Q4_0;
+    double bound = quantized ? 1e-3 : 1e-5;
     check(name, worst / range, bound);
 
     /* NaN in the cache: a key or value the fed prompt failed to store would show */

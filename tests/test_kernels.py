@@ -47,7 +47,7 @@ def test_kernels_portable():
 def test_prompt_blocks_match_one_token_at_a_time():
     folder = os.path.join(WORK, "hf-tiny32")
     make_checkpoint.make_checkpoint(folder, "tiny32")
-    for dtype in ("fp32", "bf16", "q8_0"):
+    for dtype in ("fp32", "bf16", "q8_0", "q4_0"):
         model = os.path.join(WORK, f"tiny32-{dtype}.bin")
         run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", dtype])
         for name in ("native", "portable"):
@@ -74,7 +74,7 @@ def test_decode_parts_tool():
          "-lm"])
     folder = os.path.join(WORK, "hf-parts")
     make_checkpoint.make_checkpoint(folder, "tiny32")
-    for dtype, extra in (("fp32", []), ("q8_0", []), ("q8_0", ["fast"])):
+    for dtype, extra in (("fp32", []), ("q8_0", []), ("q8_0", ["fast"]), ("q4_0", [])):
         model = os.path.join(WORK, f"parts-{dtype}.bin")
         if not os.path.exists(model):
             run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", dtype])

@@ -34,6 +34,8 @@ def main():
                                        rope_high_freq_factor=4.0, rope_original_max_pos=4,
                                        **dict(SMALL, n_kv_heads=2))[0],
         "bf16-2layers": model_file(weight_type=1, **dict(SMALL, n_layers=2, max_seq_len=1))[0],
+        "q4_0-gs32": model_file(weight_type=3, group_size=32,
+                                **dict(SMALL, dim=32, hidden_dim=64, head_dim=16))[0],
     }
     seeds["truncated"] = seeds["fp32"][:-7]
     seeds["header-only"] = seeds["fp32"][:256]

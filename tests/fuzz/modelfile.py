@@ -44,7 +44,7 @@ def tensors(cfg):
 
 def model_file(eos_ids=(1,), seed=0, **fields):
     """Returns (file bytes, sections): sections is [(name, start, end)] of every tensor part
-    (q8_0 matrices have a ".q" and a ".scales" part), in file order."""
+    (q8_0 and q4_0 matrices have a ".q" and a ".scales" part), in file order."""
     cfg = dict(DEFAULTS, **fields)
     rng = np.random.default_rng(seed)
     blob = bytearray(header(cfg, eos_ids))
@@ -65,6 +65,13 @@ def model_file(eos_ids=(1,), seed=0, **fields):
             put(name, x.tobytes())
         elif wt == 1:
             put(name, (x.view("<u4") >> 16).astype("<u2").tobytes())
+        elif wt == 3:  # q4_0: nibbles q + 8, byte j of each 32 holding values j and j + 16
+            groups = x.reshape(-1, gs)
+            scale = (np.abs(groups).max(axis=1) / 7).astype("<f2")
+            safe = np.where(scale > 0, scale.astype("<f4"), 1)[:, None]
+            u = (np.clip(np.round(groups / safe), -8, 7) + 8).astype("u1").reshape(-1, 32)
+            put(name + ".q", (u[:, :16] | u[:, 16:] << 4).tobytes())
+            put(name + ".scales", scale.tobytes())
         else:
             groups = x.reshape(-1, gs)
             scale = (np.abs(groups).max(axis=1) / 127).astype("<f4")
