@@ -2927,7 +2927,8 @@ int main(int argc, char **argv) {
      the prompt is bound by arithmetic, and a tile makes 16 multiply-adds per 2 loads where a
      dot product makes 1 per load.
    - attention (fast_attention): the query heads of a GQA group, and the next tokens' in a
-     prompt, share one pass over their KV head's keys and values, in register tiles (below).
+     prompt, share one pass over their KV head's keys and values, in register tiles, reading
+     every cache type directly (below).
    - quantizing (fast_quantize_group), softmax and SwiGLU (fast_softmax, fast_swiglu, with a
      vectorised exp within 2 ulp of expf): the same loops, 16 lanes at a time.
    -a fast (fast_bf16, fast_int8) trades exactness for speed as llama.cpp does: activations
@@ -3907,11 +3908,15 @@ static int fast_swiglu(float *gate, const float *up, int width) {
    - a row's scores come out KEY_TILE positions at a time from broadcast multiply-adds against
      the transposed key tiles, with no horizontal sums;
    - the weighted sum reads the values in order, one position's values meeting every row's
-     weight.
+     weight;
+   - bf16 and q8_0 caches are widened 16 numbers at a time in registers as they are loaded
+     (widen16), and the next keys and values are fetched ahead (prefetch_bytes): one thread's
+     loads alone do not keep enough of a long cache in flight.
    A score and an output value are still each one float32 sum in order (over dimensions, over
    positions), and the softmax is the plain max-subtracted one. */
 #define ATT_TILE_ROWS 8  /* rows per register tile (4 where a pass has no more: decoding) */
 #define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
+#define VALUES_AHEAD 16  /* the weighted sum fetches the values this many positions ahead */
 
 #if defined __AVX512F__
 /* 16 consecutive cache elements from element i, widened to float32: bf16 by a shift, q8_0
@@ -3929,6 +3934,13 @@ static inline __m512 widen16(const void *data, size_t i, int type, __m512 scales
     return _mm512_loadu_ps((const float *)data + i);
 }
 
+/* Asks for the cache lines of bytes [p, p + n) to be loaded ahead of their use; results do not
+   change. Streaming a long cache, one thread's loads alone keep too few lines in flight (the
+   small types do more work per byte): attention asks for the next keys and values early. */
+static inline void prefetch_bytes(const void *p, size_t n) {
+    for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+}
+
 /* The scales of dimension d's 16 keys from key tile `tile` (q8_0; zeros otherwise). */
 static inline __m512 key_scales16(const KVHead *kv, int tile, int d, int head_dim, int type) {
     if (type != CACHE_Q8_0) return _mm512_setzero_ps();
@@ -3941,14 +3953,21 @@ static inline __m512 key_scales16(const KVHead *kv, int tile, int d, int head_di
    key tile `tile` on, rows r < nr <= tile_rows. Called with a constant tile_rows, 4 or
    ATT_TILE_ROWS (decoding has 4 rows per KV head (the 1B shape), prompt passes 16), and a
    constant cache type. Per dimension, 2 key loads (widened) and tile_rows broadcasts meet in
-   2 * tile_rows multiply-adds. */
+   2 * tile_rows multiply-adds. With `ahead`, the next pair of key tiles is fetched meanwhile. */
 static inline void score_tiles(float *const *scores, const float *const *rows, int nr,
                                const KVHead *kv, int tile, int head_dim, float scale,
-                               int tile_rows, int type) {
+                               int tile_rows, int type, int ahead) {
 #if defined __AVX512F__
     __m512 acc[ATT_TILE_ROWS][SCORE_TILES];
+    size_t size = CACHE_TYPE_SIZES[type];
+    const char *next = (const char *)kv->keys +
+                       key_index((tile + SCORE_TILES) * KEY_TILE, 0, head_dim) * size;
     for (int r = 0; r < tile_rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int d = 0; d < head_dim; d++) {
+        if (ahead) {  /* dimension d of the next two tiles */
+            prefetch_bytes(next + (size_t)d * KEY_TILE * size, KEY_TILE * size);
+            prefetch_bytes(next + (size_t)(head_dim + d) * KEY_TILE * size, KEY_TILE * size);
+        }
         __m512 k0 = widen16(kv->keys, key_index(tile * KEY_TILE, d, head_dim), type,
                             key_scales16(kv, tile, d, head_dim, type));
         __m512 k1 = widen16(kv->keys, key_index((tile + 1) * KEY_TILE, d, head_dim), type,
@@ -3965,6 +3984,7 @@ static inline void score_tiles(float *const *scores, const float *const *rows, i
                              _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
 #else  /* the same sums, KEY_TILE-wide rows of plain floats (the compiler vectorises them) */
     (void)type;
+    (void)ahead;
     for (int i = 0; i < SCORE_TILES; i++) {
         float acc[ATT_TILE_ROWS][KEY_TILE] = {{0}}, k[KEY_TILE];
         for (int d = 0; d < head_dim; d++) {
@@ -3984,13 +4004,15 @@ static inline void scores_of_type(float *const *scores, const float *const *rows
                                   const KVHead *kv, int n_pos, int head_dim, float scale,
                                   int type) {
     for (int i = 0; i * KEY_TILE < n_pos; i += SCORE_TILES) {
+        int ahead = (i + SCORE_TILES) * KEY_TILE < n_pos;  /* (the next pair is in use) */
         for (int g = 0; g < nr; g += ATT_TILE_ROWS) {
             if (nr - g <= 4)
-                score_tiles(scores + g, rows + g, nr - g, kv, i, head_dim, scale, 4, type);
+                score_tiles(scores + g, rows + g, nr - g, kv, i, head_dim, scale, 4, type,
+                            ahead && g == 0);
             else
                 score_tiles(scores + g, rows + g,
                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, kv, i, head_dim,
-                            scale, ATT_TILE_ROWS, type);
+                            scale, ATT_TILE_ROWS, type, ahead && g == 0);
         }
     }
 }
@@ -4030,6 +4052,10 @@ static inline void sum_values(float *const *out, const float *const *weights, in
                 acc[r][j] = _mm512_loadu_ps(out[r < nr ? r : 0] + d0 + 16 * j);
         for (int p = p0; p < p1; p++) {
             size_t i = (size_t)p * head_dim + d0;
+            if (p + VALUES_AHEAD < p1)
+                prefetch_bytes((const char *)kv->values +
+                               (i + (size_t)VALUES_AHEAD * head_dim) * CACHE_TYPE_SIZES[type],
+                               (size_t)width * CACHE_TYPE_SIZES[type]);
             __m512 vv[4];
             for (int j = 0; j < vectors; j++) {
                 size_t at = i + 16 * (size_t)j;
@@ -4042,7 +4068,7 @@ static inline void sum_values(float *const *out, const float *const *weights, in
                 for (int j = 0; j < vectors; j++) acc[r][j] = _mm512_fmadd_ps(wr, vv[j], acc[r][j]);
             }
         }
-        for (int r = 0; r < nr; r++)
+        for (int r = 0; r < nr && r < tile_rows; r++)  /* (nr <= tile_rows: for gcc) */
             for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
     }
 #else
