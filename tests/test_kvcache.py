@@ -169,14 +169,14 @@ def full_vocab_32():
     return export(folder, "fp32", "full-vocab-32")
 
 
-def peak_rss_mib(model, context, cache_type):
-    """VmHWM (peak resident memory) of a chat session at -c context after one short reply,
-    read while it waits for the next message (the memory of the exec'd program alone)."""
+def peak_rss_mib(model, context, cache_type, message=b"Hello there, how are you?"):
+    """VmHWM (peak resident memory) of a chat session at -c context after one reply, read
+    while it waits for the next message (the memory of the exec'd program alone)."""
     p = subprocess.Popen([program("runomp"), model, "-m", "chat", "-o", "ids", "-n", "8",
                           "-t", "0", "-T", "2", "-c", str(context), *cache_flag(cache_type)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        p.stdin.write(b"Hello there, how are you?\n")
+        p.stdin.write(message + b"\n")
         p.stdin.flush()
         while not p.stdout.readline().startswith(b"out:"):
             assert p.poll() is None, p.stderr.read()[-2000:]
@@ -199,6 +199,11 @@ def test_memory_grows_with_use_not_with_context():
         small, large = peak_rss_mib(model, 256, cache_type), peak_rss_mib(model, 131072, cache_type)
         print(f"    {cache_type}: peak RSS {small:.1f} MiB at -c 256, {large:.1f} MiB at -c 131072")
         assert large - small < 16, (cache_type, small, large)
+    # ... and grows as positions fill: a message of ~12000 tokens stores 12 MiB of f32 keys and
+    # values (256 numbers a position here)
+    used = peak_rss_mib(model, 131072, "f32", b"one two three four " * 3000)
+    print(f"    f32: peak RSS {used:.1f} MiB after a 12000-token message at -c 131072")
+    assert used - large > 8, (large, used)
 
 
 def portable_run():
