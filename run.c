@@ -2542,8 +2542,9 @@ static int parse_cache_type(const char *flag, const char *v) {
    values have the same type here, so -ctk and -ctv must agree. */
 static int cache_type_option(const Options *o) {
     if (o->cache_k && o->cache_v && strcmp(o->cache_k, o->cache_v) != 0)
-        usage_error("the keys and values share one cache type here: -ctk %s and -ctv %s "
-                    "differ (give --cache-type TYPE)", o->cache_k, o->cache_v);
+        usage_error("the key cache type %s and the value cache type %s differ: keys and "
+                    "values share one type here (give --cache-type TYPE)", o->cache_k,
+                    o->cache_v);
     const char *v = o->cache_k ? o->cache_k : o->cache_v;
     return v ? parse_cache_type(o->cache_k ? "-ctk" : "-ctv", v) : CACHE_F32;
 }
