@@ -247,3 +247,15 @@ def test_chat_slides_with_every_cache_type():
                     "-c", "64", *cache_flag(cache_type)], input=b"Hello there\n")
         roles = [json.loads(line)["role"] for line in proc.stdout.decode().splitlines()]
         assert roles[:2] == ["user", "assistant"], (cache_type, roles)
+
+
+def test_threads_and_builds_agree_per_cache_type():
+    # attention's passes split KV heads over threads, each row summed alone: run (one thread)
+    # and runomp with 2 and 3 threads give the same logits to the bit with every cache type
+    model = export(os.path.join(REFERENCE, "ref31"), "fp32")
+    tokens = list(range(1, 300))
+    for cache_type in TYPES:
+        want = run_ids(model, tokens, 6, cache_flag(cache_type), binary="run")
+        for threads in ("2", "3"):
+            got = run_ids(model, tokens, 6, (*cache_flag(cache_type), "-T", threads))
+            assert got[0] == want[0] and np.array_equal(got[1], want[1]), (cache_type, threads)
