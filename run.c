@@ -384,13 +384,6 @@ static void free_model(Model *m) {
    replaces these loops with kernels that compute the same sums (in another order) faster;
    the calls into it are marked "hook". */
 
-static float bf16_to_float(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* float32 -> bf16, rounded to nearest even (a NaN stays a NaN): the KV cache's bf16, and -a
    fast's activations for bf16 weights. */
 static uint16_t round_to_bf16(float f) {
@@ -398,6 +391,13 @@ static uint16_t round_to_bf16(float f) {
     memcpy(&bits, &f, 4);
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 /* The dot products keep 16 partial sums, so that the compiler may vectorise them without
