@@ -393,6 +393,15 @@ static void free_model(Model *m) {
    replaces these loops with kernels that compute the same sums (in another order) faster;
    the calls into it are marked "hook". */
 
+/* float32 -> bf16, rounded to nearest even (a NaN stays a NaN): the KV cache's bf16, and -a
+   fast's activations for bf16 weights. */
+static uint16_t round_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
     float f;
@@ -821,6 +830,65 @@ static int cache_positions(int seq_len) {
     return (seq_len + step - 1) / step * step;
 }
 
+/* The cache's element types (--cache-type). Keys and values are rounded to the type when
+   stored, and attention widens each one back to float32 as it reads it, so a small cache
+   computes exactly what a float32 cache holding the rounded numbers would:
+   - f32: float32, exact (the default);
+   - bf16: the top half of the float32, rounded to nearest even: half the bytes;
+   - q8_0: int8, with one float32 scale per CACHE_GROUP consecutive dimensions of a key or a
+     value (max |x| / 127, as for q8_0 weights): 1.125 bytes a number. The scales lie beside
+     the numbers in the same layouts, a group standing for CACHE_GROUP dimensions. */
+enum { CACHE_F32, CACHE_BF16, CACHE_Q8_0 };
+#define CACHE_GROUP 32
+static const char *const CACHE_TYPE_NAMES[] = { "f32", "bf16", "q8_0" };
+static const size_t CACHE_TYPE_SIZES[] = { sizeof(float), sizeof(uint16_t), sizeof(int8_t) };
+
+/* Where dimension d of the key at position p lies in its KV head's keys. */
+static size_t key_index(int p, int d, int head_dim) {
+    return (size_t)(p / KEY_TILE) * head_dim * KEY_TILE + (size_t)d * KEY_TILE + p % KEY_TILE;
+}
+
+/* One layer's cache for one KV head, as attention reads it. */
+typedef struct {
+    int type;                 /* CACHE_F32, CACHE_BF16 or CACHE_Q8_0 */
+    const void *keys;         /* [cache_len / KEY_TILE][head_dim][KEY_TILE] elements */
+    const void *values;       /* [cache_len][head_dim] elements */
+    const float *key_scales;  /* q8_0: [cache_len / KEY_TILE][head_dim / CACHE_GROUP][KEY_TILE] */
+    const float *value_scales;    /* q8_0: [cache_len][head_dim / CACHE_GROUP] */
+} KVHead;
+
+/* Dimension d of the KEY_TILE keys of key tile `tile`, widened to float32. */
+static void widen_key_row(float *out, const KVHead *kv, int tile, int d, int head_dim) {
+    size_t i = key_index(tile * KEY_TILE, d, head_dim);
+    if (kv->type == CACHE_F32) {
+        memcpy(out, (const float *)kv->keys + i, KEY_TILE * sizeof(float));
+    } else if (kv->type == CACHE_BF16) {
+        const uint16_t *k = (const uint16_t *)kv->keys + i;
+        for (int j = 0; j < KEY_TILE; j++) out[j] = bf16_to_float(k[j]);
+    } else {
+        const int8_t *k = (const int8_t *)kv->keys + i;
+        const float *scales =
+            kv->key_scales + key_index(tile * KEY_TILE, d / CACHE_GROUP, head_dim / CACHE_GROUP);
+        for (int j = 0; j < KEY_TILE; j++) out[j] = (float)k[j] * scales[j];
+    }
+}
+
+/* Dimensions d0 .. d0+n-1 of the value at position p, widened to float32 (for q8_0 they lie
+   in one group). */
+static void widen_value_run(float *out, const KVHead *kv, int p, int d0, int n, int head_dim) {
+    size_t i = (size_t)p * head_dim + d0;
+    if (kv->type == CACHE_F32) {
+        memcpy(out, (const float *)kv->values + i, (size_t)n * sizeof(float));
+    } else if (kv->type == CACHE_BF16) {
+        const uint16_t *v = (const uint16_t *)kv->values + i;
+        for (int j = 0; j < n; j++) out[j] = bf16_to_float(v[j]);
+    } else {
+        const int8_t *v = (const int8_t *)kv->values + i;
+        float scale = kv->value_scales[i / CACHE_GROUP];
+        for (int j = 0; j < n; j++) out[j] = (float)v[j] * scale;
+    }
+}
+
 typedef struct {
     float *x;          /* residual stream [block][dim] */
     float *xb;         /* normed input / attention output [block][max(dim, q_dim)] */
@@ -830,8 +898,10 @@ typedef struct {
     float *k, *v;      /* the block's keys and values, before store_kv [block][kv_dim] */
     float *att;        /* attention scores, per thread [ATT_ROWS][cache_len] */
     float *logits;     /* [block][vocab_size]; pages untouched unless every row is asked for */
-    float *key_cache;  /* [n_layers][n_kv_heads][cache_len / KEY_TILE][head_dim][KEY_TILE] */
-    float *value_cache;   /* [n_layers][n_kv_heads][cache_len][head_dim] */
+    int cache_type;    /* CACHE_F32, CACHE_BF16 or CACHE_Q8_0: the elements below */
+    void *key_cache;   /* [n_layers][n_kv_heads][cache_len / KEY_TILE][head_dim][KEY_TILE] */
+    void *value_cache;    /* [n_layers][n_kv_heads][cache_len][head_dim] */
+    float *key_scales, *value_scales;  /* q8_0: one per CACHE_GROUP elements (KVHead) */
     float *rope_freqs; /* [head_dim / 2] */
     float *rope_cos, *rope_sin;  /* [block][head_dim / 2] */
     MatmulScratch scratch;
@@ -851,11 +921,23 @@ static float *alloc_block(int width, const char *what) {
     return checked_calloc((size_t)MAX_BLOCK * (size_t)width, sizeof(float), what);
 }
 
-static void alloc_state(RunState *s, const Config *cfg, int seq_len) {
+/* Bytes of a cache of `positions` positions per KV head: keys and values, scales included. */
+static double cache_bytes(const Config *cfg, int cache_type, int positions) {
+    double numbers = 2.0 * cfg->n_layers * cfg->n_kv_heads * cfg->head_dim * (double)positions;
+    double scales = cache_type == CACHE_Q8_0 ? numbers / CACHE_GROUP * sizeof(float) : 0.0;
+    return numbers * (double)CACHE_TYPE_SIZES[cache_type] + scales;
+}
+
+/* The state for contexts of up to seq_len positions, with a KV cache of cache_type (q8_0
+   needs head_dim a multiple of CACHE_GROUP: the caller checks). The cache is calloc'ed, so
+   its pages are the kernel's zero page until a position is stored in them: memory grows with
+   the positions used, not with seq_len. */
+static void alloc_state(RunState *s, const Config *cfg, int seq_len, int cache_type) {
     int q_dim = cfg->n_heads * cfg->head_dim, kv_dim = cfg->n_kv_heads * cfg->head_dim;
     int wide = q_dim > cfg->dim ? q_dim : cfg->dim;
     s->seq_len = seq_len;
     s->cache_len = cache_positions(seq_len);
+    s->cache_type = cache_type;
     size_t cache = (size_t)cfg->n_layers * (size_t)s->cache_len * (size_t)kv_dim;
     s->x = alloc_block(cfg->dim, "activations");
     s->xb = alloc_block(wide, "activations");
@@ -868,8 +950,15 @@ static void alloc_state(RunState *s, const Config *cfg, int seq_len) {
     s->att = checked_calloc((size_t)max_threads() * ATT_ROWS * (size_t)s->cache_len,
                             sizeof(float), "scores");
     s->logits = alloc_block(cfg->vocab_size, "logits");
-    s->key_cache = checked_calloc(cache, sizeof(float), "the key cache (lower -c)");
-    s->value_cache = checked_calloc(cache, sizeof(float), "the value cache (lower -c)");
+    size_t size = CACHE_TYPE_SIZES[cache_type];
+    s->key_cache = checked_calloc(cache, size, "the key cache (lower -c)");
+    s->value_cache = checked_calloc(cache, size, "the value cache (lower -c)");
+    if (cache_type == CACHE_Q8_0) {
+        s->key_scales = checked_calloc(cache / CACHE_GROUP, sizeof(float),
+                                       "the key cache (lower -c)");
+        s->value_scales = checked_calloc(cache / CACHE_GROUP, sizeof(float),
+                                         "the value cache (lower -c)");
+    }
     s->rope_freqs = checked_calloc((size_t)cfg->head_dim / 2, sizeof(float), "rope");
     s->rope_cos = alloc_block(cfg->head_dim / 2, "rope");
     s->rope_sin = alloc_block(cfg->head_dim / 2, "rope");
@@ -881,26 +970,64 @@ static void free_state(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2);
     free(s->q); free(s->k); free(s->v);
     free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
+    free(s->key_scales); free(s->value_scales);
     free(s->rope_freqs); free(s->rope_cos); free(s->rope_sin);
     free_scratch(&s->scratch);
 }
 
-/* Copies the block's keys and values (rows [n_tokens][kv_dim] of s->k and s->v, keys already
-   rotated) into this layer's cache at positions pos .. pos+n_tokens-1, in the layouts above. */
+/* KV head h of the layer whose cache starts at layer_offset (elements). */
+static KVHead kv_head(const RunState *s, size_t layer_offset, int h, int head_dim) {
+    size_t start = layer_offset + (size_t)h * s->cache_len * head_dim;
+    size_t size = CACHE_TYPE_SIZES[s->cache_type];
+    KVHead kv = { s->cache_type, (const char *)s->key_cache + start * size,
+                  (const char *)s->value_cache + start * size, NULL, NULL };
+    if (s->cache_type == CACHE_Q8_0) {
+        kv.key_scales = s->key_scales + start / CACHE_GROUP;
+        kv.value_scales = s->value_scales + start / CACHE_GROUP;
+    }
+    return kv;
+}
+
+/* x[0 .. n-1] rounded to the cache's type, element d stored at cache[at + d * stride]; for
+   q8_0 the scale of group g at scales[scale_at + g * scale_stride]. */
+static void store_vector(void *cache, float *scales, int type, size_t at, size_t stride,
+                         size_t scale_at, size_t scale_stride, const float *x, int n) {
+    if (type == CACHE_F32) {
+        for (int d = 0; d < n; d++) ((float *)cache)[at + d * stride] = x[d];
+    } else if (type == CACHE_BF16) {
+        for (int d = 0; d < n; d++) ((uint16_t *)cache)[at + d * stride] = round_to_bf16(x[d]);
+    } else {
+        for (int g = 0; g < n / CACHE_GROUP; g++) {
+            int16_t q[CACHE_GROUP];
+            scales[scale_at + g * scale_stride] =
+                quantize_group(q, x + g * CACHE_GROUP, CACHE_GROUP, Q8_MAX);
+            for (int i = 0; i < CACHE_GROUP; i++)
+                ((int8_t *)cache)[at + (size_t)(g * CACHE_GROUP + i) * stride] = (int8_t)q[i];
+        }
+    }
+}
+
+/* Stores the block's keys and values (rows [n_tokens][kv_dim] of s->k and s->v, keys already
+   rotated) in this layer's cache at positions pos .. pos+n_tokens-1, rounded to the cache's
+   type, in the layouts above. Attention then reads the block's own keys and values from the
+   cache like any others, so a prompt fed as a block or token by token sees the same numbers. */
 static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int pos,
                      int n_tokens) {
     int head_dim = cfg->head_dim, kv_dim = cfg->n_kv_heads * head_dim;
-    size_t head_stride = (size_t)s->cache_len * head_dim;
+    int groups = head_dim / CACHE_GROUP;
     for (int t = 0; t < n_tokens; t++) {
         int p = pos + t;
         for (int h = 0; h < cfg->n_kv_heads; h++) {
+            size_t start = layer_offset + (size_t)h * s->cache_len * head_dim;
+            size_t scale_start = start / CACHE_GROUP;  /* (q8_0 only) */
             const float *k = s->k + (size_t)t * kv_dim + (size_t)h * head_dim;
             const float *v = s->v + (size_t)t * kv_dim + (size_t)h * head_dim;
-            float *tile = s->key_cache + layer_offset + h * head_stride +
-                          (size_t)(p / KEY_TILE) * head_dim * KEY_TILE;
-            for (int d = 0; d < head_dim; d++) tile[(size_t)d * KEY_TILE + p % KEY_TILE] = k[d];
-            memcpy(s->value_cache + layer_offset + h * head_stride + (size_t)p * head_dim, v,
-                   (size_t)head_dim * sizeof(float));
+            store_vector(s->key_cache, s->key_scales, s->cache_type,
+                         start + key_index(p, 0, head_dim), KEY_TILE,
+                         scale_start + key_index(p, 0, groups), KEY_TILE, k, head_dim);
+            store_vector(s->value_cache, s->value_scales, s->cache_type,
+                         start + (size_t)p * head_dim, 1,
+                         scale_start + (size_t)p * groups, 1, v, head_dim);
         }
     }
 }
@@ -908,38 +1035,47 @@ static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int po
 /* Causal grouped-query attention for the block's n_tokens queries in s->q (positions pos ..
    pos+n_tokens-1) over this layer's cached keys and values, which already hold the block:
    each query head h reads KV head h / (n_heads / n_kv_heads), and token t sees the positions
-   up to its own. Writes each token's heads side by side into s->xb. */
-static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                      int n_tokens) {
-    if (fast_attention(s, cfg, layer_offset, pos, n_tokens)) return;  /* hook */
+   up to its own. Writes each token's heads side by side into s->xb. Each key and value is
+   widened to float32 as it is read (a key tile's row, a group of values at a time). */
+static void plain_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                            int n_tokens) {
     int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
     int q_dim = cfg->n_heads * head_dim;
-    size_t head_stride = (size_t)s->cache_len * head_dim;
     float scale = 1.0f / sqrtf((float)head_dim);
     OMP(parallel for schedule(static))
     for (int i = 0; i < n_tokens * cfg->n_heads; i++) {  /* each token's query heads */
         int t = i / cfg->n_heads, h = i % cfg->n_heads, n_pos = pos + t + 1;
         const float *q = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
-        const float *keys = s->key_cache + layer_offset + (size_t)(h / group) * head_stride;
-        const float *values = s->value_cache + layer_offset + (size_t)(h / group) * head_stride;
+        KVHead kv = kv_head(s, layer_offset, h / group, head_dim);
         float *scores = s->att + (size_t)thread_id() * ATT_ROWS * s->cache_len;
         float *out = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
         /* scores = q . k / sqrt(head_dim) for every position it sees, a key tile at a time */
         for (int p0 = 0; p0 < n_pos; p0 += KEY_TILE) {
-            const float *tile = keys + (size_t)(p0 / KEY_TILE) * head_dim * KEY_TILE;
-            float acc[KEY_TILE] = {0};
-            for (int d = 0; d < head_dim; d++)
-                for (int j = 0; j < KEY_TILE; j++) acc[j] += q[d] * tile[(size_t)d * KEY_TILE + j];
+            float acc[KEY_TILE] = {0}, k[KEY_TILE];
+            for (int d = 0; d < head_dim; d++) {
+                widen_key_row(k, &kv, p0 / KEY_TILE, d, head_dim);
+                for (int j = 0; j < KEY_TILE; j++) acc[j] += q[d] * k[j];
+            }
             for (int j = 0; j < KEY_TILE && p0 + j < n_pos; j++) scores[p0 + j] = acc[j] * scale;
         }
         softmax(scores, n_pos);
         /* out = the values weighted by the scores */
         memset(out, 0, (size_t)head_dim * sizeof(float));
         for (int p = 0; p < n_pos; p++) {
-            const float *v = values + (size_t)p * head_dim;
-            for (int d = 0; d < head_dim; d++) out[d] += scores[p] * v[d];
+            for (int d0 = 0; d0 < head_dim; d0 += CACHE_GROUP) {
+                float v[CACHE_GROUP];
+                int n = head_dim - d0 < CACHE_GROUP ? head_dim - d0 : CACHE_GROUP;
+                widen_value_run(v, &kv, p, d0, n, head_dim);
+                for (int d = 0; d < n; d++) out[d0 + d] += scores[p] * v[d];
+            }
         }
     }
+}
+
+static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                      int n_tokens) {
+    if (fast_attention(s, cfg, layer_offset, pos, n_tokens)) return;  /* hook */
+    plain_attention(s, cfg, layer_offset, pos, n_tokens);
 }
 
 /* The rotation angles of positions pos .. pos+n_tokens-1. */
@@ -2274,6 +2410,9 @@ static void print_usage(FILE *out) {
         "                        token or the context is full (default 256 generating, 0 in chat)\n"
         "  -c, --ctx-size <int>  context length: positions in the KV cache (default 4096, at most\n"
         "                        the model's maximum)\n"
+        "  --cache-type <type>   the KV cache's numbers: f32 (default, exact), bf16 (half the\n"
+        "                        memory) or q8_0 (int8 and a scale per 32: 0.28x); also -ctk,\n"
+        "                        -ctv (--cache-type-k, --cache-type-v), which must agree\n"
         "  -z <path>             tokenizer file (default: the model path, .bin replaced by .tok)\n"
         "  -o <format>           text (default) or ids: print generated token ids, not text;\n"
         "                        json (chat): one JSON object per message\n"
@@ -2383,6 +2522,7 @@ typedef struct {
     int no_context_shift;  /* --no-context-shift */
     int fast;  /* -a fast */
     int read_weights;  /* -w read */
+    const char *cache_k, *cache_v;  /* --cache-type, -ctk, -ctv: NULL where not given */
 } Options;
 
 /* Every flag: its short and long spellings (either may be NULL), whether it takes a value,
@@ -2406,7 +2546,8 @@ static const Flag FLAGS[] = {
     { "-a", NULL, 1, 'a' }, { "-w", NULL, 1, 'w' }, { NULL, "--no-mmap", 0, 'W' },
     { "-h", "--help", 0, 'h' },
     { NULL, "--version", 0, 'V' }, { NULL, "--no-context-shift", 0, 'S' },
-    { NULL, "--sampler-order", 1, 'O' },
+    { NULL, "--sampler-order", 1, 'O' }, { NULL, "--cache-type", 1, 'x' },
+    { "-ctk", "--cache-type-k", 1, 'K' }, { "-ctv", "--cache-type-v", 1, 'Y' },
 };
 
 static const Flag *find_flag(const char *arg) {
@@ -2447,6 +2588,28 @@ static void handle_info_flags(int argc, char **argv) {
 static void check_choice(const char *flag, const char *v, const char *a, const char *b) {
     if (strcmp(v, a) != 0 && strcmp(v, b) != 0)
         usage_error("%s wants '%s' or '%s', got '%s'", flag, a, b, v);
+}
+
+/* A --cache-type (-ctk, -ctv) value: CACHE_F32, CACHE_BF16 or CACHE_Q8_0. */
+static int parse_cache_type(const char *flag, const char *v) {
+    for (int type = CACHE_F32; type <= CACHE_Q8_0; type++)
+        if (strcmp(v, CACHE_TYPE_NAMES[type]) == 0) return type;
+    if (strcmp(v, "f16") == 0)
+        usage_error("%s f16 is not offered: bf16 is the 2-byte cache type here (%s bf16)",
+                    flag, flag);
+    usage_error("%s wants 'f32', 'bf16' or 'q8_0', got '%s'", flag, v);
+    return CACHE_F32;
+}
+
+/* The one cache type that --cache-type, -ctk and -ctv name (f32 if none does): keys and
+   values have the same type here, so -ctk and -ctv must agree. */
+static int cache_type_option(const Options *o) {
+    if (o->cache_k && o->cache_v && strcmp(o->cache_k, o->cache_v) != 0)
+        usage_error("the key cache type %s and the value cache type %s differ: keys and "
+                    "values share one type here (give --cache-type TYPE)", o->cache_k,
+                    o->cache_v);
+    const char *v = o->cache_k ? o->cache_k : o->cache_v;
+    return v ? parse_cache_type(o->cache_k ? "-ctk" : "-ctv", v) : CACHE_F32;
 }
 
 static void parse_options(int argc, char **argv, Options *o) {
@@ -2515,6 +2678,9 @@ static void parse_options(int argc, char **argv, Options *o) {
             o->json = strcmp(v, "json") == 0;
             break;
         case 'S': o->no_context_shift = 1; break;
+        case 'x': parse_cache_type(flag, v); o->cache_k = o->cache_v = v; break;
+        case 'K': parse_cache_type(flag, v); o->cache_k = v; break;
+        case 'Y': parse_cache_type(flag, v); o->cache_v = v; break;
         case 'O':
             check_choice(flag, v, "meta", "llama.cpp");
             sp->temperature_last = strcmp(v, "llama.cpp") == 0;
@@ -2528,6 +2694,7 @@ static void parse_options(int argc, char **argv, Options *o) {
     if (o->prompt_file && chat_mode) usage_error("-f is for generate mode only");
     if (o->system_prompt && !chat_mode) usage_error("-y is for chat mode only");
     if (o->json && !chat_mode) usage_error("-o json is for chat mode only");
+    cache_type_option(o);  /* (-ctk and -ctv agree) */
 }
 
 /* ---- Files given by mistake, and outputs that would overwrite inputs ---- */
@@ -2677,6 +2844,17 @@ static void on_sigbus(int sig) {
     _exit(EXIT_FAILURE);
 }
 
+/* "kv cache: bf16, 131072 positions, 16.0 GiB" on stderr (what alloc_state reserved: memory
+   is used only as positions fill). */
+static void print_cache_size(const Config *cfg, int cache_type, int context) {
+    static const char *const units[] = { "KiB", "MiB", "GiB" };
+    double size = cache_bytes(cfg, cache_type, cache_positions(context)) / 1024.0;
+    int unit = 0;
+    for (; unit < 2 && size >= 1024.0; unit++) size /= 1024.0;
+    fprintf(stderr, "kv cache: %s, %d positions, %.1f %s\n", CACHE_TYPE_NAMES[cache_type],
+            context, size, units[unit]);
+}
+
 static void check_stdout(void) {
     if (fflush(stdout) != 0 || ferror(stdout))
         die("cannot write the output: %s", errno ? strerror(errno) : "write error");
@@ -2748,7 +2926,11 @@ int main(int argc, char **argv) {
         die("the prompt has %zu tokens but the context holds %ld (-c)", prompt.count,
             o.context);
 
-    alloc_state(&tr.state, cfg, (int)o.context);
+    int cache_type = cache_type_option(&o);
+    if (cache_type == CACHE_Q8_0 && cfg->head_dim % CACHE_GROUP != 0)
+        die("the q8_0 cache stores groups of %d dimensions, and this model's heads have %d: "
+            "use --cache-type bf16", CACHE_GROUP, cfg->head_dim);
+    alloc_state(&tr.state, cfg, (int)o.context, cache_type);
     tr.state.scratch.fast = o.fast;
     unsigned long long seed = o.seed >= 0 ? (unsigned long long)o.seed : fresh_seed();
     sampler_init(&s.sampler, &o.sampling, cfg->vocab_size, (int)o.context, seed);
@@ -2761,6 +2943,7 @@ int main(int argc, char **argv) {
             "weights; context %ld of %d\n", cfg->n_layers, cfg->dim, cfg->n_heads,
             cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size, weight_type_name(cfg->weight_type),
             o.context, cfg->max_seq_len);
+    print_cache_size(cfg, cache_type, (int)o.context);
     if (o.seed < 0 && o.sampling.temperature > 0.0f)
         fprintf(stderr, "seed: %llu (-s %llu repeats this run)\n", seed, seed);
     int status = 0;
@@ -2809,7 +2992,8 @@ int main(int argc, char **argv) {
      the prompt is bound by arithmetic, and a tile makes 16 multiply-adds per 2 loads where a
      dot product makes 1 per load.
    - attention (fast_attention): the query heads of a GQA group, and the next tokens' in a
-     prompt, share one pass over their KV head's keys and values, in register tiles (below).
+     prompt, share one pass over their KV head's keys and values, in register tiles, reading
+     every cache type directly (below).
    - quantizing (fast_quantize_group), softmax and SwiGLU (fast_softmax, fast_swiglu, with a
      vectorised exp within 2 ulp of expf): the same loops, 16 lanes at a time.
    -a fast (fast_bf16, fast_int8, fast_q4) trades exactness for speed as llama.cpp does:
@@ -2943,13 +3127,6 @@ static void dot_fp32_rows(float *out, const float *w, size_t stride, const float
    where an FMA makes 16. That rounding, not the products, is the cost. */
 #if defined __AVX512BF16__
 #define FAST_BF16 1
-
-static uint16_t round_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 static void round_vector_bf16(uint16_t *out, const float *x, int n) {
     int i = 0;
@@ -4067,27 +4244,70 @@ static int fast_swiglu(float *gate, const float *up, int width) {
    - a row's scores come out KEY_TILE positions at a time from broadcast multiply-adds against
      the transposed key tiles, with no horizontal sums;
    - the weighted sum reads the values in order, one position's values meeting every row's
-     weight.
+     weight;
+   - bf16 and q8_0 caches are widened 16 numbers at a time in registers as they are loaded
+     (widen16), and the next keys and values are fetched ahead (prefetch_bytes): one thread's
+     loads alone do not keep enough of a long cache in flight.
    A score and an output value are still each one float32 sum in order (over dimensions, over
    positions), and the softmax is the plain max-subtracted one. */
 #define ATT_TILE_ROWS 8  /* rows per register tile (4 where a pass has no more: decoding) */
 #define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
+#define VALUES_AHEAD 16  /* the weighted sum fetches the values this many positions ahead */
+
+#if defined __AVX512F__
+/* 16 consecutive cache elements from element i, widened to float32: bf16 by a shift, q8_0
+   as int8 -> float32 times its scales (16 of them for keys, one broadcast for values). Called
+   with a constant type, so that each kernel below is compiled once per cache type. */
+static inline __m512 widen16(const void *data, size_t i, int type, __m512 scales) {
+    if (type == CACHE_BF16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)data + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    if (type == CACHE_Q8_0) {
+        __m128i b = _mm_loadu_si128((const __m128i *)((const int8_t *)data + i));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scales);
+    }
+    return _mm512_loadu_ps((const float *)data + i);
+}
+
+/* Asks for the cache lines of bytes [p, p + n) to be loaded ahead of their use; results do not
+   change. Streaming a long cache, one thread's loads alone keep too few lines in flight (the
+   small types do more work per byte): attention asks for the next keys and values early. */
+static inline void prefetch_bytes(const void *p, size_t n) {
+    for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+}
+
+/* The scales of dimension d's 16 keys from key tile `tile` (q8_0; zeros otherwise). */
+static inline __m512 key_scales16(const KVHead *kv, int tile, int d, int head_dim, int type) {
+    if (type != CACHE_Q8_0) return _mm512_setzero_ps();
+    return _mm512_loadu_ps(kv->key_scales + key_index(tile * KEY_TILE, d / CACHE_GROUP,
+                                                      head_dim / CACHE_GROUP));
+}
+#endif
 
 /* scores[r][p] = scale * dot(rows[r], key p) for the SCORE_TILES * KEY_TILE positions from
    key tile `tile` on, rows r < nr <= tile_rows. Called with a constant tile_rows, 4 or
-   ATT_TILE_ROWS: decoding has 4 rows per KV head (the 1B shape), prompt passes 16. Per
-   dimension, 2 key loads and tile_rows broadcasts meet in 2 * tile_rows multiply-adds. */
+   ATT_TILE_ROWS (decoding has 4 rows per KV head (the 1B shape), prompt passes 16), and a
+   constant cache type. Per dimension, 2 key loads (widened) and tile_rows broadcasts meet in
+   2 * tile_rows multiply-adds. With `ahead`, the next pair of key tiles is fetched meanwhile. */
 static inline void score_tiles(float *const *scores, const float *const *rows, int nr,
-                               const float *keys, int tile, int head_dim, float scale,
-                               int tile_rows) {
-    const float *tile1 = keys + (size_t)tile * head_dim * KEY_TILE;
+                               const KVHead *kv, int tile, int head_dim, float scale,
+                               int tile_rows, int type, int ahead) {
 #if defined __AVX512F__
-    const float *tile2 = tile1 + (size_t)head_dim * KEY_TILE;
     __m512 acc[ATT_TILE_ROWS][SCORE_TILES];
+    size_t size = CACHE_TYPE_SIZES[type];
+    const char *next = (const char *)kv->keys +
+                       key_index((tile + SCORE_TILES) * KEY_TILE, 0, head_dim) * size;
     for (int r = 0; r < tile_rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int d = 0; d < head_dim; d++) {
-        __m512 k0 = _mm512_loadu_ps(tile1 + (size_t)d * KEY_TILE);
-        __m512 k1 = _mm512_loadu_ps(tile2 + (size_t)d * KEY_TILE);
+        if (ahead) {  /* dimension d of the next two tiles */
+            prefetch_bytes(next + (size_t)d * KEY_TILE * size, KEY_TILE * size);
+            prefetch_bytes(next + (size_t)(head_dim + d) * KEY_TILE * size, KEY_TILE * size);
+        }
+        __m512 k0 = widen16(kv->keys, key_index(tile * KEY_TILE, d, head_dim), type,
+                            key_scales16(kv, tile, d, head_dim, type));
+        __m512 k1 = widen16(kv->keys, key_index((tile + 1) * KEY_TILE, d, head_dim), type,
+                            key_scales16(kv, tile + 1, d, head_dim, type));
         for (int r = 0; r < tile_rows; r++) {
             __m512 q = _mm512_set1_ps(rows[r][d]);
             acc[r][0] = _mm512_fmadd_ps(q, k0, acc[r][0]);
@@ -4099,12 +4319,15 @@ static inline void score_tiles(float *const *scores, const float *const *rows, i
             _mm512_storeu_ps(scores[r] + (size_t)(tile + j) * KEY_TILE,
                              _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
 #else  /* the same sums, KEY_TILE-wide rows of plain floats (the compiler vectorises them) */
-    for (int i = 0; i < SCORE_TILES; i++, tile1 += (size_t)head_dim * KEY_TILE) {
-        float acc[ATT_TILE_ROWS][KEY_TILE] = {{0}};
-        for (int d = 0; d < head_dim; d++)
+    (void)type;
+    (void)ahead;
+    for (int i = 0; i < SCORE_TILES; i++) {
+        float acc[ATT_TILE_ROWS][KEY_TILE] = {{0}}, k[KEY_TILE];
+        for (int d = 0; d < head_dim; d++) {
+            widen_key_row(k, kv, tile + i, d, head_dim);
             for (int r = 0; r < tile_rows; r++)
-                for (int j = 0; j < KEY_TILE; j++)
-                    acc[r][j] += rows[r][d] * tile1[(size_t)d * KEY_TILE + j];
+                for (int j = 0; j < KEY_TILE; j++) acc[r][j] += rows[r][d] * k[j];
+        }
         for (int r = 0; r < nr; r++)
             for (int j = 0; j < KEY_TILE; j++)
                 scores[r][(size_t)(tile + i) * KEY_TILE + j] = acc[r][j] * scale;
@@ -4112,34 +4335,47 @@ static inline void score_tiles(float *const *scores, const float *const *rows, i
 #endif
 }
 
-/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed
-   two whole tiles at a time (the tail is written too; scores rows have room). keys: one KV
-   head's tiles. The row tiles take turns on each pair of key tiles, which stays in L1
-   meanwhile; rows past nr in the last row tile repeat row 0 so that the tiles stay fixed. */
-static void attention_scores(float *const *scores, const float *const *q, int nr,
-                             const float *keys, int n_pos, int head_dim, float scale) {
-    const float *rows[ATT_ROWS];
-    for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
+/* attention_scores for one (constant) cache type. */
+static inline void scores_of_type(float *const *scores, const float *const *rows, int nr,
+                                  const KVHead *kv, int n_pos, int head_dim, float scale,
+                                  int type) {
     for (int i = 0; i * KEY_TILE < n_pos; i += SCORE_TILES) {
+        int ahead = (i + SCORE_TILES) * KEY_TILE < n_pos;  /* (the next pair is in use) */
         for (int g = 0; g < nr; g += ATT_TILE_ROWS) {
             if (nr - g <= 4)
-                score_tiles(scores + g, rows + g, nr - g, keys, i, head_dim, scale, 4);
+                score_tiles(scores + g, rows + g, nr - g, kv, i, head_dim, scale, 4, type,
+                            ahead && g == 0);
             else
                 score_tiles(scores + g, rows + g,
-                            nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, keys, i, head_dim,
-                            scale, ATT_TILE_ROWS);
+                            nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, kv, i, head_dim,
+                            scale, ATT_TILE_ROWS, type, ahead && g == 0);
         }
     }
 }
 
+/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed
+   two whole tiles at a time (the tail is written too; scores rows have room). kv: one KV
+   head's cache. The row tiles take turns on each pair of key tiles, which stays in L1
+   meanwhile; rows past nr in the last row tile repeat row 0 so that the tiles stay fixed. */
+static void attention_scores(float *const *scores, const float *const *q, int nr,
+                             const KVHead *kv, int n_pos, int head_dim, float scale) {
+    const float *rows[ATT_ROWS];
+    for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
+    switch (kv->type) {
+    case CACHE_F32: scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_F32); break;
+    case CACHE_BF16: scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_BF16); break;
+    default: scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_Q8_0); break;
+    }
+}
+
 /* out[r] += sum over positions p in [p0, p1) of weights[r][p] * value p, for rows
-   r < nr <= tile_rows (a constant, as in score_tiles), head_dim values each. values: one KV
-   head's, [positions][head_dim]. 16 accumulators: tile_rows rows by 64 / tile_rows dimensions
-   at a time (decoding's 4 rows take 64, so that each position's values are read in one
-   pass); the dimensions past the last whole step one at a time. */
+   r < nr <= tile_rows (a constant, as in score_tiles; the cache type too). kv: one KV head's
+   cache. 16 accumulators: tile_rows rows by 64 / tile_rows dimensions at a time (decoding's 4
+   rows take 64, so that each position's values are read in one pass); the dimensions past
+   the last whole step one at a time. */
 static inline void sum_values(float *const *out, const float *const *weights, int nr,
-                              const float *values, int p0, int p1, int head_dim,
-                              int tile_rows) {
+                              const KVHead *kv, int p0, int p1, int head_dim, int tile_rows,
+                              int type) {
     int d0 = 0;
 #if defined __AVX512F__
     int vectors = 16 / tile_rows, width = 16 * vectors;
@@ -4151,57 +4387,79 @@ static inline void sum_values(float *const *out, const float *const *weights, in
             for (int j = 0; j < vectors; j++)
                 acc[r][j] = _mm512_loadu_ps(out[r < nr ? r : 0] + d0 + 16 * j);
         for (int p = p0; p < p1; p++) {
-            const float *v = values + (size_t)p * head_dim + d0;
+            size_t i = (size_t)p * head_dim + d0;
+            if (p + VALUES_AHEAD < p1)
+                prefetch_bytes((const char *)kv->values +
+                               (i + (size_t)VALUES_AHEAD * head_dim) * CACHE_TYPE_SIZES[type],
+                               (size_t)width * CACHE_TYPE_SIZES[type]);
             __m512 vv[4];
-            for (int j = 0; j < vectors; j++) vv[j] = _mm512_loadu_ps(v + 16 * j);
+            for (int j = 0; j < vectors; j++) {
+                size_t at = i + 16 * (size_t)j;
+                __m512 scale = type == CACHE_Q8_0 ?
+                    _mm512_set1_ps(kv->value_scales[at / CACHE_GROUP]) : _mm512_setzero_ps();
+                vv[j] = widen16(kv->values, at, type, scale);
+            }
             for (int r = 0; r < tile_rows; r++) {
                 __m512 wr = _mm512_set1_ps(w[r][p]);
                 for (int j = 0; j < vectors; j++) acc[r][j] = _mm512_fmadd_ps(wr, vv[j], acc[r][j]);
             }
         }
-        for (int r = 0; r < nr; r++)
+        for (int r = 0; r < nr && r < tile_rows; r++)  /* (nr <= tile_rows: for gcc) */
             for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
     }
 #else
     (void)tile_rows;
+    (void)type;
 #endif
     if (d0 == head_dim) return;
-    for (int p = p0; p < p1; p++) {
-        const float *v = values + (size_t)p * head_dim;
-        for (int r = 0; r < nr; r++) {
-            float wr = weights[r][p];
-            for (int d = d0; d < head_dim; d++) out[r][d] += wr * v[d];
+    for (int p = p0; p < p1; p++) {  /* (d0 is a multiple of CACHE_GROUP: whole groups) */
+        for (int g0 = d0; g0 < head_dim; g0 += CACHE_GROUP) {
+            float v[CACHE_GROUP];
+            int n = head_dim - g0 < CACHE_GROUP ? head_dim - g0 : CACHE_GROUP;
+            widen_value_run(v, kv, p, g0, n, head_dim);
+            for (int r = 0; r < nr; r++) {
+                float wr = weights[r][p];
+                for (int d = 0; d < n; d++) out[r][g0 + d] += wr * v[d];
+            }
         }
     }
 }
 
-static void attention_values(float *const *out, const float *const *weights, int nr,
-                             const float *values, int p0, int p1, int head_dim) {
-    if (nr <= 4) sum_values(out, weights, nr, values, p0, p1, head_dim, 4);
-    else sum_values(out, weights, nr, values, p0, p1, head_dim, ATT_TILE_ROWS);
+/* sum_values for one (constant) cache type, the tile fitting nr. */
+static inline void values_of_type(float *const *out, const float *const *weights, int nr,
+                                  const KVHead *kv, int p0, int p1, int head_dim, int type) {
+    if (nr <= 4) sum_values(out, weights, nr, kv, p0, p1, head_dim, 4, type);
+    else sum_values(out, weights, nr, kv, p0, p1, head_dim, ATT_TILE_ROWS, type);
 }
 
-/* One pass of attention(): rows row0 .. row0+nr-1 of KV head kv_head, where row i is query
-   head kv_head * group + i % group of token i / group (so the rows' last visible positions
+static void attention_values(float *const *out, const float *const *weights, int nr,
+                             const KVHead *kv, int p0, int p1, int head_dim) {
+    switch (kv->type) {
+    case CACHE_F32: values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_F32); break;
+    case CACHE_BF16: values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_BF16); break;
+    default: values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_Q8_0); break;
+    }
+}
+
+/* One pass of attention(): rows row0 .. row0+nr-1 of KV head `head`, where row i is query
+   head head * group + i % group of token i / group (so the rows' last visible positions
    rise with i). Writes each row's output into s->xb. */
 static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                           int kv_head, int row0, int nr) {
+                           int head, int row0, int nr) {
     int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
     int q_dim = cfg->n_heads * head_dim;
-    size_t head_stride = (size_t)s->cache_len * head_dim;
-    const float *keys = s->key_cache + layer_offset + kv_head * head_stride;
-    const float *values = s->value_cache + layer_offset + kv_head * head_stride;
+    KVHead kv = kv_head(s, layer_offset, head, head_dim);
     const float *q[ATT_ROWS];
     float *scores[ATT_ROWS], *out[ATT_ROWS];
     int last[ATT_ROWS];
     for (int r = 0; r < nr; r++) {
-        int row = row0 + r, t = row / group, h = kv_head * group + row % group;
+        int row = row0 + r, t = row / group, h = head * group + row % group;
         q[r] = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
         out[r] = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
         scores[r] = s->att + ((size_t)thread_id() * ATT_ROWS + r) * s->cache_len;
         last[r] = pos + t;
     }
-    attention_scores(scores, q, nr, keys, last[nr - 1] + 1, head_dim,
+    attention_scores(scores, q, nr, &kv, last[nr - 1] + 1, head_dim,
                      1.0f / sqrtf((float)head_dim));
     for (int r = 0; r < nr; r++) {
         softmax(scores[r], last[r] + 1);
@@ -4214,11 +4472,11 @@ static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, 
         int p1 = shared - p0 < VALUE_CHUNK ? shared : p0 + VALUE_CHUNK;
         for (int g = 0; g < nr; g += ATT_TILE_ROWS)
             attention_values(out + g, (const float *const *)scores + g,
-                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, values, p0, p1,
+                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, &kv, p0, p1,
                              head_dim);
     }
     for (int r = 1; r < nr; r++)
-        attention_values(out + r, (const float *const *)scores + r, 1, values, shared,
+        attention_values(out + r, (const float *const *)scores + r, 1, &kv, shared,
                          last[r] + 1, head_dim);
 }
 

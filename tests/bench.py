@@ -2,7 +2,8 @@
 
     /usr/bin/python3 tests/bench.py [--rounds 3] [--threads 2] [--prompt 512] [--decode 128]
                                     [--types fp32,bf16,q8_0,bf16:fast,q8_0:fast,...]
-                                    [--parts-seconds 15] [--long 4096 --long-types q8_0]
+                                    [--parts-seconds 15] [--long 4096 --long-types q8_0
+                                     --long-cache-types f32,bf16,q8_0 --long-rounds 1]
 
 Creates the checkpoint once (tests/make_checkpoint.py --preset llama32-1b) and exports it per
 weight type, caching both under build/bench/. Then, in rounds that interleave the weight types,
@@ -35,9 +36,11 @@ round also runs llama.cpp's llama-bench on them (same threads, prompt and decode
 repetition, interleaved with ours), and a table gives our speed as a ratio to llama.cpp's
 same type and to its Q4_0.
 
-With --long N, a further table (one round) decodes --decode tokens after a prompt that fills the
-context to N (-c N): attention then reads a long KV cache on every token. It shows peak RSS against
-the model file plus the KV cache that -c N allocates (float32 keys and values).
+With --long N, a further table decodes --decode tokens after a prompt that fills the context to N
+(-c N): attention then reads a long KV cache on every token. It runs each of --long-types with
+each KV cache type of --long-cache-types (--cache-type: f32, bf16, q8_0), interleaved, in
+--long-rounds rounds (medians), and shows peak RSS against the model file plus the KV cache
+that -c N allocates.
 """
 import argparse
 import os
@@ -175,9 +178,13 @@ def set_cache(path, cache):
         drop_cached(path)
 
 
-def kv_cache_bytes(path, context):
+CACHE_BYTES = {"f32": 4.0, "bf16": 2.0, "q8_0": 1.0 + 4.0 / 32}  # q8_0: a scale per 32
+
+
+def kv_cache_bytes(path, context, cache_type="f32"):
     c = header(path)
-    return 2 * c["n_layers"] * context * c["n_kv_heads"] * c["head_dim"] * 4
+    held = (context + 31) // 32 * 32  # run.c's cache_positions: whole pairs of key tiles
+    return 2 * c["n_layers"] * held * c["n_kv_heads"] * c["head_dim"] * CACHE_BYTES[cache_type]
 
 
 def flags(variant):
@@ -243,8 +250,14 @@ def main():
     ap.add_argument("--parts-seconds", type=float, default=15,
                     help="seconds of tests/decode_parts.c per model (0: skip)")
     ap.add_argument("--long", type=int, default=0, help="also decode at this context length")
-    ap.add_argument("--long-types", default="q8_0")
+    ap.add_argument("--long-types", default="q8_0", help="weight types of the --long table")
+    ap.add_argument("--long-cache-types", default="f32",
+                    help="KV cache types of the --long table (f32, bf16, q8_0: --cache-type)")
+    ap.add_argument("--long-rounds", type=int, default=1, help="rounds of the --long table")
     a = ap.parse_args()
+    for cache_type in a.long_cache_types.split(","):
+        if cache_type not in CACHE_BYTES:
+            raise SystemExit(f"bench: unknown cache type {cache_type!r} (f32, bf16, q8_0)")
     types = a.types.split(",")
     long_types = a.long_types.split(",") if a.long else []
     base = {t: t.split(":")[0] for t in types + long_types}
@@ -435,20 +448,33 @@ def decode_parts(parts, variants, a):
 
 
 def long_context(a, models, bw, rng, base, extra):
-    """Decode speed with the context nearly full, and memory against file + KV cache."""
+    """Decode speed with the context nearly full, per weight type and KV cache type, and memory
+    against file + KV cache."""
     ids = [rng.randrange(128000) for _ in range(a.long - a.decode - 8)]
     print(f"\ncontext {a.long}: decode {a.decode} tokens after a {len(ids)}-token prompt")
-    print("| type | bandwidth GB/s | decode tok/s | prompt tok/s | peak RSS MiB "
+    runs = [(t, c) for t in a.long_types.split(",") for c in a.long_cache_types.split(",")]
+    res = {run: new_result() for run in runs}
+    for r in range(a.long_rounds):
+        for t, cache_type in runs if r % 2 == 0 else runs[::-1]:
+            model = models[base[t]]
+            before = bandwidth(bw, a.threads)
+            pp, tg, _, rss = run_engine(a.binary, model, ids, a.decode, a.threads, a.long,
+                                        extra[t] + ("--cache-type", cache_type))
+            after = bandwidth(bw, a.threads)
+            add(res[t, cache_type], pp=pp, tg=tg, rss=rss, bw=(before + after) / 2)
+            print(f"round {r + 1} {label_of(t)}, {cache_type} cache: decode {tg:.1f} tok/s, "
+                  f"prompt {pp:.1f} tok/s", flush=True)
+    med = statistics.median
+    print(f"\n{host()}; {a.threads} threads, context {a.long}, medians of {a.long_rounds}")
+    print("| type | KV cache | bandwidth GB/s | decode tok/s | prompt tok/s | peak RSS MiB "
           "| file + KV cache MiB |")
-    print("|---|---|---|---|---|---|")
-    for t in a.long_types.split(","):
+    print("|---|---|---|---|---|---|---|")
+    for t, cache_type in runs:
+        d = res[t, cache_type]
         model = models[base[t]]
-        before = bandwidth(bw, a.threads)
-        pp, tg, _, rss = run_engine(a.binary, model, ids, a.decode, a.threads, a.long, extra[t])
-        after = bandwidth(bw, a.threads)
-        expected = (os.path.getsize(model) + kv_cache_bytes(model, a.long)) / 2**20
-        print(f"| {label_of(t)} | {(before + after) / 2:.1f} | {tg:.1f} | {pp:.1f} | {rss:.0f} "
-              f"| {expected:.0f} |", flush=True)
+        expected = (os.path.getsize(model) + kv_cache_bytes(model, a.long, cache_type)) / 2**20
+        print(f"| {label_of(t)} | {cache_type} | {med(d['bw']):.1f} | {med(d['tg']):.1f} | "
+              f"{med(d['pp']):.1f} | {med(d['rss']):.0f} | {expected:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

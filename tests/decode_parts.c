@@ -211,7 +211,7 @@ int main(int argc, char **argv) {
     Transformer tr = {0};
     load_model(argv[1], &tr.model, 0);
     const Config *cfg = &tr.model.config;
-    alloc_state(&tr.state, cfg, 256);
+    alloc_state(&tr.state, cfg, 256, CACHE_F32);
     tr.state.scratch.fast = argc == 4;
     ProductGroup *groups = checked_calloc((size_t)cfg->n_layers * 4 + 1, sizeof(ProductGroup),
                                           "groups");

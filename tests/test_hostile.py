@@ -81,7 +81,7 @@ def expect(kind, args, needle, status=1, stdin=None, usage=False, error_word=Tru
     assert "runtime error" not in err and "Sanitizer" not in err, f"{kind} {shown}: {err[-2000:]}"
     if status == 1:
         # the first line that is not the model summary printed once loading is done
-        lines = [l for l in err.splitlines() if not l.startswith(("model:", "prompt:", "seed:", "run: note:"))]
+        lines = [l for l in err.splitlines() if not l.startswith(("model:", "kv cache:", "prompt:", "seed:", "run: note:"))]
         first = lines[0] if lines else ""
         assert ("error" in first or not error_word) and needle.lower() in first.lower(), \
             f"{kind} {shown}: {needle!r} not in first line {first!r}"
@@ -480,6 +480,30 @@ def test_huge_tokenizer_file_header_first():
 
 # ------------------------------------------------------------------------------------------
 # The command line
+
+
+def test_cache_type_errors():
+    """--cache-type and llama.cpp's -ctk/-ctv: one setting for keys and values."""
+    model, tok = good_files()
+    for args, needle in ((["--cache-type", "q4_0"], "--cache-type wants 'f32', 'bf16' or 'q8_0'"),
+                         (["--cache-type", ""], "--cache-type wants"),
+                         (["--cache-type", "F32"], "--cache-type wants"),
+                         (["--cache-type", "f16"], "bf16 is the 2-byte cache type"),
+                         (["-ctk", "f16"], "-ctk f16 is not offered"),
+                         (["-ctv", "q8"], "-ctv wants"),
+                         (["-ctk", "bf16", "-ctv", "q8_0"],
+                          "key cache type bf16 and the value cache type q8_0 differ"),
+                         (["--cache-type-k", "q8_0", "--cache-type-v", "f32"], "differ"),
+                         (["--cache-type", "bf16", "-ctv", "f32"], "differ"),
+                         (["--cache-type"], "needs a value"), (["-ctk"], "needs a value"),
+                         (["--cache-type-v"], "needs a value")):
+        expect("cli", [program("run"), model, *args], needle, usage=True)
+    # q8_0 groups 32 dimensions of a head: this model's heads have 4
+    expect("cli", run_model(model, "--cache-type", "q8_0"), "groups of 32")
+    wide = write("heads32.bin", model_file(head_dim=32, **MODEL_ARGS)[0])
+    for args in (["-ctk", "q8_0"], ["-ctv", "bf16", "--cache-type", "bf16"], ["-ctk", "f32"]):
+        proc = expect("cli", run_model(wide, *args), "kv cache: " + args[1], status=0)
+        assert proc.stderr.count(b"kv cache:") == 1, proc.stderr
 
 
 def test_command_line_errors():

@@ -8,6 +8,7 @@
 
    usage: test_kernels                 kernels on random data; prints one line per check
           test_kernels MODEL.bin N     logits of N prompt tokens fed as blocks vs one at a time
+          test_kernels MODEL.bin N T   ... with a KV cache of type T (0 f32, 1 bf16, 2 q8_0)
 
    Every line reads "name: measured error (bound)"; the exit status is the number of failures. */
 
@@ -476,55 +477,134 @@ static void test_matmul_many(MatmulScratch *s) {
     check("matmul_many vs one matrix at a time", worst, 0.0);
 }
 
-/* attention() over the tiled KV cache against plain causal grouped-query attention, in
-   double, for a prompt block of n tokens after pos cached positions. */
-static void test_attention(int n_heads, int n_kv_heads, int head_dim, int pos, int n) {
-    Config cfg = { .dim = 64, .hidden_dim = 64, .n_layers = 1, .n_heads = n_heads,
-                   .n_kv_heads = n_kv_heads, .head_dim = head_dim, .vocab_size = 8,
-                   .max_seq_len = pos + n, .rope_theta = 10000.0f, .norm_eps = 1e-5f };
-    RunState s = {0};
+/* What a cache of cache_type holds for x[0 .. head_dim-1] (one key or value), widened back to
+   float: bf16 rounded to nearest even; q8_0 per group of CACHE_GROUP, int8 times its scale. */
+static void cache_rounding(float *x, int head_dim, int cache_type) {
+    for (int g = 0; g < head_dim; g += CACHE_GROUP) {
+        int n = head_dim - g < CACHE_GROUP ? head_dim - g : CACHE_GROUP;
+        if (cache_type == CACHE_BF16) {
+            for (int i = 0; i < n; i++) x[g + i] = bf16_to_float(float_to_bf16(x[g + i]));
+        } else if (cache_type == CACHE_Q8_0) {
+            int16_t q[CACHE_GROUP];
+            float scale = quantize_group(q, x + g, CACHE_GROUP, Q8_MAX);
+            for (int i = 0; i < CACHE_GROUP; i++) x[g + i] = (float)q[i] * scale;
+        }
+    }
+}
+
+/* Keys and values for seq_len positions ([seq_len][kv_dim], in [-1, 1)), stored in s's cache
+   as blocks fill it (positions from `from` on only), and rounded as the cache rounds them. */
+static void fill_cache(RunState *s, const Config *cfg, float *keys, float *values, int from,
+                       int seq_len) {
+    int kv_dim = cfg->n_kv_heads * cfg->head_dim;
+    for (int p0 = from; p0 < seq_len; p0 += MAX_BLOCK) {
+        int block = seq_len - p0 < MAX_BLOCK ? seq_len - p0 : MAX_BLOCK;
+        memcpy(s->k, keys + (size_t)p0 * kv_dim, (size_t)block * kv_dim * sizeof(float));
+        memcpy(s->v, values + (size_t)p0 * kv_dim, (size_t)block * kv_dim * sizeof(float));
+        store_kv(s, cfg, 0, p0, block);
+    }
+    for (size_t i = (size_t)from * kv_dim; i < (size_t)seq_len * kv_dim; i += cfg->head_dim) {
+        cache_rounding(keys + i, cfg->head_dim, s->cache_type);
+        cache_rounding(values + i, cfg->head_dim, s->cache_type);
+    }
+}
+
+static Config attention_config(int n_heads, int n_kv_heads, int head_dim, int seq_len) {
+    return (Config){ .dim = 64, .hidden_dim = 64, .n_layers = 1, .n_heads = n_heads,
+                     .n_kv_heads = n_kv_heads, .head_dim = head_dim, .vocab_size = 8,
+                     .max_seq_len = seq_len, .rope_theta = 10000.0f, .norm_eps = 1e-5f };
+}
+
+/* attention() (section 8's passes) and plain_attention() (section 3's loop) over the tiled KV
+   cache of cache_type against plain causal grouped-query attention in double over the numbers
+   the cache holds, for a prompt block of n tokens after pos cached positions. */
+static void test_attention(int n_heads, int n_kv_heads, int head_dim, int pos, int n,
+                           int cache_type) {
     int seq_len = pos + n, kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
     int group = n_heads / n_kv_heads;
-    alloc_state(&s, &cfg, seq_len);
+    Config cfg = attention_config(n_heads, n_kv_heads, head_dim, seq_len);
+    RunState s = {0};
+    alloc_state(&s, &cfg, seq_len, cache_type);
     float *keys = malloc((size_t)seq_len * kv_dim * sizeof(float));
     float *values = malloc((size_t)seq_len * kv_dim * sizeof(float));
     fill(keys, (size_t)seq_len * kv_dim);
     fill(values, (size_t)seq_len * kv_dim);
-    for (int p0 = 0; p0 < seq_len; p0 += MAX_BLOCK) {  /* the cache, as blocks fill it */
-        int block = seq_len - p0 < MAX_BLOCK ? seq_len - p0 : MAX_BLOCK;
-        memcpy(s.k, keys + (size_t)p0 * kv_dim, (size_t)block * kv_dim * sizeof(float));
-        memcpy(s.v, values + (size_t)p0 * kv_dim, (size_t)block * kv_dim * sizeof(float));
-        store_kv(&s, &cfg, 0, p0, block);
-    }
+    fill_cache(&s, &cfg, keys, values, 0, seq_len);
     for (size_t i = 0; i < (size_t)n * q_dim; i++) s.q[i] = 4.0f * uniform();  /* peaked */
-    attention(&s, &cfg, 0, pos, n);
-    double worst = 0.0;
     double *scores = malloc((size_t)seq_len * sizeof(double));
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < n_heads; h++) {
-            const float *q = s.q + (size_t)t * q_dim + (size_t)h * head_dim;
-            size_t kv = (size_t)(h / group) * head_dim;
-            double max = -INFINITY, sum = 0.0;
-            for (int p = 0; p <= pos + t; p++) {
-                double d = 0.0;
-                for (int i = 0; i < head_dim; i++) d += (double)q[i] * keys[p * kv_dim + kv + i];
-                scores[p] = d / sqrt((double)head_dim);
-                max = fmax(max, scores[p]);
+    for (int plain = 0; plain <= 1; plain++) {
+        if (plain) plain_attention(&s, &cfg, 0, pos, n);
+        else attention(&s, &cfg, 0, pos, n);
+        double worst = 0.0;
+        for (int t = 0; t < n; t++)
+            for (int h = 0; h < n_heads; h++) {
+                const float *q = s.q + (size_t)t * q_dim + (size_t)h * head_dim;
+                size_t kv = (size_t)(h / group) * head_dim;
+                double max = -INFINITY, sum = 0.0;
+                for (int p = 0; p <= pos + t; p++) {
+                    double d = 0.0;
+                    for (int i = 0; i < head_dim; i++)
+                        d += (double)q[i] * keys[p * kv_dim + kv + i];
+                    scores[p] = d / sqrt((double)head_dim);
+                    max = fmax(max, scores[p]);
+                }
+                for (int p = 0; p <= pos + t; p++) sum += scores[p] = exp(scores[p] - max);
+                for (int i = 0; i < head_dim; i++) {
+                    double want = 0.0;
+                    for (int p = 0; p <= pos + t; p++)
+                        want += scores[p] / sum * values[p * kv_dim + kv + i];
+                    double got = s.xb[(size_t)t * q_dim + (size_t)h * head_dim + i];
+                    worst = fmax(worst, fabs(got - want));
+                }
             }
-            for (int p = 0; p <= pos + t; p++) sum += scores[p] = exp(scores[p] - max);
-            for (int i = 0; i < head_dim; i++) {
-                double want = 0.0;
-                for (int p = 0; p <= pos + t; p++)
-                    want += scores[p] / sum * values[p * kv_dim + kv + i];
-                worst = fmax(worst, fabs(s.xb[(size_t)t * q_dim + (size_t)h * head_dim + i] -
-                                         want));
-            }
-        }
-    char name[80];
-    snprintf(name, sizeof name, "attention %d/%d heads of %d, %d after %d", n_heads,
-             n_kv_heads, head_dim, n, pos);
-    check(name, worst, 1e-5);  /* values in [-1, 1): absolute error */
+        char name[96];
+        snprintf(name, sizeof name, "%sattention %d/%d heads of %d, %d after %d, %s",
+                 plain ? "plain " : "", n_heads, n_kv_heads, head_dim, n, pos,
+                 CACHE_TYPE_NAMES[cache_type]);
+        check(name, worst, 1e-5);  /* values in [-1, 1): absolute error */
+    }
     free(scores); free(keys); free(values);
+    free_state(&s);
+}
+
+/* A block of n tokens after pos cached positions, stored and attended to at once, against
+   the same tokens one at a time (each stored, then attending): the same outputs to the bit,
+   since either way attention reads the block's keys and values from the cache, rounded. */
+static void test_attention_block_vs_tokens(int n_heads, int n_kv_heads, int head_dim, int pos,
+                                           int n, int cache_type) {
+    int seq_len = pos + n, kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
+    Config cfg = attention_config(n_heads, n_kv_heads, head_dim, seq_len);
+    RunState s = {0};
+    alloc_state(&s, &cfg, seq_len, cache_type);
+    float *keys = malloc((size_t)seq_len * kv_dim * sizeof(float));
+    float *values = malloc((size_t)seq_len * kv_dim * sizeof(float));
+    float *q = malloc((size_t)n * q_dim * sizeof(float));
+    float *block = malloc((size_t)n * q_dim * sizeof(float));
+    fill(keys, (size_t)seq_len * kv_dim);
+    fill(values, (size_t)seq_len * kv_dim);
+    for (size_t i = 0; i < (size_t)n * q_dim; i++) q[i] = 4.0f * uniform();
+    fill_cache(&s, &cfg, keys, values, 0, pos);
+    memcpy(s.k, keys + (size_t)pos * kv_dim, (size_t)n * kv_dim * sizeof(float));
+    memcpy(s.v, values + (size_t)pos * kv_dim, (size_t)n * kv_dim * sizeof(float));
+    memcpy(s.q, q, (size_t)n * q_dim * sizeof(float));
+    store_kv(&s, &cfg, 0, pos, n);
+    attention(&s, &cfg, 0, pos, n);
+    memcpy(block, s.xb, (size_t)n * q_dim * sizeof(float));
+    double worst = 0.0;
+    for (int t = 0; t < n; t++) {
+        memcpy(s.k, keys + (size_t)(pos + t) * kv_dim, (size_t)kv_dim * sizeof(float));
+        memcpy(s.v, values + (size_t)(pos + t) * kv_dim, (size_t)kv_dim * sizeof(float));
+        memcpy(s.q, q + (size_t)t * q_dim, (size_t)q_dim * sizeof(float));
+        store_kv(&s, &cfg, 0, pos + t, 1);
+        attention(&s, &cfg, 0, pos + t, 1);
+        for (int i = 0; i < q_dim; i++)
+            worst = fmax(worst, fabs((double)s.xb[i] - block[(size_t)t * q_dim + i]));
+    }
+    char name[96];
+    snprintf(name, sizeof name, "attention block = tokens, %d/%d of %d, %d after %d, %s",
+             n_heads, n_kv_heads, head_dim, n, pos, CACHE_TYPE_NAMES[cache_type]);
+    check(name, worst, 0.0);
+    free(keys); free(values); free(q); free(block);
     free_state(&s);
 }
 
@@ -678,14 +758,31 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q4_0, 40, 1536, 33, &s);
 #endif
     free_scratch(&s);
-    test_attention(32, 8, 64, 0, 1);      /* Llama 3.2 1B: one token */
-    test_attention(32, 8, 64, 300, 1);    /* ... decoding with a ragged last key tile */
-    test_attention(32, 8, 64, 37, 64);    /* ... a prompt block: rows of four tokens per pass */
-    test_attention(32, 8, 64, 290, 3);    /* ... 12 rows (tiles of 8 and 4), values in chunks */
-    test_attention(6, 1, 64, 270, 2);     /* GQA 6:1: a tile of 8 rows spans two tokens */
-    test_attention(4, 1, 128, 20, 7);     /* 128 dimensions: several passes over the values */
-    test_attention(4, 2, 16, 50, 9);      /* narrow heads, GQA 2:1: the plain loops */
-    test_attention(3, 3, 40, 17, 5);      /* no GQA, 40 dimensions: 3 rows of 3 tokens */
+    for (int type = CACHE_F32; type <= CACHE_Q8_0; type++) {
+        test_attention(32, 8, 64, 0, 1, type);    /* Llama 3.2 1B: one token */
+        test_attention(32, 8, 64, 300, 1, type);  /* ... decoding with a ragged last key tile */
+        test_attention(32, 8, 64, 37, 64, type);  /* ... a prompt block: four tokens per pass */
+        test_attention(32, 8, 64, 290, 3, type);  /* ... 12 rows (tiles of 8 and 4), chunks */
+        test_attention(6, 1, 64, 270, 2, type);   /* GQA 6:1: a tile of 8 rows spans 2 tokens */
+        test_attention(4, 1, 128, 20, 7, type);   /* 128 dimensions: passes over the values */
+        test_attention(3, 3, 96, 17, 5, type);    /* no GQA, 96 dimensions: 3 rows of 3 tokens */
+        /* the heads of every Llama 3 (64, 128 dimensions), decoding's 4 rows and prompt
+           blocks' 16, ragged tiles */
+        test_attention_block_vs_tokens(32, 8, 64, 0, 40, type);
+        test_attention_block_vs_tokens(32, 8, 64, 290, 7, type);
+        test_attention_block_vs_tokens(32, 8, 128, 33, 19, type);
+        test_attention_block_vs_tokens(6, 1, 64, 10, 9, type);
+#if !defined __AVX512F__
+        /* plain loops: any width (AVX-512 takes a width not a multiple of 64 partly one
+           value at a time, with a mul and an add where its vectors fuse them) */
+        test_attention_block_vs_tokens(3, 3, 96, 17, 5, type);
+        test_attention_block_vs_tokens(4, 4, 32, 20, 6, type);
+#endif
+    }
+    for (int type = CACHE_F32; type <= CACHE_BF16; type++) {  /* not whole q8_0 groups: */
+        test_attention(4, 2, 16, 50, 9, type);    /* narrow heads, GQA 2:1: the plain loops */
+        test_attention(3, 3, 40, 17, 5, type);    /* no GQA, 40 dimensions: 3 rows of 3 tokens */
+    }
     test_exp();
     test_quantize_group();
 }
@@ -716,12 +813,12 @@ static void compare_logits(const float *a, const float *b, int vocab, double *wo
 /* The prompt path against decoding: n tokens as blocks (all logits) vs one at a time; then
    the prompt fed as generation feeds it (last logits only), and one more token decoded after
    it, which reads every layer's cache that the prompt left. */
-static void test_model(const char *path, int n) {
+static void test_model(const char *path, int n, int cache_type) {
     Transformer tr = {0};
     load_model(path, &tr.model, 0);
     const Config *cfg = &tr.model.config;
     int vocab = cfg->vocab_size;
-    alloc_state(&tr.state, cfg, n + 1);
+    alloc_state(&tr.state, cfg, n + 1, cache_type);
     int *tokens = malloc((size_t)(n + 1) * sizeof(int));
     for (int i = 0; i <= n; i++) tokens[i] = (int)(random_u32(&rng_state) % (unsigned)vocab);
     float *blocked = malloc((size_t)(n + 1) * vocab * sizeof(float));
@@ -737,28 +834,44 @@ static void test_model(const char *path, int n) {
         else memcpy(blocked + (size_t)n * vocab, one, (size_t)vocab * sizeof(float));
     }
     char name[120];
-    snprintf(name, sizeof name, "blocks vs one at a time, %s, %d tokens",
-             weight_type_name(cfg->weight_type), n);
+    snprintf(name, sizeof name, "blocks vs one at a time, %s, %s cache, %d tokens",
+             weight_type_name(cfg->weight_type), CACHE_TYPE_NAMES[cache_type], n);
     /* q8_0 (and q4_0) decoding rounds activations to int16; blocks do too with AVX-512 VNNI (then only
        the order of the group sums differs, 1.8e-4 measured) and keep them float32 otherwise
        (2.4e-4): of the logits' range on tiny32, a peaked random model that amplifies any
        rounding */
     int quantized = cfg->weight_type == WEIGHT_Q8_0 || cfg->weight_type == WEIGHT_Q4_0;
     double bound = quantized ? 1e-3 : 1e-5;
+    /* A bf16 or q8_0 cache rounds keys and values: where the two feedings' keys differ in
+       their last bits, one may round a step the other way (a bf16 ulp, an int8 step), which
+       the peaked tiny models amplify: 3.6e-3 (bf16) and 1.4e-2 (q8_0) measured on tiny31 and
+       tiny32, every weight type */
+    if (cache_type == CACHE_BF16) bound = 2e-2;
+    if (cache_type == CACHE_Q8_0) bound = 5e-2;
+#if !defined __AVX512F__
+    /* without AVX-512, fp32 and bf16 weights take the same sums for a block as for one
+       token, and attention reads the block's keys and values from the cache: identical */
+    if (cfg->weight_type == WEIGHT_FP32 || cfg->weight_type == WEIGHT_BF16) bound = 0.0;
+#endif
     check(name, worst / range, bound);
 
     /* NaN in the cache: a key or value the fed prompt failed to store would show */
     size_t cache_values = (size_t)cfg->n_layers * tr.state.cache_len * cfg->n_kv_heads *
                           cfg->head_dim;
-    for (size_t i = 0; i < cache_values; i++)
-        tr.state.key_cache[i] = tr.state.value_cache[i] = NAN;
+    size_t cache_size = cache_values * CACHE_TYPE_SIZES[cache_type];
+    memset(tr.state.key_cache, 0xff, cache_size);  /* NaN in f32 and bf16; q8_0: NaN scales */
+    memset(tr.state.value_cache, 0xff, cache_size);
+    if (cache_type == CACHE_Q8_0) {
+        memset(tr.state.key_scales, 0xff, cache_values / CACHE_GROUP * sizeof(float));
+        memset(tr.state.value_scales, 0xff, cache_values / CACHE_GROUP * sizeof(float));
+    }
     double fed_worst = 0.0, fed_range = 0.0;
     compare_logits(feed_prompt(&tr, tokens, n), blocked + (size_t)(n - 1) * vocab, vocab,
                    &fed_worst, &fed_range);
     compare_logits(forward(&tr, tokens + n, 1, n, LOGITS_LAST), blocked + (size_t)n * vocab,
                    vocab, &fed_worst, &fed_range);
-    snprintf(name, sizeof name, "prompt fed for its last logits, then one more token, %s",
-             weight_type_name(cfg->weight_type));
+    snprintf(name, sizeof name, "prompt fed for its last logits, one more token, %s, %s",
+             weight_type_name(cfg->weight_type), CACHE_TYPE_NAMES[cache_type]);
     check(name, fed_worst / fed_range, bound);
     free(tokens); free(blocked);
     free_state(&tr.state);
@@ -766,7 +879,8 @@ static void test_model(const char *path, int n) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 3) test_model(argv[1], atoi(argv[2]));
+    if (argc == 3 || argc == 4)
+        test_model(argv[1], atoi(argv[2]), argc == 4 ? atoi(argv[3]) : CACHE_F32);
     else test_kernels();
     return failures;
 }

@@ -32,7 +32,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint64_t end = map_weights(cfg, image, &tr.model.weights);
     if (end != size) __builtin_trap();  /* the layout must be the one validate_model checked */
     int seq_len = cfg->max_seq_len < 3 ? cfg->max_seq_len : 3;
-    alloc_state(&tr.state, cfg, seq_len);
+    alloc_state(&tr.state, cfg, seq_len, CACHE_F32);
     int tokens[2] = { 0, cfg->vocab_size - 1 };
     int n = seq_len >= 2 ? 2 : 1;
     float *logits = forward(&tr, tokens, n, 0, LOGITS_ALL);
