@@ -3013,6 +3013,16 @@ static __mmask16 lanes_before(int i, int n) {
     return k >= 16 ? (__mmask16)0xffff : k <= 0 ? 0 : (__mmask16)((1u << k) - 1);
 }
 
+/* Asks for the cache lines of bytes [p, p + n) to be loaded ahead of their use; results do not
+   change. A decoding kernel streams each row once, and attention a long cache: one thread's
+   loads alone keep too few lines in flight, and the hardware prefetcher leaves the kernels
+   waiting on memory between their bursts of arithmetic. So the kernels ask for the bytes
+   DECODE_AHEAD past the ones they are about to read (README.md, "Performance"). */
+#define DECODE_AHEAD 2048
+static inline void prefetch_bytes(const void *p, size_t n) {
+    for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+}
+
 /* Sums the four accumulators' 64 lanes. */
 static float sum4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
@@ -3023,6 +3033,7 @@ static float dot_fp32_avx512(const float *w, const float *x, int n) {
     int i = 0;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  /* four chains hide latency */
     for (; i + 64 <= n; i += 64) {
+        prefetch_bytes((const char *)(w + i) + DECODE_AHEAD, 256);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
@@ -3055,6 +3066,7 @@ static float dot_bf16_avx512(const uint16_t *w, const float *x_pairs, int n) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     for (; i + 64 <= n; i += 64) {
+        prefetch_bytes((const char *)(w + i) + DECODE_AHEAD, 128);
         __m512i p0 = _mm512_loadu_si512((const void *)(w + i));
         __m512i p1 = _mm512_loadu_si512((const void *)(w + i + 32));
         __m512 even0 = _mm512_castsi512_ps(_mm512_slli_epi32(p0, 16));
@@ -3261,6 +3273,8 @@ static inline float groups_dot_q8(const int8_t *w, const float *w_scales,
     for (int g0 = 0; g0 < n_groups; g0 += 16) {
         int n = n_groups - g0 < 16 ? n_groups - g0 : 16;
         __mmask16 m = lanes_before(0, n);
+        prefetch_bytes(w + (size_t)g0 * gs + DECODE_AHEAD, (size_t)16 * gs);
+        prefetch_bytes((const char *)(w_scales + g0) + DECODE_AHEAD / 16, 64);
         _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
                                                _mm512_maskz_loadu_ps(m, x->scales + g0)));
         int j = 0;
@@ -3361,14 +3375,10 @@ static inline __m512 q4_scales(const uint16_t *w_scales, const QuantizedVector *
     return _mm512_mul_ps(w, _mm512_maskz_loadu_ps(m, x->scales + g0));
 }
 
-/* The nibbles Q4_AHEAD bytes ahead of the 256 (16 groups of 32) at w, and of their scales
-   line: the hardware prefetcher alone leaves the kernel waiting on memory between its bursts
-   of arithmetic (README.md, "Performance"). */
-#define Q4_AHEAD 2048
+/* The nibbles DECODE_AHEAD bytes ahead of the 256 (16 groups of 32) at w, and their scales. */
 static inline void prefetch_q4(const uint8_t *w, const uint16_t *scales) {
-    for (int line = 0; line < 256; line += 64)
-        _mm_prefetch((const char *)w + Q4_AHEAD + line, _MM_HINT_T0);
-    _mm_prefetch((const char *)scales + Q4_AHEAD / 8, _MM_HINT_T0);
+    prefetch_bytes(w + DECODE_AHEAD, 256);
+    prefetch_bytes((const char *)scales + DECODE_AHEAD / 8, 1);
 }
 
 /* Groups of 32. */
@@ -4268,13 +4278,6 @@ static inline __m512 widen16(const void *data, size_t i, int type, __m512 scales
         return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scales);
     }
     return _mm512_loadu_ps((const float *)data + i);
-}
-
-/* Asks for the cache lines of bytes [p, p + n) to be loaded ahead of their use; results do not
-   change. Streaming a long cache, one thread's loads alone keep too few lines in flight (the
-   small types do more work per byte): attention asks for the next keys and values early. */
-static inline void prefetch_bytes(const void *p, size_t n) {
-    for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
 }
 
 /* The scales of dimension d's 16 keys from key tile `tile` (q8_0; zeros otherwise). */
