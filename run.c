@@ -389,9 +389,9 @@ static void free_model(Model *m) {
      every token of the block, so the rows are widened to float32 a panel at a time and meet
      all the tokens from cache.
    q8_0 and q4_0 decoding quantize the activations too, to int16 per group, so that each
-   group's dot product is exact integer arithmetic (dot_q8, dot_q4). Where the machine has AVX-512, section 8
-   replaces these loops with kernels that compute the same sums (in another order) faster;
-   the calls into it are marked "hook". */
+   group's dot product is exact integer arithmetic (dot_q8, dot_q4). Where the machine has
+   AVX-512, section 8 replaces these loops with kernels that compute the same sums (in another
+   order) faster; the calls into it are marked "hook". */
 
 /* float32 -> bf16, rounded to nearest even (a NaN stays a NaN): the KV cache's bf16, and -a
    fast's activations for bf16 weights. */
@@ -4365,9 +4365,15 @@ static void attention_scores(float *const *scores, const float *const *q, int nr
     const float *rows[ATT_ROWS];
     for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
     switch (kv->type) {
-    case CACHE_F32: scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_F32); break;
-    case CACHE_BF16: scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_BF16); break;
-    default: scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_Q8_0); break;
+    case CACHE_F32:
+        scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_F32);
+        break;
+    case CACHE_BF16:
+        scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_BF16);
+        break;
+    default:
+        scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_Q8_0);
+        break;
     }
 }
 
