@@ -48,7 +48,7 @@ test-valgrind: build/demo.bin
 
 bench: runomp tokenize
 	$(PYTHON) tests/bench_tokenizer.py
-	$(PYTHON) tests/bench.py --long 4096 --long-types q8_0,q8_0:fast
+	$(PYTHON) tests/bench.py --long 16384 --long-types q8_0:fast --long-cache-types f32,bf16,q8_0
 
 # Llama-3.1-8B shape: ~16 GB checkpoint + one export per type that fits on the disk, under
 # build/bench8b/ (BENCH8B_FLAGS: e.g. --types q8_0 --rounds 1). Both benches run llama.cpp's

@@ -243,7 +243,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--types",
-                    default="fp32,bf16,q8_0,bf16:fast,q8_0:fast,bf16:read,q8_0:read,q8_0:fast+read",
+                    default="fp32,bf16,q8_0,q4_0,bf16:fast,q8_0:fast,q4_0:fast,bf16:read,q8_0:read,"
+                            "q8_0:fast+read",
                     help="weight types; TYPE:fast runs that model with -a fast, TYPE:read with "
                          "-w read, TYPE:fast+read with both")
     ap.add_argument("--binary", default=os.path.join(ROOT, "runomp"), help="engine to time")

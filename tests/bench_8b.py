@@ -1,6 +1,6 @@
 """Speed and memory of ./runomp at the Llama-3.1-8B shape (make bench-8b).
 
-    /usr/bin/python3 tests/bench_8b.py [--types q8_0,bf16,fp32] [--modes map,read]
+    /usr/bin/python3 tests/bench_8b.py [--types q4_0,q8_0,bf16,fp32] [--modes map,read]
         [--caches cold,warm] [--rounds 2] [--threads 2] [--prompt 64] [--decode 32]
         [--hf DIR] [--dir build/bench8b] [--plan]
 
@@ -279,7 +279,7 @@ def report(a, res, exports, models, ggufs, llama_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--types", default="q8_0,bf16,fp32",
+    ap.add_argument("--types", default="q4_0,q8_0,bf16,fp32",
                     help="export.py --dtype values, in order of priority for the disk space")
     ap.add_argument("--modes", default="map,read", help="weights: map (default) and/or read")
     ap.add_argument("--caches", default="cold,warm", help="page-cache states: cold, warm")
