@@ -2523,6 +2523,7 @@ typedef struct {
     int fast;  /* -a fast */
     int read_weights;  /* -w read */
     const char *cache_k, *cache_v;  /* --cache-type, -ctk, -ctv: NULL where not given */
+    int cache_type;  /* ... the one type they name (cache_type_option) */
 } Options;
 
 /* Every flag: its short and long spellings (either may be NULL), whether it takes a value,
@@ -2694,7 +2695,7 @@ static void parse_options(int argc, char **argv, Options *o) {
     if (o->prompt_file && chat_mode) usage_error("-f is for generate mode only");
     if (o->system_prompt && !chat_mode) usage_error("-y is for chat mode only");
     if (o->json && !chat_mode) usage_error("-o json is for chat mode only");
-    cache_type_option(o);  /* (-ctk and -ctv agree) */
+    o->cache_type = cache_type_option(o);
 }
 
 /* ---- Files given by mistake, and outputs that would overwrite inputs ---- */
@@ -2926,7 +2927,7 @@ int main(int argc, char **argv) {
         die("the prompt has %zu tokens but the context holds %ld (-c)", prompt.count,
             o.context);
 
-    int cache_type = cache_type_option(&o);
+    int cache_type = o.cache_type;
     if (cache_type == CACHE_Q8_0 && cfg->head_dim % CACHE_GROUP != 0)
         die("the q8_0 cache stores groups of %d dimensions, and this model's heads have %d: "
             "use --cache-type bf16", CACHE_GROUP, cfg->head_dim);
