@@ -2992,6 +2992,8 @@ int main(int argc, char **argv) {
      stay in L2 (matmul_strips), and for q8_0 the same with integer words (matmul_strips_q8):
      the prompt is bound by arithmetic, and a tile makes 16 multiply-adds per 2 loads where a
      dot product makes 1 per load.
+     Where the CPU has AMX (Intel's tile unit), q8_0 and q4_0 prompts go through its tile
+     products instead (matmul_tiles), thousands of multiply-adds per instruction.
    - attention (fast_attention): the query heads of a GQA group, and the next tokens' in a
      prompt, share one pass over their KV head's keys and values, in register tiles, reading
      every cache type directly (below).
@@ -3007,6 +3009,9 @@ int main(int argc, char **argv) {
 
 #if defined __AVX512F__
 #include <immintrin.h>
+#if defined __linux__
+#include <sys/syscall.h>  /* SYS_arch_prctl: the AMX tiles (amx_granted) */
+#endif
 
 /* The lanes of a 16-float step from i that lie before n (a loop's ragged last step). */
 static __mmask16 lanes_before(int i, int n) {
@@ -3198,6 +3203,23 @@ static inline __m512i dot_int8(__m512i acc, __m512i a, __m512i b) {
 #define FAST_INT8 1
 #else
 #define FAST_INT8 0
+#endif
+
+#if FAST_INT8 && defined __AMX_TILE__ && defined __AMX_INT8__ && defined __AMX_BF16__ && \
+    defined SYS_arch_prctl
+#define FAST_AMX 1
+/* The q8_0 and q4_0 prompt path on CPUs with AMX, Intel's tile unit (matmul_tiles, below).
+   Linux hands out the tile registers on request (amx_granted); without them the strips run. */
+#define AMX_TOKENS 16  /* tokens per pack: a tile's 16 columns */
+#define AMX_ROWS 256   /* most weight rows per panel */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_granted(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+#else
+#define FAST_AMX 0
 #endif
 
 /* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the max
@@ -3531,6 +3553,9 @@ struct FastScratch {
     QuantizedVector *token_q;  /* ... and one quantized token [max_cols] per thread */
     float *panel_scales;   /* ... with its scales, [PANEL_ROWS][max_cols / 2] per thread */
     int n_strip_tokens; /* max_tokens rounded up to whole strips */
+    int amx;            /* prompt path: the tile registers granted (matmul_tiles) */
+    char *amx_panels;   /* ... then one [AMX_ROWS][max_cols] panel of bf16 per thread */
+    float *amx_scales;  /* ... and its scales, [AMX_ROWS][max_cols / 32] */
 };
 
 static void fast_alloc_scratch(MatmulScratch *s) {
@@ -3561,6 +3586,15 @@ static void fast_alloc_scratch(MatmulScratch *s) {
         f->token_q[i].q = checked_calloc((size_t)max_cols, sizeof(int16_t), "matmul scratch");
         f->token_q[i].scales = checked_calloc((size_t)max_cols, sizeof(float), "matmul scratch");
     }
+#if FAST_AMX
+    f->amx = amx_granted();
+    if (f->amx) {
+        f->amx_panels = checked_calloc((size_t)s->n_threads * AMX_ROWS * max_cols, 2,
+                                       "matmul scratch");
+        f->amx_scales = checked_calloc((size_t)s->n_threads * AMX_ROWS * (max_cols / 32 + 1),
+                                       sizeof(float), "matmul scratch");
+    }
+#endif
     s->fast_paths = f;
 }
 
@@ -3572,6 +3606,7 @@ static void fast_free_scratch(MatmulScratch *s) {
     free(f->strips); free(f->x_pairs); free(f->blocks); free(f->strip_sums);
     free(f->strips_q); free(f->strip_scales); free(f->strip_int8_offsets);
     free(f->panels_q); free(f->panel_scales);
+    free(f->amx_panels); free(f->amx_scales);
     for (int i = 0; i < s->n_threads; i++) { free(f->token_q[i].q); free(f->token_q[i].scales); }
     free(f->token_q);
     free(f);
@@ -4145,10 +4180,229 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
 }
 #endif
 
-/* Hook (matmul_many): the prompt path, matmul_strips_q8 for q8_0 with VNNI, matmul_strips
-   otherwise. */
+#if FAST_AMX
+/* The q8_0 and q4_0 prompt path from tile products. One instruction multiplies a tile of 16
+   weight rows x 32 values by one of 32 values x 16 tokens and adds the 16 x 16 products to a
+   tile of sums: 8192 multiply-adds (16384 for int8 steps of 64), where vpdpwssd makes 32.
+   - exact: bf16 tiles (TDPBF16PS, float sums). A weight's q (|q| <= 127) is exact in bf16;
+     each activation is split in two bf16, hi = bf16(x) and lo = bf16(x - hi), which hold x to
+     16 bits of mantissa, so q hi + q lo is q x within about 2^-17 of it, with no quantizing of
+     x (the strips round x to int16 per group: about 2^-16 of the group's largest).
+   - -a fast: int8 tiles (TDPBSSD) of the strips' own int8 activations: the same integer sums.
+   Each step's sums leave their tile and meet the group's scales as in strip_kernel_q8. */
+
+/* Whether the tile path takes w: as the strips, with whole groups of 32. */
+static int amx_applies(const Matrix *w, const MatmulScratch *s) {
+    return s->fast_paths->amx && q8_strips_apply(w) && w->group_size % 32 == 0;
+}
+
+/* Values per tile product: 32 bf16 pairs, or 64 int8 where the groups hold whole steps. */
+static int amx_step(int gs, int int8) { return int8 && gs % 64 == 0 ? 64 : 32; }
+
+/* The tile shapes, one per thread before its first tile instruction: tiles 2 and 3 hold a
+   step of 16 tokens' activations (step / 4 rows of 16 tokens x 4 bytes: pairs of bf16 or
+   quads of int8, as amx_pack_tokens lays them out); three sets of (sums, weights) tiles,
+   (0, 1), (4, 5), (6, 7), take turns over the panel's row tiles, so that one row tile's
+   products need not wait for the last one's sums to leave their tile. */
+static void amx_configure(int step, int int8) {
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t bytes[16]; uint8_t rows[16]; }
+        cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    int step_bytes = int8 ? step : 2 * step;
+    for (int t = 0; t < 8; t++) {
+        int tokens = t == 2 || t == 3, weights = t == 1 || t == 5 || t == 7;
+        cfg.rows[t] = tokens ? (uint8_t)(step_bytes / 4) : 16;
+        cfg.bytes[t] = weights ? (uint16_t)step_bytes : 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Tokens t0 .. t0+15 of x (zeros past n_tokens) in a tile's layout, value k of token j at
+   place (k / p) * 16 p + j p + k % p of each plane (p values per 4 bytes). int8: one plane of
+   p = 4 values quantized as the strips are (scales[g * 16 + j]); else two planes of p = 2
+   bf16, the value rounded (high) and what that left out, rounded (low): high + low is the
+   value to 16 bits of mantissa, so that the weights' exact bf16 values against both sum to
+   the float products within float rounding. */
+static void amx_pack_tokens(void *high, void *low, float *scales, const float *x, int t0,
+                            int n_tokens, int cols, int gs, int int8, QuantizedVector *tmp) {
+    for (int j = 0; j < AMX_TOKENS; j++) {
+        const float *xj = x + (size_t)(t0 + j) * cols;
+        int in = t0 + j < n_tokens;
+        if (int8 && in) quantize_vector(tmp, xj, cols, gs, Q8_MAX);
+        for (int k = 0; k < cols; k++) {
+            if (int8) {
+                size_t at = (size_t)k / 4 * 64 + (size_t)j * 4 + k % 4;
+                ((int8_t *)high)[at] = in ? (int8_t)tmp->q[k] : 0;
+            } else {
+                size_t at = (size_t)k / 2 * 32 + (size_t)j * 2 + k % 2;
+                uint16_t h = in ? round_to_bf16(xj[k]) : 0;
+                ((uint16_t *)high)[at] = h;
+                ((uint16_t *)low)[at] = in ? round_to_bf16(xj[k] - bf16_to_float(h)) : 0;
+            }
+        }
+        for (int g = 0; int8 && g < cols / gs; g++)
+            scales[(size_t)g * AMX_TOKENS + j] = in ? tmp->scales[g] : 0.0f;
+    }
+}
+
+/* 32 q4_0 values (one block's 16 bytes of nibbles) as 32 int16 lanes, q + 8, in order. */
+static inline __m512i q4_block_lanes(const uint8_t *nibbles) {
+    __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)nibbles));
+    __m256i low = _mm256_and_si256(w, _mm256_set1_epi16(15)), high = _mm256_srli_epi16(w, 4);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+
+/* Rows r0 .. r0+nr-1 of w (zero rows past nr, up to rows_max) as int8 or bf16 values, exact
+   either way, and their scales as floats, [row][group]. */
+static void amx_panel(void *panel, float *scales, const Matrix *w, int r0, int nr, int rows_max,
+                      int int8) {
+    int cols = w->cols, n_groups = cols / w->group_size;
+    size_t n = (size_t)nr * cols, bytes = int8 ? 1 : 2;
+    if (w->type == WEIGHT_Q4_0) {
+        const uint8_t *nibbles = (const uint8_t *)w->data + (size_t)r0 * cols / 2;
+        uint16_t bf16_of[32];  /* q + 8 -> bf16 of q, as a lane table */
+        for (int q = 0; q < 32; q++) bf16_of[q] = round_to_bf16((float)(q % 16 - 8));
+        __m512i table = _mm512_loadu_si512((const void *)bf16_of);
+        for (size_t i = 0; i < n; i += 32) {
+            __m512i lanes = q4_block_lanes(nibbles + i / 2);
+            if (int8)
+                _mm256_storeu_si256((__m256i *)((int8_t *)panel + i), _mm512_cvtepi16_epi8(
+                                        _mm512_sub_epi16(lanes, _mm512_set1_epi16(8))));
+            else
+                _mm512_storeu_si512((uint16_t *)panel + i, _mm512_permutexvar_epi16(lanes, table));
+        }
+    } else {
+        const int8_t *q = (const int8_t *)w->data + (size_t)r0 * cols;
+        if (int8) memcpy(panel, q, n);
+        for (size_t i = 0; !int8 && i < n; i += 16)  /* cols is a multiple of 32 */
+            _mm256_storeu_si256((__m256i *)((uint16_t *)panel + i), (__m256i)_mm512_cvtneps_pbh(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i)))
+                )));
+    }
+    memset((char *)panel + n * bytes, 0, ((size_t)rows_max * cols - n) * bytes);
+    for (size_t g = 0; g < (size_t)rows_max * n_groups; g++) {
+        size_t at = (size_t)r0 * n_groups + g;
+        scales[g] = g >= (size_t)nr * n_groups ? 0.0f
+            : w->type == WEIGHT_Q4_0 ? fp16_to_float(w->fp16_scales[at]) : w->scales[at];
+    }
+}
+
+/* One row tile's product with the step's activations in tiles 2 (and 3), in tile set
+   (sums C, weights A), stored to sums: 16 rows x 16 tokens, floats from bf16 (both planes'
+   products) or int32 from int8. */
+#define AMX_ROW_TILE(C, A)                       \
+    do {                                         \
+        _tile_loadd(A, weights, weights_stride); \
+        _tile_zero(C);                           \
+        if (int8) {                              \
+            _tile_dpbssd(C, A, 2);               \
+        } else {                                 \
+            _tile_dpbf16ps(C, A, 2);             \
+            _tile_dpbf16ps(C, A, 3);             \
+        }                                        \
+        _tile_stored(C, sums, 64);               \
+    } while (0)
+
+static void amx_row_tile(int set, void *sums, const void *weights, size_t weights_stride,
+                         int int8) {
+    if (set == 0) AMX_ROW_TILE(0, 1);
+    else if (set == 1) AMX_ROW_TILE(4, 5);
+    else AMX_ROW_TILE(6, 7);
+}
+
+/* out[t][r] for a panel of nr rows (a multiple of 16) and one pack of 16 tokens: step by
+   step, the step's activations loaded once for all row tiles, each row tile's sums scaled
+   into acc[r] (16 tokens' lanes) by its group's scales, as strip_kernel_q8 does. */
+static void amx_panel_pack(float *acc, int32_t (*sums)[256], const void *panel,
+                           const float *w_scales, const void *high, const void *low,
+                           const float *x_scales, int nr, int cols, int gs, int int8) {
+    int n_groups = cols / gs, step = amx_step(gs, int8), bytes = int8 ? 1 : 2;
+    for (int r = 0; r < nr; r++) _mm512_storeu_ps(acc + r * 16, _mm512_setzero_ps());
+    for (int k = 0; k < cols; k += step) {
+        int g = k / gs;
+        _tile_loadd(2, (const char *)high + (size_t)k * bytes * AMX_TOKENS, 64);
+        if (!int8) _tile_loadd(3, (const char *)low + (size_t)k * bytes * AMX_TOKENS, 64);
+        for (int rt = 0; rt < nr / 16; rt++)
+            amx_row_tile(rt % 3, sums[rt],
+                         (const char *)panel + ((size_t)rt * 16 * cols + k) * bytes,
+                         (size_t)cols * bytes, int8);
+        __m512 xs = int8 ? _mm512_loadu_ps(x_scales + (size_t)g * AMX_TOKENS)
+                         : _mm512_set1_ps(1.0f);
+        for (int r = 0; r < nr; r++) {
+            const void *t = sums[r / 16] + r % 16 * 16;
+            __m512 sum = int8 ? _mm512_cvtepi32_ps(_mm512_loadu_si512(t)) : _mm512_loadu_ps(t);
+            __m512 scale = _mm512_mul_ps(xs, _mm512_set1_ps(w_scales[(size_t)r * n_groups + g]));
+            _mm512_storeu_ps(acc + r * 16,
+                             _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(acc + r * 16)));
+        }
+    }
+}
+
+/* Rows per panel: as many as keep a panel's values within 1 MB (it is reread for every pack
+   of tokens), 16 to AMX_ROWS. */
+static int amx_panel_rows(int cols, int int8) {
+    int rows = (1 << 20) / (cols * (int8 ? 1 : 2)) / 16 * 16;
+    return rows < 16 ? 16 : rows > AMX_ROWS ? AMX_ROWS : rows;
+}
+
+/* Like matmul_strips_q8: the threads pack the tokens, 16 at a time (into the float strips'
+   buffer: up to 4 bytes per value), then take panels of rows, each widened once and met by
+   every pack. */
+static void matmul_tiles(float *out, const float *x, int n_tokens, const Matrix *w,
+                         MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, gs = w->group_size;
+    int int8 = fast_int8(w, s) || fast_q4(w, s), step = amx_step(gs, int8);
+    int n_packs = (n_tokens + AMX_TOKENS - 1) / AMX_TOKENS, panel_rows = amx_panel_rows(cols, int8);
+    int n_panels = (rows + panel_rows - 1) / panel_rows;
+    size_t pack_bytes = (size_t)AMX_TOKENS * cols * 4, pack_scales = (size_t)AMX_TOKENS * cols / 32;
+    struct FastScratch *f = s->fast_paths;
+    OMP(parallel)
+    {
+        int id = thread_id();
+        OMP(for schedule(static))
+        for (int i = 0; i < n_packs; i++) {
+            char *high = (char *)f->strips + (size_t)i * pack_bytes;
+            amx_pack_tokens(high, int8 ? NULL : high + pack_bytes / 2,
+                            f->strip_scales + (size_t)i * pack_scales, x, i * AMX_TOKENS,
+                            n_tokens, cols, gs, int8, &f->token_q[id]);
+        }
+        void *panel = f->amx_panels + (size_t)id * AMX_ROWS * 2 * (size_t)s->max_cols;
+        float *scales = f->amx_scales + (size_t)id * AMX_ROWS * (s->max_cols / 32);
+        float acc[AMX_ROWS * AMX_TOKENS];
+        int32_t sums[AMX_ROWS / 16][256];
+        amx_configure(step, int8);
+        OMP(for schedule(static))
+        for (int p = 0; p < n_panels; p++) {
+            int r0 = p * panel_rows, nr = rows - r0 < panel_rows ? rows - r0 : panel_rows;
+            int nr16 = (nr + 15) / 16 * 16;
+            amx_panel(panel, scales, w, r0, nr, nr16, int8);
+            for (int i = 0; i < n_packs; i++) {
+                const char *high = (const char *)f->strips + (size_t)i * pack_bytes;
+                amx_panel_pack(acc, sums, panel, scales, high, int8 ? NULL : high + pack_bytes / 2,
+                               f->strip_scales + (size_t)i * pack_scales, nr16, cols, gs, int8);
+                int t0 = i * AMX_TOKENS;
+                int nt = n_tokens - t0 < AMX_TOKENS ? n_tokens - t0 : AMX_TOKENS;
+                for (int t = 0; t < nt; t++)
+                    for (int r = 0; r < nr; r++)
+                        out[(size_t)(t0 + t) * rows + r0 + r] = acc[r * AMX_TOKENS + t];
+            }
+        }
+        _tile_release();
+    }
+}
+#endif
+
+/* Hook (matmul_many): the prompt path, matmul_tiles for q8_0 and q4_0 with AMX,
+   matmul_strips_q8 with VNNI, matmul_strips otherwise. */
 static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
                              MatmulScratch *s) {
+#if FAST_AMX
+    if (amx_applies(w, s)) {
+        matmul_tiles(out, x, n_tokens, w, s);
+        return 1;
+    }
+#endif
 #if FAST_INT8
     if (q8_strips_apply(w)) {
         matmul_strips_q8(out, x, n_tokens, w, s);

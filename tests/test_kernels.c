@@ -449,6 +449,57 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
 }
 #endif
 
+#if FAST_AMX
+/* The AMX prompt path (matmul_tiles) against the strips it stands in for, on the same
+   matrix and tokens: -a fast's int8 tiles sum the same integers, so the same bits where a
+   group is one tile step (else the steps' floats add up in another order: within 1e-6); the
+   exact path's bf16 halves of x against the reference, closer than the strips' int16 x. */
+static void test_matmul_tiles(int type, int rows, int cols, int gs, int n, MatmulScratch *s) {
+    TestQ8 q8 = {0};
+    TestQ4 q4 = {0};
+    Matrix m;
+    const float *image;
+    if (type == WEIGHT_Q8_0) {
+        q8 = make_q8(rows, cols, gs);
+        m = q8.m;
+        image = q8.image;
+    } else {
+        q4 = make_q4(rows, cols, gs);
+        m = q4.m;
+        image = q4.image;
+    }
+    float *x = malloc((size_t)n * cols * sizeof(float));
+    float *tiles = malloc((size_t)n * rows * sizeof(float));
+    float *strips = malloc((size_t)n * rows * sizeof(float));
+    fill(x, (size_t)n * cols);
+    char name[96];
+    for (int fast = 0; fast <= 1; fast++) {
+        s->fast = fast;
+        matmul(tiles, x, n, &m, s);
+        s->fast_paths->amx = 0;
+        matmul(strips, x, n, &m, s);
+        s->fast_paths->amx = 1;
+        int int8 = fast_int8(&m, s) || fast_q4(&m, s);
+        double worst = 0.0;
+        for (int t = 0; t < n; t++)
+            for (int r = 0; r < rows; r++) {
+                const float *wr = image + (size_t)r * cols, *xt = x + (size_t)t * cols;
+                float got = tiles[(size_t)t * rows + r], want = strips[(size_t)t * rows + r];
+                double scale = gs == amx_step(gs, 1) ? 1.0 : magnitude(wr, xt, cols);
+                worst = fmax(worst, int8 ? fabs(got - want) / scale
+                                         : fabs(got - ref_dot_fp32(wr, xt, cols)) /
+                                               magnitude(wr, xt, cols));
+            }
+        snprintf(name, sizeof name, "matmul tiles %s%s %dx%d/%d, %d tokens",
+                 weight_type_name(type), int8 ? " -a fast (vs strips)" : "", rows, cols, gs, n);
+        check(name, worst, !int8 ? 1e-5 : gs == amx_step(gs, 1) ? 0.0 : 1e-6);
+    }
+    s->fast = 0;
+    free(x); free(tiles); free(strips);
+    free(q8.q); free(q8.scales); free(q8.image); free_q4(&q4);
+}
+#endif
+
 /* matmul_many on products sharing x (decoding's q/k/v form, mixed widths) against one
    matmul per matrix: the same kernels, so the same bits. */
 static void test_matmul_many(MatmulScratch *s) {
@@ -756,6 +807,20 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);       /* a partial last step */
     test_matmul_fast(WEIGHT_Q4_0, 70, 256, 7, &s);      /* ragged panel and strip */
     test_matmul_fast(WEIGHT_Q4_0, 40, 1536, 33, &s);
+#endif
+#if FAST_AMX
+    if (s.fast_paths->amx) {
+        test_matmul_tiles(WEIGHT_Q8_0, 64, 256, 64, 2, &s);
+        test_matmul_tiles(WEIGHT_Q8_0, 70, 256, 64, 7, &s);    /* ragged panel and pack */
+        test_matmul_tiles(WEIGHT_Q8_0, 40, 1536, 64, 33, &s);
+        test_matmul_tiles(WEIGHT_Q8_0, 48, 96, 32, 17, &s);    /* bf16 only: -a fast wants 64 */
+        test_matmul_tiles(WEIGHT_Q4_0, 64, 256, 32, 16, &s);
+        test_matmul_tiles(WEIGHT_Q4_0, 70, 96, 32, 5, &s);
+        test_matmul_tiles(WEIGHT_Q4_0, 300, 1024, 64, 40, &s); /* two panels, ragged */
+        test_matmul_tiles(WEIGHT_Q4_0, 40, 1536, 128, 33, &s);
+    } else {
+        printf("matmul tiles: AMX built in, but not granted here\n");
+    }
 #endif
     free_scratch(&s);
     for (int type = CACHE_F32; type <= CACHE_Q8_0; type++) {
