@@ -622,6 +622,7 @@ def quantize_q8_0(x, group_size):
 Q4_SEARCH_NEGATIVE = np.arange(6.0, 8.01, 0.25)
 Q4_SEARCH_POSITIVE = np.arange(5.5, 7.01, 0.25)
 FP16_MAX = 65504.0
+Q4_BLOCK_GROUPS = 8192  # groups searched at a time: 1 MB of float32, so each pass stays in L2
 
 
 def q4_0_like_llama_cpp(groups):
@@ -639,10 +640,65 @@ def q4_0_like_llama_cpp(groups):
         return q.astype(np.int8), d.astype(np.float16)
 
 
-def group_errors(groups, q, scales):
-    """Squared error of each group [G] of q * scales (fp16, widened exactly) against groups."""
-    err = q.astype(np.float32) * scales.astype(np.float32)[:, None] - groups
-    return np.einsum("gi,gi->g", err, err, dtype=np.float64)
+def rounded_q(groups, scale, out):
+    """q = clip(round(x / scale), -8, 7) of groups [G, gs] for fp16 scales [G], as float32 in
+    out (0 where x / scale is 0 / 0)."""
+    wide = scale.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(groups, wide, out=out)
+    np.rint(out, out=out)
+    np.minimum(np.maximum(out, -8, out=out), 7, out=out)  # clip, which is slower
+    if not wide.all():
+        np.nan_to_num(out, copy=False, nan=0.0)
+    return out
+
+
+def group_errors(groups, q, scales, work):
+    """Squared error [G] of each group of q (float32 [G, gs]) * scales (fp16, widened exactly)
+    against groups; work: a float32 buffer like groups."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.multiply(q, scales.astype(np.float32)[:, None], out=work)
+    np.subtract(work, groups, out=work)
+    return np.einsum("gi,gi->g", work, work, dtype=np.float64)
+
+
+def search_q4_0(groups):
+    """quantize_q4_0 on groups [G, gs]: (q int8 [G, gs], fp16 scales [G], Q4_0's errors [G])."""
+    q4_0_q, best_scale = q4_0_like_llama_cpp(groups)
+    if np.isinf(best_scale).any():
+        raise ExportError(f"a weight's magnitude exceeds q4_0's range (fp16 scales: at most "
+                          f"{8 * FP16_MAX:g})")
+    q, work = np.empty_like(groups), np.empty_like(groups)
+    q4_0_err = best_err = group_errors(groups, q4_0_q.astype(np.float32), best_scale, work)
+    from_q4_0 = np.ones(len(groups), dtype=bool)  # the best is still Q4_0's choice
+    rows = np.arange(len(groups))
+    extreme = groups[rows, np.abs(groups).argmax(axis=1)]
+
+    def consider(scale):
+        nonlocal best_scale, best_err, from_q4_0
+        with np.errstate(over="ignore"):
+            scale = scale.astype(np.float16)  # inf where it overflows: never chosen
+        err = group_errors(groups, rounded_q(groups, scale, q), scale, work)
+        better = err < best_err
+        best_scale = np.where(better, scale, best_scale)
+        best_err = np.where(better, err, best_err)
+        from_q4_0 &= ~better
+
+    def best_q():
+        rounded_q(groups, best_scale, q)
+        q[from_q4_0] = q4_0_q[from_q4_0]
+        return q
+
+    for t in Q4_SEARCH_NEGATIVE:
+        consider(extreme / np.float32(-t))
+    for t in Q4_SEARCH_POSITIVE:
+        consider(extreme / np.float32(t))
+    qf = best_q().astype(np.float64)
+    norm = np.einsum("gi,gi->g", qf, qf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        least_squares = np.einsum("gi,gi->g", qf, groups) / norm
+    consider(np.where(norm > 0, least_squares, 0).astype(np.float32))
+    return best_q().astype(np.int8), best_scale, q4_0_err
 
 
 def quantize_q4_0(x, group_size):
@@ -650,42 +706,18 @@ def quantize_q4_0(x, group_size):
     squared error of x) as README.md ("File formats") defines: per group the
     candidate (scale, q) of least squared error, q = clip(round(x / scale), -8, 7), among
     llama.cpp's Q4_0 choice, the Q4_SEARCH scales and the least-squares scale of the best q.
-    Every group's error, hence every matrix's, is thus at most Q4_0's."""
+    Every group's error, hence every matrix's, is thus at most Q4_0's. Searched Q4_BLOCK_GROUPS
+    groups at a time."""
     groups = x.reshape(-1, group_size)
     if not np.isfinite(groups).all():
         raise ExportError("weights must be finite for q4_0")
-    best_q, best_scale = q4_0_like_llama_cpp(groups)
-    if np.isinf(best_scale).any():
-        raise ExportError(f"a weight's magnitude exceeds q4_0's range (fp16 scales: at most "
-                          f"{8 * FP16_MAX:g})")
-    q4_0_err = best_err = group_errors(groups, best_q, best_scale)
-    rows = np.arange(len(groups))
-    extreme = groups[rows, np.abs(groups).argmax(axis=1)]
-
-    def consider(scale):
-        nonlocal best_q, best_scale, best_err
-        scale = scale.astype(np.float16)  # inf where it overflows: never chosen
-        wide = scale.astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.rint(groups / wide[:, None])
-        q = np.clip(np.nan_to_num(q, nan=0.0), -8, 7).astype(np.int8)
-        with np.errstate(invalid="ignore", over="ignore"):
-            err = group_errors(groups, q, scale)
-        better = err < best_err
-        best_q = np.where(better[:, None], q, best_q)
-        best_scale = np.where(better, scale, best_scale)
-        best_err = np.where(better, err, best_err)
-
-    for t in Q4_SEARCH_NEGATIVE:
-        consider(extreme / np.float32(-t))
-    for t in Q4_SEARCH_POSITIVE:
-        consider(extreme / np.float32(t))
-    qf = best_q.astype(np.float64)
-    norm = np.einsum("gi,gi->g", qf, qf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        least_squares = np.einsum("gi,gi->g", qf, groups) / norm
-    consider(np.where(norm > 0, least_squares, 0).astype(np.float32))
-    return best_q.reshape(-1), best_scale, float(q4_0_err.sum())
+    q, scales = np.empty(groups.shape, dtype=np.int8), np.empty(len(groups), dtype=np.float16)
+    q4_0_err = 0.0
+    block = max(1, Q4_BLOCK_GROUPS * 32 // group_size)
+    for g in range(0, len(groups), block):
+        q[g:g + block], scales[g:g + block], err = search_q4_0(groups[g:g + block])
+        q4_0_err += float(err.sum())
+    return q.reshape(-1), scales, q4_0_err
 
 
 def pack_q4_0(q):
