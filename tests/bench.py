@@ -432,6 +432,18 @@ def against_peak(res, types, models, base, ceilings, n_prompt):
             continue
         print(f"| {label_of(t)} | {name} | {ceilings[name]:.1f} | {macs / 1e6:.0f} | {pp:.1f} | "
               f"{pp * macs / 1e9:.1f} | {100 * pp * macs / 1e9 / ceilings[name]:.0f}% |")
+    if has_amx():
+        print("(this CPU has AMX: q8_0 and q4_0 prompts run on its tiles where Linux grants them,"
+              " beyond the VNNI ceilings above)")
+
+
+def has_amx():
+    """Whether the CPU has AMX (run.c's matmul_tiles then takes q8_0 and q4_0 prompts)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
 
 
 def decode_parts(parts, variants, a):
