@@ -4225,19 +4225,22 @@ static int amx_applies(const Matrix *w, const MatmulScratch *s) {
 /* Values per tile product: 32 bf16 pairs, or 64 int8 where the groups hold whole steps. */
 static int amx_step(int gs, int int8) { return int8 && gs % 64 == 0 ? 64 : 32; }
 
-/* The tile shapes, one per thread before its first tile instruction: tiles 2 and 3 hold a
-   step of 16 tokens' activations (step / 4 rows of 16 tokens x 4 bytes: pairs of bf16 or
-   quads of int8, as amx_pack_tokens lays them out); three sets of (sums, weights) tiles,
-   (0, 1), (4, 5), (6, 7), take turns over the panel's row tiles, so that one row tile's
-   products need not wait for the last one's sums to leave their tile. */
-static void amx_configure(int step, int int8) {
+/* The tile shapes, one per thread before its first tile instruction. With groups of one
+   step (steps == 1), tiles 2 and 3 hold the step's activations for 16 tokens (step / 4 rows
+   of 16 tokens x 4 bytes: pairs of bf16 or quads of int8, as amx_pack_tokens lays them out;
+   int8 uses tile 2), and three sets of (sums, weights) tiles, (0, 1), (4, 5), (6, 7), take
+   turns over the panel's row tiles, so that one row tile's products need not wait for the
+   last one's sums to leave their tile. With longer groups, two sets of (sums, weights,
+   activations, activations), (0, 1, 2, 3) and (4, 5, 6, 7). */
+static void amx_configure(int step, int int8, int steps) {
     struct { uint8_t palette, start_row, reserved[14]; uint16_t bytes[16]; uint8_t rows[16]; }
         cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     int step_bytes = int8 ? step : 2 * step;
     for (int t = 0; t < 8; t++) {
-        int tokens = t == 2 || t == 3, weights = t == 1 || t == 5 || t == 7;
+        int tokens = steps == 1 ? t == 2 || t == 3 : t % 4 >= 2;
+        int weights = steps == 1 ? t == 1 || t == 5 || t == 7 : t % 4 == 1;
         cfg.rows[t] = tokens ? (uint8_t)(step_bytes / 4) : 16;
         cfg.bytes[t] = weights ? (uint16_t)step_bytes : 64;
     }
@@ -4328,45 +4331,83 @@ static void amx_panel(void *panel, float *scales, const Matrix *w, int r0, int n
     }
 }
 
-/* One row tile's product with the step's activations in tiles 2 (and 3), in tile set
-   (sums C, weights A), stored to sums: 16 rows x 16 tokens, floats from bf16 (both planes'
-   products) or int32 from int8. */
-#define AMX_ROW_TILE(C, A)                       \
-    do {                                         \
-        _tile_loadd(A, weights, weights_stride); \
-        _tile_zero(C);                           \
-        if (int8) {                              \
-            _tile_dpbssd(C, A, 2);               \
-        } else {                                 \
-            _tile_dpbf16ps(C, A, 2);             \
-            _tile_dpbf16ps(C, A, 3);             \
-        }                                        \
-        _tile_stored(C, sums, 64);               \
+/* One row tile's product with a one-step group's activations in tiles 2 (and 3), in tile
+   set (sums C, weights A), stored to sums: 16 rows x 16 tokens, floats from bf16 (both
+   planes' products) or int32 from int8. */
+#define AMX_ROW_TILE(C, A)           \
+    do {                             \
+        _tile_loadd(A, w, w_stride); \
+        _tile_zero(C);               \
+        if (int8) {                  \
+            _tile_dpbssd(C, A, 2);   \
+        } else {                     \
+            _tile_dpbf16ps(C, A, 2); \
+            _tile_dpbf16ps(C, A, 3); \
+        }                            \
+        _tile_stored(C, sums, 64);   \
     } while (0)
 
-static void amx_row_tile(int set, void *sums, const void *weights, size_t weights_stride,
-                         int int8) {
+static void amx_row_tile(int set, void *sums, const void *w, size_t w_stride, int int8) {
     if (set == 0) AMX_ROW_TILE(0, 1);
     else if (set == 1) AMX_ROW_TILE(4, 5);
     else AMX_ROW_TILE(6, 7);
 }
 
-/* out[t][r] for a panel of nr rows (a multiple of 16) and one pack of 16 tokens: step by
-   step, the step's activations loaded once for all row tiles, each row tile's sums scaled
-   into acc[r] (16 tokens' lanes) by its group's scales, as strip_kernel_q8 does. */
+/* The same for a group of several steps, in tile set (sums C, weights A, activations B and
+   B2), the activations loaded step by step, so that the sums stay in their tile for the
+   whole group. w and x (high, low) point at the group's first value. */
+#define AMX_GROUP_TILE(C, A, B, B2)                                                   \
+    do {                                                                              \
+        _tile_zero(C);                                                                \
+        for (int s = 0; s < steps; s++) {                                             \
+            size_t k = (size_t)s * step * bytes;                                      \
+            _tile_loadd(B, (const char *)high + k * AMX_TOKENS, 64);                  \
+            if (!int8) _tile_loadd(B2, (const char *)low + k * AMX_TOKENS, 64);       \
+            _tile_loadd(A, (const char *)w + k, w_stride);                            \
+            if (int8) {                                                               \
+                _tile_dpbssd(C, A, B);                                                \
+            } else {                                                                  \
+                _tile_dpbf16ps(C, A, B);                                              \
+                _tile_dpbf16ps(C, A, B2);                                             \
+            }                                                                         \
+        }                                                                             \
+        _tile_stored(C, sums, 64);                                                    \
+    } while (0)
+
+static void amx_group_tile(int set, void *sums, const void *w, size_t w_stride,
+                           const void *high, const void *low, int steps, int step, int int8) {
+    int bytes = int8 ? 1 : 2;
+    if (set == 0) AMX_GROUP_TILE(0, 1, 2, 3);
+    else AMX_GROUP_TILE(4, 5, 6, 7);
+}
+
+/* out[t][r] for a panel of nr rows (a multiple of 16) and one pack of 16 tokens into acc[r]
+   (16 tokens' lanes), group by group: every row tile's sums, then each scaled by the
+   group's scales, as strip_kernel_q8 does. A one-step group's activations are loaded once
+   for all row tiles. */
 static void amx_panel_pack(float *acc, int32_t (*sums)[256], const void *panel,
                            const float *w_scales, const void *high, const void *low,
                            const float *x_scales, int nr, int cols, int gs, int int8) {
     int n_groups = cols / gs, step = amx_step(gs, int8), bytes = int8 ? 1 : 2;
+    int steps = gs / step;
+    size_t w_stride = (size_t)cols * bytes;
     for (int r = 0; r < nr; r++) _mm512_storeu_ps(acc + r * 16, _mm512_setzero_ps());
-    for (int k = 0; k < cols; k += step) {
-        int g = k / gs;
-        _tile_loadd(2, (const char *)high + (size_t)k * bytes * AMX_TOKENS, 64);
-        if (!int8) _tile_loadd(3, (const char *)low + (size_t)k * bytes * AMX_TOKENS, 64);
-        for (int rt = 0; rt < nr / 16; rt++)
-            amx_row_tile(rt % 3, sums[rt],
-                         (const char *)panel + ((size_t)rt * 16 * cols + k) * bytes,
-                         (size_t)cols * bytes, int8);
+    for (int g = 0; g < n_groups; g++) {
+        size_t k = (size_t)g * gs * bytes;
+        const char *xh = (const char *)high + k * AMX_TOKENS;
+        const char *xl = low ? (const char *)low + k * AMX_TOKENS : NULL;
+        const char *w = (const char *)panel + k;
+        if (steps == 1) {
+            _tile_loadd(2, xh, 64);
+            if (!int8) _tile_loadd(3, xl, 64);
+        }
+        for (int rt = 0; rt < nr / 16; rt++) {
+            if (steps == 1)
+                amx_row_tile(rt % 3, sums[rt], w + rt * 16 * w_stride, w_stride, int8);
+            else
+                amx_group_tile(rt % 2, sums[rt], w + rt * 16 * w_stride, w_stride, xh, xl,
+                               steps, step, int8);
+        }
         __m512 xs = int8 ? _mm512_loadu_ps(x_scales + (size_t)g * AMX_TOKENS)
                          : _mm512_set1_ps(1.0f);
         for (int r = 0; r < nr; r++) {
@@ -4411,7 +4452,7 @@ static void matmul_tiles(float *out, const float *x, int n_tokens, const Matrix 
         float *scales = f->amx_scales + (size_t)id * AMX_ROWS * (s->max_cols / 32);
         float acc[AMX_ROWS * AMX_TOKENS];
         int32_t sums[AMX_ROWS / 16][256];
-        amx_configure(step, int8);
+        amx_configure(step, int8, gs / step);
         OMP(for schedule(static))
         for (int p = 0; p < n_panels; p++) {
             int r0 = p * panel_rows, nr = rows - r0 < panel_rows ? rows - r0 : panel_rows;
