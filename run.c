@@ -4215,7 +4215,7 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
      16 bits of mantissa, so q hi + q lo is q x within about 2^-17 of it, with no quantizing of
      x (the strips round x to int16 per group: about 2^-16 of the group's largest).
    - -a fast: int8 tiles (TDPBSSD) of the strips' own int8 activations: the same integer sums.
-   Each step's sums leave their tile and meet the group's scales as in strip_kernel_q8. */
+   Each group's sums leave their tile and meet its scales as in strip_kernel_q8. */
 
 /* Whether the tile path takes w: as the strips, with whole groups of 32. */
 static int amx_applies(const Matrix *w, const MatmulScratch *s) {
