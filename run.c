@@ -359,7 +359,7 @@ static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
     return buf;
 }
 
-static void fast_map_pages(unsigned char *map, size_t size, int fd);  /* a hook into section 8 */
+static void map_large_pages(unsigned char *map, size_t size, int fd);  /* a hook into section 8 */
 
 static void load_model(const char *path, Model *m, int read_into_memory) {
     int fd = open(path, O_RDONLY | O_NONBLOCK);  /* a FIFO must not block: refused below */
@@ -383,7 +383,7 @@ static void load_model(const char *path, Model *m, int read_into_memory) {
     } else {
         void *map = mmap(NULL, m->mapping_size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map == MAP_FAILED) die("cannot map model file %s: %s", path, strerror(errno));
-        fast_map_pages(map, m->mapping_size, fd);  /* hook: 2 MB pages where Linux has them */
+        map_large_pages(map, m->mapping_size, fd);  /* hook: 2 MB pages where Linux has them */
         close(fd);
         m->mapping = map;
     }
@@ -408,7 +408,7 @@ static void free_model(Model *m) {
    of work reach it:
    - decoding: one token, out = W @ x, rows split over threads (matmul_vector). Every weight is
      used once, so the speed limit is how fast the weights stream from memory.
-   - the prompt: a block of tokens, out[t] = W @ x[t] (matmul_block). Each weight is reused by
+   - the prompt: a block of tokens, out[t] = W @ x[t] (matmul_batch). Each weight is reused by
      every token of the block, so the rows are widened to float32 a panel at a time and meet
      all the tokens from cache.
    q8_0 and q4_0 decoding quantize the activations too, to int16 per group, so that each
@@ -529,14 +529,14 @@ typedef struct MatmulScratch MatmulScratch;  /* (below) */
    part of the work and returns 1, or returns 0 where it does not apply: then the portable code
    after it runs. Without AVX-512 every one but fast_attention (plain C) returns 0. */
 static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max);
-static void fast_alloc_scratch(MatmulScratch *s);
-static void fast_free_scratch(MatmulScratch *s);
-static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s);
-static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s);
-static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+static void simd_alloc_scratch(MatmulScratch *s);
+static void simd_free_scratch(MatmulScratch *s);
+static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s);
+static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s);
+static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
                              MatmulScratch *s);
-static int fast_softmax(float *x, int n);
-static int fast_swiglu(float *gate, const float *up, int width);
+static int simd_softmax(float *x, int n);
+static int simd_swiglu(float *gate, const float *up, int width);
 
 /* Groups of gs values, each quantized on its own (quantize_group). */
 static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs, float q_max) {
@@ -625,7 +625,7 @@ struct MatmulScratch {
     int fast;           /* -a fast: section 8 may round the activations more coarsely */
     int max_cols, max_tokens;
     int n_threads;
-    struct FastScratch *fast_paths;  /* section 8's buffers (NULL without AVX-512) */
+    struct SimdScratch *simd;  /* section 8's buffers (NULL without AVX-512) */
 };
 
 static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
@@ -637,11 +637,11 @@ static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
     s->xq.scales = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
     s->panels = calloc_aligned((size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols,
                                sizeof(float), "matmul scratch");
-    fast_alloc_scratch(s);
+    simd_alloc_scratch(s);
 }
 
 static void free_scratch(MatmulScratch *s) {
-    fast_free_scratch(s);
+    simd_free_scratch(s);
     free_aligned(s->xq.q); free_aligned(s->xq.scales); free_aligned(s->panels);
 }
 
@@ -685,13 +685,13 @@ static void matmul_vector(const Product *products, int count, const float *x, Ma
     }
     const Matrix *w0 = products[0].w;
     int quantized = w0->type == WEIGHT_Q8_0 || w0->type == WEIGHT_Q4_0;
-    if (!fast_prepare_vector(w0, x, s) && quantized)  /* hook */
+    if (!simd_prepare_input(w0, x, s) && quantized)  /* hook */
         quantize_vector(&s->xq, x, w0->cols, w0->group_size, Q16_MAX);
     OMP(parallel)
     for (int i = 0; i < count; i++) {
         const Matrix *w = products[i].w;
         float *out = products[i].out;
-        if (fast_matmul_rows(out, w, x, s)) continue;  /* hook */
+        if (simd_matmul_rows(out, w, x, s)) continue;  /* hook */
         OMP(for schedule(guided) nowait)
         for (int r = 0; r < w->rows; r++) out[r] = row_dot(w, r, x, s);
     }
@@ -710,7 +710,7 @@ static void tile_dots(float *out, int out_stride, const float *w, const float *x
    PANEL_ROWS rows; a panel is widened to float32 once (fp32 rows are used in place) and then
    meets all the tokens from cache, so each weight is read from memory once per block of
    tokens. */
-static void matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+static void matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
                          MatmulScratch *s) {
     int rows = w->rows, cols = w->cols;
     int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
@@ -753,8 +753,8 @@ static void matmul_many(const Product *products, int count, const float *x, int 
     for (int i = 0; i < count; i++) {
         float *out = products[i].out;
         const Matrix *w = products[i].w;
-        if (fast_matmul_block(out, x, n_tokens, w, s)) continue;  /* hook */
-        matmul_block(out, x, n_tokens, w, s);
+        if (simd_matmul_batch(out, x, n_tokens, w, s)) continue;  /* hook */
+        matmul_batch(out, x, n_tokens, w, s);
     }
 }
 
@@ -772,7 +772,7 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
 }
 
 static void softmax(float *x, int n) {
-    if (fast_softmax(x, n)) return;  /* hook */
+    if (simd_softmax(x, n)) return;  /* hook */
     float max = x[0];
     for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
     float sum = 0.0f;
@@ -835,7 +835,7 @@ static void rope(float *vec, int n_heads, int head_dim, const float *cos_t, cons
 /* Prompt tokens per forward() call: larger blocks read the weights fewer times (README.md,
    "Performance", has the measurements). The buffers it sizes are only touched as far as a
    block reaches. */
-#define MAX_BLOCK 256
+#define MAX_BATCH 256
 
 /* The KV cache. Each KV head's keys lie in tiles of KEY_TILE positions, transposed
    ([head_dim][KEY_TILE]): dimension d of the keys of a tile's positions lies contiguous, so
@@ -940,8 +940,8 @@ typedef struct {
 static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
                           int n_tokens);  /* a hook into section 8 */
 
-static float *alloc_block(int width, const char *what) {
-    return calloc_aligned((size_t)MAX_BLOCK * (size_t)width, sizeof(float), what);
+static float *alloc_batch(int width, const char *what) {
+    return calloc_aligned((size_t)MAX_BATCH * (size_t)width, sizeof(float), what);
 }
 
 /* Bytes of a cache of `positions` positions per KV head: keys and values, scales included. */
@@ -962,17 +962,17 @@ static void alloc_state(RunState *s, const Config *cfg, int seq_len, int cache_t
     s->cache_len = cache_positions(seq_len);
     s->cache_type = cache_type;
     size_t cache = (size_t)cfg->n_layers * (size_t)s->cache_len * (size_t)kv_dim;
-    s->x = alloc_block(cfg->dim, "activations");
-    s->xb = alloc_block(wide, "activations");
-    s->xb2 = alloc_block(cfg->dim, "activations");
-    s->hb = alloc_block(cfg->hidden_dim, "activations");
-    s->hb2 = alloc_block(cfg->hidden_dim, "activations");
-    s->q = alloc_block(q_dim, "activations");
-    s->k = alloc_block(kv_dim, "activations");
-    s->v = alloc_block(kv_dim, "activations");
+    s->x = alloc_batch(cfg->dim, "activations");
+    s->xb = alloc_batch(wide, "activations");
+    s->xb2 = alloc_batch(cfg->dim, "activations");
+    s->hb = alloc_batch(cfg->hidden_dim, "activations");
+    s->hb2 = alloc_batch(cfg->hidden_dim, "activations");
+    s->q = alloc_batch(q_dim, "activations");
+    s->k = alloc_batch(kv_dim, "activations");
+    s->v = alloc_batch(kv_dim, "activations");
     s->att = calloc_aligned((size_t)max_threads() * ATT_ROWS * (size_t)s->cache_len,
                             sizeof(float), "scores");
-    s->logits = alloc_block(cfg->vocab_size, "logits");
+    s->logits = alloc_batch(cfg->vocab_size, "logits");
     size_t size = CACHE_TYPE_SIZES[cache_type];
     s->key_cache = calloc_aligned(cache, size, "the key cache (lower -c)");
     s->value_cache = calloc_aligned(cache, size, "the value cache (lower -c)");
@@ -983,10 +983,10 @@ static void alloc_state(RunState *s, const Config *cfg, int seq_len, int cache_t
                                          "the value cache (lower -c)");
     }
     s->rope_freqs = checked_calloc((size_t)cfg->head_dim / 2, sizeof(float), "rope");
-    s->rope_cos = alloc_block(cfg->head_dim / 2, "rope");
-    s->rope_sin = alloc_block(cfg->head_dim / 2, "rope");
+    s->rope_cos = alloc_batch(cfg->head_dim / 2, "rope");
+    s->rope_sin = alloc_batch(cfg->head_dim / 2, "rope");
     rope_frequencies(cfg, s->rope_freqs);
-    alloc_scratch(&s->scratch, cfg->hidden_dim > wide ? cfg->hidden_dim : wide, MAX_BLOCK);
+    alloc_scratch(&s->scratch, cfg->hidden_dim > wide ? cfg->hidden_dim : wide, MAX_BATCH);
 }
 
 static void free_state(RunState *s) {
@@ -1120,7 +1120,7 @@ static void swiglu(float *gate, const float *up, int n_tokens, int width) {
     for (int t = 0; t < n_tokens; t++) {
         float *g = gate + (size_t)t * width;
         const float *u = up + (size_t)t * width;
-        if (fast_swiglu(g, u, width)) continue;  /* hook */
+        if (simd_swiglu(g, u, width)) continue;  /* hook */
         for (int i = 0; i < width; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
@@ -1132,7 +1132,7 @@ static void add_into(float *x, const float *y, size_t n) {
 /* Output modes of forward(). */
 enum { LOGITS_NONE = 0, LOGITS_LAST = 1, LOGITS_ALL = 2 };
 
-/* Runs n_tokens <= MAX_BLOCK tokens at positions pos .. pos+n_tokens-1 through the model,
+/* Runs n_tokens <= MAX_BATCH tokens at positions pos .. pos+n_tokens-1 through the model,
    filling the KV cache there. Returns the logits of the last token (LOGITS_LAST: only that row
    is computed; LOGITS_ALL: row t of s->logits belongs to token t) or NULL (LOGITS_NONE): prompt
    positions before the last one do not need them. */
@@ -1554,13 +1554,13 @@ static void write_logits(Session *s, const float *logits) {
         die("cannot write the logits file: %s", strerror(errno));
 }
 
-/* Feeds tokens at the current position, MAX_BLOCK at a time, and returns the logits after the
+/* Feeds tokens at the current position, MAX_BATCH at a time, and returns the logits after the
    last one. The caller has checked that they fit in the context. */
 static float *feed(Session *s, const int *tokens, size_t n) {
     float *logits = NULL;
     size_t vocab = (size_t)s->tr->model.config.vocab_size;
-    for (size_t i = 0; i < n; i += MAX_BLOCK) {
-        int block = n - i < MAX_BLOCK ? (int)(n - i) : MAX_BLOCK;
+    for (size_t i = 0; i < n; i += MAX_BATCH) {
+        int block = n - i < MAX_BATCH ? (int)(n - i) : MAX_BATCH;
         int last_block = i + (size_t)block == n;
         int mode = s->logits_file ? LOGITS_ALL : last_block ? LOGITS_LAST : LOGITS_NONE;
         logits = forward(s->tr, tokens + i, block, s->pos, mode);
@@ -3005,13 +3005,13 @@ int main(int argc, char **argv) {
    (fast_*). Without AVX-512 each hook returns 0 at once, and the portable loop runs, except
    the attention's, whose shared passes are plain C around two small kernels. What each one
    replaces and why it is faster:
-   - decoding (fast_prepare_vector, fast_matmul_rows): the row dot products as 16-lane FMAs,
+   - decoding (simd_prepare_input, simd_matmul_rows): the row dot products as 16-lane FMAs,
      four chains deep to hide their latency; bf16 rows widened by one shift or mask against x
      reordered once per matmul (split_pairs); q8_0 groups as int8 x int16 VNNI dot products
      (vpdpwssd), 32 per instruction; q4_0 nibbles the same way, two blocks unpacked per step
      (dot_q4_32); rows 4096+ wide taken WIDE_ROWS at a time, so that each load of x, which no
      longer stays in L1, serves 8 rows.
-   - the prompt (fast_matmul_block): register-tiled products of a panel of rows against strips
+   - the prompt (simd_matmul_batch): register-tiled products of a panel of rows against strips
      of 32 tokens transposed so that one vector load is one column of 16 tokens, in blocks that
      stay in L2 (matmul_strips), and for q8_0 the same with integer words (matmul_strips_q8):
      the prompt is bound by arithmetic, and a tile makes 16 multiply-adds per 2 loads where a
@@ -3021,7 +3021,7 @@ int main(int argc, char **argv) {
    - attention (fast_attention): the query heads of a GQA group, and the next tokens' in a
      prompt, share one pass over their KV head's keys and values, in register tiles, reading
      every cache type directly (below).
-   - quantizing (fast_quantize_group), softmax and SwiGLU (fast_softmax, fast_swiglu, with a
+   - quantizing (fast_quantize_group), softmax and SwiGLU (simd_softmax, simd_swiglu, with a
      vectorised exp within 2 ulp of expf): the same loops, 16 lanes at a time.
    -a fast (fast_bf16, fast_int8, fast_q4) trades exactness for speed as llama.cpp does:
    activations rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 and q4_0
@@ -3127,7 +3127,7 @@ static float dot_bf16_avx512(const uint16_t *w, const float *x_pairs, int n) {
    unused. */
 #define WIDE_COLS 4096
 #define WIDE_ROWS 8
-static void dot_bf16_rows(float *out, const uint16_t *w, size_t stride, const float *x_pairs,
+static void wide_rows_bf16(float *out, const uint16_t *w, size_t stride, const float *x_pairs,
                           int n, int nr) {
     const uint16_t *row[WIDE_ROWS];
     for (int r = 0; r < WIDE_ROWS; r++) row[r] = w + (size_t)(r < nr ? r : nr - 1) * stride;
@@ -3148,7 +3148,7 @@ static void dot_bf16_rows(float *out, const uint16_t *w, size_t stride, const fl
 }
 
 /* The same for fp32 rows (8192-wide: 32 KB of weights and 32 KB of x per row). */
-static void dot_fp32_rows(float *out, const float *w, size_t stride, const float *x, int n,
+static void wide_rows_fp32(float *out, const float *w, size_t stride, const float *x, int n,
                           int nr) {
     const float *row[WIDE_ROWS];
     for (int r = 0; r < WIDE_ROWS; r++) row[r] = w + (size_t)(r < nr ? r : nr - 1) * stride;
@@ -3168,7 +3168,7 @@ static void dot_fp32_rows(float *out, const float *w, size_t stride, const float
    even), so that one vdpbf16ps makes 32 multiply-adds (two exact products per float lane)
    where an FMA makes 16. That rounding, not the products, is the cost. */
 #if defined __AVX512BF16__
-#define FAST_BF16 1
+#define HAS_AVX512_BF16 1
 
 static void round_vector_bf16(uint16_t *out, const float *x, int n) {
     int i = 0;
@@ -3195,7 +3195,7 @@ static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
     return sum;
 }
 #else
-#define FAST_BF16 0
+#define HAS_AVX512_BF16 0
 #endif
 
 /* acc + the pairwise int16 products of a and b, summed into 16 int32 lanes (vpdpwssd), for
@@ -3204,7 +3204,7 @@ static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
    the intrinsics: with them gcc reads x straight from memory, which an asm operand cannot
    offer without costing the prompt kernel its registers.) */
 #if defined __AVX512VNNI__ && defined __AVX512BW__
-static inline __m512i dot_int16(__m512i acc, __m512i a, __m512i b) {
+static inline __m512i madd_int16(__m512i acc, __m512i a, __m512i b) {
 #if defined __GNUC__ && !defined __clang__
     __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
     return acc;
@@ -3216,7 +3216,7 @@ static inline __m512i dot_int16(__m512i acc, __m512i a, __m512i b) {
 /* acc + the products of a's unsigned bytes and b's signed bytes, four summed into each of 16
    int32 lanes (vpdpbusd): -a fast's int8 activations. Written out for gcc for the same
    reason. */
-static inline __m512i dot_int8(__m512i acc, __m512i a, __m512i b) {
+static inline __m512i madd_int8(__m512i acc, __m512i a, __m512i b) {
 #if defined __GNUC__ && !defined __clang__
     __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
     return acc;
@@ -3224,14 +3224,14 @@ static inline __m512i dot_int8(__m512i acc, __m512i a, __m512i b) {
     return _mm512_dpbusd_epi32(acc, a, b);
 #endif
 }
-#define FAST_INT8 1
+#define HAS_VNNI 1
 #else
-#define FAST_INT8 0
+#define HAS_VNNI 0
 #endif
 
-#if FAST_INT8 && defined __AMX_TILE__ && defined __AMX_INT8__ && defined __AMX_BF16__ && \
+#if HAS_VNNI && defined __AMX_TILE__ && defined __AMX_INT8__ && defined __AMX_BF16__ && \
     defined SYS_arch_prctl
-#define FAST_AMX 1
+#define HAS_AMX 1
 /* The q8_0 and q4_0 prompt path on CPUs with AMX, Intel's tile unit (matmul_tiles, below).
    Linux hands out the tile registers on request (amx_granted); without them the strips run. */
 #define AMX_TOKENS 16  /* tokens per pack: a tile's 16 columns */
@@ -3243,7 +3243,7 @@ static int amx_granted(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 #else
-#define FAST_AMX 0
+#define HAS_AMX 0
 #endif
 
 /* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the max
@@ -3276,7 +3276,7 @@ static void quantize_int8(QuantizedVector *v, const float *x, int n, int gs) {
     }
 }
 
-#if FAST_INT8
+#if HAS_VNNI
 /* One group's products in 16 int32 lanes (vpdpwssd: 32 int16 products summed pairwise into 16
    lanes). A lane takes gs/16 products of at most 127 * 32767, so groups up to 4096 cannot
    overflow it. */
@@ -3343,7 +3343,7 @@ static inline float groups_dot_q8(const int8_t *w, const float *w_scales,
    only where fast_int8() says so). */
 static float dot_q8_avx512(const int8_t *w, const float *w_scales, const QuantizedVector *x,
                            int n, int gs, int int8) {
-#if FAST_INT8
+#if HAS_VNNI
     int n_groups = n / gs;
     if (int8 && gs == 64) return groups_dot_q8(w, w_scales, x, n_groups, 64, 1);
     if (int8) return groups_dot_q8(w, w_scales, x, n_groups, gs, 1);
@@ -3403,7 +3403,7 @@ static void prepare_q4_int8(QuantizedVector *v, int n) {
     }
 }
 
-#if FAST_INT8 && defined __AVX512VL__
+#if HAS_VNNI && defined __AVX512VL__
 #define FAST_Q4 1
 
 /* acc + the products of 64 nibbles (two blocks, `bytes`) with x_pairs (128 bytes). */
@@ -3532,9 +3532,9 @@ static float dot_q4_fast(const uint8_t *w, const uint16_t *w_scales, const Quant
             __m512i low = _mm512_and_si512(nibbles, mask);
             __m512i high = _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), mask);
             const int8_t *xi = x->q4_int8 + i;
-            __m512i sums = dot_int8(_mm512_setzero_si512(), low,
+            __m512i sums = madd_int8(_mm512_setzero_si512(), low,
                                     _mm512_loadu_si512((const void *)xi));
-            sums = dot_int8(sums, high, _mm512_loadu_si512((const void *)(xi + 64)));
+            sums = madd_int8(sums, high, _mm512_loadu_si512((const void *)(xi + 64)));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(index, scales),
                                   acc);
             index = _mm512_add_epi32(index, step);
@@ -3561,15 +3561,15 @@ static int fast_q4(const Matrix *w, const MatmulScratch *s) {
 
 #define STRIP 32        /* prompt path: tokens per packed strip (two vectors) */
 #define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
-#define BLOCK_ROWS 64   /* ... rows per panel, and columns per block of it: a 128 KB block, */
-#define BLOCK_COLS 512  /* and a strip's 64 KB block, sit in L2 while they are reused */
+#define SLAB_ROWS 64   /* ... rows per panel, and columns per block of it: a 128 KB block, */
+#define SLAB_COLS 512  /* and a strip's 64 KB block, sit in L2 while they are reused */
 
 /* The fast paths' buffers beside MatmulScratch's, allocated once. */
-struct FastScratch {
+struct SimdScratch {
     float *x_pairs;     /* bf16 decoding: x in split_pairs order [max_cols] (-a fast: as bf16) */
     float *strips;      /* prompt path: the tokens transposed, [strips][max_cols][STRIP] */
-    float *blocks;      /* ... one [BLOCK_ROWS][BLOCK_COLS] widened weight block per thread */
-    float *strip_sums;  /* ... one [strips][BLOCK_ROWS][STRIP] set of running sums per thread */
+    float *blocks;      /* ... one [SLAB_ROWS][SLAB_COLS] widened weight block per thread */
+    float *strip_sums;  /* ... one [strips][SLAB_ROWS][STRIP] set of running sums per thread */
     int16_t *strips_q;  /* q8_0 prompt path: the tokens quantized, [strips][max_cols][STRIP] */
     float *strip_scales;   /* ... their scales, [strips][max_cols / 2][STRIP] (groups >= 2) */
     int32_t *strip_int8_offsets;  /* ... and for -a fast's int8, laid out like the scales */
@@ -3582,8 +3582,8 @@ struct FastScratch {
     float *amx_scales;  /* ... and its scales, [AMX_ROWS][max_cols / 32] */
 };
 
-static void fast_alloc_scratch(MatmulScratch *s) {
-    struct FastScratch *f = checked_calloc(1, sizeof *f, "matmul scratch");
+static void simd_alloc_scratch(MatmulScratch *s) {
+    struct SimdScratch *f = checked_calloc(1, sizeof *f, "matmul scratch");
     int n_strips = (s->max_tokens + STRIP - 1) / STRIP, max_cols = s->max_cols;
     size_t strip_values = (size_t)n_strips * STRIP * (size_t)max_cols;
     size_t panel_values = (size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols;
@@ -3595,9 +3595,9 @@ static void fast_alloc_scratch(MatmulScratch *s) {
     s->xq.q4_offsets = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
     s->xq.q4_int8 = calloc_aligned((size_t)max_cols + 128, 1, "matmul scratch");
     f->n_strip_tokens = n_strips * STRIP;
-    f->blocks = calloc_aligned((size_t)s->n_threads * BLOCK_ROWS * BLOCK_COLS, sizeof(float),
+    f->slabs = calloc_aligned((size_t)s->n_threads * SLAB_ROWS * SLAB_COLS, sizeof(float),
                                "matmul scratch");
-    f->strip_sums = calloc_aligned((size_t)s->n_threads * BLOCK_ROWS * (size_t)f->n_strip_tokens,
+    f->strip_sums = calloc_aligned((size_t)s->n_threads * SLAB_ROWS * (size_t)f->n_strip_tokens,
                                    sizeof(float), "matmul scratch");
     f->strips_q = calloc_aligned(strip_values, sizeof(int16_t), "matmul scratch");
     f->strip_scales = calloc_aligned(strip_values / 2 + 1, sizeof(float), "matmul scratch");
@@ -3610,7 +3610,7 @@ static void fast_alloc_scratch(MatmulScratch *s) {
         f->token_q[i].q = calloc_aligned((size_t)max_cols, sizeof(int16_t), "matmul scratch");
         f->token_q[i].scales = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
     }
-#if FAST_AMX
+#if HAS_AMX
     f->amx = amx_granted();
     if (f->amx) {
         f->amx_panels = calloc_aligned((size_t)s->n_threads * AMX_ROWS * max_cols, 2,
@@ -3619,14 +3619,14 @@ static void fast_alloc_scratch(MatmulScratch *s) {
                                        sizeof(float), "matmul scratch");
     }
 #endif
-    s->fast_paths = f;
+    s->simd = f;
 }
 
-static void fast_free_scratch(MatmulScratch *s) {
-    struct FastScratch *f = s->fast_paths;
+static void simd_free_scratch(MatmulScratch *s) {
+    struct SimdScratch *f = s->simd;
     if (!f) return;
     void *buffers[] = { s->xq.int8, s->xq.int8_offsets, s->xq.q4_pairs, s->xq.q4_offsets,
-                        s->xq.q4_int8, f->strips, f->x_pairs, f->blocks, f->strip_sums,
+                        s->xq.q4_int8, f->strips, f->x_pairs, f->slabs, f->strip_sums,
                         f->strips_q, f->strip_scales, f->strip_int8_offsets, f->panels_q,
                         f->panel_scales, f->amx_panels, f->amx_scales };
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free_aligned(buffers[i]);
@@ -3641,25 +3641,25 @@ static void fast_free_scratch(MatmulScratch *s) {
 /* Whether -a fast applies to a q8_0 matrix: int8 activations need AVX-512 VNNI and groups of
    a multiple of 64 (export.py's default is 64). */
 static int fast_int8(const Matrix *w, const MatmulScratch *s) {
-    return FAST_INT8 && s->fast && w->type == WEIGHT_Q8_0 && w->group_size % 64 == 0;
+    return HAS_VNNI && s->fast && w->type == WEIGHT_Q8_0 && w->group_size % 64 == 0;
 }
 
 /* Whether -a fast applies to a bf16 matrix: bf16 activations need AVX512-BF16 (the prompt path
    also wants whole pairs: an even width). */
 static int fast_bf16(const Matrix *w, const MatmulScratch *s) {
-    return FAST_BF16 && s->fast && w->type == WEIGHT_BF16;
+    return HAS_AVX512_BF16 && s->fast && w->type == WEIGHT_BF16;
 }
 
-/* Whether decoding takes a matrix WIDE_ROWS rows at a time (dot_bf16_rows, dot_fp32_rows). */
-static int wide_rows(const Matrix *w, const MatmulScratch *s) {
+/* Whether decoding takes a matrix WIDE_ROWS rows at a time (wide_rows_bf16, wide_rows_fp32). */
+static int use_wide_rows(const Matrix *w, const MatmulScratch *s) {
     int float_x = w->type == WEIGHT_FP32 || (w->type == WEIGHT_BF16 && !fast_bf16(w, s));
     return float_x && w->cols >= WIDE_COLS && w->cols % 32 == 0;
 }
 
 /* Hook (matmul_vector): x in the form w's rows read, in s->xq (q8_0, q4_0) or x_pairs
    (bf16). */
-static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
-    float *x_pairs = s->fast_paths->x_pairs;
+static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s) {
+    float *x_pairs = s->simd->x_pairs;
     if (fast_int8(w, s)) {
         quantize_int8(&s->xq, x, w->cols, w->group_size);
         return 1;
@@ -3672,7 +3672,7 @@ static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s
         return 1;
     }
     if (w->type != WEIGHT_BF16) return 0;
-#if FAST_BF16
+#if HAS_AVX512_BF16
     if (fast_bf16(w, s)) {
         round_vector_bf16((uint16_t *)x_pairs, x, w->cols);
         return 1;
@@ -3689,15 +3689,15 @@ static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs,
     return 1;
 }
 
-/* Row r of w against x in the form fast_prepare_vector left it. */
+/* Row r of w against x in the form simd_prepare_input left it. */
 static float fast_row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
     size_t start = (size_t)r * (size_t)w->cols;
-    const float *x_pairs = s->fast_paths->x_pairs;
+    const float *x_pairs = s->simd->x_pairs;
     switch (w->type) {
     case WEIGHT_FP32:
         return dot_fp32_avx512((const float *)w->data + start, x, w->cols);
     case WEIGHT_BF16:
-#if FAST_BF16
+#if HAS_AVX512_BF16
         if (fast_bf16(w, s))
             return dot_bf16_fast((const uint16_t *)w->data + start, (const uint16_t *)x_pairs,
                                  w->cols);
@@ -3721,20 +3721,20 @@ static float fast_row_dot(const Matrix *w, int r, const float *x, const MatmulSc
 }
 
 /* Hook (matmul_vector, inside its parallel region): one product's rows, split over the
-   threads as matmul_vector splits them, WIDE_ROWS rows per step where wide_rows() says so. */
-static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
-    if (wide_rows(w, s)) {
+   threads as matmul_vector splits them, WIDE_ROWS rows per step where use_wide_rows() says so. */
+static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+    if (use_wide_rows(w, s)) {
         int steps = (w->rows + WIDE_ROWS - 1) / WIDE_ROWS;
         OMP(for schedule(guided) nowait)
         for (int step = 0; step < steps; step++) {
             int r0 = step * WIDE_ROWS, nr = w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS;
             size_t start = (size_t)r0 * (size_t)w->cols;
             if (w->type == WEIGHT_FP32)
-                dot_fp32_rows(out + r0, (const float *)w->data + start, (size_t)w->cols, x,
+                wide_rows_fp32(out + r0, (const float *)w->data + start, (size_t)w->cols, x,
                               w->cols, nr);
             else
-                dot_bf16_rows(out + r0, (const uint16_t *)w->data + start, (size_t)w->cols,
-                              s->fast_paths->x_pairs, w->cols, nr);
+                wide_rows_bf16(out + r0, (const uint16_t *)w->data + start, (size_t)w->cols,
+                              s->simd->x_pairs, w->cols, nr);
         }
         return 1;
     }
@@ -3759,15 +3759,15 @@ static void pack_strip(float *strip, const float *x, int t0, int n_tokens, int c
 }
 
 /* Columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1 of w, widened to float32 into
-   block[r][0 .. kn-1] (row stride BLOCK_COLS); rows nr .. nr_padded-1 are zeroed, so that a
+   block[r][0 .. kn-1] (row stride SLAB_COLS); rows nr .. nr_padded-1 are zeroed, so that a
    ragged last register tile multiplies zeros. */
-static void widen_block(float *block, const Matrix *w, int r0, int nr, int nr_padded, int k0,
+static void widen_slab(float *block, const Matrix *w, int r0, int nr, int nr_padded, int k0,
                         int kn) {
     for (int r = 0; r < nr; r++)
-        widen_values(block + (size_t)r * BLOCK_COLS, w,
+        widen_values(block + (size_t)r * SLAB_COLS, w,
                      (size_t)(r0 + r) * (size_t)w->cols + (size_t)k0, kn);
     for (int r = nr; r < nr_padded; r++)
-        memset(block + (size_t)r * BLOCK_COLS, 0, (size_t)kn * sizeof(float));
+        memset(block + (size_t)r * SLAB_COLS, 0, (size_t)kn * sizeof(float));
 }
 
 /* One register tile, over one block of columns: sums[r][t] += w[r][k] * strip[k][t] for
@@ -3831,7 +3831,7 @@ static void strip_kernel_bf16(float *sums, const uint16_t *w, size_t w_stride, c
     }
 }
 
-#if FAST_BF16
+#if HAS_AVX512_BF16
 /* Fast activations (see dot_bf16_fast): the tokens rounded to bf16 and packed in pairs,
    pairs[(k/2) * STRIP + j] = (x[t0 + j][k], x[t0 + j][k+1]) (cols even). */
 static void pack_strip_fast(uint32_t *pairs, const float *x, int t0, int n_tokens, int cols) {
@@ -3884,20 +3884,20 @@ static void strip_kernel_fast(float *sums, const uint16_t *w, size_t w_stride, i
    contiguous (the block is small enough to stay in L1/L2 for every strip); a ragged last
    panel (zero rows pad its last tile), odd-width bf16 rows (no whole pairs) and q8_0 rows
    are widened into `block` first. */
-static void strips_block(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
+static void strips_slab(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
                          int kn, const float *strips, int n_strips, int fast) {
     int cols = w->cols, n_tiles = (nr + STRIP_ROWS - 1) / STRIP_ROWS;
     int whole_tiles = nr % STRIP_ROWS == 0;
     int fp32_in_place = w->type == WEIGHT_FP32 && whole_tiles;
     int bf16_in_place = w->type == WEIGHT_BF16 && whole_tiles && cols % 2 == 0;
     if (!fast && !fp32_in_place && !bf16_in_place)
-        widen_block(block, w, r0, nr, n_tiles * STRIP_ROWS, k0, kn);
+        widen_slab(block, w, r0, nr, n_tiles * STRIP_ROWS, k0, kn);
     for (int i = 0; i < n_strips; i++) {
         const float *strip = strips + ((size_t)i * cols + (size_t)k0) * STRIP;
         for (int t = 0; t < n_tiles; t++) {
-            float *tile_sums = sums + ((size_t)i * BLOCK_ROWS + (size_t)t * STRIP_ROWS) * STRIP;
+            float *tile_sums = sums + ((size_t)i * SLAB_ROWS + (size_t)t * STRIP_ROWS) * STRIP;
             size_t start = (size_t)(r0 + t * STRIP_ROWS) * (size_t)cols + (size_t)k0;
-#if FAST_BF16
+#if HAS_AVX512_BF16
             if (fast) {  /* bf16 rows of even width, read in place */
                 const uint32_t *pairs = (const uint32_t *)(strips + (size_t)i * cols * STRIP);
                 int tile_rows = nr - t * STRIP_ROWS < STRIP_ROWS ? nr - t * STRIP_ROWS : STRIP_ROWS;
@@ -3913,7 +3913,7 @@ static void strips_block(float *sums, float *block, const Matrix *w, int r0, int
                 strip_kernel_bf16(tile_sums, (const uint16_t *)w->data + start,
                                   (size_t)cols, strip, kn, k0 == 0);
             else
-                strip_kernel(tile_sums, block + (size_t)t * STRIP_ROWS * BLOCK_COLS, BLOCK_COLS,
+                strip_kernel(tile_sums, block + (size_t)t * STRIP_ROWS * SLAB_COLS, SLAB_COLS,
                              strip, kn, k0 == 0);
         }
     }
@@ -3930,22 +3930,22 @@ static void scatter_sums(float *out, int rows, const float *sums, int t0, int nt
 }
 
 /* The prompt path. The threads first pack the tokens into strips, then take panels of
-   BLOCK_ROWS rows, each walked in blocks of BLOCK_COLS columns (strips_block). A whole strip
+   SLAB_ROWS rows, each walked in blocks of SLAB_COLS columns (strips_slab). A whole strip
    (up to 1 MB at 8192 columns) would not stay in L2 while every tile of the panel reads it; a
    block of one does. The running sums, sums[strip][row][token], go to out[token][row] after
    the panel's last block. */
 static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix *w,
                           MatmulScratch *s) {
     int rows = w->rows, cols = w->cols, n_strips = (n_tokens + STRIP - 1) / STRIP;
-    int n_panels = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    int n_panels = (rows + SLAB_ROWS - 1) / SLAB_ROWS;
     int fast = fast_bf16(w, s) && cols % 2 == 0;
-    struct FastScratch *f = s->fast_paths;
+    struct SimdScratch *f = s->simd;
     OMP(parallel)
     {
         OMP(for schedule(static))
         for (int i = 0; i < n_strips; i++) {
             float *strip = f->strips + (size_t)i * STRIP * cols;
-#if FAST_BF16
+#if HAS_AVX512_BF16
             if (fast) {
                 pack_strip_fast((uint32_t *)strip, x, i * STRIP, n_tokens, cols);
                 continue;
@@ -3954,23 +3954,23 @@ static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix
             pack_strip(strip, x, i * STRIP, n_tokens, cols);
         }
         /* (the for's implied barrier: every strip is packed before any panel starts) */
-        float *block = f->blocks + (size_t)thread_id() * BLOCK_ROWS * BLOCK_COLS;
-        float *sums = f->strip_sums + (size_t)thread_id() * BLOCK_ROWS * (size_t)f->n_strip_tokens;
+        float *block = f->slabs + (size_t)thread_id() * SLAB_ROWS * SLAB_COLS;
+        float *sums = f->strip_sums + (size_t)thread_id() * SLAB_ROWS * (size_t)f->n_strip_tokens;
         OMP(for schedule(static))
         for (int p = 0; p < n_panels; p++) {
-            int r0 = p * BLOCK_ROWS, nr = rows - r0 < BLOCK_ROWS ? rows - r0 : BLOCK_ROWS;
-            for (int k0 = 0; k0 < cols; k0 += BLOCK_COLS)
-                strips_block(sums, block, w, r0, nr, k0,
-                             cols - k0 < BLOCK_COLS ? cols - k0 : BLOCK_COLS,
+            int r0 = p * SLAB_ROWS, nr = rows - r0 < SLAB_ROWS ? rows - r0 : SLAB_ROWS;
+            for (int k0 = 0; k0 < cols; k0 += SLAB_COLS)
+                strips_slab(sums, block, w, r0, nr, k0,
+                             cols - k0 < SLAB_COLS ? cols - k0 : SLAB_COLS,
                              f->strips, n_strips, fast);
             for (int i = 0; i < n_strips; i++)
-                scatter_sums(out, rows, sums + (size_t)i * BLOCK_ROWS * STRIP, i * STRIP,
+                scatter_sums(out, rows, sums + (size_t)i * SLAB_ROWS * STRIP, i * STRIP,
                              n_tokens - i * STRIP < STRIP ? n_tokens - i * STRIP : STRIP, r0, nr);
         }
     }
 }
 
-#if FAST_INT8
+#if HAS_VNNI
 /* The q8_0 prompt path: integer dot products, like decoding. Each token's activations are
    quantized per group (quantize_vector, the same rounding decoding does) and packed into
    strips of STRIP tokens whose 32-bit words hold a token's int16 pair (x[k], x[k+1]), or with
@@ -4026,8 +4026,8 @@ typedef struct {
     size_t bytes;
 } Prefetch;
 
-static inline __m512i dot_words(__m512i acc, __m512i w, __m512i x, int int8) {
-    return int8 ? dot_int8(acc, w, x) : dot_int16(acc, w, x);
+static inline __m512i madd_words(__m512i acc, __m512i w, __m512i x, int int8) {
+    return int8 ? madd_int8(acc, w, x) : madd_int16(acc, w, x);
 }
 
 /* sums[r][t] (row stride STRIP) for Q_ROWS rows of weight words (row stride row_words, their
@@ -4059,17 +4059,17 @@ static void strip_kernel_q8(float *sums, const uint32_t *w, size_t row_words,
             __m512i x0 = _mm512_loadu_si512((const void *)p);
             __m512i x1 = _mm512_loadu_si512((const void *)(p + 16));
             __m512i wv = _mm512_set1_epi32((int)w0[m]);
-            s00 = dot_words(s00, wv, x0, int8);
-            s01 = dot_words(s01, wv, x1, int8);
+            s00 = madd_words(s00, wv, x0, int8);
+            s01 = madd_words(s01, wv, x1, int8);
             wv = _mm512_set1_epi32((int)w1[m]);
-            s10 = dot_words(s10, wv, x0, int8);
-            s11 = dot_words(s11, wv, x1, int8);
+            s10 = madd_words(s10, wv, x0, int8);
+            s11 = madd_words(s11, wv, x1, int8);
             wv = _mm512_set1_epi32((int)w2[m]);
-            s20 = dot_words(s20, wv, x0, int8);
-            s21 = dot_words(s21, wv, x1, int8);
+            s20 = madd_words(s20, wv, x0, int8);
+            s21 = madd_words(s21, wv, x1, int8);
             wv = _mm512_set1_epi32((int)w3[m]);
-            s30 = dot_words(s30, wv, x0, int8);
-            s31 = dot_words(s31, wv, x1, int8);
+            s30 = madd_words(s30, wv, x0, int8);
+            s31 = madd_words(s31, wv, x1, int8);
         }
         __m512 xs0 = _mm512_loadu_ps(x_scales + (size_t)g * STRIP);
         __m512 xs1 = _mm512_loadu_ps(x_scales + (size_t)g * STRIP + 16);
@@ -4161,7 +4161,7 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
     int calls = n_strips * (PANEL_ROWS / Q_ROWS);  /* kernel calls per whole panel */
     size_t row_bytes = w->type == WEIGHT_Q4_0 ? (size_t)cols / 2 : (size_t)cols;  /* stored */
     size_t panel_bytes = PANEL_ROWS * row_bytes, share = (panel_bytes / calls + 63) / 64 * 64;
-    struct FastScratch *f = s->fast_paths;
+    struct SimdScratch *f = s->simd;
     OMP(parallel)
     {
         int id = thread_id();
@@ -4174,7 +4174,7 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
         /* (the for's implied barrier: every strip is packed before any panel starts) */
         uint32_t *panel = (uint32_t *)(f->panels_q + (size_t)id * PANEL_ROWS * (size_t)s->max_cols);
         float *scales = f->panel_scales + (size_t)id * PANEL_ROWS * (s->max_cols / 2);
-        float *sums = f->strip_sums + (size_t)id * BLOCK_ROWS * (size_t)f->n_strip_tokens;
+        float *sums = f->strip_sums + (size_t)id * SLAB_ROWS * (size_t)f->n_strip_tokens;
         OMP(for schedule(static))
         for (int p = 0; p < n_panels; p++) {
             int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
@@ -4206,7 +4206,7 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
 }
 #endif
 
-#if FAST_AMX
+#if HAS_AMX
 /* The q8_0 and q4_0 prompt path from tile products. One instruction multiplies a tile of 16
    weight rows x 32 values by one of 32 values x 16 tokens and adds the 16 x 16 products to a
    tile of sums: 8192 multiply-adds (16384 for int8 steps of 64), where vpdpwssd makes 32.
@@ -4219,7 +4219,7 @@ static void matmul_strips_q8(float *out, const float *x, int n_tokens, const Mat
 
 /* Whether the tile path takes w: as the strips, with whole groups of 32. */
 static int amx_applies(const Matrix *w, const MatmulScratch *s) {
-    return s->fast_paths->amx && q8_strips_apply(w) && w->group_size % 32 == 0;
+    return s->simd->amx && q8_strips_apply(w) && w->group_size % 32 == 0;
 }
 
 /* Values per tile product: 32 bf16 pairs, or 64 int8 where the groups hold whole steps. */
@@ -4437,7 +4437,7 @@ static void matmul_tiles(float *out, const float *x, int n_tokens, const Matrix 
     int n_packs = (n_tokens + AMX_TOKENS - 1) / AMX_TOKENS, panel_rows = amx_panel_rows(cols, int8);
     int n_panels = (rows + panel_rows - 1) / panel_rows;
     size_t pack_bytes = (size_t)AMX_TOKENS * cols * 4, pack_scales = (size_t)AMX_TOKENS * cols / 32;
-    struct FastScratch *f = s->fast_paths;
+    struct SimdScratch *f = s->simd;
     OMP(parallel)
     {
         int id = thread_id();
@@ -4476,15 +4476,15 @@ static void matmul_tiles(float *out, const float *x, int n_tokens, const Matrix 
 
 /* Hook (matmul_many): the prompt path, matmul_tiles for q8_0 and q4_0 with AMX,
    matmul_strips_q8 with VNNI, matmul_strips otherwise. */
-static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
                              MatmulScratch *s) {
-#if FAST_AMX
+#if HAS_AMX
     if (amx_applies(w, s)) {
         matmul_tiles(out, x, n_tokens, w, s);
         return 1;
     }
 #endif
-#if FAST_INT8
+#if HAS_VNNI
     if (q8_strips_apply(w)) {
         matmul_strips_q8(out, x, n_tokens, w, s);
         return 1;
@@ -4512,7 +4512,7 @@ static inline __m512 exp16(__m512 x) {
 }
 
 /* Hook (softmax): the same three passes, 16 lanes at a time, with exp16. */
-static int fast_softmax(float *x, int n) {
+static int simd_softmax(float *x, int n) {
     __m512 vmax = _mm512_set1_ps(x[0]), vsum = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16)
         vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, lanes_before(i, n), x + i));
@@ -4532,7 +4532,7 @@ static int fast_softmax(float *x, int n) {
 }
 
 /* Hook (swiglu): one row, 16 lanes at a time, with exp16. */
-static int fast_swiglu(float *g, const float *u, int width) {
+static int simd_swiglu(float *g, const float *u, int width) {
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int i = 0; i < width; i += 16) {
         __mmask16 m = lanes_before(i, width);
@@ -4546,33 +4546,33 @@ static int fast_swiglu(float *g, const float *u, int width) {
 
 #else  /* no AVX-512: no fast path applies */
 
-#define FAST_BF16 0
-#define FAST_INT8 0
+#define HAS_AVX512_BF16 0
+#define HAS_VNNI 0
 
-static void fast_alloc_scratch(MatmulScratch *s) { (void)s; }
-static void fast_free_scratch(MatmulScratch *s) { (void)s; }
+static void simd_alloc_scratch(MatmulScratch *s) { (void)s; }
+static void simd_free_scratch(MatmulScratch *s) { (void)s; }
 static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
     (void)scale; (void)q; (void)x; (void)gs; (void)q_max;
     return 0;
 }
-static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
+static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s) {
     (void)w; (void)x; (void)s;
     return 0;
 }
-static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
     (void)out; (void)w; (void)x; (void)s;
     return 0;
 }
-static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
                              MatmulScratch *s) {
     (void)out; (void)x; (void)n_tokens; (void)w; (void)s;
     return 0;
 }
-static int fast_softmax(float *x, int n) {
+static int simd_softmax(float *x, int n) {
     (void)x; (void)n;
     return 0;
 }
-static int fast_swiglu(float *gate, const float *up, int width) {
+static int simd_swiglu(float *gate, const float *up, int width) {
     (void)gate; (void)up; (void)width;
     return 0;
 }
@@ -4846,7 +4846,7 @@ static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, i
    gets 2 MB pages where the page cache holds the file in 2 MB folios, which Linux 6.x makes
    when it reads a file ahead (MADV_HUGEPAGE asks for that on this mapping's faults). A file
    written in small pieces (by cp, by most downloaders) or read back under memory pressure
-   sits in 4 KB folios until it is evicted. So fast_map_pages faults the mapping in and, where
+   sits in 4 KB folios until it is evicted. So map_large_pages faults the mapping in and, where
    most of it came in 4 KB pages, evicts the file piece by piece and reads it back: once, since
    later runs find the file as this one left it. It tries one piece first and stops there if
    the kernel keeps 4 KB folios anyway (no large folios for this file system, or no free 2 MB
@@ -4878,7 +4878,7 @@ static void refold(unsigned char *map, size_t at, size_t len, int fd) {
     madvise(map + at, len, MADV_POPULATE_READ);
 }
 
-static void fast_map_pages(unsigned char *map, size_t size, int fd) {
+static void map_large_pages(unsigned char *map, size_t size, int fd) {
     madvise(map, size, MADV_HUGEPAGE);
     if (size < 2 * REFOLD_PIECE || madvise(map, size, MADV_POPULATE_READ) != 0) return;
     long resident = 0, large = 0, large_after = 0;
@@ -4898,7 +4898,7 @@ static void fast_map_pages(unsigned char *map, size_t size, int fd) {
 
 #else  /* elsewhere the mapping stays as the system makes it */
 
-static void fast_map_pages(unsigned char *map, size_t size, int fd) {
+static void map_large_pages(unsigned char *map, size_t size, int fd) {
     (void)map; (void)size; (void)fd;
 }
 

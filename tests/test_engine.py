@@ -437,7 +437,7 @@ def mapped_kb(path):
 
 def test_mapped_file_cached_in_small_pages_is_refolded():
     """A model file written in 4 KB pieces (as cp writes) sits in the page cache in 4 KB folios;
-    run reads it back once in 2 MB pages (fast_map_pages) where the kernel makes them, and says
+    run reads it back once in 2 MB pages (map_large_pages) where the kernel makes them, and says
     so. Whatever the kernel does, the output stays the same. The file must span two 64 MB
     pieces, hence a 165 MB fp32 model."""
     folder = os.path.join(WORK, "hf-wide")

@@ -236,7 +236,7 @@ static void test_dots(int n, int gs) {
 #if defined __AVX512F__
     double worst_fp32_avx512 = 0, worst_bf16_avx512 = 0, worst_q8_avx512 = 0;
 #endif
-    int fast = FAST_INT8 && gs % 64 == 0;
+    int fast = HAS_VNNI && gs % 64 == 0;
     for (int trial = 0; trial < 50; trial++) {
         fill(w, (size_t)n);
         fill(x, (size_t)n);
@@ -284,7 +284,7 @@ static void test_dots(int n, int gs) {
 #endif
         worst_q8_float = fmax(worst_q8_float,
                               fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
-#if FAST_INT8
+#if HAS_VNNI
         if (fast) {  /* -a fast: int8 activations, through vpdpbusd's unsigned operand */
             quantize_int8(&qv, x, n, gs);
             double exact_int8 = 0.0;
@@ -387,7 +387,7 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
 /* -a fast: matmul against the reference on x rounded as that mode rounds it (to bf16 for bf16
    weights, to int8 per group for q8_0), which is all it may change: what is then multiplied
    is exact (two bf16, or two int8 summed in int32). */
-#if FAST_BF16 || FAST_INT8
+#if HAS_AVX512_BF16 || HAS_VNNI
 static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch *s) {
     size_t count = (size_t)rows * cols;
     float *x = malloc((size_t)n * cols * sizeof(float));
@@ -405,7 +405,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
         for (size_t i = 0; i < count; i++)
             image[i] = bf16_to_float(bf[i] = float_to_bf16(image[i]));
         m = (Matrix){ .type = WEIGHT_BF16, .rows = rows, .cols = cols, .data = bf };
-#if FAST_BF16
+#if HAS_AVX512_BF16
         for (size_t i = 0; i < (size_t)n * cols; i++)
             x_rounded[i] = bf16_to_float(round_to_bf16(x[i]));
 #endif
@@ -449,7 +449,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
 }
 #endif
 
-#if FAST_AMX
+#if HAS_AMX
 /* The AMX prompt path (matmul_tiles) against the strips it stands in for, on the same
    matrix and tokens: -a fast's int8 tiles sum the same integers, so the same bits where a
    group is one tile step (else the steps' floats add up in another order: within 1e-6); the
@@ -476,9 +476,9 @@ static void test_matmul_tiles(int type, int rows, int cols, int gs, int n, Matmu
     for (int fast = 0; fast <= 1; fast++) {
         s->fast = fast;
         matmul(tiles, x, n, &m, s);
-        s->fast_paths->amx = 0;
+        s->simd->amx = 0;
         matmul(strips, x, n, &m, s);
-        s->fast_paths->amx = 1;
+        s->simd->amx = 1;
         int int8 = fast_int8(&m, s) || fast_q4(&m, s);
         double worst = 0.0;
         for (int t = 0; t < n; t++)
@@ -548,8 +548,8 @@ static void cache_rounding(float *x, int head_dim, int cache_type) {
 static void fill_cache(RunState *s, const Config *cfg, float *keys, float *values, int from,
                        int seq_len) {
     int kv_dim = cfg->n_kv_heads * cfg->head_dim;
-    for (int p0 = from; p0 < seq_len; p0 += MAX_BLOCK) {
-        int block = seq_len - p0 < MAX_BLOCK ? seq_len - p0 : MAX_BLOCK;
+    for (int p0 = from; p0 < seq_len; p0 += MAX_BATCH) {
+        int block = seq_len - p0 < MAX_BATCH ? seq_len - p0 : MAX_BATCH;
         memcpy(s->k, keys + (size_t)p0 * kv_dim, (size_t)block * kv_dim * sizeof(float));
         memcpy(s->v, values + (size_t)p0 * kv_dim, (size_t)block * kv_dim * sizeof(float));
         store_kv(s, cfg, 0, p0, block);
@@ -779,7 +779,7 @@ static void test_kernels(void) {
         test_matmul(types[i], 64, 515, 33, &s);    /* odd width: bf16 rows widened, not paired */
     }
     test_matmul_many(&s);
-    {   /* rows wide enough for section 8's dot_fp32_rows / dot_bf16_rows: whole steps of 8,
+    {   /* rows wide enough for section 8's wide_rows_fp32 / wide_rows_bf16: whole steps of 8,
            a ragged one */
         MatmulScratch wide = {0};
         alloc_scratch(&wide, 8192, 1);
@@ -789,14 +789,14 @@ static void test_kernels(void) {
         }
         free_scratch(&wide);
     }
-#if FAST_BF16
+#if HAS_AVX512_BF16
     test_matmul_fast(WEIGHT_BF16, 64, 256, 1, &s);
     test_matmul_fast(WEIGHT_BF16, 40, 100, 1, &s);     /* a ragged tail of 4 */
     test_matmul_fast(WEIGHT_BF16, 128, 1024, 64, &s);
     test_matmul_fast(WEIGHT_BF16, 72, 1100, 33, &s);   /* ragged column block and strip */
     test_matmul_fast(WEIGHT_BF16, 70, 256, 7, &s);     /* a ragged row tile */
 #endif
-#if FAST_INT8
+#if HAS_VNNI
     test_matmul_fast(WEIGHT_Q8_0, 64, 256, 1, &s);
     test_matmul_fast(WEIGHT_Q8_0, 70, 256, 7, &s);     /* ragged panel and strip */
     test_matmul_fast(WEIGHT_Q8_0, 128, 1024, 64, &s);
@@ -808,8 +808,8 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q4_0, 70, 256, 7, &s);      /* ragged panel and strip */
     test_matmul_fast(WEIGHT_Q4_0, 40, 1536, 33, &s);
 #endif
-#if FAST_AMX
-    if (s.fast_paths->amx) {
+#if HAS_AMX
+    if (s.simd->amx) {
         test_matmul_tiles(WEIGHT_Q8_0, 64, 256, 64, 2, &s);
         test_matmul_tiles(WEIGHT_Q8_0, 70, 256, 64, 7, &s);    /* ragged panel and pack */
         test_matmul_tiles(WEIGHT_Q8_0, 40, 1536, 64, 33, &s);
@@ -857,8 +857,8 @@ static void test_kernels(void) {
    FFN). Returns those logits. */
 static const float *feed_prompt(Transformer *tr, const int *tokens, int n) {
     const float *logits = NULL;
-    for (int i = 0; i < n; i += MAX_BLOCK) {
-        int block = n - i < MAX_BLOCK ? n - i : MAX_BLOCK;
+    for (int i = 0; i < n; i += MAX_BATCH) {
+        int block = n - i < MAX_BATCH ? n - i : MAX_BATCH;
         logits = forward(tr, tokens + i, block, i, i + block < n ? LOGITS_NONE : LOGITS_LAST);
     }
     return logits;
@@ -887,8 +887,8 @@ static void test_model(const char *path, int n, int cache_type) {
     int *tokens = malloc((size_t)(n + 1) * sizeof(int));
     for (int i = 0; i <= n; i++) tokens[i] = (int)(random_u32(&rng_state) % (unsigned)vocab);
     float *blocked = malloc((size_t)(n + 1) * vocab * sizeof(float));
-    for (int i = 0; i < n; i += MAX_BLOCK) {
-        int block = n - i < MAX_BLOCK ? n - i : MAX_BLOCK;
+    for (int i = 0; i < n; i += MAX_BATCH) {
+        int block = n - i < MAX_BATCH ? n - i : MAX_BATCH;
         forward(&tr, tokens + i, block, i, LOGITS_ALL);
         memcpy(blocked + (size_t)i * vocab, tr.state.logits, (size_t)block * vocab * sizeof(float));
     }
