@@ -1,17 +1,25 @@
 /* run.c: inference for the Llama 3 family (3.0, 3.1, 3.2 text models) in one C file.
 
-   Read it top to bottom, in the order the data flows:
+   Read it top to bottom, in the order the data flows. The model is learned by the end of
+   section 5:
      1. the model file: header, validation, memory map
      2. the math: dot products, matmul (fp32, bf16, q8_0, q4_0), rmsnorm, softmax, RoPE
-     3. the forward pass: a block of tokens through every layer, with a KV cache
-     4. the sampler: greedy, temperature, top-p
+     3. the forward pass: a batch of tokens through every layer, with a KV cache and
+        grouped-query attention
+     4. the sampler: temperature, top-k, top-p, min-p, and the repetition, presence and
+        frequency penalties
      5. generation: prompt in, tokens out, timings
-     6. chat: Meta's dialog format over one KV cache
+   Then the program around the model:
+     6. chat: Meta's dialog format over one KV cache, then a terminal line editor for it
      7. the command line
-     8. fast paths: x86 AVX-512 (VNNI, BF16) kernels for the math of sections 2 and 3
-   Sections 1-7 are a whole engine in portable C. Section 8 only makes it faster: sections 2 and
-   3 call it through a few hooks (the functions named fast_*), each of which does its part of
-   the work and returns 1, or returns 0 where it does not apply (always, without AVX-512).
+   And last, speed only:
+     8. SIMD kernels (x86 AVX-512, with VNNI, BF16 and AMX where the CPU has them), and 2 MB
+        pages for the weights
+   Sections 1-7 are a whole engine in portable C, and in a portable build (no -march) they are
+   all that runs. Section 8 only makes it faster: sections 2 and 3 call it through a few hooks,
+   the functions named simd_*, each of which does its part of the work and returns 1 (or how
+   much it did), or returns 0 where it does not apply, and the portable code after it runs. In
+   a build without SIMD kernels each hook is the constant 0.
 
    The model file is written by export.py; its layout is documented in README.md ("File
    formats") and mirrored by the loader below. The tokenizer lives in tokenizer.c. */
@@ -48,6 +56,15 @@ static int thread_id(void) { return omp_get_thread_num(); }
 #define OMP(...)
 static int max_threads(void) { return 1; }
 static int thread_id(void) { return 0; }
+#endif
+
+/* Which SIMD kernels section 8 holds for this build, by the compiler's target (-march). */
+#if defined __AVX512F__
+#define HAVE_SIMD 1
+#define SIMD_NAME "avx512"
+#else
+#define HAVE_SIMD 0
+#define SIMD_NAME "portable"
 #endif
 
 /* The one line every user-facing error prints on stderr. */
@@ -403,17 +420,17 @@ static void free_model(Model *m) {
 /* ----------------------------------------------------------------------------------------
    2. The math
 
-   Every weight type goes through matmul_many() (matmul() for one matrix); the per-type dot
-   products below are the only place that knows how a type's bytes become numbers. Two shapes
-   of work reach it:
+   Every weight type goes through matmul(), the one dispatch; the per-type dot products below
+   are the only place that knows how a type's bytes become numbers. Two shapes of work reach
+   it:
    - decoding: one token, out = W @ x, rows split over threads (matmul_vector). Every weight is
      used once, so the speed limit is how fast the weights stream from memory.
-   - the prompt: a block of tokens, out[t] = W @ x[t] (matmul_batch). Each weight is reused by
-     every token of the block, so the rows are widened to float32 a panel at a time and meet
+   - the prompt: a batch of tokens, out[t] = W @ x[t] (matmul_batch). Each weight is reused by
+     every token of the batch, so the rows are widened to float32 a panel at a time and meet
      all the tokens from cache.
    q8_0 and q4_0 decoding quantize the activations too, to int16 per group, so that each
-   group's dot product is exact integer arithmetic (dot_q8, dot_q4). Where the machine has
-   AVX-512, section 8 replaces these loops with kernels that compute the same sums (in another
+   group's dot product is exact integer arithmetic (dot_q8, dot_q4). Where the build has SIMD
+   kernels, section 8 replaces these loops with ones that compute the same sums (in another
    order) faster; the calls into it are marked "hook". */
 
 /* float32 -> bf16, rounded to nearest even (a NaN stays a NaN): the KV cache's bf16, and -a
@@ -486,11 +503,6 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
 typedef struct {
     int16_t *q;     /* round(x / scale), in [-q_max, q_max] */
     float *scales;  /* one per group */
-    int8_t *int8;   /* -a fast (section 8): q as int8 (q_max 127) */
-    int32_t *int8_offsets;  /* ... and per group -8 * the sum of its int8 (see int8_sums) */
-    int16_t *q4_pairs;      /* q4_0 (section 8): q in the order its nibbles unpack (prepare_q4) */
-    float *q4_offsets;      /* ... and per group -8 * the sum of its q */
-    int8_t *q4_int8;        /* -a fast's q4_0: q (q_max 127) as the nibbles come (prepare_q4) */
 } QuantizedVector;
 
 #define Q16_MAX 32767.0f
@@ -518,34 +530,41 @@ static float quantize_group(int16_t *q, const float *x, int gs, float q_max) {
     return scale;
 }
 
-/* One product of a matmul_many call: out = W applied to the shared input. */
+/* One product of a matmul call: out = W applied to the shared input. */
 typedef struct {
     float *out;
     const Matrix *w;
 } Product;
 typedef struct MatmulScratch MatmulScratch;  /* (below) */
 
-/* The hooks into section 8, the fast paths (and fast_attention, in section 3). Each does its
-   part of the work and returns 1, or returns 0 where it does not apply: then the portable code
-   after it runs. Without AVX-512 every one but fast_attention (plain C) returns 0. */
-static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max);
+/* The hooks into section 8's SIMD kernels. Each does its part of the work and returns 1, or
+   returns 0 where it does not apply: then the portable code after it runs. A build without
+   SIMD kernels has none of them: each is the constant 0 (and the scratch hooks do nothing). */
+#if HAVE_SIMD
 static void simd_alloc_scratch(MatmulScratch *s);
 static void simd_free_scratch(MatmulScratch *s);
+static int simd_set_fast(MatmulScratch *s, int weight_type, int group_size);
 static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s);
 static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s);
 static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
                              MatmulScratch *s);
 static int simd_softmax(float *x, int n);
 static int simd_swiglu(float *gate, const float *up, int width);
+#else
+#define simd_alloc_scratch(s) ((void)(s))
+#define simd_free_scratch(s) ((void)(s))
+#define simd_set_fast(s, weight_type, group_size) 0
+#define simd_prepare_input(w, x, s) 0
+#define simd_matmul_rows(out, w, x, s) 0
+#define simd_matmul_batch(out, x, n_tokens, w, s) 0
+#define simd_softmax(x, n) 0
+#define simd_swiglu(gate, up, width) 0
+#endif
 
 /* Groups of gs values, each quantized on its own (quantize_group). */
 static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs, float q_max) {
-    for (int g = 0; g < n / gs; g++) {
-        int16_t *q = v->q + (size_t)g * gs;
-        const float *xg = x + (size_t)g * gs;
-        if (!fast_quantize_group(&v->scales[g], q, xg, gs, q_max))  /* hook */
-            v->scales[g] = quantize_group(q, xg, gs, q_max);
-    }
+    for (int g = 0; g < n / gs; g++)
+        v->scales[g] = quantize_group(v->q + (size_t)g * gs, x + (size_t)g * gs, gs, q_max);
 }
 
 /* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale. */
@@ -622,16 +641,14 @@ static void matrix_row(float *out, const Matrix *w, int row) {
 struct MatmulScratch {
     QuantizedVector xq; /* q8_0, q4_0 decoding: the activations quantized [max_cols] */
     float *panels;      /* prompt path: one [PANEL_ROWS][max_cols] float panel per thread */
-    int fast;           /* -a fast: section 8 may round the activations more coarsely */
     int max_cols, max_tokens;
     int n_threads;
-    struct SimdScratch *simd;  /* section 8's buffers (NULL without AVX-512) */
+    struct SimdScratch *simd;  /* section 8's own buffers and settings, never read here */
 };
 
 static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
     s->max_cols = max_cols;
     s->max_tokens = max_tokens;
-    s->fast = 0;  /* exact until the caller asks for -a fast */
     s->n_threads = max_threads();
     s->xq.q = calloc_aligned((size_t)max_cols, sizeof(int16_t), "matmul scratch");
     s->xq.scales = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
@@ -672,17 +689,13 @@ static int same_input(const Product *products, int count) {
     return 1;
 }
 
-/* Decoding: out[rows] = W[rows][cols] @ x[cols] for each product. x is prepared once (q8_0
-   and q4_0 quantize it). Rows are independent: each matrix's rows are split over threads, every
+/* Decoding: out[rows] = W[rows][cols] @ x[cols] for each product, all reading x in one form
+   (same_input). x is prepared once (q8_0 and q4_0 quantize it). Rows are independent: each matrix's rows are split over threads, every
    matrix inside one parallel region with no barrier between them, so that q, k and v (or gate
    and up) cost the threads one meeting instead of three (or two). Each thread takes runs of
    consecutive rows, long ones first and short ones at the end (guided scheduling), so that a
    thread slowed by its share of memory does not leave the others waiting at the end. */
 static void matmul_vector(const Product *products, int count, const float *x, MatmulScratch *s) {
-    if (!same_input(products, count)) {
-        for (int i = 0; i < count; i++) matmul_vector(products + i, 1, x, s);
-        return;
-    }
     const Matrix *w0 = products[0].w;
     int quantized = w0->type == WEIGHT_Q8_0 || w0->type == WEIGHT_Q4_0;
     if (!simd_prepare_input(w0, x, s) && quantized)  /* hook */
@@ -708,8 +721,7 @@ static void tile_dots(float *out, int out_stride, const float *w, const float *x
 
 /* The prompt path: out[n_tokens][rows] = x[n_tokens][cols] @ W^T. Threads take panels of
    PANEL_ROWS rows; a panel is widened to float32 once (fp32 rows are used in place) and then
-   meets all the tokens from cache, so each weight is read from memory once per block of
-   tokens. */
+   meets all the tokens from cache, so each weight is read from memory once per batch. */
 static void matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
                          MatmulScratch *s) {
     int rows = w->rows, cols = w->cols;
@@ -744,24 +756,19 @@ static void matmul_batch(float *out, const float *x, int n_tokens, const Matrix 
 
 /* The one matmul dispatch: for each product, out[n_tokens][rows] = W[rows][cols] applied to
    each of the n_tokens vectors x[n_tokens][cols] that the products share. */
-static void matmul_many(const Product *products, int count, const float *x, int n_tokens,
-                        MatmulScratch *s) {
-    if (n_tokens == 1) {
+static void matmul(const Product *products, int count, const float *x, int n_tokens,
+                   MatmulScratch *s) {
+    if (n_tokens == 1 && same_input(products, count)) {
         matmul_vector(products, count, x, s);
         return;
     }
     for (int i = 0; i < count; i++) {
         float *out = products[i].out;
         const Matrix *w = products[i].w;
-        if (simd_matmul_batch(out, x, n_tokens, w, s)) continue;  /* hook */
-        matmul_batch(out, x, n_tokens, w, s);
+        if (n_tokens == 1) matmul_vector(products + i, 1, x, s);
+        else if (!simd_matmul_batch(out, x, n_tokens, w, s))  /* hook */
+            matmul_batch(out, x, n_tokens, w, s);
     }
-}
-
-/* One matrix: out[n_tokens][rows] = W applied to each of the n_tokens vectors x[n_tokens][cols]. */
-static void matmul(float *out, const float *x, int n_tokens, const Matrix *w, MatmulScratch *s) {
-    Product p = { out, w };
-    matmul_many(&p, 1, x, n_tokens, s);
 }
 
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
@@ -827,30 +834,28 @@ static void rope(float *vec, int n_heads, int head_dim, const float *cos_t, cons
 /* ----------------------------------------------------------------------------------------
    3. The forward pass
 
-   forward() runs a block of n_tokens consecutive tokens (positions pos .. pos+n_tokens-1)
-   through every layer together, so that each weight matrix is read once per block instead of
-   once per token. Decoding is the same code with one token. Within a block, attention is
+   forward() runs a batch of n_tokens consecutive tokens (positions pos .. pos+n_tokens-1)
+   through every layer together, so that each weight matrix is read once per batch instead of
+   once per token. Decoding is the same code with one token. Within a batch, attention is
    causal: token t sees the cached positions up to its own. */
 
-/* Prompt tokens per forward() call: larger blocks read the weights fewer times (README.md,
-   "Performance", has the measurements). The buffers it sizes are only touched as far as a
-   block reaches. */
+/* Prompt tokens per forward() call: larger batches read the weights fewer times. The buffers
+   it sizes are only touched as far as a batch reaches. */
 #define MAX_BATCH 256
 
 /* The KV cache. Each KV head's keys lie in tiles of KEY_TILE positions, transposed
    ([head_dim][KEY_TILE]): dimension d of the keys of a tile's positions lies contiguous, so
-   that the scores of KEY_TILE positions are taken side by side (a vector of them, for the
-   compiler or section 8). Each KV head's values lie position after position ([head_dim]
+   that the scores of KEY_TILE positions are taken side by side (a vector of them). Each KV head's values lie position after position ([head_dim]
    each), read in order by the weighted sum. */
 #define KEY_TILE 16
-#define SCORE_TILES 2    /* section 8's score kernel reads key tiles in pairs */
-#define ATT_ROWS 16      /* ... and takes up to 16 query rows per pass (rows of scores) */
+#define CACHE_STEP (2 * KEY_TILE)
+#define ATT_ROWS 16      /* attention: query rows per pass over a KV head (rows of scores) */
 
-/* Positions the cache holds per KV head: seq_len rounded up to whole pairs of key tiles (a
-   tile past the last position holds zeros or stale keys, and the scores from it go unused). */
+/* Positions the cache holds per KV head: seq_len rounded up to whole pairs of key tiles, so
+   that a kernel may take key tiles two at a time with no check for a last lone one (a tile
+   past the last position holds zeros or stale keys, and the scores from it go unused). */
 static int cache_positions(int seq_len) {
-    int step = KEY_TILE * SCORE_TILES;
-    return (seq_len + step - 1) / step * step;
+    return (seq_len + CACHE_STEP - 1) / CACHE_STEP * CACHE_STEP;
 }
 
 /* The cache's element types (--cache-type). Keys and values are rounded to the type when
@@ -913,20 +918,20 @@ static void widen_value_run(float *out, const KVHead *kv, int p, int d0, int n, 
 }
 
 typedef struct {
-    float *x;          /* residual stream [block][dim] */
-    float *xb;         /* normed input / attention output [block][max(dim, q_dim)] */
-    float *xb2;        /* projection output [block][dim] */
-    float *hb, *hb2;   /* feed-forward gate and up [block][hidden_dim] */
-    float *q;          /* query [block][q_dim] */
-    float *k, *v;      /* the block's keys and values, before store_kv [block][kv_dim] */
+    float *x;          /* residual stream [batch][dim] */
+    float *xb;         /* normed input / attention output [batch][max(dim, q_dim)] */
+    float *xb2;        /* projection output [batch][dim] */
+    float *hb, *hb2;   /* feed-forward gate and up [batch][hidden_dim] */
+    float *q;          /* query [batch][q_dim] */
+    float *k, *v;      /* the batch's keys and values, before store_kv [batch][kv_dim] */
     float *att;        /* attention scores, per thread [ATT_ROWS][cache_len] */
-    float *logits;     /* [block][vocab_size]; pages untouched unless every row is asked for */
+    float *logits;     /* [batch][vocab_size]; pages untouched unless every row is asked for */
     int cache_type;    /* CACHE_F32, CACHE_BF16 or CACHE_Q8_0: the elements below */
     void *key_cache;   /* [n_layers][n_kv_heads][cache_len / KEY_TILE][head_dim][KEY_TILE] */
     void *value_cache;    /* [n_layers][n_kv_heads][cache_len][head_dim] */
     float *key_scales, *value_scales;  /* q8_0: one per CACHE_GROUP elements (KVHead) */
     float *rope_freqs; /* [head_dim / 2] */
-    float *rope_cos, *rope_sin;  /* [block][head_dim / 2] */
+    float *rope_cos, *rope_sin;  /* [batch][head_dim / 2] */
     MatmulScratch scratch;
     int seq_len;       /* the context length the cache holds (the -c cap) */
     int cache_len;     /* ... rounded up (cache_positions) */
@@ -936,9 +941,6 @@ typedef struct {
     Model model;
     RunState state;
 } Transformer;
-
-static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                          int n_tokens);  /* a hook into section 8 */
 
 static float *alloc_batch(int width, const char *what) {
     return calloc_aligned((size_t)MAX_BATCH * (size_t)width, sizeof(float), what);
@@ -1030,10 +1032,10 @@ static void store_vector(void *cache, float *scales, int type, size_t at, size_t
     }
 }
 
-/* Stores the block's keys and values (rows [n_tokens][kv_dim] of s->k and s->v, keys already
+/* Stores the batch's keys and values (rows [n_tokens][kv_dim] of s->k and s->v, keys already
    rotated) in this layer's cache at positions pos .. pos+n_tokens-1, rounded to the cache's
-   type, in the layouts above. Attention then reads the block's own keys and values from the
-   cache like any others, so a prompt fed as a block or token by token sees the same numbers. */
+   type, in the layouts above. Attention then reads the batch's own keys and values from the
+   cache like any others, so a prompt fed as a batch or token by token sees the same numbers. */
 static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int pos,
                      int n_tokens) {
     int head_dim = cfg->head_dim, kv_dim = cfg->n_kv_heads * head_dim;
@@ -1055,50 +1057,127 @@ static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int po
     }
 }
 
-/* Causal grouped-query attention for the block's n_tokens queries in s->q (positions pos ..
-   pos+n_tokens-1) over this layer's cached keys and values, which already hold the block:
-   each query head h reads KV head h / (n_heads / n_kv_heads), and token t sees the positions
-   up to its own. Writes each token's heads side by side into s->xb. Each key and value is
-   widened to float32 as it is read (a key tile's row, a group of values at a time). */
-static void plain_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                            int n_tokens) {
-    int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
-    int q_dim = cfg->n_heads * head_dim;
-    float scale = 1.0f / sqrtf((float)head_dim);
-    OMP(parallel for schedule(static))
-    for (int i = 0; i < n_tokens * cfg->n_heads; i++) {  /* each token's query heads */
-        int t = i / cfg->n_heads, h = i % cfg->n_heads, n_pos = pos + t + 1;
-        const float *q = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
-        KVHead kv = kv_head(s, layer_offset, h / group, head_dim);
-        float *scores = s->att + (size_t)thread_id() * ATT_ROWS * s->cache_len;
-        float *out = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
-        /* scores = q . k / sqrt(head_dim) for every position it sees, a key tile at a time */
-        for (int p0 = 0; p0 < n_pos; p0 += KEY_TILE) {
-            float acc[KEY_TILE] = {0}, k[KEY_TILE];
+/* Causal grouped-query attention. Each query head h reads KV head h / heads_per_kv, and
+   token t of the batch sees the cached positions up to its own. Attention reads the whole
+   cache for every token, so at long context it, not the weights, is what decoding streams from
+   memory: it reads each KV head's keys and values once for all the query rows that use them
+   (its query heads, and in a prompt batch the next tokens' too), ATT_ROWS rows per pass.
+   - scores: a row's scores come out KEY_TILE positions at a time, as sums of products against
+     the transposed key tiles (no horizontal sums), a few rows sharing each key row;
+   - softmax, the plain max-subtracted one;
+   - the weighted sum of the values, read in order, one position's values meeting every row's
+     weight, VALUE_CHUNK positions at a time for the rows that all see them.
+   A score and an output value are each one float32 sum in order (over dimensions, over
+   positions), whatever the order of the loops around them. */
+#define ATT_TILE_ROWS 8  /* rows that share each key or value as it is read */
+#define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
+
+#if HAVE_SIMD  /* the hooks into section 8 */
+static int simd_attention_scores(float *const *scores, const float *const *q, int nr,
+                                 const KVHead *kv, int n_pos, int head_dim, float scale);
+static int simd_attention_values(float *const *out, const float *const *weights, int nr,
+                                 const KVHead *kv, int p0, int p1, int head_dim);
+#else
+#define simd_attention_scores(scores, q, nr, kv, n_pos, head_dim, scale) 0
+#define simd_attention_values(out, weights, nr, kv, p0, p1, head_dim) 0
+#endif
+
+/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, a whole
+   key tile at a time (the tail past n_pos is written too: rows of scores have room). kv: one
+   KV head's cache. */
+static void attention_scores(float *const *scores, const float *const *q, int nr,
+                             const KVHead *kv, int n_pos, int head_dim, float scale) {
+    if (simd_attention_scores(scores, q, nr, kv, n_pos, head_dim, scale)) return;  /* hook */
+    for (int tile = 0; tile * KEY_TILE < n_pos; tile++) {
+        for (int r0 = 0; r0 < nr; r0 += ATT_TILE_ROWS) {
+            int n = nr - r0 < ATT_TILE_ROWS ? nr - r0 : ATT_TILE_ROWS;
+            float acc[ATT_TILE_ROWS][KEY_TILE] = {{0}}, k[KEY_TILE];
             for (int d = 0; d < head_dim; d++) {
-                widen_key_row(k, &kv, p0 / KEY_TILE, d, head_dim);
-                for (int j = 0; j < KEY_TILE; j++) acc[j] += q[d] * k[j];
+                widen_key_row(k, kv, tile, d, head_dim);
+                for (int r = 0; r < n; r++)
+                    for (int j = 0; j < KEY_TILE; j++) acc[r][j] += q[r0 + r][d] * k[j];
             }
-            for (int j = 0; j < KEY_TILE && p0 + j < n_pos; j++) scores[p0 + j] = acc[j] * scale;
+            for (int r = 0; r < n; r++)
+                for (int j = 0; j < KEY_TILE; j++)
+                    scores[r0 + r][(size_t)tile * KEY_TILE + j] = acc[r][j] * scale;
         }
-        softmax(scores, n_pos);
-        /* out = the values weighted by the scores */
-        memset(out, 0, (size_t)head_dim * sizeof(float));
-        for (int p = 0; p < n_pos; p++) {
-            for (int d0 = 0; d0 < head_dim; d0 += CACHE_GROUP) {
-                float v[CACHE_GROUP];
-                int n = head_dim - d0 < CACHE_GROUP ? head_dim - d0 : CACHE_GROUP;
-                widen_value_run(v, &kv, p, d0, n, head_dim);
-                for (int d = 0; d < n; d++) out[d0 + d] += scores[p] * v[d];
+    }
+}
+
+/* out[r] += sum over positions p in [p0, p1) of weights[r][p] * value p, for rows r < nr
+   (at most ATT_TILE_ROWS), a group of a position's values at a time. kv: one KV head's
+   cache. */
+static void attention_values(float *const *out, const float *const *weights, int nr,
+                             const KVHead *kv, int p0, int p1, int head_dim) {
+    /* hook: the SIMD kernel sums the first d0 dimensions, a multiple of CACHE_GROUP */
+    int d0 = simd_attention_values(out, weights, nr, kv, p0, p1, head_dim);
+    for (int p = p0; p < p1 && d0 < head_dim; p++) {
+        for (int g0 = d0; g0 < head_dim; g0 += CACHE_GROUP) {
+            float v[CACHE_GROUP];
+            int n = head_dim - g0 < CACHE_GROUP ? head_dim - g0 : CACHE_GROUP;
+            widen_value_run(v, kv, p, g0, n, head_dim);
+            for (int r = 0; r < nr; r++) {
+                float wr = weights[r][p];
+                for (int d = 0; d < n; d++) out[r][g0 + d] += wr * v[d];
             }
         }
     }
 }
 
+/* One pass: rows row0 .. row0+nr-1 of KV head `head`, where row i is query head
+   head * heads_per_kv + i % heads_per_kv of token i / heads_per_kv (so the rows' last visible
+   positions rise with i). Writes each row's output into s->xb. */
+static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, int pos,
+                           int head, int row0, int nr) {
+    int head_dim = cfg->head_dim, heads_per_kv = cfg->n_heads / cfg->n_kv_heads;
+    int q_dim = cfg->n_heads * head_dim;
+    KVHead kv = kv_head(s, layer_offset, head, head_dim);
+    const float *q[ATT_ROWS];
+    float *scores[ATT_ROWS], *out[ATT_ROWS];
+    int last[ATT_ROWS];
+    for (int r = 0; r < nr; r++) {
+        int row = row0 + r, t = row / heads_per_kv, h = head * heads_per_kv + row % heads_per_kv;
+        q[r] = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
+        out[r] = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
+        scores[r] = s->att + ((size_t)thread_id() * ATT_ROWS + r) * s->cache_len;
+        last[r] = pos + t;
+    }
+    /* scores = q . k / sqrt(head_dim) for every position the last row sees */
+    attention_scores(scores, q, nr, &kv, last[nr - 1] + 1, head_dim,
+                     1.0f / sqrtf((float)head_dim));
+    for (int r = 0; r < nr; r++) {
+        softmax(scores[r], last[r] + 1);
+        memset(out[r], 0, (size_t)head_dim * sizeof(float));
+    }
+    /* out = the values weighted by the scores: the positions every row sees, a chunk at a time
+       for all the rows, then each row's own few more */
+    int shared = last[0] + 1;
+    for (int p0 = 0; p0 < shared; p0 += VALUE_CHUNK) {
+        int p1 = shared - p0 < VALUE_CHUNK ? shared : p0 + VALUE_CHUNK;
+        for (int g = 0; g < nr; g += ATT_TILE_ROWS)
+            attention_values(out + g, (const float *const *)scores + g,
+                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, &kv, p0, p1,
+                             head_dim);
+    }
+    for (int r = 1; r < nr; r++)
+        attention_values(out + r, (const float *const *)scores + r, 1, &kv, shared,
+                         last[r] + 1, head_dim);
+}
+
+/* Attention for the batch's n_tokens queries in s->q (positions pos .. pos+n_tokens-1) over
+   this layer's cached keys and values, which already hold the batch: each KV head's rows in
+   passes of ATT_ROWS, the passes split over threads. Writes each token's heads side by side
+   into s->xb. */
 static void attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
                       int n_tokens) {
-    if (fast_attention(s, cfg, layer_offset, pos, n_tokens)) return;  /* hook */
-    plain_attention(s, cfg, layer_offset, pos, n_tokens);
+    int rows = n_tokens * (cfg->n_heads / cfg->n_kv_heads);
+    int passes = (rows + ATT_ROWS - 1) / ATT_ROWS;
+    OMP(parallel for schedule(static))
+    for (int i = 0; i < cfg->n_kv_heads * passes; i++) {
+        int row0 = i % passes * ATT_ROWS;
+        attention_rows(s, cfg, layer_offset, pos, i / passes, row0,
+                       rows - row0 < ATT_ROWS ? rows - row0 : ATT_ROWS);
+    }
 }
 
 /* The rotation angles of positions pos .. pos+n_tokens-1. */
@@ -1113,8 +1192,8 @@ static void rope_angles(RunState *s, const Config *cfg, int pos, int n_tokens) {
     }
 }
 
-/* SwiGLU: silu(gate) * up for the block's n_tokens rows of `width`, a row per thread at a
-   time: a prompt block's exponentials would otherwise keep the other threads waiting. */
+/* SwiGLU: silu(gate) * up for the batch's n_tokens rows of `width`, a row per thread at a
+   time: a prompt batch's exponentials would otherwise keep the other threads waiting. */
 static void swiglu(float *gate, const float *up, int n_tokens, int width) {
     OMP(parallel for schedule(static) if (n_tokens > 1))
     for (int t = 0; t < n_tokens; t++) {
@@ -1161,17 +1240,17 @@ static float *forward(Transformer *tr, const int *tokens, int n_tokens, int pos,
             from = logits_mode == LOGITS_LAST ? n_tokens - 1 : n_tokens;
         int m = n_tokens - from;  /* the tokens that go on through the layer */
 
-        /* attention block: rmsnorm, then q, k and v */
-        OMP(parallel for if (n_tokens > 1))  /* per token: a prompt block's rows side by side */
+        /* attention: rmsnorm, then q, k and v */
+        OMP(parallel for if (n_tokens > 1))  /* per token: a prompt batch's rows side by side */
         for (int t = 0; t < n_tokens; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->attn_norm, dim,
                     cfg->norm_eps);
         Product qkv[3] = { { s->q, &layer->wq }, { s->k, &layer->wk }, { s->v, &layer->wv } };
         if (from == 0) {
-            matmul_many(qkv, 3, s->xb, n_tokens, scratch);
+            matmul(qkv, 3, s->xb, n_tokens, scratch);
         } else {
-            matmul_many(qkv + 1, 2, s->xb, n_tokens, scratch);
-            if (m > 0) matmul(s->q, s->xb + (size_t)from * dim, m, &layer->wq, scratch);
+            matmul(qkv + 1, 2, s->xb, n_tokens, scratch);
+            if (m > 0) matmul(qkv, 1, s->xb + (size_t)from * dim, m, scratch);
         }
         /* RoPE on the queries and keys; the keys and values go into the KV cache */
         OMP(parallel for if (n_tokens > 1))
@@ -1186,19 +1265,21 @@ static float *forward(Transformer *tr, const int *tokens, int n_tokens, int pos,
         /* causal attention over the cache, then the output projection */
         attention(s, cfg, layer_offset, pos + from, m);
         float *x = s->x + (size_t)from * dim;  /* the rows of the tokens that go on */
-        matmul(s->xb2, s->xb, m, &layer->wo, scratch);
+        Product wo = { s->xb2, &layer->wo };
+        matmul(&wo, 1, s->xb, m, scratch);
         /* residual */
         add_into(x, s->xb2, (size_t)m * dim);
 
-        /* FFN block: rmsnorm, then w_down(silu(w_gate x) * w_up x) */
-        OMP(parallel for if (m > 1))  /* per token: a prompt block's rows side by side */
+        /* feed-forward: rmsnorm, then w_down(silu(w_gate x) * w_up x) */
+        OMP(parallel for if (m > 1))  /* per token: a prompt batch's rows side by side */
         for (int t = 0; t < m; t++)
             rmsnorm(s->xb + (size_t)t * dim, x + (size_t)t * dim, layer->ffn_norm, dim,
                     cfg->norm_eps);
         Product gate_up[2] = { { s->hb, &layer->w_gate }, { s->hb2, &layer->w_up } };
-        matmul_many(gate_up, 2, s->xb, m, scratch);
+        matmul(gate_up, 2, s->xb, m, scratch);
         swiglu(s->hb, s->hb2, m, hidden);
-        matmul(s->xb2, s->hb, m, &layer->w_down, scratch);
+        Product down = { s->xb2, &layer->w_down };
+        matmul(&down, 1, s->hb, m, scratch);
         /* residual */
         add_into(x, s->xb2, (size_t)m * dim);
     }
@@ -1207,7 +1288,8 @@ static float *forward(Transformer *tr, const int *tokens, int n_tokens, int pos,
     int t0 = logits_mode == LOGITS_ALL ? 0 : n_tokens - 1;
     for (int t = t0; t < n_tokens; t++)
         rmsnorm(s->x + (size_t)t * dim, s->x + (size_t)t * dim, w->final_norm, dim, cfg->norm_eps);
-    matmul(s->logits, s->x + (size_t)t0 * dim, n_tokens - t0, &w->classifier, scratch);
+    Product classifier = { s->logits, &w->classifier };
+    matmul(&classifier, 1, s->x + (size_t)t0 * dim, n_tokens - t0, scratch);
     return s->logits + (size_t)(n_tokens - 1 - t0) * cfg->vocab_size;
 }
 /* ----------------------------------------------------------------------------------------
@@ -2956,7 +3038,10 @@ int main(int argc, char **argv) {
         die("the q8_0 cache stores groups of %d dimensions, and this model's heads have %d: "
             "use --cache-type bf16", CACHE_GROUP, cfg->head_dim);
     alloc_state(&tr.state, cfg, (int)o.context, cache_type);
-    tr.state.scratch.fast = o.fast;
+    if (o.fast && !simd_set_fast(&tr.state.scratch, cfg->weight_type, cfg->group_size))
+        fprintf(stderr, "run: note: -a fast changes nothing for %s weights in this build "
+                "(%s kernels): the activations stay exact\n", weight_type_name(cfg->weight_type),
+                SIMD_NAME);
     unsigned long long seed = o.seed >= 0 ? (unsigned long long)o.seed : fresh_seed();
     sampler_init(&s.sampler, &o.sampling, cfg->vocab_size, (int)o.context, seed);
     if (o.logits_path) {
@@ -3203,7 +3288,7 @@ static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
    accumulator twice per use), so for gcc it is written as the one instruction. (Decoding calls
    the intrinsics: with them gcc reads x straight from memory, which an asm operand cannot
    offer without costing the prompt kernel its registers.) */
-#if defined __AVX512VNNI__ && defined __AVX512BW__
+#if defined __AVX512VNNI__ && defined __AVX512BW__ && defined __AVX512VL__
 static inline __m512i madd_int16(__m512i acc, __m512i a, __m512i b) {
 #if defined __GNUC__ && !defined __clang__
     __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
@@ -3266,9 +3351,32 @@ static float quantize_group16(int16_t *q, const float *x, int gs, float q_max) {
     return scale;
 }
 
-/* -a fast decoding: v quantized with q_max 127, as the int8 values and offsets int8_sums reads. */
-static void quantize_int8(QuantizedVector *v, const float *x, int n, int gs) {
-    quantize_vector(v, x, n, gs, Q8_MAX);
+/* The activations as section 8's decoding kernels read them: quantized per group as section
+   2's QuantizedVector holds them (q, scales), and the extra forms some kernels want. */
+typedef struct {
+    int16_t *q;             /* round(x / scale) per group, in [-q_max, q_max] */
+    float *scales;          /* one per group */
+    int8_t *int8;           /* -a fast's q8_0: q as int8 (q_max 127) */
+    int32_t *int8_offsets;  /* ... and per group -8 * the sum of its int8 (see dot_q8_fast) */
+    int16_t *q4_pairs;      /* q4_0: q in the order its nibbles unpack (prepare_q4) */
+    float *q4_offsets;      /* ... and per group -8 * the sum of its q */
+    int8_t *q4_int8;        /* -a fast's q4_0: q (q_max 127) as the nibbles come */
+} SimdVector;
+
+/* quantize_vector into v, 16 lanes at a time where gs allows (the same bits). */
+static void quantize_input(SimdVector *v, const float *x, int n, int gs, float q_max) {
+    for (int g = 0; g < n / gs; g++) {
+        int16_t *q = v->q + (size_t)g * gs;
+        const float *xg = x + (size_t)g * gs;
+        v->scales[g] = gs % 16 == 0 ? quantize_group16(q, xg, gs, q_max)
+                                    : quantize_group(q, xg, gs, q_max);
+    }
+}
+
+/* -a fast decoding of q8_0: x quantized with q_max 127, as the int8 values and offsets
+   dot_q8_fast reads. */
+static void quantize_int8(SimdVector *v, const float *x, int n, int gs) {
+    quantize_input(v, x, n, gs, Q8_MAX);
     for (int g = 0; g < n / gs; g++) {
         int32_t sum = 0;
         for (int i = g * gs; i < (g + 1) * gs; i++) sum += v->int8[i] = (int8_t)v->q[i];
@@ -3277,44 +3385,13 @@ static void quantize_int8(QuantizedVector *v, const float *x, int n, int gs) {
 }
 
 #if HAS_VNNI
-/* One group's products in 16 int32 lanes (vpdpwssd: 32 int16 products summed pairwise into 16
-   lanes). A lane takes gs/16 products of at most 127 * 32767, so groups up to 4096 cannot
-   overflow it. */
-static inline __m512i group_sums_q8(const int8_t *w, const int16_t *x, int gs) {
-    __m512i isum = _mm512_setzero_si512();
-    for (int i = 0; i < gs; i += 32) {
-        __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
-        isum = _mm512_dpwssd_epi32(isum, w16, _mm512_loadu_si512((const void *)(x + i)));
-    }
-    return isum;
-}
-
-/* -a fast: one group's products against int8 activations (gs a multiple of 64), 64 per
-   vpdpbusd. That instruction takes one side unsigned, so the weights go in with their top bit
-   flipped, as w + 128, which adds 128 * (the sum of x) to the group's sum; the lanes start at
-   minus that, the group's offset: -8 * sum in each of 16. */
-static inline __m512i int8_sums(const int8_t *w, const int8_t *x, int gs, int32_t offset) {
-    __m512i isum = _mm512_set1_epi32(offset), flip = _mm512_set1_epi8((char)0x80);
-    for (int i = 0; i < gs; i += 64) {
-        __m512i w_plus_128 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + i)), flip);
-        isum = _mm512_dpbusd_epi32(isum, w_plus_128, _mm512_loadu_si512((const void *)(x + i)));
-    }
-    return isum;
-}
-
-static inline __m512i group_sums(const int8_t *w, const QuantizedVector *x, int g, int gs,
-                                 int int8) {
-    size_t start = (size_t)g * gs;
-    if (int8) return int8_sums(w + start, x->int8 + start, gs, x->int8_offsets[g]);
-    return group_sums_q8(w + start, x->q + start, gs);
-}
-
-/* Two groups per step, each into its own accumulator. Inlined with a constant gs (and
-   int8), the group loop unrolls and no scalar work is left between the integer products:
-   the scale products are formed 16 groups at a time, and each group's is then a broadcast
-   operand of its multiply-add. */
-static inline float groups_dot_q8(const int8_t *w, const float *w_scales,
-                                  const QuantizedVector *x, int n_groups, int gs, int int8) {
+/* dot_q8 with VNNI: each group's products in 16 int32 lanes, 32 int8 x int16 products per
+   vpdpwssd (a lane takes gs/16 products of at most 127 * 32767, so groups up to 4096 cannot
+   overflow it), then times the group's two scales. The scale products are formed 16 groups at
+   a time, and consecutive groups go to two accumulators. Called with a constant gs, so that
+   the group loop unrolls and no scalar work is left between the integer products. */
+static inline float dot_q8_vnni(const int8_t *w, const float *w_scales, const SimdVector *x,
+                                int n_groups, int gs) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     float scales[16];
     for (int g0 = 0; g0 < n_groups; g0 += 16) {
@@ -3324,40 +3401,55 @@ static inline float groups_dot_q8(const int8_t *w, const float *w_scales,
         prefetch_bytes((const char *)(w_scales + g0) + DECODE_AHEAD / 16, 64);
         _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
                                                _mm512_maskz_loadu_ps(m, x->scales + g0)));
-        int j = 0;
-        for (; j + 2 <= n; j += 2) {
-            __m512i s0 = group_sums(w, x, g0 + j, gs, int8);
-            __m512i s1 = group_sums(w, x, g0 + j + 1, gs, int8);
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(scales[j]), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(scales[j + 1]), acc1);
+        for (int j = 0; j < n; j++) {
+            const int8_t *wg = w + (size_t)(g0 + j) * gs;
+            const int16_t *xg = x->q + (size_t)(g0 + j) * gs;
+            __m512i isum = _mm512_setzero_si512();
+            for (int i = 0; i < gs; i += 32) {
+                __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wg + i)));
+                isum = _mm512_dpwssd_epi32(isum, w16, _mm512_loadu_si512((const void *)(xg + i)));
+            }
+            __m512 sum = _mm512_cvtepi32_ps(isum), scale = _mm512_set1_ps(scales[j]);
+            if (j % 2) acc1 = _mm512_fmadd_ps(sum, scale, acc1);
+            else acc0 = _mm512_fmadd_ps(sum, scale, acc0);
         }
-        if (j < n)
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sums(w, x, g0 + j, gs, int8)),
-                                   _mm512_set1_ps(scales[j]), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+/* -a fast: dot_q8_vnni against int8 activations (gs a multiple of 64), 64 products per
+   vpdpbusd. That instruction takes one side unsigned, so the weights go in with their top bit
+   flipped, as w + 128, which adds 128 * (the sum of x) to the group's sum; the lanes start at
+   minus that, the group's offset: -8 * sum in each of 16. */
+static inline float dot_q8_fast(const int8_t *w, const float *w_scales, const SimdVector *x,
+                                int n_groups, int gs) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    float scales[16];
+    for (int g0 = 0; g0 < n_groups; g0 += 16) {
+        int n = n_groups - g0 < 16 ? n_groups - g0 : 16;
+        __mmask16 m = lanes_before(0, n);
+        prefetch_bytes(w + (size_t)g0 * gs + DECODE_AHEAD, (size_t)16 * gs);
+        prefetch_bytes((const char *)(w_scales + g0) + DECODE_AHEAD / 16, 64);
+        _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
+                                               _mm512_maskz_loadu_ps(m, x->scales + g0)));
+        for (int j = 0; j < n; j++) {
+            const int8_t *wg = w + (size_t)(g0 + j) * gs, *xg = x->int8 + (size_t)(g0 + j) * gs;
+            __m512i isum = _mm512_set1_epi32(x->int8_offsets[g0 + j]);
+            for (int i = 0; i < gs; i += 64) {
+                __m512i w_plus_128 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wg + i)),
+                                                      flip);
+                isum = _mm512_dpbusd_epi32(isum, w_plus_128,
+                                           _mm512_loadu_si512((const void *)(xg + i)));
+            }
+            __m512 sum = _mm512_cvtepi32_ps(isum), scale = _mm512_set1_ps(scales[j]);
+            if (j % 2) acc1 = _mm512_fmadd_ps(sum, scale, acc1);
+            else acc0 = _mm512_fmadd_ps(sum, scale, acc0);
+        }
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 #endif
-
-/* dot_q8 with VNNI where the group size allows; int8: -a fast's int8 activations (x->int8;
-   only where fast_int8() says so). */
-static float dot_q8_avx512(const int8_t *w, const float *w_scales, const QuantizedVector *x,
-                           int n, int gs, int int8) {
-#if HAS_VNNI
-    int n_groups = n / gs;
-    if (int8 && gs == 64) return groups_dot_q8(w, w_scales, x, n_groups, 64, 1);
-    if (int8) return groups_dot_q8(w, w_scales, x, n_groups, gs, 1);
-    if (gs == 64)  /* export.py's default */
-        return groups_dot_q8(w, w_scales, x, n_groups, 64, 0);
-    if (gs == 32)
-        return groups_dot_q8(w, w_scales, x, n_groups, 32, 0);
-    if (gs % 32 == 0 && gs <= 4096)
-        return groups_dot_q8(w, w_scales, x, n_groups, gs, 0);
-#else
-    (void)int8;
-#endif
-    return dot_q8(w, w_scales, x, n, gs);
-}
 
 /* q4_0 decoding: dot_q4, 64 values per step. 32 bytes of nibbles are two 32-value blocks;
    widened to 16-bit lanes, an AND gives their low nibbles (values 0..15 of each block) and a
@@ -3371,7 +3463,7 @@ static float dot_q8_avx512(const int8_t *w, const float *w_scales, const Quantiz
 /* v->q (quantized) reordered for the kernels: per 64 values, x[0..15], x[32..47] (against
    the low nibbles), then x[16..31], x[48..63] (the high ones); a last lone block pads with
    zeros. And each group's offset, -8 * the sum of its values. */
-static void prepare_q4(QuantizedVector *v, int n, int gs) {
+static void prepare_q4(SimdVector *v, int n, int gs) {
     for (int i = 0; i < n; i += 64) {
         int16_t *p = v->q4_pairs + i;
         const int16_t *q = v->q + i;
@@ -3392,7 +3484,7 @@ static void prepare_q4(QuantizedVector *v, int n, int gs) {
 
 /* v->q (int8 values) as dot_q4_fast reads them: per 128 values (zeros past n), values
    0..15 of each of the four blocks, then values 16..31 of each. */
-static void prepare_q4_int8(QuantizedVector *v, int n) {
+static void prepare_q4_int8(SimdVector *v, int n) {
     for (int i = 0; i < n; i += 128) {
         int8_t *p = v->q4_int8 + i;
         for (int k = 0; k < 64; k++) {  /* block k / 16, value k % 16, and 16 later */
@@ -3403,8 +3495,7 @@ static void prepare_q4_int8(QuantizedVector *v, int n) {
     }
 }
 
-#if HAS_VNNI && defined __AVX512VL__
-#define FAST_Q4 1
+#if HAS_VNNI
 
 /* acc + the products of 64 nibbles (two blocks, `bytes`) with x_pairs (128 bytes). */
 static inline __m512i nibble_sums(__m512i acc, __m256i bytes, const int16_t *x_pairs) {
@@ -3416,7 +3507,7 @@ static inline __m512i nibble_sums(__m512i acc, __m256i bytes, const int16_t *x_p
 }
 
 /* Groups g0 .. g0+n-1 (n <= 16): w_scale * x_scale of each, in lanes 0 .. n-1 (zeros after). */
-static inline __m512 q4_scales(const uint16_t *w_scales, const QuantizedVector *x, int g0, int n) {
+static inline __m512 q4_scales(const uint16_t *w_scales, const SimdVector *x, int g0, int n) {
     __mmask16 m = lanes_before(0, n);
     __m512 w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w_scales + g0));
     return _mm512_mul_ps(w, _mm512_maskz_loadu_ps(m, x->scales + g0));
@@ -3429,7 +3520,7 @@ static inline void prefetch_q4(const uint8_t *w, const uint16_t *scales) {
 }
 
 /* Groups of 32. */
-static float dot_q4_32(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+static float dot_q4_32(const uint8_t *w, const uint16_t *w_scales, const SimdVector *x,
                        int n) {
     int n_groups = n / 32;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, offsets = acc0;
@@ -3471,7 +3562,7 @@ static float dot_q4_32(const uint8_t *w, const uint16_t *w_scales, const Quantiz
 }
 
 /* Groups of a multiple of 64: each group's steps summed in int32, then scaled. */
-static float dot_q4_groups(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+static float dot_q4_groups(const uint8_t *w, const uint16_t *w_scales, const SimdVector *x,
                            int n, int gs) {
     int n_groups = n / gs;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, offsets = acc0;
@@ -3498,18 +3589,13 @@ static float dot_q4_groups(const uint8_t *w, const uint16_t *w_scales, const Qua
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), offsets));
 }
 
-static float dot_q4_avx512(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
-                           int n, int gs) {
-    return gs == 32 ? dot_q4_32(w, w_scales, x, n) : dot_q4_groups(w, w_scales, x, n, gs);
-}
-
 /* -a fast for q4_0: x quantized to int8 (q_max 127), 128 values per step. 64 bytes of
    nibbles are four blocks; an AND gives their low nibbles, a shift and an AND the high ones,
    as unsigned bytes: the unsigned side of vpdpbusd, against x's bytes in the same order
    (prepare_q4_int8). Two instructions make a step's 128 products; int32 lane l holds four of
    block l / 4's, so that with groups of 32, 64 or 128 lane l of a step is group l / 4, l / 8
    or 0 of it, and meets its scales by one permute. */
-static float dot_q4_fast(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x,
+static float dot_q4_fast(const uint8_t *w, const uint16_t *w_scales, const SimdVector *x,
                          int n, int gs) {
     int n_groups = n / gs, per_step = 128 / gs;  /* groups per step: 4, 2 or 1 */
     int32_t first[16];
@@ -3542,39 +3628,26 @@ static float dot_q4_fast(const uint8_t *w, const uint16_t *w_scales, const Quant
     }
     return _mm512_reduce_add_ps(acc);
 }
-#else
-#define FAST_Q4 0
 #endif
-
-/* Whether the kernels above take a q4_0 matrix: groups of 32, or of a multiple of 64 (whole
-   steps) small enough for int32 lanes: gs / 16 products of at most 15 * 32767 each. */
-static int q4_kernel_applies(const Matrix *w) {
-    return FAST_Q4 && w->type == WEIGHT_Q4_0 &&
-           (w->group_size == 32 || (w->group_size % 64 == 0 && w->group_size <= 4096));
-}
-
-/* Whether -a fast applies to a q4_0 matrix (dot_q4_fast, and int8 prompt strips). */
-static int fast_q4(const Matrix *w, const MatmulScratch *s) {
-    int gs = w->group_size;
-    return FAST_Q4 && s->fast && w->type == WEIGHT_Q4_0 && (gs == 32 || gs == 64 || gs == 128);
-}
 
 #define STRIP 32        /* prompt path: tokens per packed strip (two vectors) */
 #define STRIP_ROWS 8    /* ... and rows per register tile: 8 x 2 accumulators */
-#define SLAB_ROWS 64   /* ... rows per panel, and columns per block of it: a 128 KB block, */
-#define SLAB_COLS 512  /* and a strip's 64 KB block, sit in L2 while they are reused */
+#define SLAB_ROWS 64    /* ... rows per panel, and columns per slab of it: a 128 KB slab, */
+#define SLAB_COLS 512   /* and a strip's 64 KB slab, sit in L2 while they are reused */
 
-/* The fast paths' buffers beside MatmulScratch's, allocated once. */
+/* Section 8's buffers and settings beside MatmulScratch's, allocated once. */
 struct SimdScratch {
+    int fast;           /* -a fast: the kernels may round the activations more coarsely */
+    SimdVector xq;      /* q8_0, q4_0 decoding: the activations quantized [max_cols] */
     float *x_pairs;     /* bf16 decoding: x in split_pairs order [max_cols] (-a fast: as bf16) */
     float *strips;      /* prompt path: the tokens transposed, [strips][max_cols][STRIP] */
-    float *blocks;      /* ... one [SLAB_ROWS][SLAB_COLS] widened weight block per thread */
+    float *slabs;       /* ... one [SLAB_ROWS][SLAB_COLS] widened weight slab per thread */
     float *strip_sums;  /* ... one [strips][SLAB_ROWS][STRIP] set of running sums per thread */
     int16_t *strips_q;  /* q8_0 prompt path: the tokens quantized, [strips][max_cols][STRIP] */
     float *strip_scales;   /* ... their scales, [strips][max_cols / 2][STRIP] (groups >= 2) */
     int32_t *strip_int8_offsets;  /* ... and for -a fast's int8, laid out like the scales */
     int16_t *panels_q;  /* ... and one [PANEL_ROWS][max_cols] int16 panel per thread */
-    QuantizedVector *token_q;  /* ... and one quantized token [max_cols] per thread */
+    SimdVector *token_q;  /* ... and one quantized token [max_cols] per thread */
     float *panel_scales;   /* ... with its scales, [PANEL_ROWS][max_cols / 2] per thread */
     int n_strip_tokens; /* max_tokens rounded up to whole strips */
     int amx;            /* prompt path: the tile registers granted (matmul_tiles) */
@@ -3587,16 +3660,18 @@ static void simd_alloc_scratch(MatmulScratch *s) {
     int n_strips = (s->max_tokens + STRIP - 1) / STRIP, max_cols = s->max_cols;
     size_t strip_values = (size_t)n_strips * STRIP * (size_t)max_cols;
     size_t panel_values = (size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols;
-    f->strips = calloc_aligned(strip_values, sizeof(float), "matmul scratch");
+    f->xq.q = calloc_aligned((size_t)max_cols, sizeof(int16_t), "matmul scratch");
+    f->xq.scales = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
+    f->xq.int8 = calloc_aligned((size_t)max_cols, sizeof(int8_t), "matmul scratch");
+    f->xq.int8_offsets = calloc_aligned((size_t)max_cols, sizeof(int32_t), "matmul scratch");
+    f->xq.q4_pairs = calloc_aligned((size_t)max_cols + 64, sizeof(int16_t), "matmul scratch");
+    f->xq.q4_offsets = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
+    f->xq.q4_int8 = calloc_aligned((size_t)max_cols + 128, 1, "matmul scratch");
     f->x_pairs = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
-    s->xq.int8 = calloc_aligned((size_t)max_cols, sizeof(int8_t), "matmul scratch");
-    s->xq.int8_offsets = calloc_aligned((size_t)max_cols, sizeof(int32_t), "matmul scratch");
-    s->xq.q4_pairs = calloc_aligned((size_t)max_cols + 64, sizeof(int16_t), "matmul scratch");
-    s->xq.q4_offsets = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
-    s->xq.q4_int8 = calloc_aligned((size_t)max_cols + 128, 1, "matmul scratch");
+    f->strips = calloc_aligned(strip_values, sizeof(float), "matmul scratch");
     f->n_strip_tokens = n_strips * STRIP;
     f->slabs = calloc_aligned((size_t)s->n_threads * SLAB_ROWS * SLAB_COLS, sizeof(float),
-                               "matmul scratch");
+                              "matmul scratch");
     f->strip_sums = calloc_aligned((size_t)s->n_threads * SLAB_ROWS * (size_t)f->n_strip_tokens,
                                    sizeof(float), "matmul scratch");
     f->strips_q = calloc_aligned(strip_values, sizeof(int16_t), "matmul scratch");
@@ -3605,7 +3680,7 @@ static void simd_alloc_scratch(MatmulScratch *s) {
                                            "matmul scratch");
     f->panels_q = calloc_aligned(panel_values, sizeof(int16_t), "matmul scratch");
     f->panel_scales = calloc_aligned(panel_values / 2 + 1, sizeof(float), "matmul scratch");
-    f->token_q = checked_calloc((size_t)s->n_threads, sizeof(QuantizedVector), "matmul scratch");
+    f->token_q = checked_calloc((size_t)s->n_threads, sizeof(SimdVector), "matmul scratch");
     for (int i = 0; i < s->n_threads; i++) {
         f->token_q[i].q = calloc_aligned((size_t)max_cols, sizeof(int16_t), "matmul scratch");
         f->token_q[i].scales = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
@@ -3625,10 +3700,10 @@ static void simd_alloc_scratch(MatmulScratch *s) {
 static void simd_free_scratch(MatmulScratch *s) {
     struct SimdScratch *f = s->simd;
     if (!f) return;
-    void *buffers[] = { s->xq.int8, s->xq.int8_offsets, s->xq.q4_pairs, s->xq.q4_offsets,
-                        s->xq.q4_int8, f->strips, f->x_pairs, f->slabs, f->strip_sums,
-                        f->strips_q, f->strip_scales, f->strip_int8_offsets, f->panels_q,
-                        f->panel_scales, f->amx_panels, f->amx_scales };
+    void *buffers[] = { f->xq.q, f->xq.scales, f->xq.int8, f->xq.int8_offsets, f->xq.q4_pairs,
+                        f->xq.q4_offsets, f->xq.q4_int8, f->strips, f->x_pairs, f->slabs,
+                        f->strip_sums, f->strips_q, f->strip_scales, f->strip_int8_offsets,
+                        f->panels_q, f->panel_scales, f->amx_panels, f->amx_scales };
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free_aligned(buffers[i]);
     for (int i = 0; i < s->n_threads; i++) {
         free_aligned(f->token_q[i].q);
@@ -3641,105 +3716,124 @@ static void simd_free_scratch(MatmulScratch *s) {
 /* Whether -a fast applies to a q8_0 matrix: int8 activations need AVX-512 VNNI and groups of
    a multiple of 64 (export.py's default is 64). */
 static int fast_int8(const Matrix *w, const MatmulScratch *s) {
-    return HAS_VNNI && s->fast && w->type == WEIGHT_Q8_0 && w->group_size % 64 == 0;
+    return HAS_VNNI && s->simd->fast && w->type == WEIGHT_Q8_0 && w->group_size % 64 == 0;
+}
+
+/* Whether -a fast applies to a q4_0 matrix (dot_q4_fast, and int8 prompt strips). */
+static int fast_q4(const Matrix *w, const MatmulScratch *s) {
+    int gs = w->group_size;
+    return HAS_VNNI && s->simd->fast && w->type == WEIGHT_Q4_0 &&
+           (gs == 32 || gs == 64 || gs == 128);
 }
 
 /* Whether -a fast applies to a bf16 matrix: bf16 activations need AVX512-BF16 (the prompt path
    also wants whole pairs: an even width). */
 static int fast_bf16(const Matrix *w, const MatmulScratch *s) {
-    return HAS_AVX512_BF16 && s->fast && w->type == WEIGHT_BF16;
+    return HAS_AVX512_BF16 && s->simd->fast && w->type == WEIGHT_BF16;
 }
 
-/* Whether decoding takes a matrix WIDE_ROWS rows at a time (wide_rows_bf16, wide_rows_fp32). */
-static int use_wide_rows(const Matrix *w, const MatmulScratch *s) {
-    int float_x = w->type == WEIGHT_FP32 || (w->type == WEIGHT_BF16 && !fast_bf16(w, s));
-    return float_x && w->cols >= WIDE_COLS && w->cols % 32 == 0;
+/* Hook (main): -a fast from now on. Returns whether it changes anything for weights of this
+   type and group size. */
+static int simd_set_fast(MatmulScratch *s, int weight_type, int group_size) {
+    s->simd->fast = 1;
+    Matrix w = { .type = weight_type, .group_size = group_size };
+    return fast_int8(&w, s) || fast_q4(&w, s) || fast_bf16(&w, s);
 }
 
-/* Hook (matmul_vector): x in the form w's rows read, in s->xq (q8_0, q4_0) or x_pairs
-   (bf16). */
-static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s) {
-    float *x_pairs = s->simd->x_pairs;
-    if (fast_int8(w, s)) {
-        quantize_int8(&s->xq, x, w->cols, w->group_size);
-        return 1;
-    }
-    if (fast_q4(w, s) || q4_kernel_applies(w)) {
-        int int8 = fast_q4(w, s);  /* (prepare_q4's offsets are then the int8 values') */
-        quantize_vector(&s->xq, x, w->cols, w->group_size, int8 ? Q8_MAX : Q16_MAX);
-        prepare_q4(&s->xq, w->cols, w->group_size);
-        if (int8) prepare_q4_int8(&s->xq, w->cols);
-        return 1;
-    }
-    if (w->type != WEIGHT_BF16) return 0;
-#if HAS_AVX512_BF16
-    if (fast_bf16(w, s)) {
-        round_vector_bf16((uint16_t *)x_pairs, x, w->cols);
-        return 1;
-    }
-#endif
-    split_pairs(x_pairs, x, w->cols);
-    return 1;
-}
-
-/* Hook (quantize_vector): quantize_group16 where gs allows. */
-static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
-    if (gs % 16 != 0) return 0;
-    *scale = quantize_group16(q, x, gs, q_max);
-    return 1;
-}
-
-/* Row r of w against x in the form simd_prepare_input left it. */
-static float fast_row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
-    size_t start = (size_t)r * (size_t)w->cols;
-    const float *x_pairs = s->simd->x_pairs;
+/* The decoding kernel for a matrix's rows, or ROWS_NONE where section 2's loop must run:
+   q4_0 with groups other than 32 or a multiple of 64 up to 4096 (int32 lanes take gs / 16
+   products of at most 15 * 32767 each), q8_0 with groups not a multiple of 32, or either
+   without VNNI. Rows of 4096+ floats go WIDE_ROWS at a time. */
+enum { ROWS_NONE, ROWS_FP32, ROWS_WIDE_FP32, ROWS_BF16, ROWS_WIDE_BF16, ROWS_BF16_FAST,
+       ROWS_Q8, ROWS_Q8_32, ROWS_Q8_64, ROWS_Q8_FAST, ROWS_Q8_FAST_64, ROWS_Q4_32, ROWS_Q4,
+       ROWS_Q4_FAST };
+static int rows_kernel(const Matrix *w, const MatmulScratch *s) {
+    int gs = w->group_size, wide = w->cols >= WIDE_COLS && w->cols % 32 == 0;
     switch (w->type) {
-    case WEIGHT_FP32:
-        return dot_fp32_avx512((const float *)w->data + start, x, w->cols);
-    case WEIGHT_BF16:
-#if HAS_AVX512_BF16
-        if (fast_bf16(w, s))
-            return dot_bf16_fast((const uint16_t *)w->data + start, (const uint16_t *)x_pairs,
-                                 w->cols);
-#endif
-        return dot_bf16_avx512((const uint16_t *)w->data + start, x_pairs, w->cols);
-    case WEIGHT_Q4_0: {
-        const uint8_t *row = (const uint8_t *)w->data + start / 2;
-        const uint16_t *scales = w->fp16_scales + start / (size_t)w->group_size;
-#if FAST_Q4
-        if (fast_q4(w, s)) return dot_q4_fast(row, scales, &s->xq, w->cols, w->group_size);
-        if (q4_kernel_applies(w))
-            return dot_q4_avx512(row, scales, &s->xq, w->cols, w->group_size);
-#endif
-        return dot_q4(row, scales, &s->xq, w->cols, w->group_size);
-    }
+    case WEIGHT_FP32: return wide ? ROWS_WIDE_FP32 : ROWS_FP32;
+    case WEIGHT_BF16: return fast_bf16(w, s) ? ROWS_BF16_FAST : wide ? ROWS_WIDE_BF16 : ROWS_BF16;
+    case WEIGHT_Q8_0:
+        if (fast_int8(w, s)) return gs == 64 ? ROWS_Q8_FAST_64 : ROWS_Q8_FAST;
+        if (!HAS_VNNI || gs % 32 != 0 || gs > 4096) return ROWS_NONE;
+        return gs == 64 ? ROWS_Q8_64 : gs == 32 ? ROWS_Q8_32 : ROWS_Q8;
     default:
-        return dot_q8_avx512((const int8_t *)w->data + start,
-                             w->scales + start / (size_t)w->group_size, &s->xq, w->cols,
-                             w->group_size, fast_int8(w, s));
+        if (fast_q4(w, s)) return ROWS_Q4_FAST;
+        if (!HAS_VNNI || (gs != 32 && (gs % 64 != 0 || gs > 4096))) return ROWS_NONE;
+        return gs == 32 ? ROWS_Q4_32 : ROWS_Q4;
     }
 }
 
-/* Hook (matmul_vector, inside its parallel region): one product's rows, split over the
-   threads as matmul_vector splits them, WIDE_ROWS rows per step where use_wide_rows() says so. */
-static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
-    if (use_wide_rows(w, s)) {
-        int steps = (w->rows + WIDE_ROWS - 1) / WIDE_ROWS;
-        OMP(for schedule(guided) nowait)
-        for (int step = 0; step < steps; step++) {
-            int r0 = step * WIDE_ROWS, nr = w->rows - r0 < WIDE_ROWS ? w->rows - r0 : WIDE_ROWS;
-            size_t start = (size_t)r0 * (size_t)w->cols;
-            if (w->type == WEIGHT_FP32)
-                wide_rows_fp32(out + r0, (const float *)w->data + start, (size_t)w->cols, x,
-                              w->cols, nr);
-            else
-                wide_rows_bf16(out + r0, (const uint16_t *)w->data + start, (size_t)w->cols,
-                              s->simd->x_pairs, w->cols, nr);
-        }
-        return 1;
+/* Hook (matmul_vector): x in the form the rows' kernel reads. */
+static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s) {
+    struct SimdScratch *f = s->simd;
+    int kernel = rows_kernel(w, s), cols = w->cols, gs = w->group_size;
+    switch (kernel) {
+    case ROWS_NONE: return 0;
+    case ROWS_BF16: case ROWS_WIDE_BF16: split_pairs(f->x_pairs, x, cols); break;
+#if HAS_AVX512_BF16
+    case ROWS_BF16_FAST: round_vector_bf16((uint16_t *)f->x_pairs, x, cols); break;
+#endif
+    case ROWS_Q8_FAST: case ROWS_Q8_FAST_64: quantize_int8(&f->xq, x, cols, gs); break;
+    case ROWS_Q8: case ROWS_Q8_32: case ROWS_Q8_64:
+        quantize_input(&f->xq, x, cols, gs, Q16_MAX);
+        break;
+    case ROWS_Q4: case ROWS_Q4_32:
+        quantize_input(&f->xq, x, cols, gs, Q16_MAX);
+        prepare_q4(&f->xq, cols, gs);
+        break;
+    case ROWS_Q4_FAST:  /* (prepare_q4's offsets are then the int8 values') */
+        quantize_input(&f->xq, x, cols, gs, Q8_MAX);
+        prepare_q4(&f->xq, cols, gs);
+        prepare_q4_int8(&f->xq, cols);
+        break;
     }
+    return 1;
+}
+
+/* Hook (matmul_vector, inside its parallel region): one product's rows against x as
+   simd_prepare_input left it, split over the threads as matmul_vector splits them, WIDE_ROWS
+   rows per step for the wide kernels. */
+static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+    const struct SimdScratch *f = s->simd;
+    const SimdVector *xq = &f->xq;
+    int kernel = rows_kernel(w, s), cols = w->cols, gs = w->group_size;
+    int n_groups = gs > 0 ? cols / gs : 0, step = WIDE_ROWS;
+    if (kernel == ROWS_NONE) return 0;
+    if (kernel != ROWS_WIDE_FP32 && kernel != ROWS_WIDE_BF16) step = 1;
     OMP(for schedule(guided) nowait)
-    for (int r = 0; r < w->rows; r++) out[r] = fast_row_dot(w, r, x, s);
+    for (int r = 0; r < w->rows; r += step) {
+        size_t start = (size_t)r * (size_t)cols;
+        const float *fp32 = (const float *)w->data + start;
+        const uint16_t *bf16 = (const uint16_t *)w->data + start;
+        const int8_t *q8 = (const int8_t *)w->data + start;
+        const uint8_t *q4 = (const uint8_t *)w->data + start / 2;
+        const float *q8_scales = w->scales + (gs > 0 ? start / (size_t)gs : 0);
+        const uint16_t *q4_scales = w->fp16_scales + (gs > 0 ? start / (size_t)gs : 0);
+        int nr = w->rows - r < WIDE_ROWS ? w->rows - r : WIDE_ROWS;
+        switch (kernel) {
+        case ROWS_FP32: out[r] = dot_fp32_avx512(fp32, x, cols); break;
+        case ROWS_WIDE_FP32: wide_rows_fp32(out + r, fp32, (size_t)cols, x, cols, nr); break;
+        case ROWS_BF16: out[r] = dot_bf16_avx512(bf16, f->x_pairs, cols); break;
+        case ROWS_WIDE_BF16:
+            wide_rows_bf16(out + r, bf16, (size_t)cols, f->x_pairs, cols, nr);
+            break;
+#if HAS_AVX512_BF16
+        case ROWS_BF16_FAST:
+            out[r] = dot_bf16_fast(bf16, (const uint16_t *)f->x_pairs, cols);
+            break;
+#endif
+#if HAS_VNNI
+        case ROWS_Q8: out[r] = dot_q8_vnni(q8, q8_scales, xq, n_groups, gs); break;
+        case ROWS_Q8_32: out[r] = dot_q8_vnni(q8, q8_scales, xq, n_groups, 32); break;
+        case ROWS_Q8_64: out[r] = dot_q8_vnni(q8, q8_scales, xq, n_groups, 64); break;
+        case ROWS_Q8_FAST: out[r] = dot_q8_fast(q8, q8_scales, xq, n_groups, gs); break;
+        case ROWS_Q8_FAST_64: out[r] = dot_q8_fast(q8, q8_scales, xq, n_groups, 64); break;
+        case ROWS_Q4_32: out[r] = dot_q4_32(q4, q4_scales, xq, cols); break;
+        case ROWS_Q4: out[r] = dot_q4_groups(q4, q4_scales, xq, cols, gs); break;
+        case ROWS_Q4_FAST: out[r] = dot_q4_fast(q4, q4_scales, xq, cols, gs); break;
+#endif
+        }
+    }
     return 1;
 }
 
@@ -3994,11 +4088,11 @@ static int q8_strips_apply(const Matrix *w) {
    scales[g * STRIP + j], and for int8 int8_offsets[g * STRIP + j] = -128 * the group's sum
    (int8_sums explains; here a lane is a token, so it takes all of it). */
 static void pack_strip_q8(uint32_t *words, float *scales, int32_t *int8_offsets, const float *x,
-                          int t0, int n_tokens, int cols, int gs, int int8, QuantizedVector *tmp) {
+                          int t0, int n_tokens, int cols, int gs, int int8, SimdVector *tmp) {
     int n_groups = cols / gs, per_word = int8 ? 4 : 2;
     for (int j = 0; j < STRIP; j++) {
         if (t0 + j < n_tokens) {
-            quantize_vector(tmp, x + (size_t)(t0 + j) * cols, cols, gs,
+            quantize_input(tmp, x + (size_t)(t0 + j) * cols, cols, gs,
                             int8 ? Q8_MAX : Q16_MAX);
         } else {
             memset(tmp->q, 0, (size_t)cols * sizeof(int16_t));
@@ -4255,14 +4349,14 @@ static void amx_configure(int step, int int8, int steps) {
    the float products within float rounding. A token's 32 values are 8 (int8) or 16 (bf16)
    4-byte words, one per 64-byte row of the tile: scattered down the token's column. */
 static void amx_pack_tokens(void *high, void *low, float *scales, const float *x, int t0,
-                            int n_tokens, int cols, int gs, int int8, QuantizedVector *tmp) {
+                            int n_tokens, int cols, int gs, int int8, SimdVector *tmp) {
     const __m512i rows = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
         _mm512_set1_epi32(16));  /* in words */
     for (int j = 0; j < AMX_TOKENS; j++) {
         const float *xj = x + (size_t)(t0 + j) * cols;
         int in = t0 + j < n_tokens;
-        if (int8 && in) quantize_vector(tmp, xj, cols, gs, Q8_MAX);
+        if (int8 && in) quantize_input(tmp, xj, cols, gs, Q8_MAX);
         for (int k = 0; k < cols; k += 32) {
             if (int8) {
                 __m256i q = in ? _mm512_cvtepi16_epi8(_mm512_loadu_si512(tmp->q + k))
@@ -4544,66 +4638,25 @@ static int simd_swiglu(float *g, const float *u, int width) {
     return 1;
 }
 
-#else  /* no AVX-512: no fast path applies */
-
-#define HAS_AVX512_BF16 0
-#define HAS_VNNI 0
-
-static void simd_alloc_scratch(MatmulScratch *s) { (void)s; }
-static void simd_free_scratch(MatmulScratch *s) { (void)s; }
-static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
-    (void)scale; (void)q; (void)x; (void)gs; (void)q_max;
-    return 0;
-}
-static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s) {
-    (void)w; (void)x; (void)s;
-    return 0;
-}
-static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
-    (void)out; (void)w; (void)x; (void)s;
-    return 0;
-}
-static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
-                             MatmulScratch *s) {
-    (void)out; (void)x; (void)n_tokens; (void)w; (void)s;
-    return 0;
-}
-static int simd_softmax(float *x, int n) {
-    (void)x; (void)n;
-    return 0;
-}
-static int simd_swiglu(float *gate, const float *up, int width) {
-    (void)gate; (void)up; (void)width;
-    return 0;
-}
-
-#endif
-
-/* ---- Attention (every build: plain C where there is no AVX-512) ------------------------
-   Attention reads the whole KV cache for every token, so at long context it, not the weights,
-   is what decoding streams from memory. Section 3's loop reads a KV head's keys and values
-   once per query head; this one reads them once per KV head:
-   - the query heads of a GQA group share their KV head: a pass takes up to ATT_ROWS query rows
-     (those heads, and for a prompt block also the next tokens' heads) over each key and value
-     once, ATT_TILE_ROWS rows at a time (a register tile) over two key tiles or VALUE_CHUNK
-     values, which stay in cache while every row of the pass uses them;
-   - a row's scores come out KEY_TILE positions at a time from broadcast multiply-adds against
-     the transposed key tiles, with no horizontal sums;
-   - the weighted sum reads the values in order, one position's values meeting every row's
-     weight;
-   - bf16 and q8_0 caches are widened 16 numbers at a time in registers as they are loaded
-     (widen16), and the next keys and values are fetched ahead (prefetch_bytes): one thread's
-     loads alone do not keep enough of a long cache in flight.
-   A score and an output value are still each one float32 sum in order (over dimensions, over
-   positions), and the softmax is the plain max-subtracted one. */
-#define ATT_TILE_ROWS 8  /* rows per register tile (4 where a pass has no more: decoding) */
-#define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
+/* ---- Attention: section 3's scores and weighted sums in registers ----------------------
+   The same passes as section 3 (attention_rows), with its two inner loops as register tiles:
+   - scores: per dimension, two key tiles (32 positions) are loaded, widened, and meet a
+     broadcast of each row's query value: 2 * tile_rows multiply-adds per 2 loads, no
+     horizontal sums;
+   - values: tile_rows rows by 64 / tile_rows dimensions of accumulators, one position's values
+     loaded once for every row's weight.
+   bf16 and q8_0 caches are widened 16 numbers at a time in registers as they are loaded
+   (widen16), and the next keys and values are fetched ahead (prefetch_bytes): one thread's
+   loads alone do not keep enough of a long cache in flight. Each score and output value is
+   still one float32 sum in order. The tile's row count is a constant, 4 or ATT_TILE_ROWS
+   (decoding has 4 rows per KV head at the 1B shape; prompt passes 16), and so is the cache
+   type, so that each kernel is compiled once per case. */
+#define SCORE_TILES 2    /* key tiles per step of the score kernel */
 #define VALUES_AHEAD 16  /* the weighted sum fetches the values this many positions ahead */
+_Static_assert(CACHE_STEP % (SCORE_TILES * KEY_TILE) == 0, "the cache holds whole steps");
 
-#if defined __AVX512F__
 /* 16 consecutive cache elements from element i, widened to float32: bf16 by a shift, q8_0
-   as int8 -> float32 times its scales (16 of them for keys, one broadcast for values). Called
-   with a constant type, so that each kernel below is compiled once per cache type. */
+   as int8 -> float32 times its scales (16 of them for keys, one broadcast for values). */
 static inline __m512 widen16(const void *data, size_t i, int type, __m512 scales) {
     if (type == CACHE_BF16) {
         __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)data + i));
@@ -4622,17 +4675,13 @@ static inline __m512 key_scales16(const KVHead *kv, int tile, int d, int head_di
     return _mm512_loadu_ps(kv->key_scales + key_index(tile * KEY_TILE, d / CACHE_GROUP,
                                                       head_dim / CACHE_GROUP));
 }
-#endif
 
 /* scores[r][p] = scale * dot(rows[r], key p) for the SCORE_TILES * KEY_TILE positions from
-   key tile `tile` on, rows r < nr <= tile_rows. Called with a constant tile_rows, 4 or
-   ATT_TILE_ROWS (decoding has 4 rows per KV head (the 1B shape), prompt passes 16), and a
-   constant cache type. Per dimension, 2 key loads (widened) and tile_rows broadcasts meet in
-   2 * tile_rows multiply-adds. With `ahead`, the next pair of key tiles is fetched meanwhile. */
+   key tile `tile` on, rows r < nr <= tile_rows. With `ahead`, the next pair of key tiles is
+   fetched meanwhile. */
 static inline void score_tiles(float *const *scores, const float *const *rows, int nr,
                                const KVHead *kv, int tile, int head_dim, float scale,
                                int tile_rows, int type, int ahead) {
-#if defined __AVX512F__
     __m512 acc[ATT_TILE_ROWS][SCORE_TILES];
     size_t size = CACHE_TYPE_SIZES[type];
     const char *next = (const char *)kv->keys +
@@ -4657,24 +4706,10 @@ static inline void score_tiles(float *const *scores, const float *const *rows, i
         for (int j = 0; j < SCORE_TILES; j++)
             _mm512_storeu_ps(scores[r] + (size_t)(tile + j) * KEY_TILE,
                              _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
-#else  /* the same sums, KEY_TILE-wide rows of plain floats (the compiler vectorises them) */
-    (void)type;
-    (void)ahead;
-    for (int i = 0; i < SCORE_TILES; i++) {
-        float acc[ATT_TILE_ROWS][KEY_TILE] = {{0}}, k[KEY_TILE];
-        for (int d = 0; d < head_dim; d++) {
-            widen_key_row(k, kv, tile + i, d, head_dim);
-            for (int r = 0; r < tile_rows; r++)
-                for (int j = 0; j < KEY_TILE; j++) acc[r][j] += rows[r][d] * k[j];
-        }
-        for (int r = 0; r < nr; r++)
-            for (int j = 0; j < KEY_TILE; j++)
-                scores[r][(size_t)(tile + i) * KEY_TILE + j] = acc[r][j] * scale;
-    }
-#endif
 }
 
-/* attention_scores for one (constant) cache type. */
+/* The scores for one (constant) cache type: the row tiles take turns on each pair of key
+   tiles, which stays in L1 meanwhile. */
 static inline void scores_of_type(float *const *scores, const float *const *rows, int nr,
                                   const KVHead *kv, int n_pos, int head_dim, float scale,
                                   int type) {
@@ -4692,12 +4727,10 @@ static inline void scores_of_type(float *const *scores, const float *const *rows
     }
 }
 
-/* scores[r][p] = scale * dot(q[r], key p) for rows r < nr and positions p < n_pos, computed
-   two whole tiles at a time (the tail is written too; scores rows have room). kv: one KV
-   head's cache. The row tiles take turns on each pair of key tiles, which stays in L1
-   meanwhile; rows past nr in the last row tile repeat row 0 so that the tiles stay fixed. */
-static void attention_scores(float *const *scores, const float *const *q, int nr,
-                             const KVHead *kv, int n_pos, int head_dim, float scale) {
+/* Hook (attention_scores): rows past nr in the last row tile repeat row 0, so that the tiles
+   stay fixed. */
+static int simd_attention_scores(float *const *scores, const float *const *q, int nr,
+                                 const KVHead *kv, int n_pos, int head_dim, float scale) {
     const float *rows[ATT_ROWS];
     for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
     switch (kv->type) {
@@ -4711,19 +4744,17 @@ static void attention_scores(float *const *scores, const float *const *q, int nr
         scores_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_Q8_0);
         break;
     }
+    return 1;
 }
 
 /* out[r] += sum over positions p in [p0, p1) of weights[r][p] * value p, for rows
-   r < nr <= tile_rows (a constant, as in score_tiles; the cache type too). kv: one KV head's
-   cache. 16 accumulators: tile_rows rows by 64 / tile_rows dimensions at a time (decoding's 4
-   rows take 64, so that each position's values are read in one pass); the dimensions past
-   the last whole step one at a time. */
-static inline void sum_values(float *const *out, const float *const *weights, int nr,
-                              const KVHead *kv, int p0, int p1, int head_dim, int tile_rows,
-                              int type) {
-    int d0 = 0;
-#if defined __AVX512F__
-    int vectors = 16 / tile_rows, width = 16 * vectors;
+   r < nr <= tile_rows and the dimensions of whole steps of 64 / tile_rows * 4 (decoding's 4
+   rows take 64, so that each position's values are read in one pass). Returns the dimensions
+   done; section 3 sums the rest. */
+static inline int sum_values(float *const *out, const float *const *weights, int nr,
+                             const KVHead *kv, int p0, int p1, int head_dim, int tile_rows,
+                             int type) {
+    int vectors = 16 / tile_rows, width = 16 * vectors, d0 = 0;
     const float *w[ATT_TILE_ROWS];
     for (int r = 0; r < tile_rows; r++) w[r] = weights[r < nr ? r : 0];
     for (; d0 + width <= head_dim; d0 += width) {
@@ -4752,93 +4783,27 @@ static inline void sum_values(float *const *out, const float *const *weights, in
         for (int r = 0; r < nr && r < tile_rows; r++)  /* (nr <= tile_rows: for gcc) */
             for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
     }
-#else
-    (void)tile_rows;
-    (void)type;
-#endif
-    if (d0 == head_dim) return;
-    for (int p = p0; p < p1; p++) {  /* (d0 is a multiple of CACHE_GROUP: whole groups) */
-        for (int g0 = d0; g0 < head_dim; g0 += CACHE_GROUP) {
-            float v[CACHE_GROUP];
-            int n = head_dim - g0 < CACHE_GROUP ? head_dim - g0 : CACHE_GROUP;
-            widen_value_run(v, kv, p, g0, n, head_dim);
-            for (int r = 0; r < nr; r++) {
-                float wr = weights[r][p];
-                for (int d = 0; d < n; d++) out[r][g0 + d] += wr * v[d];
-            }
-        }
-    }
+    return d0;
 }
 
 /* sum_values for one (constant) cache type, the tile fitting nr. */
-static inline void values_of_type(float *const *out, const float *const *weights, int nr,
-                                  const KVHead *kv, int p0, int p1, int head_dim, int type) {
-    if (nr <= 4) sum_values(out, weights, nr, kv, p0, p1, head_dim, 4, type);
-    else sum_values(out, weights, nr, kv, p0, p1, head_dim, ATT_TILE_ROWS, type);
+static inline int values_of_type(float *const *out, const float *const *weights, int nr,
+                                 const KVHead *kv, int p0, int p1, int head_dim, int type) {
+    if (nr <= 4) return sum_values(out, weights, nr, kv, p0, p1, head_dim, 4, type);
+    return sum_values(out, weights, nr, kv, p0, p1, head_dim, ATT_TILE_ROWS, type);
 }
 
-static void attention_values(float *const *out, const float *const *weights, int nr,
-                             const KVHead *kv, int p0, int p1, int head_dim) {
+/* Hook (attention_values): returns the dimensions it summed. */
+static int simd_attention_values(float *const *out, const float *const *weights, int nr,
+                                 const KVHead *kv, int p0, int p1, int head_dim) {
     switch (kv->type) {
-    case CACHE_F32: values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_F32); break;
-    case CACHE_BF16: values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_BF16); break;
-    default: values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_Q8_0); break;
+    case CACHE_F32: return values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_F32);
+    case CACHE_BF16: return values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_BF16);
+    default: return values_of_type(out, weights, nr, kv, p0, p1, head_dim, CACHE_Q8_0);
     }
 }
 
-/* One pass of attention(): rows row0 .. row0+nr-1 of KV head `head`, where row i is query
-   head head * group + i % group of token i / group (so the rows' last visible positions
-   rise with i). Writes each row's output into s->xb. */
-static void attention_rows(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                           int head, int row0, int nr) {
-    int head_dim = cfg->head_dim, group = cfg->n_heads / cfg->n_kv_heads;
-    int q_dim = cfg->n_heads * head_dim;
-    KVHead kv = kv_head(s, layer_offset, head, head_dim);
-    const float *q[ATT_ROWS];
-    float *scores[ATT_ROWS], *out[ATT_ROWS];
-    int last[ATT_ROWS];
-    for (int r = 0; r < nr; r++) {
-        int row = row0 + r, t = row / group, h = head * group + row % group;
-        q[r] = s->q + (size_t)t * q_dim + (size_t)h * head_dim;
-        out[r] = s->xb + (size_t)t * q_dim + (size_t)h * head_dim;
-        scores[r] = s->att + ((size_t)thread_id() * ATT_ROWS + r) * s->cache_len;
-        last[r] = pos + t;
-    }
-    attention_scores(scores, q, nr, &kv, last[nr - 1] + 1, head_dim,
-                     1.0f / sqrtf((float)head_dim));
-    for (int r = 0; r < nr; r++) {
-        softmax(scores[r], last[r] + 1);
-        memset(out[r], 0, (size_t)head_dim * sizeof(float));
-    }
-    /* the positions every row sees, a chunk of values at a time for all the row groups, then
-       each row's own few more */
-    int shared = last[0] + 1;
-    for (int p0 = 0; p0 < shared; p0 += VALUE_CHUNK) {
-        int p1 = shared - p0 < VALUE_CHUNK ? shared : p0 + VALUE_CHUNK;
-        for (int g = 0; g < nr; g += ATT_TILE_ROWS)
-            attention_values(out + g, (const float *const *)scores + g,
-                             nr - g < ATT_TILE_ROWS ? nr - g : ATT_TILE_ROWS, &kv, p0, p1,
-                             head_dim);
-    }
-    for (int r = 1; r < nr; r++)
-        attention_values(out + r, (const float *const *)scores + r, 1, &kv, shared,
-                         last[r] + 1, head_dim);
-}
-
-/* Hook (attention): section 3's attention, the same sums, with each KV head's rows (its
-   query heads for each token) in passes of ATT_ROWS, split over threads. */
-static int fast_attention(RunState *s, const Config *cfg, size_t layer_offset, int pos,
-                          int n_tokens) {
-    int rows = n_tokens * (cfg->n_heads / cfg->n_kv_heads);
-    int passes = (rows + ATT_ROWS - 1) / ATT_ROWS;
-    OMP(parallel for schedule(static))
-    for (int i = 0; i < cfg->n_kv_heads * passes; i++) {
-        int row0 = i % passes * ATT_ROWS;
-        attention_rows(s, cfg, layer_offset, pos, i / passes, row0,
-                       rows - row0 < ATT_ROWS ? rows - row0 : ATT_ROWS);
-    }
-    return 1;
-}
+#endif  /* __AVX512F__ */
 
 /* ---- The mapped model file in 2 MB pages (Linux) ----------------------------------------
    Decoding reads every weight once per token, so its loads range over the whole file: in 4 KB

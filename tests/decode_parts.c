@@ -6,7 +6,7 @@
      rows        the bytes decoding reads, in the order it reads them: each product's rows in
                  guided runs, one parallel region per group of products as forward() makes
                  them, plain loads with no arithmetic (q8_0: each row's scales too)
-     matmuls     the same products through run.c's matmul_many
+     matmuls     the same products through run.c's matmul
      forward     forward() on one token, the greedy next token fed back
 
    and prints each as GB/s of weights read per token (forward: its decoding rate in tok/s
@@ -82,7 +82,7 @@ static uint64_t read_row(const Matrix *w, int r) {
     return sum;
 }
 
-/* The products of one decoding step, grouped as forward() hands them to matmul_many, with
+/* The products of one decoding step, grouped as forward() hands them to matmul, with
    the RunState buffers it reads and writes (their placement in memory matters: an input of
    its own, heap-allocated, made the fp32 matmuls 10% slower than forward's). */
 typedef struct {
@@ -160,7 +160,7 @@ static void time_matmuls(const ProductGroup *groups, int n, MatmulScratch *s) {
         Product p[3] = { { NULL, NULL } };
         for (int j = 0; j < groups[i].count; j++)
             p[j] = (Product){ groups[i].out[j], groups[i].m[j] };
-        matmul_many(p, groups[i].count, groups[i].in, 1, s);
+        matmul(p, groups[i].count, groups[i].in, 1, s);
     }
 }
 
@@ -212,7 +212,7 @@ int main(int argc, char **argv) {
     load_model(argv[1], &tr.model, 0);
     const Config *cfg = &tr.model.config;
     alloc_state(&tr.state, cfg, 256, CACHE_F32);
-    tr.state.scratch.fast = argc == 4;
+    if (argc == 4) (void)simd_set_fast(&tr.state.scratch, cfg->weight_type, cfg->group_size);
     ProductGroup *groups = checked_calloc((size_t)cfg->n_layers * 4 + 1, sizeof(ProductGroup),
                                           "groups");
     int n_groups = decoding_groups(&tr.model.weights, cfg, &tr.state, groups);

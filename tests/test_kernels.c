@@ -16,6 +16,17 @@
 #include "../run.c"
 #undef main
 
+/* The instruction sets section 8 may hold, 0 where this build has none of its kernels. */
+#ifndef HAS_VNNI
+#define HAS_VNNI 0
+#endif
+#ifndef HAS_AVX512_BF16
+#define HAS_AVX512_BF16 0
+#endif
+#ifndef HAS_AMX
+#define HAS_AMX 0
+#endif
+
 #include <float.h>
 
 static int failures;
@@ -156,9 +167,11 @@ static void test_dots_q4(int n, int gs) {
     char name[80];
     float *x = malloc((size_t)n * sizeof(float));
     QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
-                           malloc((size_t)(n / gs) * sizeof(float)), NULL, NULL,
-                           malloc((size_t)(n + 64) * sizeof(int16_t)),
-                           malloc((size_t)(n / gs) * sizeof(float)), malloc((size_t)n + 128) };
+                           malloc((size_t)(n / gs) * sizeof(float)) };
+#if HAS_VNNI  /* section 8's form of the same activations, sharing q and scales */
+    SimdVector sv = { qv.q, qv.scales, NULL, NULL, malloc((size_t)(n + 64) * sizeof(int16_t)),
+                      malloc((size_t)(n / gs) * sizeof(float)), malloc((size_t)n + 128) };
+#endif
     double worst_int = 0, worst_float = 0, worst_avx512 = 0, worst_fast_int = 0;
     double worst_fast_float = 0;
     int avx512 = 0, fast = 0;
@@ -180,19 +193,23 @@ static void test_dots_q4(int n, int gs) {
         double got = dot_q4(t.packed, t.scales, &qv, n, gs);
         worst_int = fmax(worst_int, fabs(got - exact_int) / qmag);
         worst_float = fmax(worst_float, fabs(got - exact_float) / qmag);
-#if FAST_Q4
-        avx512 = q4_kernel_applies(&t.m);
+#if HAS_VNNI
+        struct SimdScratch settings = { .fast = 0 };
+        MatmulScratch fast_scratch = { .simd = &settings };
+        int kernel = rows_kernel(&t.m, &fast_scratch);
+        avx512 = kernel == ROWS_Q4_32 || kernel == ROWS_Q4;
         if (avx512) {
-            prepare_q4(&qv, n, gs);
-            got = dot_q4_avx512(t.packed, t.scales, &qv, n, gs);
+            prepare_q4(&sv, n, gs);
+            got = gs == 32 ? dot_q4_32(t.packed, t.scales, &sv, n)
+                           : dot_q4_groups(t.packed, t.scales, &sv, n, gs);
             worst_avx512 = fmax(worst_avx512, fabs(got - exact_int) / qmag);
         }
-        MatmulScratch fast_scratch = { .fast = 1 };
+        settings.fast = 1;
         fast = fast_q4(&t.m, &fast_scratch);
         if (fast) {  /* -a fast: int8 activations against the unsigned nibbles */
             quantize_vector(&qv, x, n, gs, Q8_MAX);
-            prepare_q4(&qv, n, gs);
-            prepare_q4_int8(&qv, n);
+            prepare_q4(&sv, n, gs);
+            prepare_q4_int8(&sv, n);
             double exact_int8 = 0.0;
             for (int g = 0; g < n / gs; g++) {
                 int64_t isum = 0;
@@ -201,7 +218,7 @@ static void test_dots_q4(int n, int gs) {
                             * qv.q[i] - 8 * qv.q[i];
                 exact_int8 += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
             }
-            got = dot_q4_fast(t.packed, t.scales, &qv, n, gs);
+            got = dot_q4_fast(t.packed, t.scales, &sv, n, gs);
             worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
             worst_fast_float = fmax(worst_fast_float, fabs(got - exact_float) / qmag);
         }
@@ -223,7 +240,10 @@ static void test_dots_q4(int n, int gs) {
         snprintf(name, sizeof name, "dot_q4 -a fast vs float activations n=%d gs=%d", n, gs);
         check(name, worst_fast_float, 5e-3);
     }
-    free(x); free(qv.q); free(qv.scales); free(qv.q4_pairs); free(qv.q4_offsets); free(qv.q4_int8);
+    free(x); free(qv.q); free(qv.scales);
+#if HAS_VNNI
+    free(sv.q4_pairs); free(sv.q4_offsets); free(sv.q4_int8);
+#endif
 }
 
 static void test_dots(int n, int gs) {
@@ -234,7 +254,7 @@ static void test_dots(int n, int gs) {
     double worst_fp32 = 0, worst_bf16 = 0, worst_q8_int = 0, worst_q8_float = 0, worst_qx = 0;
     double worst_fast_int = 0, worst_fast_float = 0;
 #if defined __AVX512F__
-    double worst_fp32_avx512 = 0, worst_bf16_avx512 = 0, worst_q8_avx512 = 0;
+    double worst_fp32_avx512 = 0, worst_bf16_avx512 = 0, worst_q8_vnni = 0;
 #endif
     int fast = HAS_VNNI && gs % 64 == 0;
     for (int trial = 0; trial < 50; trial++) {
@@ -261,9 +281,11 @@ static void test_dots(int n, int gs) {
 
         TestQ8 t = make_q8(1, n, gs);
         QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
-                               malloc((size_t)(n / gs) * sizeof(float)),
-                               malloc((size_t)n), malloc((size_t)(n / gs) * sizeof(int32_t)),
-                               NULL, NULL, NULL };
+                               malloc((size_t)(n / gs) * sizeof(float)) };
+#if HAS_VNNI  /* section 8's form of the same activations, sharing q and scales */
+        SimdVector sv = { qv.q, qv.scales, malloc((size_t)n),
+                          malloc((size_t)(n / gs) * sizeof(int32_t)), NULL, NULL, NULL };
+#endif
         quantize_vector(&qv, x, n, gs, Q16_MAX);
         const int16_t *xq = qv.q;
         const float *xs = qv.scales;
@@ -278,28 +300,31 @@ static void test_dots(int n, int gs) {
         double got = dot_q8(t.q, t.scales, &qv, n, gs);
         double qmag = magnitude(t.image, x, n);
         worst_q8_int = fmax(worst_q8_int, fabs(got - exact_int) / qmag);
-#if defined __AVX512F__
-        worst_q8_avx512 = fmax(worst_q8_avx512,
-                               fabs(dot_q8_avx512(t.q, t.scales, &qv, n, gs, 0) - exact_int) / qmag);
+#if HAS_VNNI
+        worst_q8_vnni = fmax(worst_q8_vnni,
+                             fabs(dot_q8_vnni(t.q, t.scales, &sv, n / gs, gs) - exact_int) / qmag);
 #endif
         worst_q8_float = fmax(worst_q8_float,
                               fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
 #if HAS_VNNI
         if (fast) {  /* -a fast: int8 activations, through vpdpbusd's unsigned operand */
-            quantize_int8(&qv, x, n, gs);
+            quantize_int8(&sv, x, n, gs);
             double exact_int8 = 0.0;
             for (int g = 0; g < n / gs; g++) {
                 int64_t isum = 0;
-                for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * qv.int8[i];
+                for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * sv.int8[i];
                 exact_int8 += (double)isum * t.scales[g] * qv.scales[g];
             }
-            got = dot_q8_avx512(t.q, t.scales, &qv, n, gs, 1);
+            got = dot_q8_fast(t.q, t.scales, &sv, n / gs, gs);
             worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
             worst_fast_float = fmax(worst_fast_float,
                                     fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
         }
 #endif
-        free(qv.q); free(qv.scales); free(qv.int8); free(qv.int8_offsets);
+        free(qv.q); free(qv.scales);
+#if HAS_VNNI
+        free(sv.int8); free(sv.int8_offsets);
+#endif
         free(t.q); free(t.scales); free(t.image);
     }
     snprintf(name, sizeof name, "dot_fp32 n=%d", n);
@@ -317,9 +342,9 @@ static void test_dots(int n, int gs) {
     check(name, worst_qx, 0.51);
     snprintf(name, sizeof name, "dot_q8 vs int8 x int16 n=%d gs=%d", n, gs);
     check(name, worst_q8_int, 1e-6);
-#if defined __AVX512F__
-    snprintf(name, sizeof name, "dot_q8_avx512 vs int8 x int16 n=%d gs=%d", n, gs);
-    check(name, worst_q8_avx512, 1e-6);
+#if HAS_VNNI
+    snprintf(name, sizeof name, "dot_q8_vnni vs int8 x int16 n=%d gs=%d", n, gs);
+    check(name, worst_q8_vnni, 1e-6);
 #endif
     /* The activations' rounding: each product moves by up to half an activation step. */
     snprintf(name, sizeof name, "dot_q8 vs float activations n=%d gs=%d", n, gs);
@@ -332,6 +357,12 @@ static void test_dots(int n, int gs) {
         check(name, worst_fast_float, 5e-3);
     }
     free(w); free(x); free(wb); free(wb_image);
+}
+
+/* matmul of one matrix: out[n][rows] = W applied to each of x[n][cols]. */
+static void matmul_one(float *out, const float *x, int n, const Matrix *w, MatmulScratch *s) {
+    Product p = { out, w };
+    matmul(&p, 1, x, n, s);
 }
 
 /* matmul on n tokens (the prompt path when n > 1) against the reference row by row. */
@@ -366,7 +397,7 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
     float *x = malloc((size_t)n * cols * sizeof(float));
     float *out = malloc((size_t)n * rows * sizeof(float));
     fill(x, (size_t)n * cols);
-    matmul(out, x, n, &m, s);
+    matmul_one(out, x, n, &m, s);
     double worst = 0.0;
     for (int t = 0; t < n; t++)
         for (int r = 0; r < rows; r++) {
@@ -421,8 +452,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
             memcpy(image, q4.image, count * sizeof(float));
         }
         QuantizedVector qv = { malloc((size_t)cols * sizeof(int16_t)),
-                               malloc((size_t)cols * sizeof(float)), NULL, NULL, NULL, NULL,
-                               NULL };
+                               malloc((size_t)cols * sizeof(float)) };
         for (int t = 0; t < n; t++) {
             quantize_vector(&qv, x + (size_t)t * cols, cols, gs, Q8_MAX);
             for (int i = 0; i < cols; i++)
@@ -430,9 +460,9 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
         }
         free(qv.q); free(qv.scales);
     }
-    s->fast = 1;
-    matmul(out, x, n, &m, s);
-    s->fast = 0;
+    s->simd->fast = 1;
+    matmul_one(out, x, n, &m, s);
+    s->simd->fast = 0;
     double worst = 0.0;
     for (int t = 0; t < n; t++)
         for (int r = 0; r < rows; r++) {
@@ -474,10 +504,10 @@ static void test_matmul_tiles(int type, int rows, int cols, int gs, int n, Matmu
     fill(x, (size_t)n * cols);
     char name[96];
     for (int fast = 0; fast <= 1; fast++) {
-        s->fast = fast;
-        matmul(tiles, x, n, &m, s);
+        s->simd->fast = fast;
+        matmul_one(tiles, x, n, &m, s);
         s->simd->amx = 0;
-        matmul(strips, x, n, &m, s);
+        matmul_one(strips, x, n, &m, s);
         s->simd->amx = 1;
         int int8 = fast_int8(&m, s) || fast_q4(&m, s);
         double worst = 0.0;
@@ -494,15 +524,15 @@ static void test_matmul_tiles(int type, int rows, int cols, int gs, int n, Matmu
                  weight_type_name(type), int8 ? " -a fast (vs strips)" : "", rows, cols, gs, n);
         check(name, worst, !int8 ? 1e-5 : gs == amx_step(gs, 1) ? 0.0 : 1e-6);
     }
-    s->fast = 0;
+    s->simd->fast = 0;
     free(x); free(tiles); free(strips);
     free(q8.q); free(q8.scales); free(q8.image); free_q4(&q4);
 }
 #endif
 
-/* matmul_many on products sharing x (decoding's q/k/v form, mixed widths) against one
+/* matmul on products sharing x (decoding's q/k/v form, mixed widths) against one
    matmul per matrix: the same kernels, so the same bits. */
-static void test_matmul_many(MatmulScratch *s) {
+static void test_matmul_shared(MatmulScratch *s) {
     int rows[3] = { 64, 16, 40 }, cols = 256;
     Matrix m[3];
     float *data[3], *want[3], *got[3];
@@ -515,17 +545,17 @@ static void test_matmul_many(MatmulScratch *s) {
         m[i] = (Matrix){ .type = WEIGHT_FP32, .rows = rows[i], .cols = cols, .data = data[i] };
         want[i] = malloc((size_t)rows[i] * sizeof(float));
         got[i] = malloc((size_t)rows[i] * sizeof(float));
-        matmul(want[i], x, 1, &m[i], s);
+        matmul_one(want[i], x, 1, &m[i], s);
         p[i] = (Product){ got[i], &m[i] };
     }
-    matmul_many(p, 3, x, 1, s);
+    matmul(p, 3, x, 1, s);
     double worst = 0.0;
     for (int i = 0; i < 3; i++) {
         for (int r = 0; r < rows[i]; r++) worst = fmax(worst, fabs(got[i][r] - want[i][r]));
         free(data[i]); free(want[i]); free(got[i]);
     }
     free(x);
-    check("matmul_many vs one matrix at a time", worst, 0.0);
+    check("matmul of three vs one matrix at a time", worst, 0.0);
 }
 
 /* What a cache of cache_type holds for x[0 .. head_dim-1] (one key or value), widened back to
@@ -566,13 +596,14 @@ static Config attention_config(int n_heads, int n_kv_heads, int head_dim, int se
                      .max_seq_len = seq_len, .rope_theta = 10000.0f, .norm_eps = 1e-5f };
 }
 
-/* attention() (section 8's passes) and plain_attention() (section 3's loop) over the tiled KV
-   cache of cache_type against plain causal grouped-query attention in double over the numbers
-   the cache holds, for a prompt block of n tokens after pos cached positions. */
+/* attention() (section 3's passes, with section 8's kernels where the build has them) over
+   the tiled KV cache of cache_type against plain causal grouped-query attention in double
+   over the numbers the cache holds, for a prompt batch of n tokens after pos cached
+   positions. */
 static void test_attention(int n_heads, int n_kv_heads, int head_dim, int pos, int n,
                            int cache_type) {
     int seq_len = pos + n, kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
-    int group = n_heads / n_kv_heads;
+    int heads_per_kv = n_heads / n_kv_heads;
     Config cfg = attention_config(n_heads, n_kv_heads, head_dim, seq_len);
     RunState s = {0};
     alloc_state(&s, &cfg, seq_len, cache_type);
@@ -583,37 +614,33 @@ static void test_attention(int n_heads, int n_kv_heads, int head_dim, int pos, i
     fill_cache(&s, &cfg, keys, values, 0, seq_len);
     for (size_t i = 0; i < (size_t)n * q_dim; i++) s.q[i] = 4.0f * uniform();  /* peaked */
     double *scores = malloc((size_t)seq_len * sizeof(double));
-    for (int plain = 0; plain <= 1; plain++) {
-        if (plain) plain_attention(&s, &cfg, 0, pos, n);
-        else attention(&s, &cfg, 0, pos, n);
-        double worst = 0.0;
-        for (int t = 0; t < n; t++)
-            for (int h = 0; h < n_heads; h++) {
-                const float *q = s.q + (size_t)t * q_dim + (size_t)h * head_dim;
-                size_t kv = (size_t)(h / group) * head_dim;
-                double max = -INFINITY, sum = 0.0;
-                for (int p = 0; p <= pos + t; p++) {
-                    double d = 0.0;
-                    for (int i = 0; i < head_dim; i++)
-                        d += (double)q[i] * keys[p * kv_dim + kv + i];
-                    scores[p] = d / sqrt((double)head_dim);
-                    max = fmax(max, scores[p]);
-                }
-                for (int p = 0; p <= pos + t; p++) sum += scores[p] = exp(scores[p] - max);
-                for (int i = 0; i < head_dim; i++) {
-                    double want = 0.0;
-                    for (int p = 0; p <= pos + t; p++)
-                        want += scores[p] / sum * values[p * kv_dim + kv + i];
-                    double got = s.xb[(size_t)t * q_dim + (size_t)h * head_dim + i];
-                    worst = fmax(worst, fabs(got - want));
-                }
+    attention(&s, &cfg, 0, pos, n);
+    double worst = 0.0;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < n_heads; h++) {
+            const float *q = s.q + (size_t)t * q_dim + (size_t)h * head_dim;
+            size_t kv = (size_t)(h / heads_per_kv) * head_dim;
+            double max = -INFINITY, sum = 0.0;
+            for (int p = 0; p <= pos + t; p++) {
+                double d = 0.0;
+                for (int i = 0; i < head_dim; i++)
+                    d += (double)q[i] * keys[p * kv_dim + kv + i];
+                scores[p] = d / sqrt((double)head_dim);
+                max = fmax(max, scores[p]);
             }
-        char name[96];
-        snprintf(name, sizeof name, "%sattention %d/%d heads of %d, %d after %d, %s",
-                 plain ? "plain " : "", n_heads, n_kv_heads, head_dim, n, pos,
-                 CACHE_TYPE_NAMES[cache_type]);
-        check(name, worst, 1e-5);  /* values in [-1, 1): absolute error */
-    }
+            for (int p = 0; p <= pos + t; p++) sum += scores[p] = exp(scores[p] - max);
+            for (int i = 0; i < head_dim; i++) {
+                double want = 0.0;
+                for (int p = 0; p <= pos + t; p++)
+                    want += scores[p] / sum * values[p * kv_dim + kv + i];
+                double got = s.xb[(size_t)t * q_dim + (size_t)h * head_dim + i];
+                worst = fmax(worst, fabs(got - want));
+            }
+        }
+    char name[96];
+    snprintf(name, sizeof name, "attention %d/%d heads of %d, %d after %d, %s", n_heads,
+             n_kv_heads, head_dim, n, pos, CACHE_TYPE_NAMES[cache_type]);
+    check(name, worst, 1e-5);  /* values in [-1, 1): absolute error */
     free(scores); free(keys); free(values);
     free_state(&s);
 }
@@ -778,7 +805,7 @@ static void test_kernels(void) {
         test_matmul(types[i], 128, 1100, 40, &s);  /* column blocks of 512 with a ragged last */
         test_matmul(types[i], 64, 515, 33, &s);    /* odd width: bf16 rows widened, not paired */
     }
-    test_matmul_many(&s);
+    test_matmul_shared(&s);
     {   /* rows wide enough for section 8's wide_rows_fp32 / wide_rows_bf16: whole steps of 8,
            a ragged one */
         MatmulScratch wide = {0};
@@ -802,7 +829,7 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q8_0, 128, 1024, 64, &s);
     test_matmul_fast(WEIGHT_Q8_0, 40, 1536, 33, &s);
 #endif
-#if FAST_Q4
+#if HAS_VNNI
     test_matmul_fast(WEIGHT_Q4_0, 64, 256, 1, &s);
     test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);       /* a partial last step */
     test_matmul_fast(WEIGHT_Q4_0, 70, 256, 7, &s);      /* ragged panel and strip */
