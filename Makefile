@@ -59,7 +59,7 @@ bench-8b: runomp
 clean:
 	rm -rf run runomp tokenize build
 
-# ---- Hostile input (issue 5): the whole suite under AddressSanitizer + UndefinedBehaviorSanitizer,
+# ---- Hostile input: the whole suite under AddressSanitizer + UndefinedBehaviorSanitizer,
 # and libFuzzer targets for the model loader and the tokenizer (clang; Debian: clang libclang-rt-14-dev).
 SAN_CC ?= $(shell command -v clang >/dev/null 2>&1 && echo clang || echo $(CC))
 # -march=native: the sanitizers watch the AVX-512 kernels (masked loads, -a fast); valgrind and

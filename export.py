@@ -84,7 +84,7 @@ MODEL_HEADER = (
     ("rope_original_max_pos", "i"),
     ("tied_classifier", "I"),  # 1: the classifier is the token embedding
     ("weight_type", "I"),  # WEIGHT_TYPES
-    ("group_size", "i"),  # q8_0 values per scale; 0 otherwise
+    ("group_size", "i"),  # q8_0 and q4_0: values per scale; 0 otherwise
     ("bos_id", "i"), ("n_eos", "i"), ("eos_ids", f"{MAX_EOS}i"),  # unused eos slots: -1
 )
 

@@ -90,10 +90,9 @@ static void *checked_calloc(size_t count, size_t size, const char *what) {
 }
 
 /* checked_calloc's memory at a 64-byte boundary (a cache line), for the buffers the kernels
-   stream through: a 64-byte load, or an AMX tile's row, then never straddles two lines
-   (misaligned, the prompt paths ran 20-30% slower and q4_0 decoding 10%). Still calloc's, so
-   that large blocks stay the kernel's zero page until written; the pointer calloc gave sits
-   just before the block, for free_aligned. */
+   stream through: a 64-byte load, or an AMX tile's row, then never straddles two lines.
+   Still calloc's, so that large blocks stay the kernel's zero page until written; the pointer
+   calloc gave sits just before the block, for free_aligned. */
 static void *calloc_aligned(size_t count, size_t size, const char *what) {
     size_t extra = 64 + sizeof(void *);
     if (size != 0 && count > (SIZE_MAX - extra) / size)
@@ -269,8 +268,7 @@ static const float *take_vector(FileCursor *c, int n) {
 }
 
 /* (q8_0 and q4_0 keep a matrix's scales after all of its values, a second stream for
-   decoding: scales beside each row decoded slower; README.md, "Performance", has the figures.)
-   q4_0 values are two to a byte (the parser's group size, a multiple of 32, divides every row,
+   decoding, which reads them in step with the values.) q4_0 values are two to a byte (the parser's group size, a multiple of 32, divides every row,
    so a row is whole bytes and whole 16-byte blocks). */
 static Matrix take_matrix(FileCursor *c, const Config *cfg, int rows, int cols) {
     int type = cfg->weight_type;
@@ -2530,8 +2528,8 @@ static void print_usage(FILE *out) {
         "  -a <mode>             activations in the matmuls: exact (default: float32, int16 for\n"
         "                        q8_0 and q4_0, two bf16 in AMX prompts) or fast: rounded as\n"
         "                        llama.cpp does, to bf16 for bf16 weights, to int8 for q8_0\n"
-        "                        (groups of 64) and q4_0 (groups of 32, 64 or 128): prompts\n"
-        "                        ~1.6-1.8x faster on CPUs with AVX512-BF16 / VNNI, logits a few\n"
+        "                        (groups of 64) and q4_0 (groups of 32, 64 or 128): faster\n"
+        "                        prompts where the CPU has AVX512-BF16 / VNNI, logits a few\n"
         "                        1e-2 off\n"
         "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
         "                        into memory first (also --no-mmap, llama.cpp's name; README.md)\n"
@@ -3082,40 +3080,54 @@ int main(int argc, char **argv) {
 }
 
 /* ----------------------------------------------------------------------------------------
-   8. Fast paths: x86 AVX-512, with VNNI and BF16 where the CPU has them; and 2 MB pages for
-   the mapped model file, where Linux has them
+   8. SIMD kernels, by instruction set; and the weights in 2 MB pages
 
-   Everything here replaces a loop of sections 2 and 3 with one that computes the same sums
-   (some in another order) faster, and is reached only through the hooks those sections call
-   (fast_*). Without AVX-512 each hook returns 0 at once, and the portable loop runs, except
-   the attention's, whose shared passes are plain C around two small kernels. What each one
-   replaces and why it is faster:
-   - decoding (simd_prepare_input, simd_matmul_rows): the row dot products as 16-lane FMAs,
-     four chains deep to hide their latency; bf16 rows widened by one shift or mask against x
-     reordered once per matmul (split_pairs); q8_0 groups as int8 x int16 VNNI dot products
-     (vpdpwssd), 32 per instruction; q4_0 nibbles the same way, two blocks unpacked per step
-     (dot_q4_32); rows 4096+ wide taken WIDE_ROWS at a time, so that each load of x, which no
-     longer stays in L1, serves 8 rows.
-   - the prompt (simd_matmul_batch): register-tiled products of a panel of rows against strips
-     of 32 tokens transposed so that one vector load is one column of 16 tokens, in blocks that
-     stay in L2 (matmul_strips), and for q8_0 the same with integer words (matmul_strips_q8):
+   Each kernel here computes what a loop of sections 2 and 3 computes (some sums in another
+   order), faster, and is reached only through the hooks those sections call (simd_*, each
+   declared where it is called). Which kernels a build has is the compiler's choice (-march):
+   section 8's sub-sections are one per instruction set, and each defines every hook. The map,
+   one row per operation:
+
+     operation               hook                    AVX-512 (with VNNI, BF16, AMX)
+     decoding  fp32 rows     simd_matmul_rows        dot_fp32_avx512, wide_rows_fp32
+               bf16 rows       (rows_kernel picks)   dot_bf16_avx512, wide_rows_bf16
+               q8_0 rows                             dot_q8_vnni
+               q4_0 rows                             dot_q4_32, dot_q4_groups
+               -a fast                               dot_bf16_fast, dot_q8_fast, dot_q4_fast
+               the input     simd_prepare_input      split_pairs, quantize_input, prepare_q4
+     prompt    fp32, bf16    simd_matmul_batch       matmul_strips (strip_kernel, _bf16, _fast)
+               q8_0, q4_0                            matmul_strips_q8; with AMX matmul_tiles
+     attention scores        simd_attention_scores   score_tiles
+               values        simd_attention_values   sum_values
+     softmax, SwiGLU         simd_softmax, _swiglu   exp16
+
+   Why each is faster:
+   - decoding: the row dot products as 16-lane FMAs, four chains deep to hide their latency;
+     bf16 rows widened by one shift or mask against x reordered once per matmul (split_pairs);
+     q8_0 groups as int8 x int16 VNNI dot products (vpdpwssd), 32 per instruction; q4_0
+     nibbles the same way, two blocks unpacked per step; rows 4096+ wide taken WIDE_ROWS at a
+     time, so that each load of x, which no longer stays in L1, serves 8 rows.
+   - the prompt: register-tiled products of a panel of rows against strips of 32 tokens
+     transposed so that one vector load is one column of 16 tokens, in slabs that stay in L2
+     (matmul_strips), and for q8_0 and q4_0 the same with integer words (matmul_strips_q8):
      the prompt is bound by arithmetic, and a tile makes 16 multiply-adds per 2 loads where a
-     dot product makes 1 per load.
-     Where the CPU has AMX (Intel's tile unit), q8_0 and q4_0 prompts go through its tile
-     products instead (matmul_tiles), thousands of multiply-adds per instruction.
-   - attention (fast_attention): the query heads of a GQA group, and the next tokens' in a
-     prompt, share one pass over their KV head's keys and values, in register tiles, reading
-     every cache type directly (below).
-   - quantizing (fast_quantize_group), softmax and SwiGLU (simd_softmax, simd_swiglu, with a
-     vectorised exp within 2 ulp of expf): the same loops, 16 lanes at a time.
+     dot product makes 1 per load. Where the CPU has AMX (Intel's tile unit), q8_0 and q4_0
+     prompts go through its tile products instead (matmul_tiles), thousands of multiply-adds
+     per instruction.
+   - attention: section 3's score and value loops as register tiles, reading every cache type
+     directly.
+   - softmax and SwiGLU: with a vectorised exp within 2 ulp of expf, 16 lanes at a time.
    -a fast (fast_bf16, fast_int8, fast_q4) trades exactness for speed as llama.cpp does:
    activations rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 and q4_0
    (vpdpbusd), each twice the multiply-adds per instruction, about 1e-2 of the logits' range
    off instead of 1e-6 (tests/test_engine.py and tests/test_q4.py measure it). Without
    AVX512-BF16 or VNNI it changes nothing.
    tests/test_kernels.c checks every kernel here against plain loops (and quantize_group16
-   against quantize_group, bit for bit). */
+   against quantize_group, bit for bit). Section 8 calls back into sections 1-3 only for their
+   leaf helpers (conversions, widen_values, quantize_group, calloc_aligned), never for a
+   function that calls a hook. */
 
+/* ---- 8a. AVX-512 ------------------------------------------------------------------------ */
 #if defined __AVX512F__
 #include <immintrin.h>
 #if defined __linux__
@@ -3284,10 +3296,9 @@ static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
 #endif
 
 /* acc + the pairwise int16 products of a and b, summed into 16 int32 lanes (vpdpwssd), for
-   the prompt kernel. gcc 12 allocates registers for the intrinsic badly there (it copies every
-   accumulator twice per use), so for gcc it is written as the one instruction. (Decoding calls
-   the intrinsics: with them gcc reads x straight from memory, which an asm operand cannot
-   offer without costing the prompt kernel its registers.) */
+   the prompt kernel: for gcc the one instruction itself, so that its accumulators stay in
+   registers (docs/kernels.md, "Compilers"). Decoding calls the intrinsic, which lets the
+   compiler read x straight from memory. */
 #if defined __AVX512VNNI__ && defined __AVX512BW__ && defined __AVX512VL__
 static inline __m512i madd_int16(__m512i acc, __m512i a, __m512i b) {
 #if defined __GNUC__ && !defined __clang__
@@ -3299,8 +3310,7 @@ static inline __m512i madd_int16(__m512i acc, __m512i a, __m512i b) {
 }
 
 /* acc + the products of a's unsigned bytes and b's signed bytes, four summed into each of 16
-   int32 lanes (vpdpbusd): -a fast's int8 activations. Written out for gcc for the same
-   reason. */
+   int32 lanes (vpdpbusd): -a fast's int8 activations, as madd_int16. */
 static inline __m512i madd_int8(__m512i acc, __m512i a, __m512i b) {
 #if defined __GNUC__ && !defined __clang__
     __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
@@ -4086,7 +4096,7 @@ static int q8_strips_apply(const Matrix *w) {
 /* Quantizes tokens t0 .. t0+STRIP-1 of x (zeros past n_tokens) into one strip of words:
    words[m * STRIP + j] = token j's values 2m, 2m+1 as int16 or (int8) 4m .. 4m+3 as int8,
    scales[g * STRIP + j], and for int8 int8_offsets[g * STRIP + j] = -128 * the group's sum
-   (int8_sums explains; here a lane is a token, so it takes all of it). */
+   (dot_q8_fast explains; here a lane is a token, so it takes all of it). */
 static void pack_strip_q8(uint32_t *words, float *scales, int32_t *int8_offsets, const float *x,
                           int t0, int n_tokens, int cols, int gs, int int8, SimdVector *tmp) {
     int n_groups = cols / gs, per_word = int8 ? 4 : 2;
@@ -4144,7 +4154,7 @@ static void strip_kernel_q8(float *sums, const uint32_t *w, size_t row_words,
             c0 = _mm512_loadu_si512((const void *)(int8_offsets + (size_t)g * STRIP));
             c1 = _mm512_loadu_si512((const void *)(int8_offsets + (size_t)g * STRIP + 16));
         }
-        /* named accumulators, not an array: gcc 12 copies an array of them on every step */
+        /* named accumulators, not an array, so that they stay in registers (docs/kernels.md) */
         __m512i s00 = c0, s01 = c1, s10 = c0, s11 = c1, s20 = c0, s21 = c1, s30 = c0, s31 = c1;
         for (size_t i = g * ahead_lines / n_groups; i < (g + 1) * ahead_lines / n_groups; i++)
             _mm_prefetch(ahead.start + i * 64, _MM_HINT_T0);
@@ -4568,7 +4578,7 @@ static void matmul_tiles(float *out, const float *x, int n_tokens, const Matrix 
 }
 #endif
 
-/* Hook (matmul_many): the prompt path, matmul_tiles for q8_0 and q4_0 with AMX,
+/* Hook (matmul): the prompt path, matmul_tiles for q8_0 and q4_0 with AMX,
    matmul_strips_q8 with VNNI, matmul_strips otherwise. */
 static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
                              MatmulScratch *s) {
@@ -4805,7 +4815,7 @@ static int simd_attention_values(float *const *out, const float *const *weights,
 
 #endif  /* __AVX512F__ */
 
-/* ---- The mapped model file in 2 MB pages (Linux) ----------------------------------------
+/* ---- 8z. The mapped model file in 2 MB pages (Linux) ------------------------------------
    Decoding reads every weight once per token, so its loads range over the whole file: in 4 KB
    pages each one costs a TLB miss and a page walk, in 2 MB pages almost none do. A mapping
    gets 2 MB pages where the page cache holds the file in 2 MB folios, which Linux 6.x makes
