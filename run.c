@@ -58,13 +58,12 @@ static int max_threads(void) { return 1; }
 static int thread_id(void) { return 0; }
 #endif
 
-/* Which SIMD kernels section 8 holds for this build, by the compiler's target (-march). */
+/* Whether section 8 holds SIMD kernels for this build: the compiler's target (-march)
+   decides. */
 #if defined __AVX512F__
 #define HAVE_SIMD 1
-#define SIMD_NAME "avx512"
 #else
 #define HAVE_SIMD 0
-#define SIMD_NAME "portable"
 #endif
 
 /* The one line every user-facing error prints on stderr. */
@@ -338,43 +337,10 @@ typedef struct {
     int read_into_memory;
 } Model;
 
-/* -w read: the file read into memory instead of mapped, into 2 MB pages where Linux has
-   them. A mapping gets 2 MB pages only where the page cache holds the file in 2 MB folios,
-   and decoding reads 4 KB pages more slowly (README.md, "-w read", has the figures). The
-   cost: reading the whole file before the first token, and a second copy beside the page
-   cache's. */
-static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
-    size_t huge_page = (size_t)2 << 20, rounded = (size + huge_page - 1) / huge_page * huge_page;
-    unsigned char *buf = aligned_alloc(huge_page, rounded);
-    if (!buf) die("model file %s: no memory to read its %zu bytes into (try -w map)", path, size);
-#if defined MADV_HUGEPAGE
-    /* a hint (Linux): 2 MB pages where the kernel has them */
-    madvise(buf, rounded, MADV_HUGEPAGE);
-#endif
-    /* 64 MB pieces, read by all threads: the copy out of the page cache and the kernel's
-       zeroing of fresh pages both take time per byte */
-    size_t piece = (size_t)64 << 20, n_pieces = (size + piece - 1) / piece;
-    int error = 0, ended = 0;
-    OMP(parallel for schedule(dynamic))
-    for (size_t i = 0; i < n_pieces; i++) {
-        size_t done = i * piece, end = done + piece < size ? done + piece : size;
-        while (done < end) {
-            ssize_t got = pread(fd, buf + done, end - done, (off_t)done);
-            if (got < 0 && errno == EINTR) continue;
-            if (got <= 0) {
-                OMP(critical)
-                { if (got < 0) error = errno; else ended = 1; }
-                break;
-            }
-            done += (size_t)got;
-        }
-    }
-    if (error) die("cannot read model file %s: %s", path, strerror(error));
-    if (ended) die("model file %s: ended before its %zu bytes were read", path, size);
-    return buf;
-}
-
-static void map_large_pages(unsigned char *map, size_t size, int fd);  /* a hook into section 8 */
+/* The weights in 2 MB pages where Linux has them (section 8z): the mapping, or the whole file
+   read into memory (-w read). */
+static void map_large_pages(unsigned char *map, size_t size, int fd);
+static unsigned char *read_whole_file(int fd, size_t size, const char *path);
 
 static void load_model(const char *path, Model *m, int read_into_memory) {
     int fd = open(path, O_RDONLY | O_NONBLOCK);  /* a FIFO must not block: refused below */
@@ -565,13 +531,25 @@ static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs, f
         v->scales[g] = quantize_group(v->q + (size_t)g * gs, x + (size_t)g * gs, gs, q_max);
 }
 
+/* The integer dot products sum into LANES int32 lanes (which the compiler vectorises), moved
+   into one int64 every INT_RUN values: a lane then holds at most INT_RUN / LANES products of
+   at most 128 * 32767, far inside int32, whatever the group size. */
+#define INT_RUN 4096
+
 /* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale. */
 static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVector *x, int n,
                     int gs) {
     float sum = 0.0f;
     for (int g = 0; g < n / gs; g++) {
         int64_t isum = 0;
-        for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int32_t)w[i] * (int32_t)x->q[i];
+        for (int i = g * gs; i < (g + 1) * gs;) {
+            int end = (g + 1) * gs - i > INT_RUN ? i + INT_RUN : (g + 1) * gs;
+            int32_t acc[LANES] = {0};
+            for (; i + LANES <= end; i += LANES)
+                for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * x->q[i + j];
+            for (; i < end; i++) isum += w[i] * x->q[i];
+            for (int j = 0; j < LANES; j++) isum += acc[j];
+        }
         sum += (float)isum * (w_scales[g] * x->scales[g]);
     }
     return sum;
@@ -585,14 +563,25 @@ static int q4_value(const uint8_t *w, size_t i) {
     return (i % 32 < 16 ? byte & 15 : byte >> 4) - 8;
 }
 
-/* One q4_0 row (w: its first byte) against quantized activations, as dot_q8. */
+/* One q4_0 row (w: its first byte) against quantized activations, as dot_q8, a 32-value
+   block (16 bytes) at a time: byte j holds values j and j + 16, which meet x[j] and x[j + 16]
+   in lane j. */
 static float dot_q4(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x, int n,
                     int gs) {
     float sum = 0.0f;
     for (int g = 0; g < n / gs; g++) {
         int64_t isum = 0;
-        for (int i = g * gs; i < (g + 1) * gs; i++)
-            isum += (int64_t)q4_value(w, (size_t)i) * x->q[i];
+        for (int i = g * gs; i < (g + 1) * gs;) {
+            int end = (g + 1) * gs - i > INT_RUN ? i + INT_RUN : (g + 1) * gs;
+            int32_t acc[16] = {0};
+            for (; i < end; i += 32) {
+                const uint8_t *bytes = w + i / 2;
+                const int16_t *xb = x->q + i;
+                for (int j = 0; j < 16; j++)
+                    acc[j] += ((bytes[j] & 15) - 8) * xb[j] + ((bytes[j] >> 4) - 8) * xb[j + 16];
+            }
+            for (int j = 0; j < 16; j++) isum += acc[j];
+        }
         sum += (float)isum * (fp16_to_float(w_scales[g]) * x->scales[g]);
     }
     return sum;
@@ -635,7 +624,8 @@ static void matrix_row(float *out, const Matrix *w, int row) {
 #define PANEL_ROWS 16   /* rows widened at a time by the prompt path */
 #define TILE 4          /* the prompt path's tile: 4 rows x 4 tokens */
 
-/* What matmul needs besides its operands, allocated once (never per token). */
+/* What matmul needs besides its operands, allocated once (never per token: alloc_scratch,
+   with the state, after forward()). */
 struct MatmulScratch {
     QuantizedVector xq; /* q8_0, q4_0 decoding: the activations quantized [max_cols] */
     float *panels;      /* prompt path: one [PANEL_ROWS][max_cols] float panel per thread */
@@ -643,22 +633,6 @@ struct MatmulScratch {
     int n_threads;
     struct SimdScratch *simd;  /* section 8's own buffers and settings, never read here */
 };
-
-static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
-    s->max_cols = max_cols;
-    s->max_tokens = max_tokens;
-    s->n_threads = max_threads();
-    s->xq.q = calloc_aligned((size_t)max_cols, sizeof(int16_t), "matmul scratch");
-    s->xq.scales = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
-    s->panels = calloc_aligned((size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols,
-                               sizeof(float), "matmul scratch");
-    simd_alloc_scratch(s);
-}
-
-static void free_scratch(MatmulScratch *s) {
-    simd_free_scratch(s);
-    free_aligned(s->xq.q); free_aligned(s->xq.scales); free_aligned(s->panels);
-}
 
 /* Row r of w against x (for q8_0 and q4_0, against s->xq: see matmul_vector). */
 static float row_dot(const Matrix *w, int r, const float *x, const MatmulScratch *s) {
@@ -785,34 +759,6 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* RoPE frequencies, computed with exactly the float32 operations of Meta's reference code
-   (one rounding per step, no fused multiply-add), so that long-context logits agree with it
-   to float noise: at position ~8300 one ulp of a frequency is ~5e-4 rad of rotation. */
-static void rope_frequencies(const Config *cfg, float *freqs) {
-    for (int i = 0; i < cfg->head_dim / 2; i++) {
-        float exponent = (float)(2 * i) / (float)cfg->head_dim;
-        float f = 1.0f / powf(cfg->rope_theta, exponent);
-        if (cfg->rope_scaling == 1) {
-            float orig = (float)cfg->rope_original_max_pos;
-            float low_freq_wavelen = orig / cfg->rope_low_freq_factor;
-            float high_freq_wavelen = orig / cfg->rope_high_freq_factor;
-            float wavelen = 6.2831855f / f;  /* 2*pi rounded to float */
-            if (wavelen > low_freq_wavelen) {
-                f = f / cfg->rope_factor;
-            } else if (wavelen >= high_freq_wavelen) {
-                float ratio = orig / wavelen;
-                float smooth = (ratio - cfg->rope_low_freq_factor) /
-                               (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
-                float scaled = (1.0f - smooth) * f;
-                scaled = scaled / cfg->rope_factor;
-                float kept = smooth * f;
-                f = scaled + kept;
-            }
-        }
-        freqs[i] = f;
-    }
-}
-
 /* Rotates each head's pairs (i, i + head_dim/2) by pos * freq[i]: the "rotate half" form that
    matches Hugging Face's q/k row order, which the file keeps. */
 static void rope(float *vec, int n_heads, int head_dim, const float *cos_t, const float *sin_t) {
@@ -843,18 +789,12 @@ static void rope(float *vec, int n_heads, int head_dim, const float *cos_t, cons
 
 /* The KV cache. Each KV head's keys lie in tiles of KEY_TILE positions, transposed
    ([head_dim][KEY_TILE]): dimension d of the keys of a tile's positions lies contiguous, so
-   that the scores of KEY_TILE positions are taken side by side (a vector of them). Each KV head's values lie position after position ([head_dim]
-   each), read in order by the weighted sum. */
+   that the scores of KEY_TILE positions are taken side by side (a vector of them). Each KV
+   head's values lie position after position ([head_dim] each), read in order by the weighted
+   sum. The cache holds whole steps of CACHE_STEP positions (cache_positions). */
 #define KEY_TILE 16
 #define CACHE_STEP (2 * KEY_TILE)
 #define ATT_ROWS 16      /* attention: query rows per pass over a KV head (rows of scores) */
-
-/* Positions the cache holds per KV head: seq_len rounded up to whole pairs of key tiles, so
-   that a kernel may take key tiles two at a time with no check for a last lone one (a tile
-   past the last position holds zeros or stale keys, and the scores from it go unused). */
-static int cache_positions(int seq_len) {
-    return (seq_len + CACHE_STEP - 1) / CACHE_STEP * CACHE_STEP;
-}
 
 /* The cache's element types (--cache-type). Keys and values are rounded to the type when
    stored, and attention widens each one back to float32 as it reads it, so a small cache
@@ -940,64 +880,6 @@ typedef struct {
     RunState state;
 } Transformer;
 
-static float *alloc_batch(int width, const char *what) {
-    return calloc_aligned((size_t)MAX_BATCH * (size_t)width, sizeof(float), what);
-}
-
-/* Bytes of a cache of `positions` positions per KV head: keys and values, scales included. */
-static double cache_bytes(const Config *cfg, int cache_type, int positions) {
-    double numbers = 2.0 * cfg->n_layers * cfg->n_kv_heads * cfg->head_dim * (double)positions;
-    double scales = cache_type == CACHE_Q8_0 ? numbers / CACHE_GROUP * sizeof(float) : 0.0;
-    return numbers * (double)CACHE_TYPE_SIZES[cache_type] + scales;
-}
-
-/* The state for contexts of up to seq_len positions, with a KV cache of cache_type (q8_0
-   needs head_dim a multiple of CACHE_GROUP: the caller checks). The cache is calloc'ed, so
-   its pages are the kernel's zero page until a position is stored in them: memory grows with
-   the positions used, not with seq_len. */
-static void alloc_state(RunState *s, const Config *cfg, int seq_len, int cache_type) {
-    int q_dim = cfg->n_heads * cfg->head_dim, kv_dim = cfg->n_kv_heads * cfg->head_dim;
-    int wide = q_dim > cfg->dim ? q_dim : cfg->dim;
-    s->seq_len = seq_len;
-    s->cache_len = cache_positions(seq_len);
-    s->cache_type = cache_type;
-    size_t cache = (size_t)cfg->n_layers * (size_t)s->cache_len * (size_t)kv_dim;
-    s->x = alloc_batch(cfg->dim, "activations");
-    s->xb = alloc_batch(wide, "activations");
-    s->xb2 = alloc_batch(cfg->dim, "activations");
-    s->hb = alloc_batch(cfg->hidden_dim, "activations");
-    s->hb2 = alloc_batch(cfg->hidden_dim, "activations");
-    s->q = alloc_batch(q_dim, "activations");
-    s->k = alloc_batch(kv_dim, "activations");
-    s->v = alloc_batch(kv_dim, "activations");
-    s->att = calloc_aligned((size_t)max_threads() * ATT_ROWS * (size_t)s->cache_len,
-                            sizeof(float), "scores");
-    s->logits = alloc_batch(cfg->vocab_size, "logits");
-    size_t size = CACHE_TYPE_SIZES[cache_type];
-    s->key_cache = calloc_aligned(cache, size, "the key cache (lower -c)");
-    s->value_cache = calloc_aligned(cache, size, "the value cache (lower -c)");
-    if (cache_type == CACHE_Q8_0) {
-        s->key_scales = calloc_aligned(cache / CACHE_GROUP, sizeof(float),
-                                       "the key cache (lower -c)");
-        s->value_scales = calloc_aligned(cache / CACHE_GROUP, sizeof(float),
-                                         "the value cache (lower -c)");
-    }
-    s->rope_freqs = checked_calloc((size_t)cfg->head_dim / 2, sizeof(float), "rope");
-    s->rope_cos = alloc_batch(cfg->head_dim / 2, "rope");
-    s->rope_sin = alloc_batch(cfg->head_dim / 2, "rope");
-    rope_frequencies(cfg, s->rope_freqs);
-    alloc_scratch(&s->scratch, cfg->hidden_dim > wide ? cfg->hidden_dim : wide, MAX_BATCH);
-}
-
-static void free_state(RunState *s) {
-    void *buffers[] = { s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att,
-                        s->logits, s->key_cache, s->value_cache, s->key_scales,
-                        s->value_scales, s->rope_cos, s->rope_sin };
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free_aligned(buffers[i]);
-    free(s->rope_freqs);
-    free_scratch(&s->scratch);
-}
-
 /* KV head h of the layer whose cache starts at layer_offset (elements). */
 static KVHead kv_head(const RunState *s, size_t layer_offset, int h, int head_dim) {
     size_t start = layer_offset + (size_t)h * s->cache_len * head_dim;
@@ -1055,18 +937,13 @@ static void store_kv(RunState *s, const Config *cfg, size_t layer_offset, int po
     }
 }
 
-/* Causal grouped-query attention. Each query head h reads KV head h / heads_per_kv, and
-   token t of the batch sees the cached positions up to its own. Attention reads the whole
-   cache for every token, so at long context it, not the weights, is what decoding streams from
-   memory: it reads each KV head's keys and values once for all the query rows that use them
-   (its query heads, and in a prompt batch the next tokens' too), ATT_ROWS rows per pass.
-   - scores: a row's scores come out KEY_TILE positions at a time, as sums of products against
-     the transposed key tiles (no horizontal sums), a few rows sharing each key row;
-   - softmax, the plain max-subtracted one;
-   - the weighted sum of the values, read in order, one position's values meeting every row's
-     weight, VALUE_CHUNK positions at a time for the rows that all see them.
-   A score and an output value are each one float32 sum in order (over dimensions, over
-   positions), whatever the order of the loops around them. */
+/* Causal grouped-query attention: query head h reads KV head h / heads_per_kv, and token t of
+   the batch sees the cached positions up to its own. At long context attention, not the
+   weights, is what decoding streams from memory, so each KV head's keys and values are read
+   once for all the query rows that use them (its query heads, and in a prompt batch the next
+   tokens' too), ATT_ROWS rows per pass: the scores KEY_TILE positions at a time against the
+   transposed key tiles, the softmax, then the values in order, each position's meeting every
+   row's weight. Each score and output value is one float32 sum in order. */
 #define ATT_TILE_ROWS 8  /* rows that share each key or value as it is read */
 #define VALUE_CHUNK 256  /* positions per step of the weighted sum (64 KB of 64-wide values) */
 
@@ -1289,6 +1166,117 @@ static float *forward(Transformer *tr, const int *tokens, int n_tokens, int pos,
     Product classifier = { s->logits, &w->classifier };
     matmul(&classifier, 1, s->x + (size_t)t0 * dim, n_tokens - t0, scratch);
     return s->logits + (size_t)(n_tokens - 1 - t0) * cfg->vocab_size;
+}
+
+/* ---- The state forward() works in, allocated once ---- */
+
+static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
+    s->max_cols = max_cols;
+    s->max_tokens = max_tokens;
+    s->n_threads = max_threads();
+    s->xq.q = calloc_aligned((size_t)max_cols, sizeof(int16_t), "matmul scratch");
+    s->xq.scales = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
+    s->panels = calloc_aligned((size_t)s->n_threads * PANEL_ROWS * (size_t)max_cols,
+                               sizeof(float), "matmul scratch");
+    simd_alloc_scratch(s);
+}
+
+static void free_scratch(MatmulScratch *s) {
+    simd_free_scratch(s);
+    free_aligned(s->xq.q); free_aligned(s->xq.scales); free_aligned(s->panels);
+}
+
+static float *alloc_batch(int width, const char *what) {
+    return calloc_aligned((size_t)MAX_BATCH * (size_t)width, sizeof(float), what);
+}
+
+/* Positions the cache holds per KV head: seq_len rounded up to whole pairs of key tiles, so
+   that a kernel may take key tiles two at a time with no check for a last lone one (a tile
+   past the last position holds zeros or stale keys, and the scores from it go unused). */
+static int cache_positions(int seq_len) {
+    return (seq_len + CACHE_STEP - 1) / CACHE_STEP * CACHE_STEP;
+}
+
+/* Bytes of a cache of `positions` positions per KV head: keys and values, scales included. */
+static double cache_bytes(const Config *cfg, int cache_type, int positions) {
+    double numbers = 2.0 * cfg->n_layers * cfg->n_kv_heads * cfg->head_dim * (double)positions;
+    double scales = cache_type == CACHE_Q8_0 ? numbers / CACHE_GROUP * sizeof(float) : 0.0;
+    return numbers * (double)CACHE_TYPE_SIZES[cache_type] + scales;
+}
+
+/* RoPE frequencies, computed with exactly the float32 operations of Meta's reference code
+   (one rounding per step, no fused multiply-add), so that long-context logits agree with it
+   to float noise: at position ~8300 one ulp of a frequency is ~5e-4 rad of rotation. */
+static void rope_frequencies(const Config *cfg, float *freqs) {
+    for (int i = 0; i < cfg->head_dim / 2; i++) {
+        float exponent = (float)(2 * i) / (float)cfg->head_dim;
+        float f = 1.0f / powf(cfg->rope_theta, exponent);
+        if (cfg->rope_scaling == 1) {
+            float orig = (float)cfg->rope_original_max_pos;
+            float low_freq_wavelen = orig / cfg->rope_low_freq_factor;
+            float high_freq_wavelen = orig / cfg->rope_high_freq_factor;
+            float wavelen = 6.2831855f / f;  /* 2*pi rounded to float */
+            if (wavelen > low_freq_wavelen) {
+                f = f / cfg->rope_factor;
+            } else if (wavelen >= high_freq_wavelen) {
+                float ratio = orig / wavelen;
+                float smooth = (ratio - cfg->rope_low_freq_factor) /
+                               (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
+                float scaled = (1.0f - smooth) * f;
+                scaled = scaled / cfg->rope_factor;
+                float kept = smooth * f;
+                f = scaled + kept;
+            }
+        }
+        freqs[i] = f;
+    }
+}
+
+/* The state for contexts of up to seq_len positions, with a KV cache of cache_type (q8_0
+   needs head_dim a multiple of CACHE_GROUP: the caller checks). The cache is calloc'ed, so
+   its pages are the kernel's zero page until a position is stored in them: memory grows with
+   the positions used, not with seq_len. */
+static void alloc_state(RunState *s, const Config *cfg, int seq_len, int cache_type) {
+    int q_dim = cfg->n_heads * cfg->head_dim, kv_dim = cfg->n_kv_heads * cfg->head_dim;
+    int wide = q_dim > cfg->dim ? q_dim : cfg->dim;
+    s->seq_len = seq_len;
+    s->cache_len = cache_positions(seq_len);
+    s->cache_type = cache_type;
+    size_t cache = (size_t)cfg->n_layers * (size_t)s->cache_len * (size_t)kv_dim;
+    s->x = alloc_batch(cfg->dim, "activations");
+    s->xb = alloc_batch(wide, "activations");
+    s->xb2 = alloc_batch(cfg->dim, "activations");
+    s->hb = alloc_batch(cfg->hidden_dim, "activations");
+    s->hb2 = alloc_batch(cfg->hidden_dim, "activations");
+    s->q = alloc_batch(q_dim, "activations");
+    s->k = alloc_batch(kv_dim, "activations");
+    s->v = alloc_batch(kv_dim, "activations");
+    s->att = calloc_aligned((size_t)max_threads() * ATT_ROWS * (size_t)s->cache_len,
+                            sizeof(float), "scores");
+    s->logits = alloc_batch(cfg->vocab_size, "logits");
+    size_t size = CACHE_TYPE_SIZES[cache_type];
+    s->key_cache = calloc_aligned(cache, size, "the key cache (lower -c)");
+    s->value_cache = calloc_aligned(cache, size, "the value cache (lower -c)");
+    if (cache_type == CACHE_Q8_0) {
+        s->key_scales = calloc_aligned(cache / CACHE_GROUP, sizeof(float),
+                                       "the key cache (lower -c)");
+        s->value_scales = calloc_aligned(cache / CACHE_GROUP, sizeof(float),
+                                         "the value cache (lower -c)");
+    }
+    s->rope_freqs = checked_calloc((size_t)cfg->head_dim / 2, sizeof(float), "rope");
+    s->rope_cos = alloc_batch(cfg->head_dim / 2, "rope");
+    s->rope_sin = alloc_batch(cfg->head_dim / 2, "rope");
+    rope_frequencies(cfg, s->rope_freqs);
+    alloc_scratch(&s->scratch, cfg->hidden_dim > wide ? cfg->hidden_dim : wide, MAX_BATCH);
+}
+
+static void free_state(RunState *s) {
+    void *buffers[] = { s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att,
+                        s->logits, s->key_cache, s->value_cache, s->key_scales,
+                        s->value_scales, s->rope_cos, s->rope_sin };
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free_aligned(buffers[i]);
+    free(s->rope_freqs);
+    free_scratch(&s->scratch);
 }
 /* ----------------------------------------------------------------------------------------
    4. The sampler: picks the next token from the logits. Its stages, each one off unless asked
@@ -1776,8 +1764,9 @@ static void encode_or_die(const Tokenizer *t, const char *text, size_t len, int 
    into the one KV cache; when the next turn does not fit, the oldest turns are dropped and
    what is kept is fed again (a context that slides).
 
-   The section has three parts: the dialog format, reading a message (from a pipe, or on a
-   terminal with a small line editor), and the chat loop with its sliding context. */
+   The section has four parts: the dialog format, reading a message (from a pipe), the chat
+   loop with its sliding context, and (6b) the terminal line editor that reads a message when
+   stdin is a terminal. */
 
 /* Length of the UTF-8 character starting at s[0] and its code point, decoded strictly (the
    tokenizer's decoder passes a character through unchanged only if it is well formed: no
@@ -1924,7 +1913,246 @@ static int read_piped_message(Text *message, char **line, size_t *capacity) {
     }
 }
 
-/* ---- Chat on a terminal: a line editor (POSIX termios) --------------------------------
+/* On a terminal, a message is read by a line editor instead (6b, after the chat loop): its
+   state, and the three calls the chat loop makes. */
+typedef struct {
+    Text text;                 /* the message being edited */
+    size_t cursor;             /* byte offset in text */
+    Text *history;             /* earlier messages; history[n_history] is the one being typed */
+    size_t n_history, shown;   /* shown: the history entry on screen */
+    int cursor_row;            /* rows between the prompt's first row and the cursor */
+    int in_paste;
+    int pending_cr;            /* a paste's \r was just turned into \n: a \n after it is dropped */
+    int esc_state;             /* 0: no sequence; 1: after ESC; 2: in ESC [ ...; 3: after ESC O */
+    char esc_params[16];
+    size_t n_esc_params;
+    unsigned char input[4096]; /* bytes read but not used yet (typed ahead) */
+    size_t input_start, input_len;
+} Editor;
+static int editor_open(Editor *e);
+static int editor_read(Editor *e);
+static void editor_close(Editor *e);
+
+/* ---- The chat loop and its sliding context --------------------------------------------- */
+
+/* The dialog as the KV cache holds it: ids[0 .. s->pos) are in the cache, and the rest (the
+   end of the last reply: its last sampled token, <|eot_id|>) goes in with the next turn. */
+typedef struct {
+    TokenList ids;
+    size_t fixed;        /* <|begin_of_text|> and the system message: never dropped */
+    size_t *turn_start;  /* where each user turn starts in ids */
+    size_t n_turns, turn_capacity;
+} Dialog;
+
+static void dialog_start_turn(Dialog *d) {
+    if (d->n_turns == d->turn_capacity) {
+        size_t capacity = d->turn_capacity ? 2 * d->turn_capacity : 16;
+        size_t *grown = realloc(d->turn_start, capacity * sizeof(size_t));
+        if (!grown) die("out of memory for the chat history");
+        d->turn_start = grown;
+        d->turn_capacity = capacity;
+    }
+    d->turn_start[d->n_turns++] = d->ids.count;
+}
+
+/* How many oldest turns to drop so that the kept dialog plus `incoming` ids leaves `room`
+   positions free, and uses at most half the context (so that the next turns need no slide). */
+static size_t turns_to_drop(const Dialog *d, size_t incoming, size_t room, size_t seq_len) {
+    size_t drop = 0;
+    for (; drop < d->n_turns; drop++) {
+        size_t kept = d->fixed + (d->ids.count - d->turn_start[drop]) + incoming;
+        if (kept + room <= seq_len && kept <= seq_len / 2) break;
+    }
+    return drop;
+}
+
+/* Removes the oldest `drop` turns; the cache must then be fed again from position 0. */
+static void dialog_drop_turns(Dialog *d, size_t drop) {
+    size_t from = drop < d->n_turns ? d->turn_start[drop] : d->ids.count;
+    size_t removed = from - d->fixed;
+    memmove(d->ids.ids + d->fixed, d->ids.ids + from, (d->ids.count - from) * sizeof(int));
+    d->ids.count -= removed;
+    for (size_t i = drop; i < d->n_turns; i++) d->turn_start[i - drop] = d->turn_start[i] - removed;
+    d->n_turns -= drop;
+}
+
+/* The length in bytes of the longest regular token: a message of more bytes than that many
+   times the positions it may use can never fit, and is refused before it is encoded. */
+static size_t longest_token(const Tokenizer *t) {
+    size_t longest = 1;
+    for (int id = 0; id < tokenizer_vocab_size(t); id++) {
+        size_t len;
+        if (!tokenizer_is_special(t, id) && tokenizer_piece(t, id, &len) && len > longest)
+            longest = len;
+    }
+    return longest;
+}
+
+/* A chat session: the model's session, the dialog, and what a turn needs. */
+typedef struct {
+    Session *s;
+    DialogIds d;
+    Dialog dialog;
+    size_t seq_len;
+    size_t room;             /* positions a reply needs at least: a turn must leave them free */
+    size_t overhead;         /* the ids of a turn besides its content */
+    size_t max_token_bytes;  /* longest_token() */
+    TokenList incoming;      /* the ids of the turn being added */
+    TokenList reply;
+} Chat;
+
+enum { TURN_FITS, TURN_REFUSED, TURN_ENDS };
+
+/* Encodes the next turn into c->incoming and makes room for it: by dropping the oldest turns
+   when the context slides, or not at all (TURN_ENDS) when it does not. A message that could
+   not fit even alone is TURN_REFUSED, before it is encoded when its length in bytes says so. */
+static int fit_turn(Chat *c, const char *content, size_t len) {
+    Session *s = c->s;
+    size_t pending = c->dialog.ids.count - (size_t)s->pos;
+    /* At least this many ids: no token covers more than max_token_bytes of the text. */
+    size_t least = c->overhead + (len + c->max_token_bytes - 1) / c->max_token_bytes;
+    size_t used = s->context_shift ? c->dialog.fixed : (size_t)s->pos + pending;
+    size_t limit = used < c->seq_len ? c->seq_len - used : 0;  /* positions the turn may use */
+    if (least + c->room > limit) {
+        if (!s->context_shift) {
+            fprintf(stderr, "run: context full: the next turn needs at least %zu positions, %d "
+                    "of %zu are used (-c); session ended\n", pending + least, s->pos, c->seq_len);
+            return TURN_ENDS;
+        }
+        fprintf(stderr, "run: message refused: its %zu bytes need at least %zu positions and at "
+                "most %zu are free (-c %zu); the session goes on\n", len, least,
+                limit - c->room, c->seq_len);
+        return TURN_REFUSED;
+    }
+    c->incoming.count = 0;
+    append_message(s->tokenizer, &c->d, "user", content, len, &c->incoming);
+    append_header(s->tokenizer, &c->d, "assistant", &c->incoming);
+    size_t needed = pending + c->incoming.count;
+    if ((size_t)s->pos + needed + c->room <= c->seq_len) return TURN_FITS;
+    if (!s->context_shift) {
+        fprintf(stderr, "run: context full: the next turn needs %zu positions, %d of %zu are "
+                "used (-c); session ended\n", needed, s->pos, c->seq_len);
+        return TURN_ENDS;
+    }
+    if (c->dialog.fixed + c->incoming.count + c->room > c->seq_len) {
+        fprintf(stderr, "run: message refused: it needs %zu positions and at most %zu are free "
+                "(-c %zu); the session goes on\n", c->incoming.count,
+                c->seq_len - c->dialog.fixed - c->room, c->seq_len);
+        return TURN_REFUSED;
+    }
+    size_t drop = turns_to_drop(&c->dialog, c->incoming.count, c->room, c->seq_len);
+    size_t before = c->dialog.ids.count;
+    dialog_drop_turns(&c->dialog, drop);
+    fprintf(stderr, "run: context full: dropped the %zu oldest turn%s (%zu positions); feeding "
+            "the %zu kept positions again\n", drop, drop == 1 ? "" : "s",
+            before - c->dialog.ids.count, c->dialog.ids.count);
+    s->pos = 0;
+    return TURN_FITS;
+}
+
+/* Adds the fitted turn to the dialog, feeds what the cache lacks and prints the reply. The
+   reply goes into the dialog as sampled (its stop token aside), closed by the <|eot_id|> the
+   format puts after it; its last token and that <|eot_id|> are fed with the next turn. */
+static void answer(Chat *c, int max_reply, int interactive) {
+    Session *s = c->s;
+    dialog_start_turn(&c->dialog);
+    for (size_t i = 0; i < c->incoming.count; i++) push_or_die(&c->dialog.ids, c->incoming.ids[i]);
+    const int *fed = c->dialog.ids.ids + s->pos;
+    size_t n_fed = c->dialog.ids.count - (size_t)s->pos;
+    if (s->print_ids) print_id_line("in:", fed, n_fed);
+    if (interactive && !s->json) printf("Assistant: ");
+    if (s->print_ids) printf("out:");
+    if (s->json) printf("{\"role\":\"assistant\",\"content\":\"");
+    s->ids_on_line = 1;  /* so that every id after "out:" gets its space */
+    c->reply.count = 0;
+    generate(s, fed, n_fed, max_reply, &c->reply);  /* adds to c->reply, not to the dialog */
+    finish_output(s);
+    if (s->json) printf(interrupted ? "\",\"interrupted\":true}" : "\"}");
+    printf("\n");
+    fflush(stdout);
+    interrupted = 0;
+    for (size_t i = 0; i < c->reply.count; i++) push_or_die(&c->dialog.ids, c->reply.ids[i]);
+    push_or_die(&c->dialog.ids, c->d.eot);
+}
+
+/* Sets up the session's dialog: <|begin_of_text|>, the system message, what a turn needs. */
+static void chat_open(Chat *c, Session *s, const char *system_prompt, int max_reply) {
+    const Tokenizer *t = s->tokenizer;
+    *c = (Chat){ .s = s, .seq_len = (size_t)s->tr->state.seq_len,
+                 .max_token_bytes = longest_token(t) };
+    c->d = (DialogIds){ dialog_special(t, "<|start_header_id|>"),
+                        dialog_special(t, "<|end_header_id|>"), dialog_special(t, "<|eot_id|>") };
+    c->room = s->context_shift && max_reply > 0 ? (size_t)max_reply : 1;
+    if (c->room > c->seq_len / 2) c->room = c->seq_len / 2 > 0 ? c->seq_len / 2 : 1;
+    push_or_die(&c->dialog.ids, s->tr->model.config.bos_id);
+    if (system_prompt) {
+        const char *content;
+        size_t len = strip_text(system_prompt, strlen(system_prompt), &content);
+        append_message(t, &c->d, "system", content, len, &c->dialog.ids);
+        if (s->json) print_json_message(s, "system", content, len);
+    }
+    c->dialog.fixed = c->dialog.ids.count;
+    append_header(t, &c->d, "user", &c->incoming);
+    push_or_die(&c->incoming, c->d.eot);
+    append_header(t, &c->d, "assistant", &c->incoming);
+    c->overhead = c->incoming.count;
+    if (c->dialog.fixed + c->overhead + c->room >= c->seq_len)
+        die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
+            c->dialog.fixed, c->seq_len);
+}
+
+static void chat_close(Chat *c) {
+    free(c->dialog.turn_start);
+    token_list_free(&c->dialog.ids);
+    token_list_free(&c->incoming);
+    token_list_free(&c->reply);
+}
+
+/* The chat loop. Ends with exit status 0 at end of input or Ctrl-C at the prompt, and with
+   status 1 when the context is full without context_shift. */
+static int chat(Session *s, const char *system_prompt, const char *first_message, int max_reply) {
+    Chat c;
+    chat_open(&c, s, system_prompt, max_reply);
+    Editor editor;
+    int interactive = editor_open(&editor);
+    Text message = {0};
+    char *line = NULL;
+    size_t line_capacity = 0;
+    int status = 0;
+    for (;;) {
+        if (first_message) {
+            message.len = 0;
+            text_insert(&message, 0, first_message, strlen(first_message));
+            first_message = NULL;
+        } else if (interactive) {
+            if (editor_read(&editor) != 0) break;
+            text_set(&message, &editor.text);
+        } else if (read_piped_message(&message, &line, &line_capacity) != 0) {
+            break;
+        }
+        const char *content;
+        size_t len = strip_text(message.bytes, message.len, &content);
+        if (len == 0) continue;  /* blank line */
+        int fit = fit_turn(&c, content, len);
+        if (fit == TURN_REFUSED) continue;
+        if (fit == TURN_ENDS) { status = 1; break; }
+        if (s->json) print_json_message(s, "user", content, len);
+        answer(&c, max_reply, interactive);
+        if ((size_t)s->pos >= c.seq_len && !s->context_shift) {
+            fprintf(stderr, "run: context full during the reply (%zu positions, -c); "
+                    "session ended\n", c.seq_len);
+            status = 1;
+            break;
+        }
+    }
+    if (interactive) editor_close(&editor);
+    free(line);
+    free(message.bytes);
+    chat_close(&c);
+    return status;
+}
+
+/* ---- 6b. Chat on a terminal: a line editor (POSIX termios) ----------------------------
 
    When stdin is a terminal, messages are read in raw mode, byte by byte, by this editor:
      - typing inserts at the cursor; Backspace, Ctrl-U (to the start of the line), Ctrl-K (to
@@ -1988,20 +2216,6 @@ static void enter_raw_mode(void) {
 enum { KEY_NONE, KEY_UP, KEY_DOWN, KEY_LEFT, KEY_RIGHT, KEY_HOME, KEY_END, KEY_DELETE,
        KEY_PASTE_START, KEY_PASTE_END };
 
-typedef struct {
-    Text text;                 /* the message being edited */
-    size_t cursor;             /* byte offset in text */
-    Text *history;             /* earlier messages; history[n_history] is the one being typed */
-    size_t n_history, shown;   /* shown: the history entry on screen */
-    int cursor_row;            /* rows between the prompt's first row and the cursor */
-    int in_paste;
-    int pending_cr;            /* a paste's \r was just turned into \n: a \n after it is dropped */
-    int esc_state;             /* 0: no sequence; 1: after ESC; 2: in ESC [ ...; 3: after ESC O */
-    char esc_params[16];
-    size_t n_esc_params;
-    unsigned char input[4096]; /* bytes read but not used yet (typed ahead) */
-    size_t input_start, input_len;
-} Editor;
 
 static const char EDITOR_PROMPT[] = "User: ";
 
@@ -2276,225 +2490,6 @@ static int editor_read(Editor *e) {
     return 0;
 }
 
-/* ---- The chat loop and its sliding context --------------------------------------------- */
-
-/* The dialog as the KV cache holds it: ids[0 .. s->pos) are in the cache, and the rest (the
-   end of the last reply: its last sampled token, <|eot_id|>) goes in with the next turn. */
-typedef struct {
-    TokenList ids;
-    size_t fixed;        /* <|begin_of_text|> and the system message: never dropped */
-    size_t *turn_start;  /* where each user turn starts in ids */
-    size_t n_turns, turn_capacity;
-} Dialog;
-
-static void dialog_start_turn(Dialog *d) {
-    if (d->n_turns == d->turn_capacity) {
-        size_t capacity = d->turn_capacity ? 2 * d->turn_capacity : 16;
-        size_t *grown = realloc(d->turn_start, capacity * sizeof(size_t));
-        if (!grown) die("out of memory for the chat history");
-        d->turn_start = grown;
-        d->turn_capacity = capacity;
-    }
-    d->turn_start[d->n_turns++] = d->ids.count;
-}
-
-/* How many oldest turns to drop so that the kept dialog plus `incoming` ids leaves `room`
-   positions free, and uses at most half the context (so that the next turns need no slide). */
-static size_t turns_to_drop(const Dialog *d, size_t incoming, size_t room, size_t seq_len) {
-    size_t drop = 0;
-    for (; drop < d->n_turns; drop++) {
-        size_t kept = d->fixed + (d->ids.count - d->turn_start[drop]) + incoming;
-        if (kept + room <= seq_len && kept <= seq_len / 2) break;
-    }
-    return drop;
-}
-
-/* Removes the oldest `drop` turns; the cache must then be fed again from position 0. */
-static void dialog_drop_turns(Dialog *d, size_t drop) {
-    size_t from = drop < d->n_turns ? d->turn_start[drop] : d->ids.count;
-    size_t removed = from - d->fixed;
-    memmove(d->ids.ids + d->fixed, d->ids.ids + from, (d->ids.count - from) * sizeof(int));
-    d->ids.count -= removed;
-    for (size_t i = drop; i < d->n_turns; i++) d->turn_start[i - drop] = d->turn_start[i] - removed;
-    d->n_turns -= drop;
-}
-
-/* The length in bytes of the longest regular token: a message of more bytes than that many
-   times the positions it may use can never fit, and is refused before it is encoded. */
-static size_t longest_token(const Tokenizer *t) {
-    size_t longest = 1;
-    for (int id = 0; id < tokenizer_vocab_size(t); id++) {
-        size_t len;
-        if (!tokenizer_is_special(t, id) && tokenizer_piece(t, id, &len) && len > longest)
-            longest = len;
-    }
-    return longest;
-}
-
-/* A chat session: the model's session, the dialog, and what a turn needs. */
-typedef struct {
-    Session *s;
-    DialogIds d;
-    Dialog dialog;
-    size_t seq_len;
-    size_t room;             /* positions a reply needs at least: a turn must leave them free */
-    size_t overhead;         /* the ids of a turn besides its content */
-    size_t max_token_bytes;  /* longest_token() */
-    TokenList incoming;      /* the ids of the turn being added */
-    TokenList reply;
-} Chat;
-
-enum { TURN_FITS, TURN_REFUSED, TURN_ENDS };
-
-/* Encodes the next turn into c->incoming and makes room for it: by dropping the oldest turns
-   when the context slides, or not at all (TURN_ENDS) when it does not. A message that could
-   not fit even alone is TURN_REFUSED, before it is encoded when its length in bytes says so. */
-static int fit_turn(Chat *c, const char *content, size_t len) {
-    Session *s = c->s;
-    size_t pending = c->dialog.ids.count - (size_t)s->pos;
-    /* At least this many ids: no token covers more than max_token_bytes of the text. */
-    size_t least = c->overhead + (len + c->max_token_bytes - 1) / c->max_token_bytes;
-    size_t used = s->context_shift ? c->dialog.fixed : (size_t)s->pos + pending;
-    size_t limit = used < c->seq_len ? c->seq_len - used : 0;  /* positions the turn may use */
-    if (least + c->room > limit) {
-        if (!s->context_shift) {
-            fprintf(stderr, "run: context full: the next turn needs at least %zu positions, %d "
-                    "of %zu are used (-c); session ended\n", pending + least, s->pos, c->seq_len);
-            return TURN_ENDS;
-        }
-        fprintf(stderr, "run: message refused: its %zu bytes need at least %zu positions and at "
-                "most %zu are free (-c %zu); the session goes on\n", len, least,
-                limit - c->room, c->seq_len);
-        return TURN_REFUSED;
-    }
-    c->incoming.count = 0;
-    append_message(s->tokenizer, &c->d, "user", content, len, &c->incoming);
-    append_header(s->tokenizer, &c->d, "assistant", &c->incoming);
-    size_t needed = pending + c->incoming.count;
-    if ((size_t)s->pos + needed + c->room <= c->seq_len) return TURN_FITS;
-    if (!s->context_shift) {
-        fprintf(stderr, "run: context full: the next turn needs %zu positions, %d of %zu are "
-                "used (-c); session ended\n", needed, s->pos, c->seq_len);
-        return TURN_ENDS;
-    }
-    if (c->dialog.fixed + c->incoming.count + c->room > c->seq_len) {
-        fprintf(stderr, "run: message refused: it needs %zu positions and at most %zu are free "
-                "(-c %zu); the session goes on\n", c->incoming.count,
-                c->seq_len - c->dialog.fixed - c->room, c->seq_len);
-        return TURN_REFUSED;
-    }
-    size_t drop = turns_to_drop(&c->dialog, c->incoming.count, c->room, c->seq_len);
-    size_t before = c->dialog.ids.count;
-    dialog_drop_turns(&c->dialog, drop);
-    fprintf(stderr, "run: context full: dropped the %zu oldest turn%s (%zu positions); feeding "
-            "the %zu kept positions again\n", drop, drop == 1 ? "" : "s",
-            before - c->dialog.ids.count, c->dialog.ids.count);
-    s->pos = 0;
-    return TURN_FITS;
-}
-
-/* Adds the fitted turn to the dialog, feeds what the cache lacks and prints the reply. The
-   reply goes into the dialog as sampled (its stop token aside), closed by the <|eot_id|> the
-   format puts after it; its last token and that <|eot_id|> are fed with the next turn. */
-static void answer(Chat *c, int max_reply, int interactive) {
-    Session *s = c->s;
-    dialog_start_turn(&c->dialog);
-    for (size_t i = 0; i < c->incoming.count; i++) push_or_die(&c->dialog.ids, c->incoming.ids[i]);
-    const int *fed = c->dialog.ids.ids + s->pos;
-    size_t n_fed = c->dialog.ids.count - (size_t)s->pos;
-    if (s->print_ids) print_id_line("in:", fed, n_fed);
-    if (interactive && !s->json) printf("Assistant: ");
-    if (s->print_ids) printf("out:");
-    if (s->json) printf("{\"role\":\"assistant\",\"content\":\"");
-    s->ids_on_line = 1;  /* so that every id after "out:" gets its space */
-    c->reply.count = 0;
-    generate(s, fed, n_fed, max_reply, &c->reply);  /* adds to c->reply, not to the dialog */
-    finish_output(s);
-    if (s->json) printf(interrupted ? "\",\"interrupted\":true}" : "\"}");
-    printf("\n");
-    fflush(stdout);
-    interrupted = 0;
-    for (size_t i = 0; i < c->reply.count; i++) push_or_die(&c->dialog.ids, c->reply.ids[i]);
-    push_or_die(&c->dialog.ids, c->d.eot);
-}
-
-/* Sets up the session's dialog: <|begin_of_text|>, the system message, what a turn needs. */
-static void chat_open(Chat *c, Session *s, const char *system_prompt, int max_reply) {
-    const Tokenizer *t = s->tokenizer;
-    *c = (Chat){ .s = s, .seq_len = (size_t)s->tr->state.seq_len,
-                 .max_token_bytes = longest_token(t) };
-    c->d = (DialogIds){ dialog_special(t, "<|start_header_id|>"),
-                        dialog_special(t, "<|end_header_id|>"), dialog_special(t, "<|eot_id|>") };
-    c->room = s->context_shift && max_reply > 0 ? (size_t)max_reply : 1;
-    if (c->room > c->seq_len / 2) c->room = c->seq_len / 2 > 0 ? c->seq_len / 2 : 1;
-    push_or_die(&c->dialog.ids, s->tr->model.config.bos_id);
-    if (system_prompt) {
-        const char *content;
-        size_t len = strip_text(system_prompt, strlen(system_prompt), &content);
-        append_message(t, &c->d, "system", content, len, &c->dialog.ids);
-        if (s->json) print_json_message(s, "system", content, len);
-    }
-    c->dialog.fixed = c->dialog.ids.count;
-    append_header(t, &c->d, "user", &c->incoming);
-    push_or_die(&c->incoming, c->d.eot);
-    append_header(t, &c->d, "assistant", &c->incoming);
-    c->overhead = c->incoming.count;
-    if (c->dialog.fixed + c->overhead + c->room >= c->seq_len)
-        die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
-            c->dialog.fixed, c->seq_len);
-}
-
-static void chat_close(Chat *c) {
-    free(c->dialog.turn_start);
-    token_list_free(&c->dialog.ids);
-    token_list_free(&c->incoming);
-    token_list_free(&c->reply);
-}
-
-/* The chat loop. Ends with exit status 0 at end of input or Ctrl-C at the prompt, and with
-   status 1 when the context is full without context_shift. */
-static int chat(Session *s, const char *system_prompt, const char *first_message, int max_reply) {
-    Chat c;
-    chat_open(&c, s, system_prompt, max_reply);
-    Editor editor;
-    int interactive = editor_open(&editor);
-    Text message = {0};
-    char *line = NULL;
-    size_t line_capacity = 0;
-    int status = 0;
-    for (;;) {
-        if (first_message) {
-            message.len = 0;
-            text_insert(&message, 0, first_message, strlen(first_message));
-            first_message = NULL;
-        } else if (interactive) {
-            if (editor_read(&editor) != 0) break;
-            text_set(&message, &editor.text);
-        } else if (read_piped_message(&message, &line, &line_capacity) != 0) {
-            break;
-        }
-        const char *content;
-        size_t len = strip_text(message.bytes, message.len, &content);
-        if (len == 0) continue;  /* blank line */
-        int fit = fit_turn(&c, content, len);
-        if (fit == TURN_REFUSED) continue;
-        if (fit == TURN_ENDS) { status = 1; break; }
-        if (s->json) print_json_message(s, "user", content, len);
-        answer(&c, max_reply, interactive);
-        if ((size_t)s->pos >= c.seq_len && !s->context_shift) {
-            fprintf(stderr, "run: context full during the reply (%zu positions, -c); "
-                    "session ended\n", c.seq_len);
-            status = 1;
-            break;
-        }
-    }
-    if (interactive) editor_close(&editor);
-    free(line);
-    free(message.bytes);
-    chat_close(&c);
-    return status;
-}
-
 /* ----------------------------------------------------------------------------------------
    7. The command line: llama2.c's short flags, and llama.cpp's long names for the same
    things. A mistake is one error line; -h prints the usage. */
@@ -2665,19 +2660,21 @@ static const Flag *find_flag(const char *arg) {
     return NULL;
 }
 
+#if HAVE_SIMD
+static const char *simd_kernels(void);  /* section 8: e.g. "avx512+vnni+bf16" */
+#else
+#define simd_kernels() "portable"
+#endif
+
 static void print_version(void) {
-    printf("run (llama3.c): model files version %d, tokenizer files version 1; %s, %s\n",
-           MODEL_VERSION,
+    printf("run (llama3.c): model files version %d, tokenizer files version 1; %s, %s "
+           "kernels\n", MODEL_VERSION,
 #if defined _OPENMP
            "OpenMP threads",
 #else
            "one thread (no OpenMP)",
 #endif
-#if defined __AVX512F__
-           "AVX-512 kernels");
-#else
-           "portable kernels");
-#endif
+           simd_kernels());
 }
 
 /* -h / --version anywhere (even before the model): print and exit 0. */
@@ -2717,6 +2714,71 @@ static int cache_type_option(const Options *o) {
     return v ? parse_cache_type(o->cache_k ? "-ctk" : "-ctv", v) : CACHE_F32;
 }
 
+/* One flag (as typed) and its value (NULL for a flag without one) into o. */
+static void apply_flag(Options *o, const Flag *f, const char *flag, const char *v) {
+    SamplerParams *sp = &o->sampling;
+    switch (f->key) {
+    case 'i': o->prompt = v; break;
+    case 'f': o->prompt_file = v; break;
+    case 'I': o->prompt_ids = v; break;
+    case 'm': check_choice(flag, v, "generate", "chat"); o->mode = v; break;
+    case 'C': o->mode = "chat"; break;
+    case 'y': o->system_prompt = v; break;
+    case 't':
+        sp->temperature = parse_float(flag, v, 0.0f, 100.0f);
+        if (strcmp(flag, "-t") == 0 && sp->temperature >= 2.0f && !strchr(v, '.'))
+            fprintf(stderr, "run: note: -t %s is the temperature here (llama2.c's -t); "
+                    "threads are -T or --threads\n", v);
+        break;
+    case 'p': sp->top_p = parse_float(flag, v, 0.0f, 1.0f); break;
+    case 'k': sp->top_k = (int)parse_long(flag, v, 0, 1L << 30); break;
+    case 'M': sp->min_p = parse_float(flag, v, 0.0f, 1.0f); break;
+    case 'r': sp->repeat_penalty = parse_float(flag, v, 0.001f, 100.0f); break;
+    case 'R': sp->repeat_last_n = (int)parse_long(flag, v, -1, 1L << 24); break;
+    case 'P': sp->presence_penalty = parse_float(flag, v, -100.0f, 100.0f); break;
+    case 'F': sp->frequency_penalty = parse_float(flag, v, -100.0f, 100.0f); break;
+    case 's': o->seed = parse_long(flag, v, -1, 0xFFFFFFFFL); break;
+    case 'n':  /* llama.cpp's -1 is our 0: no limit */
+        o->steps = parse_long(flag, v, -1, 1L << 30);
+        if (o->steps < 0) o->steps = 0;
+        break;
+    case 'c': o->context = parse_long(flag, v, 1, 1L << 24); o->context_given = 1; break;
+    case 'z': o->tokenizer_path = v; break;
+    case 'L': o->logits_path = v; break;
+    case 'T': o->threads = parse_long(flag, v, 1, 4096); break;
+    case 'e': o->stop_at_end = (int)parse_long(flag, v, 0, 1); break;
+    case 'a': check_choice(flag, v, "exact", "fast"); o->fast = v[0] == 'f'; break;
+    case 'w': check_choice(flag, v, "map", "read"); o->read_weights = v[0] == 'r'; break;
+    case 'W': o->read_weights = 1; break;
+    case 'o':
+        if (strcmp(v, "ids") != 0 && strcmp(v, "text") != 0 && strcmp(v, "json") != 0)
+            usage_error("%s wants 'text', 'ids' or 'json', got '%s'", flag, v);
+        o->print_ids = strcmp(v, "ids") == 0;
+        o->json = strcmp(v, "json") == 0;
+        break;
+    case 'S': o->no_context_shift = 1; break;
+    case 'x': parse_cache_type(flag, v); o->cache_k = o->cache_v = v; break;
+    case 'K': parse_cache_type(flag, v); o->cache_k = v; break;
+    case 'Y': parse_cache_type(flag, v); o->cache_v = v; break;
+    case 'O':
+        check_choice(flag, v, "meta", "llama.cpp");
+        sp->temperature_last = strcmp(v, "llama.cpp") == 0;
+        break;
+    }
+}
+
+/* The flags' combinations that make no sense, once all are read. */
+static void check_options(Options *o) {
+    int given = (o->prompt != NULL) + (o->prompt_ids != NULL) + (o->prompt_file != NULL);
+    if (given > 1) usage_error("give the prompt once: -i text, -f file or -I ids");
+    int chat_mode = strcmp(o->mode, "chat") == 0;
+    if (o->prompt_ids && chat_mode) usage_error("-I is for generate mode only");
+    if (o->prompt_file && chat_mode) usage_error("-f is for generate mode only");
+    if (o->system_prompt && !chat_mode) usage_error("-y is for chat mode only");
+    if (o->json && !chat_mode) usage_error("-o json is for chat mode only");
+    o->cache_type = cache_type_option(o);
+}
+
 static void parse_options(int argc, char **argv, Options *o) {
     handle_info_flags(argc, argv);
     if (argc < 2) usage_error("the first argument must be the model file");
@@ -2727,7 +2789,6 @@ static void parse_options(int argc, char **argv, Options *o) {
                     .sampling = { .temperature = 0.6f, .top_p = 0.9f, .repeat_penalty = 1.0f,
                                   .repeat_last_n = 64 },
                     .seed = -1, .steps = -1, .context = 4096, .stop_at_end = 1 };
-    SamplerParams *sp = &o->sampling;
     for (int i = 2; i < argc; i++) {
         const char *flag = argv[i];
         const Flag *f = find_flag(flag);
@@ -2743,63 +2804,9 @@ static void parse_options(int argc, char **argv, Options *o) {
             if (interactive[0] && find_flag(v))
                 usage_error("-i wants the prompt, got the flag %s%s", v, interactive);
         }
-        switch (f->key) {
-        case 'i': o->prompt = v; break;
-        case 'f': o->prompt_file = v; break;
-        case 'I': o->prompt_ids = v; break;
-        case 'm': check_choice(flag, v, "generate", "chat"); o->mode = v; break;
-        case 'C': o->mode = "chat"; break;
-        case 'y': o->system_prompt = v; break;
-        case 't':
-            sp->temperature = parse_float(flag, v, 0.0f, 100.0f);
-            if (strcmp(flag, "-t") == 0 && sp->temperature >= 2.0f && !strchr(v, '.'))
-                fprintf(stderr, "run: note: -t %s is the temperature here (llama2.c's -t); "
-                        "threads are -T or --threads\n", v);
-            break;
-        case 'p': sp->top_p = parse_float(flag, v, 0.0f, 1.0f); break;
-        case 'k': sp->top_k = (int)parse_long(flag, v, 0, 1L << 30); break;
-        case 'M': sp->min_p = parse_float(flag, v, 0.0f, 1.0f); break;
-        case 'r': sp->repeat_penalty = parse_float(flag, v, 0.001f, 100.0f); break;
-        case 'R': sp->repeat_last_n = (int)parse_long(flag, v, -1, 1L << 24); break;
-        case 'P': sp->presence_penalty = parse_float(flag, v, -100.0f, 100.0f); break;
-        case 'F': sp->frequency_penalty = parse_float(flag, v, -100.0f, 100.0f); break;
-        case 's': o->seed = parse_long(flag, v, -1, 0xFFFFFFFFL); break;
-        case 'n':  /* llama.cpp's -1 is our 0: no limit */
-            o->steps = parse_long(flag, v, -1, 1L << 30);
-            if (o->steps < 0) o->steps = 0;
-            break;
-        case 'c': o->context = parse_long(flag, v, 1, 1L << 24); o->context_given = 1; break;
-        case 'z': o->tokenizer_path = v; break;
-        case 'L': o->logits_path = v; break;
-        case 'T': o->threads = parse_long(flag, v, 1, 4096); break;
-        case 'e': o->stop_at_end = (int)parse_long(flag, v, 0, 1); break;
-        case 'a': check_choice(flag, v, "exact", "fast"); o->fast = v[0] == 'f'; break;
-        case 'w': check_choice(flag, v, "map", "read"); o->read_weights = v[0] == 'r'; break;
-        case 'W': o->read_weights = 1; break;
-        case 'o':
-            if (strcmp(v, "ids") != 0 && strcmp(v, "text") != 0 && strcmp(v, "json") != 0)
-                usage_error("%s wants 'text', 'ids' or 'json', got '%s'", flag, v);
-            o->print_ids = strcmp(v, "ids") == 0;
-            o->json = strcmp(v, "json") == 0;
-            break;
-        case 'S': o->no_context_shift = 1; break;
-        case 'x': parse_cache_type(flag, v); o->cache_k = o->cache_v = v; break;
-        case 'K': parse_cache_type(flag, v); o->cache_k = v; break;
-        case 'Y': parse_cache_type(flag, v); o->cache_v = v; break;
-        case 'O':
-            check_choice(flag, v, "meta", "llama.cpp");
-            sp->temperature_last = strcmp(v, "llama.cpp") == 0;
-            break;
-        }
+        apply_flag(o, f, flag, v);
     }
-    int given = (o->prompt != NULL) + (o->prompt_ids != NULL) + (o->prompt_file != NULL);
-    if (given > 1) usage_error("give the prompt once: -i text, -f file or -I ids");
-    int chat_mode = strcmp(o->mode, "chat") == 0;
-    if (o->prompt_ids && chat_mode) usage_error("-I is for generate mode only");
-    if (o->prompt_file && chat_mode) usage_error("-f is for generate mode only");
-    if (o->system_prompt && !chat_mode) usage_error("-y is for chat mode only");
-    if (o->json && !chat_mode) usage_error("-o json is for chat mode only");
-    o->cache_type = cache_type_option(o);
+    check_options(o);
 }
 
 /* ---- Files given by mistake, and outputs that would overwrite inputs ---- */
@@ -2965,95 +2972,129 @@ static void check_stdout(void) {
         die("cannot write the output: %s", errno ? strerror(errno) : "write error");
 }
 
+/* The number of threads -T asks for (where OpenMP gives them), and the model's context: the
+   -c asked for, at most the model's maximum. */
+static void apply_threads(const Options *o) {
+#if defined _OPENMP
+    if (o->threads > 0) omp_set_num_threads((int)o->threads);
+#else
+    if (o->threads > 0)
+        fprintf(stderr,
+                "run: note: -T is ignored: this build has no OpenMP threads (runomp has)\n");
+#endif
+}
+
+static void cap_context(Options *o, const Config *cfg) {
+    if (o->context <= cfg->max_seq_len) return;
+    if (o->context_given)
+        fprintf(stderr, "run: note: -c %ld is more than the model's maximum context: using %d\n",
+                o->context, cfg->max_seq_len);
+    o->context = cfg->max_seq_len;
+}
+
+/* The tokenizer, unless the run needs none (-I ids printed as ids): -z, or the model's path
+   with .tok for .bin (then *default_path holds it, for the caller to free). */
+static void open_tokenizer(Session *s, const Options *o, const Config *cfg,
+                           const char **path, char **default_path) {
+    int chat_mode = strcmp(o->mode, "chat") == 0;
+    if (!chat_mode && o->prompt_ids && o->print_ids) return;
+    *path = o->tokenizer_path;
+    if (!*path) *path = *default_path = default_tokenizer_path(o->model_path);
+    check_tokenizer_exists(*path, o->tokenizer_path != NULL);
+    char err[256];
+    s->tokenizer = tokenizer_load(*path, err, sizeof err);
+    if (!s->tokenizer) die("tokenizer %s: %s (give its path with -z)", *path, err);
+    if (tokenizer_vocab_size(s->tokenizer) != cfg->vocab_size)
+        die("the tokenizer has %d tokens but the model's vocabulary has %d",
+            tokenizer_vocab_size(s->tokenizer), cfg->vocab_size);
+}
+
+/* -e 1: the model's eos ids, and Llama 3's end tokens where there is a tokenizer. */
+static void add_stop_ids(Session *s, const Config *cfg) {
+    for (int i = 0; i < cfg->n_eos; i++) add_stop_id(s, cfg->eos_ids[i]);
+    if (!s->tokenizer) return;
+    add_stop_id(s, tokenizer_special_id(s->tokenizer, "<|end_of_text|>"));
+    add_stop_id(s, tokenizer_special_id(s->tokenizer, "<|eot_id|>"));
+    add_stop_id(s, tokenizer_special_id(s->tokenizer, "<|eom_id|>"));
+}
+
+/* Generate mode's prompt as ids: -I as given, or the text (-i, -f or stdin; *text, to echo)
+   encoded after <|begin_of_text|>. */
+static void prompt_ids(const Options *o, const Session *s, const Config *cfg, TokenList *prompt,
+                       char **text, size_t *text_len) {
+    if (o->prompt_ids) {
+        parse_ids(o->prompt_ids, cfg->vocab_size, prompt);
+    } else {
+        *text = prompt_text(o, s->tokenizer, (int)o->context, text_len);
+        encode_or_die(s->tokenizer, *text ? *text : "", *text_len, TOKENIZER_ADD_BOS, prompt);
+    }
+    if (prompt->count > (size_t)o->context)
+        die("the prompt has %zu tokens but the context holds %ld (-c)", prompt->count,
+            o->context);
+}
+
+/* The state for the context, with its KV cache, and -a fast. */
+static void start_state(Transformer *tr, const Options *o) {
+    const Config *cfg = &tr->model.config;
+    if (o->cache_type == CACHE_Q8_0 && cfg->head_dim % CACHE_GROUP != 0)
+        die("the q8_0 cache stores groups of %d dimensions, and this model's heads have %d: "
+            "use --cache-type bf16", CACHE_GROUP, cfg->head_dim);
+    alloc_state(&tr->state, cfg, (int)o->context, o->cache_type);
+    if (o->fast && !simd_set_fast(&tr->state.scratch, cfg->weight_type, cfg->group_size))
+        fprintf(stderr, "run: note: -a fast changes nothing for %s weights in this build "
+                "(%s kernels): the activations stay exact\n", weight_type_name(cfg->weight_type),
+                simd_kernels());
+}
+
+/* What is about to run, on stderr. */
+static void print_run_header(const Options *o, const Config *cfg, unsigned long long seed) {
+    fprintf(stderr, "model: %d layers, dim %d, %d query / %d kv heads of %d, vocab %d, %s "
+            "weights; context %ld of %d; %s kernels\n", cfg->n_layers, cfg->dim, cfg->n_heads,
+            cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size, weight_type_name(cfg->weight_type),
+            o->context, cfg->max_seq_len, simd_kernels());
+    print_cache_size(cfg, o->cache_type, (int)o->context);
+    if (o->seed < 0 && o->sampling.temperature > 0.0f)
+        fprintf(stderr, "seed: %llu (-s %llu repeats this run)\n", seed, seed);
+}
+
 int main(int argc, char **argv) {
     struct sigaction bus = { .sa_handler = on_sigbus };
     sigaction(SIGBUS, &bus, NULL);
     Options o;
     parse_options(argc, argv, &o);
-#if defined _OPENMP
-    if (o.threads > 0) omp_set_num_threads((int)o.threads);
-#else
-    if (o.threads > 0)
-        fprintf(stderr,
-                "run: note: -T is ignored: this build has no OpenMP threads (runomp has)\n");
-#endif
+    apply_threads(&o);
     int chat_mode = strcmp(o.mode, "chat") == 0;
 
+    /* the model, the tokenizer, the prompt */
     check_model_kind(o.model_path);
     Transformer tr = {0};
     load_model(o.model_path, &tr.model, o.read_weights);
     const Config *cfg = &tr.model.config;
-    if (o.context > cfg->max_seq_len) {
-        if (o.context_given)
-            fprintf(stderr,
-                    "run: note: -c %ld is more than the model's maximum context: using %d\n",
-                    o.context, cfg->max_seq_len);
-        o.context = cfg->max_seq_len;
-    }
-
+    cap_context(&o, cfg);
     Session s = { .tr = &tr, .print_ids = o.print_ids, .json = o.json,
                   .context_shift = !o.no_context_shift };
-    int need_tokenizer = chat_mode || !o.prompt_ids || !o.print_ids;
     char *default_path = NULL;
     const char *tokenizer_path = NULL;
-    if (need_tokenizer) {
-        tokenizer_path = o.tokenizer_path;
-        if (!tokenizer_path) tokenizer_path = default_path = default_tokenizer_path(o.model_path);
-        check_tokenizer_exists(tokenizer_path, o.tokenizer_path != NULL);
-        char err[256];
-        s.tokenizer = tokenizer_load(tokenizer_path, err, sizeof err);
-        if (!s.tokenizer) die("tokenizer %s: %s (give its path with -z)", tokenizer_path, err);
-        if (tokenizer_vocab_size(s.tokenizer) != cfg->vocab_size)
-            die("the tokenizer has %d tokens but the model's vocabulary has %d",
-                tokenizer_vocab_size(s.tokenizer), cfg->vocab_size);
-    }
+    open_tokenizer(&s, &o, cfg, &tokenizer_path, &default_path);
     const char *inputs[] = { o.model_path, tokenizer_path, o.prompt_file };
     refuse_outputs_over_inputs(o.logits_path, inputs, 3);
-    if (o.stop_at_end) {
-        for (int i = 0; i < cfg->n_eos; i++) add_stop_id(&s, cfg->eos_ids[i]);
-        if (s.tokenizer) {
-            add_stop_id(&s, tokenizer_special_id(s.tokenizer, "<|end_of_text|>"));
-            add_stop_id(&s, tokenizer_special_id(s.tokenizer, "<|eot_id|>"));
-            add_stop_id(&s, tokenizer_special_id(s.tokenizer, "<|eom_id|>"));
-        }
-    }
-
+    if (o.stop_at_end) add_stop_ids(&s, cfg);
     TokenList prompt = {0};
     size_t text_len = 0;
     char *text = NULL;
-    if (o.prompt_ids) {
-        parse_ids(o.prompt_ids, cfg->vocab_size, &prompt);
-    } else if (!chat_mode) {
-        text = prompt_text(&o, s.tokenizer, (int)o.context, &text_len);
-        encode_or_die(s.tokenizer, text ? text : "", text_len, TOKENIZER_ADD_BOS, &prompt);
-    }
-    if (prompt.count > (size_t)o.context)
-        die("the prompt has %zu tokens but the context holds %ld (-c)", prompt.count,
-            o.context);
+    if (!chat_mode) prompt_ids(&o, &s, cfg, &prompt, &text, &text_len);
 
-    int cache_type = o.cache_type;
-    if (cache_type == CACHE_Q8_0 && cfg->head_dim % CACHE_GROUP != 0)
-        die("the q8_0 cache stores groups of %d dimensions, and this model's heads have %d: "
-            "use --cache-type bf16", CACHE_GROUP, cfg->head_dim);
-    alloc_state(&tr.state, cfg, (int)o.context, cache_type);
-    if (o.fast && !simd_set_fast(&tr.state.scratch, cfg->weight_type, cfg->group_size))
-        fprintf(stderr, "run: note: -a fast changes nothing for %s weights in this build "
-                "(%s kernels): the activations stay exact\n", weight_type_name(cfg->weight_type),
-                SIMD_NAME);
+    /* the state, the sampler, the outputs */
+    start_state(&tr, &o);
     unsigned long long seed = o.seed >= 0 ? (unsigned long long)o.seed : fresh_seed();
     sampler_init(&s.sampler, &o.sampling, cfg->vocab_size, (int)o.context, seed);
     if (o.logits_path) {
         s.logits_file = fopen(o.logits_path, "wb");
         if (!s.logits_file) die("cannot create %s: %s", o.logits_path, strerror(errno));
     }
+    print_run_header(&o, cfg, seed);
 
-    fprintf(stderr, "model: %d layers, dim %d, %d query / %d kv heads of %d, vocab %d, %s "
-            "weights; context %ld of %d\n", cfg->n_layers, cfg->dim, cfg->n_heads,
-            cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size, weight_type_name(cfg->weight_type),
-            o.context, cfg->max_seq_len);
-    print_cache_size(cfg, cache_type, (int)o.context);
-    if (o.seed < 0 && o.sampling.temperature > 0.0f)
-        fprintf(stderr, "seed: %llu (-s %llu repeats this run)\n", seed, seed);
+    /* the run */
     int status = 0;
     catch_interrupts();
     if (chat_mode) {
@@ -3266,6 +3307,7 @@ static void wide_rows_fp32(float *out, const float *w, size_t stride, const floa
    where an FMA makes 16. That rounding, not the products, is the cost. */
 #if defined __AVX512BF16__
 #define HAS_AVX512_BF16 1
+#define HAS_AVX512_BF16_NAME "+bf16"
 
 static void round_vector_bf16(uint16_t *out, const float *x, int n) {
     int i = 0;
@@ -3293,6 +3335,7 @@ static float dot_bf16_fast(const uint16_t *w, const uint16_t *x, int n) {
 }
 #else
 #define HAS_AVX512_BF16 0
+#define HAS_AVX512_BF16_NAME ""
 #endif
 
 /* acc + the pairwise int16 products of a and b, summed into 16 int32 lanes (vpdpwssd), for
@@ -3320,13 +3363,16 @@ static inline __m512i madd_int8(__m512i acc, __m512i a, __m512i b) {
 #endif
 }
 #define HAS_VNNI 1
+#define HAS_VNNI_NAME "+vnni"
 #else
 #define HAS_VNNI 0
+#define HAS_VNNI_NAME ""
 #endif
 
 #if HAS_VNNI && defined __AMX_TILE__ && defined __AMX_INT8__ && defined __AMX_BF16__ && \
     defined SYS_arch_prctl
 #define HAS_AMX 1
+#define HAS_AMX_NAME "+amx"
 /* The q8_0 and q4_0 prompt path on CPUs with AMX, Intel's tile unit (matmul_tiles, below).
    Linux hands out the tile registers on request (amx_granted); without them the strips run. */
 #define AMX_TOKENS 16  /* tokens per pack: a tile's 16 columns */
@@ -3339,6 +3385,7 @@ static int amx_granted(void) {
 }
 #else
 #define HAS_AMX 0
+#define HAS_AMX_NAME ""
 #endif
 
 /* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the max
@@ -4813,9 +4860,14 @@ static int simd_attention_values(float *const *out, const float *const *weights,
     }
 }
 
+/* Hook (--version, the model line): the kernels this build holds. */
+static const char *simd_kernels(void) {
+    return "avx512" HAS_VNNI_NAME HAS_AVX512_BF16_NAME HAS_AMX_NAME;
+}
+
 #endif  /* __AVX512F__ */
 
-/* ---- 8z. The mapped model file in 2 MB pages (Linux) ------------------------------------
+/* ---- 8z. The weights in 2 MB pages (Linux) ---------------------------------------------------
    Decoding reads every weight once per token, so its loads range over the whole file: in 4 KB
    pages each one costs a TLB miss and a page walk, in 2 MB pages almost none do. A mapping
    gets 2 MB pages where the page cache holds the file in 2 MB folios, which Linux 6.x makes
@@ -4878,3 +4930,39 @@ static void map_large_pages(unsigned char *map, size_t size, int fd) {
 }
 
 #endif
+
+/* -w read: the file read into memory instead of mapped, into 2 MB pages where Linux has
+   them. A mapping gets 2 MB pages only where the page cache holds the file in 2 MB folios,
+   and decoding reads 4 KB pages more slowly (README.md, "-w read", has the figures). The
+   cost: reading the whole file before the first token, and a second copy beside the page
+   cache's. */
+static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
+    size_t huge_page = (size_t)2 << 20, rounded = (size + huge_page - 1) / huge_page * huge_page;
+    unsigned char *buf = aligned_alloc(huge_page, rounded);
+    if (!buf) die("model file %s: no memory to read its %zu bytes into (try -w map)", path, size);
+#if defined MADV_HUGEPAGE
+    /* a hint (Linux): 2 MB pages where the kernel has them */
+    madvise(buf, rounded, MADV_HUGEPAGE);
+#endif
+    /* 64 MB pieces, read by all threads: the copy out of the page cache and the kernel's
+       zeroing of fresh pages both take time per byte */
+    size_t piece = (size_t)64 << 20, n_pieces = (size + piece - 1) / piece;
+    int error = 0, ended = 0;
+    OMP(parallel for schedule(dynamic))
+    for (size_t i = 0; i < n_pieces; i++) {
+        size_t done = i * piece, end = done + piece < size ? done + piece : size;
+        while (done < end) {
+            ssize_t got = pread(fd, buf + done, end - done, (off_t)done);
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) {
+                OMP(critical)
+                { if (got < 0) error = errno; else ended = 1; }
+                break;
+            }
+            done += (size_t)got;
+        }
+    }
+    if (error) die("cannot read model file %s: %s", path, strerror(error));
+    if (ended) die("model file %s: ended before its %zu bytes were read", path, size);
+    return buf;
+}

@@ -782,6 +782,7 @@ static void test_kernels(void) {
     for (int i = 0; i < 4; i++) test_dots(sizes[i], 64);
     test_dots(96, 32);
     test_dots(2048, 128);
+    test_dots(16384, 8192);   /* groups longer than dot_q8's int32 runs */
     MatmulScratch s = {0};
     alloc_scratch(&s, 1536, 64);
     test_fp16();
@@ -794,6 +795,7 @@ static void test_kernels(void) {
     test_dots_q4(1056, 32);   /* 33 groups: two whole windows of 16 and a lone block */
     test_dots_q4(2048, 128);
     test_dots_q4(4096, 4096);
+    test_dots_q4(16384, 8192);  /* groups longer than dot_q4's int32 runs */
     int types[] = { WEIGHT_FP32, WEIGHT_BF16, WEIGHT_Q8_0, WEIGHT_Q4_0 };
     for (int i = 0; i < 4; i++) {
         test_matmul(types[i], 64, 256, 1, &s);
