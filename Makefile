@@ -47,14 +47,14 @@ test-valgrind: build/demo.bin
 	@echo "valgrind: generation and chat clean"
 
 bench: runomp tokenize
-	$(PYTHON) tests/bench_tokenizer.py
-	$(PYTHON) tests/bench.py --long 16384 --long-types q8_0:fast --long-cache-types f32,bf16,q8_0
+	$(PYTHON) tests/bench/bench_tokenizer.py
+	$(PYTHON) tests/bench/bench.py --long 16384 --long-types q8_0:fast --long-cache-types f32,bf16,q8_0
 
 # Llama-3.1-8B shape: ~16 GB checkpoint + one export per type that fits on the disk, under
 # build/bench8b/ (BENCH8B_FLAGS: e.g. --types q8_0 --rounds 1). Both benches run llama.cpp's
 # llama-bench side by side when LLAMA_CPP_DIR names a llama.cpp build.
 bench-8b: runomp
-	$(PYTHON) tests/bench_8b.py $(BENCH8B_FLAGS)
+	$(PYTHON) tests/bench/bench_8b.py $(BENCH8B_FLAGS)
 
 clean:
 	rm -rf run runomp tokenize build

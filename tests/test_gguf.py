@@ -1,12 +1,14 @@
-"""tests/gguf_from_hf.py, the GGUF converter of the llama.cpp side-by-side benches: the parts that
+"""tests/bench/gguf_from_hf.py, the GGUF converter of the llama.cpp side-by-side benches: the parts that
 decide whether llama.cpp computes the same model, checked without llama.cpp (its gguf-py is
 needed only to write the file)."""
 import os
+import sys
 
 import numpy as np
 
 import common
-import gguf_from_hf  # puts the repository on sys.path, for export
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+import gguf_from_hf  # noqa: E402  (puts the repository on sys.path, for export)
 import export  # noqa: E402
 import make_checkpoint
 import reference

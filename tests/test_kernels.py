@@ -64,13 +64,13 @@ def test_prompt_blocks_one_layer_model():
 
 
 def test_decode_parts_tool():
-    """tests/decode_parts.c (make bench) builds warning-free against run.c as it is now and
+    """tests/bench/decode_parts.c (make bench) builds warning-free against run.c as it is now and
     reports all four parts of a decoding step over the rounds it ran. The rates themselves
     depend on the machine and its load (a busy one prints 0.0 for a tiny model), so only their
     form is checked: a number each, and one row of them per state covering every round."""
     out = os.path.join(WORK, "decode_parts")
     run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", *BUILDS["native"], "-o", out,
-         os.path.join(REPO, "tests", "decode_parts.c"), os.path.join(REPO, "tokenizer.c"),
+         os.path.join(REPO, "tests", "bench", "decode_parts.c"), os.path.join(REPO, "tokenizer.c"),
          "-lm"])
     folder = os.path.join(WORK, "hf-parts")
     make_checkpoint.make_checkpoint(folder, "tiny32")

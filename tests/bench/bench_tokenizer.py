@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tokenizer benchmark: encode throughput on ~10 MB of mixed text, and load time.
 
-    tests/bench_tokenizer.py [--mb 10] [--runs 3] [--loads 11]
+    tests/bench/bench_tokenizer.py [--mb 10] [--runs 3] [--loads 11]
 
 Uses ./tokenize (built by `make tokenize`) and a .tok written by export.py from
 tests/data/tokenizer/tokenizer.model. The text is generated deterministically (fixed seed):
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 sys.path.insert(0, HERE)
 import common  # noqa: E402
 

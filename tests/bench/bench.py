@@ -1,6 +1,6 @@
 """Speed of ./runomp on a Llama-3.2-1B-shaped random checkpoint, per weight type.
 
-    /usr/bin/python3 tests/bench.py [--rounds 3] [--threads 2] [--prompt 512] [--decode 128]
+    /usr/bin/python3 tests/bench/bench.py [--rounds 3] [--threads 2] [--prompt 512] [--decode 128]
                                     [--types fp32,bf16,q8_0,bf16:fast,q8_0:fast,...]
                                     [--parts-seconds 15] [--long 4096 --long-types q8_0
                                      --long-cache-types f32,bf16,q8_0 --long-rounds 1]
@@ -15,22 +15,22 @@ TYPE:fast runs the TYPE model with -a fast (llama.cpp's activation rounding), TY
 
 Decoding reads every weight once per token, so its ceiling is bandwidth / bytes per token. The
 machine's read bandwidth drifts by itself (here between ~36 and ~61 GB/s, for seconds to tens of
-minutes), so tests/bandwidth.c (compiled here with the engine's flags, same thread count) is run
+minutes), so tests/bench/bandwidth.c (compiled here with the engine's flags, same thread count) is run
 right before and after every decode timing (retried, up to 3 times, when the two differ by more
 than 10%: the state flipped during it), and the table shows decode against the mean of the two.
 Medians over the rounds; when the readings span both bandwidth states, a second table gives each
 type's decode per state (a median of rounds in different states means little).
 
 Prompt processing reuses each weight across the prompt's tokens, so its ceiling is arithmetic:
-tests/peak.c (compiled the same way) times the multiply-add instruction each variant's prompt
+tests/bench/peak.c (compiled the same way) times the multiply-add instruction each variant's prompt
 kernels are built on, and a table shows prompt multiply-adds per second against it.
 
-tests/decode_parts.c (compiled the same way, with run.c included) then splits each model's
+tests/bench/decode_parts.c (compiled the same way, with run.c included) then splits each model's
 decoding step into parts timed in turn within one process (--parts-seconds each): the memory's
 contiguous read rate, the bytes decoding reads read in its order without arithmetic, the
 matmuls, and the whole forward pass.
 
-With LLAMA_CPP_DIR naming a llama.cpp build (tests/llama_cpp.py), the same checkpoint is also
+With LLAMA_CPP_DIR naming a llama.cpp build (tests/bench/llama_cpp.py), the same checkpoint is also
 converted to GGUF (F32, BF16, Q8_0, and Q4_0 as a reference; once, under build/bench/), each
 round also runs llama.cpp's llama-bench on them (same threads, prompt and decode lengths, one
 repetition, interleaved with ours), and a table gives our speed as a ratio to llama.cpp's
@@ -53,7 +53,8 @@ import time
 
 import llama_cpp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 BENCH = os.path.join(ROOT, "build", "bench")
 PYTHON = sys.executable
 
@@ -84,10 +85,10 @@ def prepare(types):
 
 
 def build_tool(name, depends=(), link=()):
-    """Compiles tests/NAME.c with the engine's flags into build/bench/NAME (when it or one of
+    """Compiles tests/bench/NAME.c with the engine's flags into build/bench/NAME (when it or one of
     the files it depends on changed)."""
     exe = os.path.join(BENCH, name)
-    src = os.path.join(ROOT, "tests", name + ".c")
+    src = os.path.join(HERE, name + ".c")
     newest = max(os.path.getmtime(f) for f in [src] + [os.path.join(ROOT, d) for d in depends])
     if not os.path.exists(exe) or os.path.getmtime(exe) < newest:
         sh(["cc", "-std=c11", "-O3", "-march=native", "-fopenmp", "-o", exe, src]
@@ -131,7 +132,7 @@ def prompt_macs(path, n_prompt):
 
 
 def instruction(variant):
-    """The multiply-add instruction that a variant's prompt kernels are built on (tests/peak.c
+    """The multiply-add instruction that a variant's prompt kernels are built on (tests/bench/peak.c
     names): exact fp32 and bf16 widen to float32 FMAs, -a fast bf16 takes bf16 pairs, q8_0 int16
     pairs and -a fast q8_0 int8 quads; q4_0 the same as q8_0 (its rows widened from nibbles)."""
     fast = "-a" in flags(variant)
@@ -141,7 +142,7 @@ def instruction(variant):
 
 
 def peaks(peak, threads):
-    """G multiply-adds/s that each instruction reaches with nothing else to do (tests/peak.c;
+    """G multiply-adds/s that each instruction reaches with nothing else to do (tests/bench/peak.c;
     none without AVX-512, and the ceiling table is then left out)."""
     out = subprocess.run([peak, str(threads)], capture_output=True, text=True).stdout
     return {line.split()[0]: float(line.split()[2]) for line in out.splitlines()}
@@ -249,7 +250,7 @@ def main():
                          "-w read, TYPE:fast+read with both")
     ap.add_argument("--binary", default=os.path.join(ROOT, "runomp"), help="engine to time")
     ap.add_argument("--parts-seconds", type=float, default=15,
-                    help="seconds of tests/decode_parts.c per model (0: skip)")
+                    help="seconds of tests/bench/decode_parts.c per model (0: skip)")
     ap.add_argument("--long", type=int, default=0, help="also decode at this context length")
     ap.add_argument("--long-types", default="q8_0", help="weight types of the --long table")
     ap.add_argument("--long-cache-types", default="f32",
@@ -421,7 +422,7 @@ def against_peak(res, types, models, base, ceilings, n_prompt):
     """Prompt speed against the arithmetic ceiling, as decode is shown against bandwidth."""
     if not ceilings:
         return
-    print("\nprompt against the multiply-add ceiling (tests/peak.c, measured at the start)")
+    print("\nprompt against the multiply-add ceiling (tests/bench/peak.c, measured at the start)")
     print("| type | instruction | ceiling G MAC/s | M MAC/token | prompt tok/s | G MAC/s "
           "| of ceiling |")
     print("|---|---|---|---|---|---|---|")
@@ -447,10 +448,10 @@ def has_amx():
 
 
 def decode_parts(parts, variants, a):
-    """Where a decoding step's time goes (tests/decode_parts.c): the memory's contiguous rate,
+    """Where a decoding step's time goes (tests/bench/decode_parts.c): the memory's contiguous rate,
     the same bytes read as decoding reads them, the matmuls, the whole forward pass, timed in
     turn within one process so that bandwidth flips hit all four alike."""
-    print(f"\nwhere decoding's time goes (tests/decode_parts.c, {a.parts_seconds:g} s each, "
+    print(f"\nwhere decoding's time goes (tests/bench/decode_parts.c, {a.parts_seconds:g} s each, "
           "medians; % of contiguous)")
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     for path, extra in variants:

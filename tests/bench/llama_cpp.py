@@ -1,9 +1,9 @@
-"""llama.cpp as a measuring stick for the benches (tests/bench.py, tests/bench_8b.py): GGUF
+"""llama.cpp as a measuring stick for the benches (tests/bench/bench.py, tests/bench/bench_8b.py): GGUF
 files of the bench's own checkpoints, and timings of llama.cpp's llama-bench on them.
 
 LLAMA_CPP_DIR names a llama.cpp checkout built with its CMake build in build/ (targets
 llama-bench and llama-quantize). Nothing of llama.cpp is copied into this project: the GGUF
-conversion (tests/gguf_from_hf.py) imports the checkout's own gguf-py.
+conversion (tests/bench/gguf_from_hf.py) imports the checkout's own gguf-py.
 
 Types compared: our fp32, bf16, q8_0 and q4_0 against llama.cpp's F32, BF16, Q8_0 and Q4_0
 of the same weights, and llama.cpp's Q4_0 as a reference for all of them. F32 and BF16 are converted from the checkpoint;
@@ -16,8 +16,8 @@ import os
 import subprocess
 import sys
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 OURS_TO_GGUF = {"fp32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 REFERENCE = "Q4_0"
 # bytes per weight of each GGUF type (Q8_0: 32 int8 + an f16 scale; Q4_0: 32 nibbles + f16)
@@ -50,7 +50,7 @@ def make(llama_dir, hf, dest, types, log=print):
         if not os.path.exists(path):
             if t in ("F32", "BF16"):
                 log(f"converting to GGUF {t} (once) ...")
-                subprocess.run([sys.executable, os.path.join(TESTS, "gguf_from_hf.py"), hf, path,
+                subprocess.run([sys.executable, os.path.join(HERE, "gguf_from_hf.py"), hf, path,
                                 "--type", t.lower(), "--llama-cpp", llama_dir],
                                check=True, stdout=subprocess.DEVNULL)
             else:

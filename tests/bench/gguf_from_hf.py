@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Converts a Hugging Face Llama checkpoint to a GGUF file that llama.cpp runs, for the
-side-by-side benchmarks (tests/bench.py). llama.cpp is a measuring stick, not part of the
+side-by-side benchmarks (tests/bench/bench.py). llama.cpp is a measuring stick, not part of the
 project: this uses its own gguf-py package from a llama.cpp checkout, never a copy of it.
 
-    LLAMA_CPP_DIR=/path/to/llama.cpp /usr/bin/python3 tests/gguf_from_hf.py HF_DIR OUT.gguf
+    LLAMA_CPP_DIR=/path/to/llama.cpp /usr/bin/python3 tests/bench/gguf_from_hf.py HF_DIR OUT.gguf
         [--type f32|bf16|f16] [--tokenizer tokenizer.json]
 
 Needs numpy and gguf-py's own imports (Debian: python3-yaml, python3-sentencepiece).
@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(TESTS))
 import export  # noqa: E402  (the checkpoint reader and config checks)
 

@@ -1,6 +1,6 @@
 """Speed and memory of ./runomp at the Llama-3.1-8B shape (make bench-8b).
 
-    /usr/bin/python3 tests/bench_8b.py [--types q4_0,q8_0,bf16,fp32] [--modes map,read]
+    /usr/bin/python3 tests/bench/bench_8b.py [--types q4_0,q8_0,bf16,fp32] [--modes map,read]
         [--caches cold,warm] [--rounds 2] [--threads 2] [--prompt 64] [--decode 32]
         [--hf DIR] [--dir build/bench8b] [--plan]
 
@@ -25,7 +25,7 @@ default memory-mapped file; read: -w read) and page-cache state:
         second run finds it) before the engine starts.
 It records decode tok/s (from the arrival times of the generated ids: the engine prints one
 decimal), prompt tok/s, time to first token (process start to the first id:
-loading and the prompt included) and peak RSS. tests/bandwidth.c runs before and after each
+loading and the prompt included) and peak RSS. tests/bench/bandwidth.c runs before and after each
 timing (bench.py's machinery), and decode is shown against the bandwidth limit: bandwidth /
 weight bytes per token.
 
@@ -33,7 +33,7 @@ weight bytes per token.
 bf16 file twice in 24 GB), the warm case is skipped, and the cold case runs only when the file
 plus 4 GiB is available after dropping its cache; skipped cases are said so.
 
-With LLAMA_CPP_DIR (tests/llama_cpp.py), llama.cpp's llama-bench runs in the same rounds on
+With LLAMA_CPP_DIR (tests/bench/llama_cpp.py), llama.cpp's llama-bench runs in the same rounds on
 GGUF files of the same weights (its same type, and its Q4_0), mapped, cold and warm alike, and
 a table gives our ratios to it. llama-bench reports no load time, and times its prompt after a
 warmup run over the mapped file; our prompt figure includes the first pass's page faults
@@ -50,9 +50,10 @@ import subprocess
 import sys
 import time
 
-import bench
-import llama_cpp
-import make_checkpoint
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import bench  # noqa: E402
+import llama_cpp  # noqa: E402
+import make_checkpoint  # noqa: E402
 
 sys.path.insert(0, bench.ROOT)
 import export  # noqa: E402  (the format's sizes)
