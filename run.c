@@ -267,8 +267,9 @@ static const float *take_vector(FileCursor *c, int n) {
 }
 
 /* (q8_0 and q4_0 keep a matrix's scales after all of its values, a second stream for
-   decoding, which reads them in step with the values.) q4_0 values are two to a byte (the parser's group size, a multiple of 32, divides every row,
-   so a row is whole bytes and whole 16-byte blocks). */
+   decoding, which reads them in step with the values.) q4_0 values are two to a byte (the
+   parser's group size, a multiple of 32, divides every row, so a row is whole bytes and whole
+   16-byte blocks). */
 static Matrix take_matrix(FileCursor *c, const Config *cfg, int rows, int cols) {
     int type = cfg->weight_type;
     Matrix m = { .type = type, .rows = rows, .cols = cols, .group_size = cfg->group_size };
@@ -662,11 +663,12 @@ static int same_input(const Product *products, int count) {
 }
 
 /* Decoding: out[rows] = W[rows][cols] @ x[cols] for each product, all reading x in one form
-   (same_input). x is prepared once (q8_0 and q4_0 quantize it). Rows are independent: each matrix's rows are split over threads, every
-   matrix inside one parallel region with no barrier between them, so that q, k and v (or gate
-   and up) cost the threads one meeting instead of three (or two). Each thread takes runs of
-   consecutive rows, long ones first and short ones at the end (guided scheduling), so that a
-   thread slowed by its share of memory does not leave the others waiting at the end. */
+   (same_input). x is prepared once (q8_0 and q4_0 quantize it). Rows are independent: each
+   matrix's rows are split over threads, every matrix inside one parallel region with no
+   barrier between them, so that q, k and v (or gate and up) cost the threads one meeting
+   instead of three (or two). Each thread takes runs of consecutive rows, long ones first and
+   short ones at the end (guided scheduling), so that a thread slowed by its share of memory
+   does not leave the others waiting at the end. */
 static void matmul_vector(const Product *products, int count, const float *x, MatmulScratch *s) {
     const Matrix *w0 = products[0].w;
     int quantized = w0->type == WEIGHT_Q8_0 || w0->type == WEIGHT_Q4_0;

@@ -55,8 +55,7 @@ static void fill_bmp_classes(uint8_t *bmp_class);
    UTF-8 */
 
 /* Length of the sequence a lead byte starts, or 0 if the byte cannot start one. */
-static int utf8_expected_length(unsigned char lead)
-{
+static int utf8_expected_length(unsigned char lead) {
     if (lead < 0x80) return 1;
     if (lead >= 0xC2 && lead <= 0xDF) return 2;
     if (lead >= 0xE0 && lead <= 0xEF) return 3;
@@ -67,8 +66,7 @@ static int utf8_expected_length(unsigned char lead)
 /* Whether b may be byte number `index` (1..3) of a sequence starting with lead. The second
    byte's range is narrower after E0, ED, F0 and F4: that excludes overlong forms, surrogates
    and code points above U+10FFFF. */
-static int utf8_continuation_ok(unsigned char lead, int index, unsigned char b)
-{
+static int utf8_continuation_ok(unsigned char lead, int index, unsigned char b) {
     unsigned char lo = 0x80, hi = 0xBF;
     if (index == 1) {
         if (lead == 0xE0) lo = 0xA0;
@@ -173,19 +171,16 @@ struct Tokenizer {
    pseudo-random function. */
 
 /* A little-endian 32-bit number. */
-static uint32_t read_u32(const unsigned char *p)
-{
+static uint32_t read_u32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static uint64_t rotate_left(uint64_t x, int bits)
-{
+static uint64_t rotate_left(uint64_t x, int bits) {
     return x << bits | x >> (64 - bits);
 }
 
 /* One SipRound on the state v[0..3]. */
-static void sip_round(uint64_t *v)
-{
+static void sip_round(uint64_t *v) {
     v[0] += v[1]; v[1] = rotate_left(v[1], 13); v[1] ^= v[0]; v[0] = rotate_left(v[0], 32);
     v[2] += v[3]; v[3] = rotate_left(v[3], 16); v[3] ^= v[2];
     v[0] += v[3]; v[3] = rotate_left(v[3], 21); v[3] ^= v[0];
@@ -194,8 +189,7 @@ static void sip_round(uint64_t *v)
 
 /* SipHash-1-3 of s[0..n): one round per 8-byte word (little-endian), the last word holding the
    remaining bytes and n mod 256 in its top byte, then three finishing rounds. */
-static uint64_t sip_hash(const uint64_t key[2], const unsigned char *s, size_t n)
-{
+static uint64_t sip_hash(const uint64_t key[2], const unsigned char *s, size_t n) {
     uint64_t v[4] = { key[0] ^ 0x736f6d6570736575u, key[1] ^ 0x646f72616e646f6du,
                       key[0] ^ 0x6c7967656e657261u, key[1] ^ 0x7465646279746573u };
     size_t whole = n - n % 8;
@@ -219,8 +213,7 @@ static uint64_t sip_hash(const uint64_t key[2], const unsigned char *s, size_t n
 /* A key from /dev/urandom. Where that cannot be read (a chroot without /dev), one made with
    SipHash from the clock, the process id and an address (randomised by ASLR): weaker, but
    still a key that the writer of a file cannot predict from the file alone. */
-static HashKey new_hash_key(const void *address)
-{
+static HashKey new_hash_key(const void *address) {
     HashKey key;
     unsigned char *bytes = (unsigned char *)&key;
     size_t done = 0;
@@ -249,8 +242,7 @@ static HashKey new_hash_key(const void *address)
 
 /* The length (capped at 255) in the low byte, then the first KEY_BYTES bytes: equal keys
    mean equal tokens when n <= KEY_BYTES. */
-static uint64_t short_key(const unsigned char *s, size_t n)
-{
+static uint64_t short_key(const unsigned char *s, size_t n) {
     uint64_t key = n < 255 ? n : 255;
     size_t m = n < KEY_BYTES ? n : KEY_BYTES;
     for (size_t i = 0; i < m; i++) key |= (uint64_t)s[i] << (8 * (i + 1));
@@ -261,8 +253,7 @@ static uint64_t short_key(const unsigned char *s, size_t n)
    short_key() is the key's two halves; a longer one is its length and its 4-byte words (the last
    padded with zeros). Two different strings make two different vectors. Strings longer than
    SHORT_HASH_BYTES use SipHash. */
-static uint32_t token_hash(const Tokenizer *t, const unsigned char *s, size_t n)
-{
+static uint32_t token_hash(const Tokenizer *t, const unsigned char *s, size_t n) {
     const HashKey *k = &t->hash_key;
     if (n <= KEY_BYTES) {
         uint64_t key = short_key(s, n);
@@ -282,16 +273,14 @@ static uint32_t token_hash(const Tokenizer *t, const unsigned char *s, size_t n)
 
 /* Whether the token in slot (whose key matched) is s[0..n). */
 static int slot_matches(const Tokenizer *t, const HashSlot *slot, const unsigned char *s,
-                        size_t n)
-{
+                        size_t n) {
     if (n <= KEY_BYTES) return 1;
     if (n >= 255 && t->tokens[slot->id].length != n) return 0;
     return memcmp(t->data + slot->offset + KEY_BYTES, s + KEY_BYTES, n - KEY_BYTES) == 0;
 }
 
 /* The regular token whose bytes are s[0..n): its id, or -1. */
-static int regular_lookup(const Tokenizer *t, const unsigned char *s, size_t n)
-{
+static int regular_lookup(const Tokenizer *t, const unsigned char *s, size_t n) {
     if (n == 2) return t->pair_id[s[0] << 8 | s[1]];
     if (n > t->max_regular_length) return -1;
     uint64_t key = short_key(s, n);
@@ -304,8 +293,7 @@ static int regular_lookup(const Tokenizer *t, const unsigned char *s, size_t n)
 
 /* Adds regular token `id` to the table; returns the id already there with the same bytes, or
    -1. */
-static int regular_insert(Tokenizer *t, int id)
-{
+static int regular_insert(Tokenizer *t, int id) {
     TokenRef ref = t->tokens[id];
     const unsigned char *s = t->data + ref.offset;
     uint64_t key = short_key(s, ref.length);
@@ -321,8 +309,7 @@ static int regular_insert(Tokenizer *t, int id)
 }
 
 /* The regular table: at least twice as many slots as entries (a power of two), all empty. */
-static HashSlot *regular_table_new(int n_entries, uint32_t *mask)
-{
+static HashSlot *regular_table_new(int n_entries, uint32_t *mask) {
     size_t size = 16;
     while (size < 2 * (size_t)n_entries) size *= 2;
     HashSlot *table = malloc(size * sizeof *table);
@@ -344,16 +331,14 @@ static HashSlot *regular_table_new(int n_entries, uint32_t *mask)
    byte moves the automaton one step (following fail links costs at most as many steps as the
    state grew), so finding every special in n bytes takes O(n) steps, whatever the specials. */
 
-static uint32_t edge_hash(const Tokenizer *t, uint32_t parent, unsigned char byte)
-{
+static uint32_t edge_hash(const Tokenizer *t, uint32_t parent, unsigned char byte) {
     unsigned char key[5] = { (unsigned char)parent, (unsigned char)(parent >> 8),
                              (unsigned char)(parent >> 16), (unsigned char)(parent >> 24), byte };
     return token_hash(t, key, sizeof key);
 }
 
 /* The child of node by byte, or 0. */
-static uint32_t trie_child(const Tokenizer *t, uint32_t node, unsigned char byte)
-{
+static uint32_t trie_child(const Tokenizer *t, uint32_t node, unsigned char byte) {
     if (node == 0) return t->root_child[byte];
     for (uint32_t i = edge_hash(t, node, byte) & t->edge_mask;; i = (i + 1) & t->edge_mask) {
         const TrieEdge *edge = &t->edges[i];
@@ -362,16 +347,14 @@ static uint32_t trie_child(const Tokenizer *t, uint32_t node, unsigned char byte
     }
 }
 
-static void place_edge(Tokenizer *t, TrieEdge edge)
-{
+static void place_edge(Tokenizer *t, TrieEdge edge) {
     uint32_t i = edge_hash(t, edge.parent, edge.byte) & t->edge_mask;
     while (t->edges[i].child != 0) i = (i + 1) & t->edge_mask;
     t->edges[i] = edge;
 }
 
 /* Doubles the edge table. Returns 0, or -1 when out of memory. */
-static int grow_edges(Tokenizer *t)
-{
+static int grow_edges(Tokenizer *t) {
     size_t old_slots = (size_t)t->edge_mask + 1, slots = 2 * old_slots;
     TrieEdge *old = t->edges, *edges = NULL;
     if (slots - 1 <= UINT32_MAX) edges = calloc(slots, sizeof *edges);
@@ -387,8 +370,7 @@ static int grow_edges(Tokenizer *t)
 /* Adds a new child of node by byte (there is none yet); returns it, or 0 when out of memory.
    The nodes and the edge table double as needed (a trie is often much smaller than the
    specials' bytes, as their ends are shared). */
-static uint32_t trie_add_child(Tokenizer *t, uint32_t node, unsigned char byte)
-{
+static uint32_t trie_add_child(Tokenizer *t, uint32_t node, unsigned char byte) {
     if (t->n_trie_nodes == t->trie_capacity) {
         size_t capacity = 2 * (size_t)t->trie_capacity;
         TrieNode *bigger = capacity <= UINT32_MAX ? realloc(t->trie, capacity * sizeof *bigger)
@@ -413,8 +395,7 @@ static uint32_t trie_add_child(Tokenizer *t, uint32_t node, unsigned char byte)
 
 /* The automaton's next state from `node` on `byte`: the child of the longest suffix of node's
    string (node itself, then its fail links) that has one, or the root. */
-static uint32_t trie_step(const Tokenizer *t, uint32_t node, unsigned char byte)
-{
+static uint32_t trie_step(const Tokenizer *t, uint32_t node, unsigned char byte) {
     for (;;) {
         uint32_t child = trie_child(t, node, byte);
         if (child != 0 || node == 0) return child;
@@ -425,8 +406,7 @@ static uint32_t trie_step(const Tokenizer *t, uint32_t node, unsigned char byte)
 /* For each p in [from, to): found[p - from] = the id of the longest special token that starts
    at p and ends by `end`, or -1. Reads s[from..min(end, to + longest special)) backwards. */
 static void scan_specials(const Tokenizer *t, const unsigned char *s, size_t from, size_t to,
-                          size_t end, int32_t *found)
-{
+                          size_t end, int32_t *found) {
     size_t p = end - to > t->max_special_length ? to + t->max_special_length : end;
     uint32_t node = 0;
     while (p > from) {
@@ -436,14 +416,12 @@ static void scan_specials(const Tokenizer *t, const unsigned char *s, size_t fro
     }
 }
 
-static int char_class(const Tokenizer *t, uint32_t cp)
-{
+static int char_class(const Tokenizer *t, uint32_t cp) {
     return cp < BMP_SIZE ? t->bmp_class[cp] : char_class_slow(cp);
 }
 
 /* The character at s[pos] (pos < end); never reads at or past end. */
-static Char char_at(const Tokenizer *t, const unsigned char *s, size_t pos, size_t end)
-{
+static Char char_at(const Tokenizer *t, const unsigned char *s, size_t pos, size_t end) {
     Char c;
     unsigned char lead = s[pos];
     if (lead < 0x80) {
@@ -474,14 +452,12 @@ static Char char_at(const Tokenizer *t, const unsigned char *s, size_t pos, size
 
 #define HEADER_BYTES 16   /* "L3TK", version, n_tokens, n_special: little-endian u32 each */
 
-static void set_error(char *err, size_t err_size, const char *path, const char *what)
-{
+static void set_error(char *err, size_t err_size, const char *path, const char *what) {
     if (err && err_size > 0) snprintf(err, err_size, "%s: %s", path, what);
 }
 
 /* Reads n bytes; 0 on success, -1 on an error or an early end of the file. */
-static int read_exactly(int fd, unsigned char *buf, size_t n)
-{
+static int read_exactly(int fd, unsigned char *buf, size_t n) {
     size_t done = 0;
     while (done < n) {
         ssize_t got = read(fd, buf + done, n - done);
@@ -495,8 +471,7 @@ static int read_exactly(int fd, unsigned char *buf, size_t n)
 /* Opens a regular file for reading; returns the descriptor (and its size), or -1 with a
    message in `why`. O_NONBLOCK so that a FIFO given as the path is refused instead of waiting
    for a writer; only regular files of known size are read (not /dev/zero, not a directory). */
-static int open_regular(const char *path, uint64_t *size, const char **why)
-{
+static int open_regular(const char *path, uint64_t *size, const char **why) {
     int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) {
         *why = "cannot open file";
@@ -515,8 +490,7 @@ static int open_regular(const char *path, uint64_t *size, const char **why)
 /* Checks the header of a file of `size` bytes before anything else is read. Returns NULL or
    what is wrong. */
 static const char *check_header(const unsigned char *header, uint64_t size, char *msg,
-                                size_t msg_size)
-{
+                                size_t msg_size) {
     if (memcmp(header, "L3TK", 4) != 0) return "not a tokenizer file (magic is not L3TK)";
     uint32_t version = read_u32(header + 4);
     uint32_t n_tokens = read_u32(header + 8);
@@ -543,8 +517,7 @@ static const char *check_header(const unsigned char *header, uint64_t size, char
 /* Reads the header, checks it, and only then reads the whole file into t->data (so a huge file
    that is not a tokenizer is refused at once). Sets the counts. Returns NULL or what is wrong. */
 static const char *read_tok_file(Tokenizer *t, const char *path, size_t *size, char *msg,
-                                 size_t msg_size)
-{
+                                 size_t msg_size) {
     const char *why = NULL;
     uint64_t file_size = 0;
     int fd = open_regular(path, &file_size, &why);
@@ -571,8 +544,7 @@ static const char *read_tok_file(Tokenizer *t, const char *path, size_t *size, c
 }
 
 /* Fills t->tokens from the records after the header. Returns NULL or what is wrong. */
-static const char *parse_records(Tokenizer *t, size_t size, char *msg, size_t msg_size)
-{
+static const char *parse_records(Tokenizer *t, size_t size, char *msg, size_t msg_size) {
     size_t pos = HEADER_BYTES;
     for (int id = 0; id < t->n_tokens; id++) {
         if (size - pos < 4) {
@@ -604,8 +576,7 @@ static const char *parse_records(Tokenizer *t, size_t size, char *msg, size_t ms
 
 /* Builds the table of regular tokens and the byte and pair lookups. Returns NULL or what is
    wrong. */
-static const char *build_regular(Tokenizer *t, char *msg, size_t msg_size)
-{
+static const char *build_regular(Tokenizer *t, char *msg, size_t msg_size) {
     t->regular = regular_table_new(t->n_regular, &t->regular_mask);
     t->pair_id = malloc(65536 * sizeof *t->pair_id);
     if (!t->regular || !t->pair_id) return "out of memory";
@@ -633,8 +604,7 @@ static const char *build_regular(Tokenizer *t, char *msg, size_t msg_size)
 /* Sets the fail links and `longest` of the trie, breadth first: a node's fail link is shorter
    than the node, so it is complete before it is followed. Returns 0, or -1 when out of
    memory. */
-static int link_trie(Tokenizer *t)
-{
+static int link_trie(Tokenizer *t) {
     uint32_t *queue = malloc((size_t)t->n_trie_nodes * sizeof *queue);
     if (!queue) return -1;
     size_t head = 0, tail = 0;
@@ -654,8 +624,7 @@ static int link_trie(Tokenizer *t)
 }
 
 /* Builds the automaton of the special tokens. Returns NULL or what is wrong. */
-static const char *build_specials(Tokenizer *t, char *msg, size_t msg_size)
-{
+static const char *build_specials(Tokenizer *t, char *msg, size_t msg_size) {
     size_t total = 0;   /* bytes of all specials: at most one trie node each */
     for (int id = t->n_regular; id < t->n_tokens; id++) {
         total += t->tokens[id].length;
@@ -689,8 +658,7 @@ static const char *build_specials(Tokenizer *t, char *msg, size_t msg_size)
     return link_trie(t) == 0 ? NULL : "out of memory";
 }
 
-Tokenizer *tokenizer_load(const char *path, char *err, size_t err_size)
-{
+Tokenizer *tokenizer_load(const char *path, char *err, size_t err_size) {
     char msg[160];
     const char *why = NULL;
     Tokenizer *t = calloc(1, sizeof *t);
@@ -719,8 +687,7 @@ Tokenizer *tokenizer_load(const char *path, char *err, size_t err_size)
     return t;
 }
 
-void tokenizer_free(Tokenizer *t)
-{
+void tokenizer_free(Tokenizer *t) {
     if (!t) return;
     free(t->data);
     free(t->tokens);
@@ -731,13 +698,11 @@ void tokenizer_free(Tokenizer *t)
     free(t);
 }
 
-int tokenizer_vocab_size(const Tokenizer *t)
-{
+int tokenizer_vocab_size(const Tokenizer *t) {
     return t->n_tokens;
 }
 
-int tokenizer_special_id(const Tokenizer *t, const char *text)
-{
+int tokenizer_special_id(const Tokenizer *t, const char *text) {
     size_t n = strlen(text);
     uint32_t node = 0;
     for (size_t k = n; k-- > 0;) {
@@ -748,13 +713,11 @@ int tokenizer_special_id(const Tokenizer *t, const char *text)
     return n > 0 && id >= 0 && t->tokens[id].length == n ? id : -1;
 }
 
-int tokenizer_is_special(const Tokenizer *t, int id)
-{
+int tokenizer_is_special(const Tokenizer *t, int id) {
     return id >= t->n_regular && id < t->n_tokens;
 }
 
-const unsigned char *tokenizer_piece(const Tokenizer *t, int id, size_t *len)
-{
+const unsigned char *tokenizer_piece(const Tokenizer *t, int id, size_t *len) {
     if (id < 0 || id >= t->n_tokens) {
         *len = 0;
         return NULL;
@@ -767,8 +730,7 @@ const unsigned char *tokenizer_piece(const Tokenizer *t, int id, size_t *len)
    Token lists */
 
 /* Makes room for `extra` more ids. */
-static int token_list_reserve(TokenList *list, size_t extra)
-{
+static int token_list_reserve(TokenList *list, size_t extra) {
     if (list->capacity - list->count >= extra) return TOKENIZER_OK;
     size_t capacity = list->capacity ? list->capacity : 64;
     while (capacity - list->count < extra) {
@@ -782,15 +744,13 @@ static int token_list_reserve(TokenList *list, size_t extra)
     return TOKENIZER_OK;
 }
 
-int token_list_push(TokenList *list, int id)
-{
+int token_list_push(TokenList *list, int id) {
     if (token_list_reserve(list, 1) != TOKENIZER_OK) return TOKENIZER_ERR_NOMEM;
     list->ids[list->count++] = id;
     return TOKENIZER_OK;
 }
 
-void token_list_free(TokenList *list)
-{
+void token_list_free(TokenList *list) {
     free(list->ids);
     list->ids = NULL;
     list->count = list->capacity = 0;
@@ -799,15 +759,13 @@ void token_list_free(TokenList *list)
 /* ------------------------------------------------------------------------------------------
    Pre-tokenization: the split pattern, one alternative at a time */
 
-static int is_cr_or_lf(uint32_t cp)
-{
+static int is_cr_or_lf(uint32_t cp) {
     return cp == '\r' || cp == '\n';
 }
 
 /* End of the run of characters of class cls starting at pos. */
 static size_t skip_class(const Tokenizer *t, const unsigned char *s, size_t pos, size_t end,
-                         int cls)
-{
+                         int cls) {
     while (pos < end) {
         if (s[pos] < 0x80) {   /* fast path for ASCII */
             if (t->bmp_class[s[pos]] != cls) break;
@@ -824,8 +782,7 @@ static size_t skip_class(const Tokenizer *t, const unsigned char *s, size_t pos,
 /* (?i:'s|'t|'re|'ve|'m|'ll|'d) after the apostrophe, which ends at pos: the end of the match,
    or 0. Case-insensitive the Unicode way: only U+017F (long s, folds to s) joins ASCII here. */
 static size_t match_contraction(const Tokenizer *t, const unsigned char *s, size_t pos,
-                                size_t end)
-{
+                                size_t end) {
     if (pos >= end) return 0;
     Char c = char_at(t, s, pos, end);
     uint32_t lower = c.cp < 0x80 ? (uint32_t)((c.cp >= 'A' && c.cp <= 'Z') ? c.cp + 32 : c.cp)
@@ -839,8 +796,7 @@ static size_t match_contraction(const Tokenizer *t, const unsigned char *s, size
 }
 
 /* \s*[\r\n]+ | \s+(?!\S) | \s+ at a white-space character at pos. */
-static size_t match_spaces(const Tokenizer *t, const unsigned char *s, size_t pos, size_t end)
-{
+static size_t match_spaces(const Tokenizer *t, const unsigned char *s, size_t pos, size_t end) {
     size_t last_newline_end = 0;   /* just after the last \r or \n of the run, 0 if none */
     size_t last_char = pos;        /* where the run's last character starts */
     size_t n_chars = 0;
@@ -860,8 +816,7 @@ static size_t match_spaces(const Tokenizer *t, const unsigned char *s, size_t po
 
 /* End of the pre-token that starts at pos (pos < end). The text ends at `end` for the
    pattern: lookahead never sees past it. */
-static size_t next_pretoken(const Tokenizer *t, const unsigned char *s, size_t pos, size_t end)
-{
+static size_t next_pretoken(const Tokenizer *t, const unsigned char *s, size_t pos, size_t end) {
     Char c = char_at(t, s, pos, end);
     size_t after = pos + c.length;
     if (c.cp == '\'') {
@@ -919,8 +874,7 @@ typedef struct {
     size_t capacity;     /* bytes the arrays have room for */
 } Bpe;
 
-static int bpe_reserve(Bpe *b, size_t n)
-{
+static int bpe_reserve(Bpe *b, size_t n) {
     if (n <= b->capacity) return TOKENIZER_OK;
     if (n >= UINT32_MAX / 2 || n > SIZE_MAX / (6 * sizeof(uint32_t))) return TOKENIZER_ERR_NOMEM;
     size_t capacity = b->capacity ? b->capacity : 256;
@@ -938,19 +892,16 @@ static int bpe_reserve(Bpe *b, size_t n)
     return TOKENIZER_OK;
 }
 
-static int heap_less(const Bpe *b, uint32_t x, uint32_t y)
-{
+static int heap_less(const Bpe *b, uint32_t x, uint32_t y) {
     return b->rank[x] < b->rank[y] || (b->rank[x] == b->rank[y] && x < y);
 }
 
-static void heap_set(Bpe *b, size_t index, uint32_t part)
-{
+static void heap_set(Bpe *b, size_t index, uint32_t part) {
     b->heap[index] = part;
     b->heap_pos[part] = (uint32_t)index;
 }
 
-static void heap_sift_up(Bpe *b, size_t index)
-{
+static void heap_sift_up(Bpe *b, size_t index) {
     uint32_t part = b->heap[index];
     while (index > 0) {
         size_t parent = (index - 1) / 2;
@@ -961,8 +912,7 @@ static void heap_sift_up(Bpe *b, size_t index)
     heap_set(b, index, part);
 }
 
-static void heap_sift_down(Bpe *b, size_t index)
-{
+static void heap_sift_down(Bpe *b, size_t index) {
     uint32_t part = b->heap[index];
     for (;;) {
         size_t child = 2 * index + 1;
@@ -975,8 +925,7 @@ static void heap_sift_down(Bpe *b, size_t index)
     heap_set(b, index, part);
 }
 
-static void heap_remove(Bpe *b, uint32_t part)
-{
+static void heap_remove(Bpe *b, uint32_t part) {
     size_t index = b->heap_pos[part];
     b->heap_pos[part] = NOT_IN_HEAP;
     uint32_t last = b->heap[--b->heap_size];
@@ -987,8 +936,7 @@ static void heap_remove(Bpe *b, uint32_t part)
 }
 
 /* Recomputes the rank of part p (merging with its right neighbour) and its heap place. */
-static void bpe_update(const Tokenizer *t, Bpe *b, const unsigned char *s, uint32_t n, uint32_t p)
-{
+static void bpe_update(const Tokenizer *t, Bpe *b, const unsigned char *s, uint32_t n, uint32_t p) {
     uint32_t right = b->next[p];
     int32_t rank = NO_RANK;
     if (right < n) {
@@ -1011,8 +959,7 @@ static void bpe_update(const Tokenizer *t, Bpe *b, const unsigned char *s, uint3
 
 /* Appends the ids of pre-token s[0..n) to out (which has room for n more). */
 static void bpe_merge(const Tokenizer *t, Bpe *b, const unsigned char *s, uint32_t n,
-                      TokenList *out)
-{
+                      TokenList *out) {
     for (uint32_t i = 0; i < n; i++) {
         b->next[i] = i + 1;
         b->prev[i] = i - 1;   /* wraps to UINT32_MAX for the first */
@@ -1036,8 +983,7 @@ static void bpe_merge(const Tokenizer *t, Bpe *b, const unsigned char *s, uint32
 
 /* Appends the ids of one pre-token. */
 static int encode_pretoken(const Tokenizer *t, Bpe *b, const unsigned char *s, size_t n,
-                           TokenList *out)
-{
+                           TokenList *out) {
     if (token_list_reserve(out, n) != TOKENIZER_OK) return TOKENIZER_ERR_NOMEM;
     int id = regular_lookup(t, s, n);   /* tiktoken's shortcut: a whole vocabulary entry */
     if (id >= 0) {
@@ -1051,8 +997,7 @@ static int encode_pretoken(const Tokenizer *t, Bpe *b, const unsigned char *s, s
 
 /* Appends the ids of s[start..end), with no special tokens. */
 static int encode_ordinary(const Tokenizer *t, Bpe *b, const unsigned char *s, size_t start,
-                           size_t end, TokenList *out)
-{
+                           size_t end, TokenList *out) {
     size_t pos = start;
     while (pos < end) {
         size_t piece_end = next_pretoken(t, s, pos, end);
@@ -1075,8 +1020,7 @@ typedef struct {
 
 /* A block as long as the longest special (within bounds), so that scanning a block reads at
    most about twice its length. */
-static int special_scan_init(const Tokenizer *t, SpecialScan *scan)
-{
+static int special_scan_init(const Tokenizer *t, SpecialScan *scan) {
     size_t block = t->max_special_length;
     if (block < MIN_SPECIAL_BLOCK) block = MIN_SPECIAL_BLOCK;
     if (block > MAX_SPECIAL_BLOCK) block = MAX_SPECIAL_BLOCK;
@@ -1089,8 +1033,7 @@ static int special_scan_init(const Tokenizer *t, SpecialScan *scan)
 /* Finds the first special token in s[pos..end) (the longest if several start there): sets *at
    and returns its id, or -1. */
 static int find_special(const Tokenizer *t, SpecialScan *scan, const unsigned char *s,
-                        size_t pos, size_t end, size_t *at)
-{
+                        size_t pos, size_t end, size_t *at) {
     while (pos < end) {
         if (pos < scan->from || pos >= scan->to) {
             scan->from = pos;
@@ -1109,8 +1052,7 @@ static int find_special(const Tokenizer *t, SpecialScan *scan, const unsigned ch
 }
 
 static int encode_all(const Tokenizer *t, Bpe *b, SpecialScan *scan, const unsigned char *s,
-                      size_t len, int flags, TokenList *out)
-{
+                      size_t len, int flags, TokenList *out) {
     int rc;
     if (flags & TOKENIZER_ADD_BOS) {
         if (t->bos_id < 0) return TOKENIZER_ERR_NO_BOS;
@@ -1132,8 +1074,7 @@ static int encode_all(const Tokenizer *t, Bpe *b, SpecialScan *scan, const unsig
 }
 
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int flags,
-                     TokenList *out)
-{
+                     TokenList *out) {
     size_t count_on_entry = out->count;
     Bpe bpe = {0};
     SpecialScan scan = {0};
@@ -1147,8 +1088,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int flags
 /* ------------------------------------------------------------------------------------------
    Streaming UTF-8 decoder */
 
-static size_t put_replacement(unsigned char *out)
-{
+static size_t put_replacement(unsigned char *out) {
     out[0] = 0xEF;
     out[1] = 0xBF;
     out[2] = 0xBD;
@@ -1156,8 +1096,7 @@ static size_t put_replacement(unsigned char *out)
 }
 
 size_t utf8_decoder_feed(Utf8Decoder *d, const unsigned char *bytes, size_t len,
-                         unsigned char *out)
-{
+                         unsigned char *out) {
     size_t n_out = 0;
     for (size_t i = 0; i < len; i++) {
         unsigned char b = bytes[i];
@@ -1188,8 +1127,7 @@ size_t utf8_decoder_feed(Utf8Decoder *d, const unsigned char *bytes, size_t len,
     return n_out;
 }
 
-size_t utf8_decoder_flush(Utf8Decoder *d, unsigned char *out)
-{
+size_t utf8_decoder_flush(Utf8Decoder *d, unsigned char *out) {
     if (d->n_pending == 0) return 0;
     d->n_pending = 0;
     return put_replacement(out);
@@ -1734,8 +1672,7 @@ static const CharRun char_runs[] = {
 #define N_CHAR_RUNS (sizeof char_runs / sizeof char_runs[0])
 
 /* Class of a code point above the BMP: binary search for the last run starting at or before cp. */
-static int char_class_slow(uint32_t cp)
-{
+static int char_class_slow(uint32_t cp) {
     size_t lo = 0, hi = N_CHAR_RUNS;   /* char_runs[lo].first <= cp < char_runs[hi].first */
     while (hi - lo > 1) {
         size_t mid = lo + (hi - lo) / 2;
@@ -1745,8 +1682,7 @@ static int char_class_slow(uint32_t cp)
 }
 
 /* The class of every BMP code point, for the direct lookup. */
-static void fill_bmp_classes(uint8_t *bmp_class)
-{
+static void fill_bmp_classes(uint8_t *bmp_class) {
     for (size_t r = 0; r < N_CHAR_RUNS && char_runs[r].first < BMP_SIZE; r++) {
         uint32_t stop = r + 1 < N_CHAR_RUNS ? char_runs[r + 1].first : BMP_SIZE;
         if (stop > BMP_SIZE) stop = BMP_SIZE;
@@ -1788,20 +1724,17 @@ typedef struct {
     int n_args;
 } Options;
 
-static void die(const char *message)
-{
+static void die(const char *message) {
     fprintf(stderr, "tokenize: %s\n", message);
     exit(1);
 }
 
-static void die_usage(void)
-{
+static void die_usage(void) {
     die("usage: tokenize TOKFILE [--bos] [--special] [--batch] [--] [TEXT] | "
         "tokenize TOKFILE --decode [--utf8] [--batch] [ID...]");
 }
 
-static Options parse_options(int argc, char **argv)
-{
+static Options parse_options(int argc, char **argv) {
     Options o = {0};
     if (argc < 2 || argv[1][0] == '-') die_usage();
     o.tok_path = argv[1];
@@ -1831,8 +1764,7 @@ static Options parse_options(int argc, char **argv)
 }
 
 /* All of stdin as bytes; *len its length. NUL-terminated for convenience. */
-static char *read_stdin(size_t *len)
-{
+static char *read_stdin(size_t *len) {
     size_t cap = 1 << 16, n = 0;
     char *buf = malloc(cap);
     if (!buf) die("out of memory");
@@ -1850,8 +1782,7 @@ static char *read_stdin(size_t *len)
     return buf;
 }
 
-static int hex_digit(char c)
-{
+static int hex_digit(char c) {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
     if (c >= 'A' && c <= 'F') return c - 'A' + 10;
@@ -1859,8 +1790,7 @@ static int hex_digit(char c)
 }
 
 /* Decodes hex s[0..n) in place; returns the byte count, or -1 if it is not hex. */
-static long unhex_in_place(char *s, size_t n)
-{
+static long unhex_in_place(char *s, size_t n) {
     if (n % 2) return -1;
     for (size_t i = 0; i < n; i += 2) {
         int hi = hex_digit(s[i]), lo = hex_digit(s[i + 1]);
@@ -1870,14 +1800,12 @@ static long unhex_in_place(char *s, size_t n)
     return (long)(n / 2);
 }
 
-static void print_ids(const TokenList *ids)
-{
+static void print_ids(const TokenList *ids) {
     for (size_t i = 0; i < ids->count; i++) printf(i ? " %d" : "%d", ids->ids[i]);
     putchar('\n');
 }
 
-static double now_ms(void)
-{
+static double now_ms(void) {
     struct timespec ts;
     timespec_get(&ts, TIME_UTC);
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
@@ -1885,8 +1813,7 @@ static double now_ms(void)
 
 /* Encodes into ids (emptied first); returns the milliseconds tokenizer_encode took. */
 static double encode_or_die(const Tokenizer *t, const char *text, size_t len, int flags,
-                            TokenList *ids)
-{
+                            TokenList *ids) {
     ids->count = 0;
     double start = now_ms();
     int rc = tokenizer_encode(t, text, len, flags, ids);
@@ -1897,8 +1824,7 @@ static double encode_or_die(const Tokenizer *t, const char *text, size_t len, in
 }
 
 /* Encodes and prints; returns the milliseconds spent in tokenizer_encode. */
-static double run_encode(const Tokenizer *t, const Options *o)
-{
+static double run_encode(const Tokenizer *t, const Options *o) {
     TokenList ids = {0};
     double ms = 0;
     if (o->n_args == 1) {
@@ -1933,8 +1859,7 @@ static double run_encode(const Tokenizer *t, const Options *o)
 }
 
 /* Parses one id; dies with a message if it is not a valid id. */
-static int parse_id(const Tokenizer *t, const char *s, size_t n)
-{
+static int parse_id(const Tokenizer *t, const char *s, size_t n) {
     long id = 0;
     int ok = n > 0 && n <= 10;
     for (size_t i = 0; ok && i < n; i++) {
@@ -1952,8 +1877,7 @@ static int parse_id(const Tokenizer *t, const char *s, size_t n)
 /* Writes the bytes of one token raw, through the UTF-8 decoder, or as hex. scratch holds
    UTF8_DECODER_OUT_MAX(longest token) bytes. */
 static void write_piece(const Tokenizer *t, int id, const Options *o, Utf8Decoder *d,
-                        unsigned char *scratch)
-{
+                        unsigned char *scratch) {
     size_t n;
     const unsigned char *piece = tokenizer_piece(t, id, &n);
     if (o->utf8) {
@@ -1967,8 +1891,7 @@ static void write_piece(const Tokenizer *t, int id, const Options *o, Utf8Decode
     }
 }
 
-static void write_flush(const Options *o, Utf8Decoder *d, unsigned char *scratch)
-{
+static void write_flush(const Options *o, Utf8Decoder *d, unsigned char *scratch) {
     size_t n = o->utf8 ? utf8_decoder_flush(d, scratch) : 0;
     if (o->batch) {
         for (size_t i = 0; i < n; i++) printf("%02x", scratch[i]);
@@ -1977,15 +1900,13 @@ static void write_flush(const Options *o, Utf8Decoder *d, unsigned char *scratch
     }
 }
 
-static int is_blank(char c)
-{
+static int is_blank(char c) {
     return c == ' ' || c == '\t' || c == '\r' || c == '\n';
 }
 
 /* Decodes the ids in s[0..n), separated by blanks. */
 static void decode_text(const Tokenizer *t, const Options *o, const char *s, size_t n,
-                        unsigned char *scratch)
-{
+                        unsigned char *scratch) {
     Utf8Decoder d = {0};
     size_t i = 0;
     while (i < n) {
@@ -2000,8 +1921,7 @@ static void decode_text(const Tokenizer *t, const Options *o, const char *s, siz
     write_flush(o, &d, scratch);
 }
 
-static void run_decode(const Tokenizer *t, const Options *o)
-{
+static void run_decode(const Tokenizer *t, const Options *o) {
     size_t longest = 0, len;
     for (int id = 0; id < tokenizer_vocab_size(t); id++) {
         tokenizer_piece(t, id, &len);
@@ -2035,8 +1955,7 @@ static void run_decode(const Tokenizer *t, const Options *o)
 
 /* Prints the probes of the regular table: a token d slots past its home slot took d + 1 probes
    to insert and takes as many to look up. */
-static void print_table_stats(const Tokenizer *t)
-{
+static void print_table_stats(const Tokenizer *t) {
     unsigned long long entries = 0, probes = 0, longest = 0;
     for (uint32_t i = 0; i <= t->regular_mask; i++) {
         const HashSlot *slot = &t->regular[i];
@@ -2052,8 +1971,7 @@ static void print_table_stats(const Tokenizer *t)
             longest);
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     Options o = parse_options(argc, argv);
     char err[512];
     double start = now_ms();
