@@ -3444,6 +3444,17 @@ static void quantize_int8(SimdVector *v, const float *x, int n, int gs) {
 }
 
 #if HAS_VNNI
+/* The scale products w_scale * x_scale of q8_0 groups g0 .. g0+n-1 (n <= 16) into scales,
+   and the weights DECODE_AHEAD bytes on asked for. */
+static inline void q8_window(float *scales, const int8_t *w, const float *w_scales,
+                             const SimdVector *x, int g0, int n, int gs) {
+    __mmask16 m = lanes_before(0, n);
+    prefetch_bytes(w + (size_t)g0 * gs + DECODE_AHEAD, (size_t)16 * gs);
+    prefetch_bytes((const char *)(w_scales + g0) + DECODE_AHEAD / 16, 64);
+    _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
+                                           _mm512_maskz_loadu_ps(m, x->scales + g0)));
+}
+
 /* dot_q8 with VNNI: each group's products in 16 int32 lanes, 32 int8 x int16 products per
    vpdpwssd (a lane takes gs/16 products of at most 127 * 32767, so groups up to 4096 cannot
    overflow it), then times the group's two scales. The scale products are formed 16 groups at
@@ -3455,11 +3466,7 @@ static inline float dot_q8_vnni(const int8_t *w, const float *w_scales, const Si
     float scales[16];
     for (int g0 = 0; g0 < n_groups; g0 += 16) {
         int n = n_groups - g0 < 16 ? n_groups - g0 : 16;
-        __mmask16 m = lanes_before(0, n);
-        prefetch_bytes(w + (size_t)g0 * gs + DECODE_AHEAD, (size_t)16 * gs);
-        prefetch_bytes((const char *)(w_scales + g0) + DECODE_AHEAD / 16, 64);
-        _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
-                                               _mm512_maskz_loadu_ps(m, x->scales + g0)));
+        q8_window(scales, w, w_scales, x, g0, n, gs);
         for (int j = 0; j < n; j++) {
             const int8_t *wg = w + (size_t)(g0 + j) * gs;
             const int16_t *xg = x->q + (size_t)(g0 + j) * gs;
@@ -3487,11 +3494,7 @@ static inline float dot_q8_fast(const int8_t *w, const float *w_scales, const Si
     float scales[16];
     for (int g0 = 0; g0 < n_groups; g0 += 16) {
         int n = n_groups - g0 < 16 ? n_groups - g0 : 16;
-        __mmask16 m = lanes_before(0, n);
-        prefetch_bytes(w + (size_t)g0 * gs + DECODE_AHEAD, (size_t)16 * gs);
-        prefetch_bytes((const char *)(w_scales + g0) + DECODE_AHEAD / 16, 64);
-        _mm512_storeu_ps(scales, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w_scales + g0),
-                                               _mm512_maskz_loadu_ps(m, x->scales + g0)));
+        q8_window(scales, w, w_scales, x, g0, n, gs);
         for (int j = 0; j < n; j++) {
             const int8_t *wg = w + (size_t)(g0 + j) * gs, *xg = x->int8 + (size_t)(g0 + j) * gs;
             __m512i isum = _mm512_set1_epi32(x->int8_offsets[g0 + j]);
