@@ -3059,6 +3059,18 @@ static void print_run_header(const Options *o, const Config *cfg, unsigned long 
         fprintf(stderr, "seed: %llu (-s %llu repeats this run)\n", seed, seed);
 }
 
+/* Generate mode: the prompt's text echoed, then what follows it. */
+static void generate_mode(Session *s, const Options *o, const TokenList *prompt,
+                          const char *text, size_t text_len) {
+    if (!o->print_ids && text) {
+        fwrite(text, 1, text_len, stdout);
+        fflush(stdout);
+    }
+    generate(s, prompt->ids, prompt->count, o->steps < 0 ? 256 : (int)o->steps, NULL);
+    finish_output(s);
+    printf("\n");
+}
+
 int main(int argc, char **argv) {
     struct sigaction bus = { .sa_handler = on_sigbus };
     sigaction(SIGBUS, &bus, NULL);
@@ -3099,14 +3111,8 @@ int main(int argc, char **argv) {
     /* the run */
     int status = 0;
     catch_interrupts();
-    if (chat_mode) {
-        status = chat(&s, o.system_prompt, o.prompt, o.steps < 0 ? 0 : (int)o.steps);
-    } else {
-        if (!o.print_ids && text) { fwrite(text, 1, text_len, stdout); fflush(stdout); }
-        generate(&s, prompt.ids, prompt.count, o.steps < 0 ? 256 : (int)o.steps, NULL);
-        finish_output(&s);
-        printf("\n");
-    }
+    if (chat_mode) status = chat(&s, o.system_prompt, o.prompt, o.steps < 0 ? 0 : (int)o.steps);
+    else generate_mode(&s, &o, &prompt, text, text_len);
     check_stdout();
     print_speed(&s);
     if (s.logits_file && fclose(s.logits_file) != 0)
