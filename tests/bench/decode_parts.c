@@ -20,7 +20,7 @@
    usage: decode_parts MODEL.bin [seconds (default 15)] [fast (the matmuls as -a fast)] */
 
 #define main run_main
-#include "../run.c"
+#include "../../run.c"
 #undef main
 
 #define PARTS 4
