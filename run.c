@@ -496,19 +496,28 @@ typedef struct {
 #define Q16_MAX 32767.0f
 #define Q8_MAX 127.0f
 
-/* One group of gs values, scaled so that its largest magnitude becomes q_max, rounded. */
+/* One group of gs values, scaled so that its largest magnitude becomes q_max, rounded. A group
+   holding a NaN or an infinity gets the scale NaN (and zeros), so that every dot product it
+   enters is NaN: the damage reaches the non-finite logits check, as in fp32, instead of
+   becoming a number. (The NaN test is a running OR, not a branch: the loop stays vectorised.) */
 static float quantize_group(int16_t *q, const float *x, int gs, float q_max) {
     float amax = 0.0f;
+    int nan = 0;
     for (int i = 0; i < gs; i++) {
         float a = fabsf(x[i]);
-        amax = a > amax ? a : amax;  /* (a NaN is skipped, as fmaxf would) */
+        amax = a > amax ? a : amax;
+        nan |= a != a;
+    }
+    if (nan || !isfinite(amax)) {
+        memset(q, 0, (size_t)gs * sizeof *q);
+        return NAN;
     }
     float scale = amax / q_max;
     float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
     for (int i = 0; i < gs; i++) {
         float r = nearbyintf(x[i] * inverse);
-        /* only in-range values are cast: a NaN (from a NaN or infinite activation, or a
-           denormal group whose inverse overflowed) becomes 0 rather than undefined */
+        /* only in-range values are cast: a NaN (a 0 times the inverse of a denormal group's
+           scale, overflowed to infinity) becomes 0 rather than undefined */
         int16_t v = 0;
         if (r >= -q_max && r <= q_max) v = (int16_t)r;
         else if (r > 0.0f) v = (int16_t)q_max;
@@ -3246,14 +3255,24 @@ static int amx_granted(void) {
 #define FAST_AMX 0
 #endif
 
-/* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the max
-   skips NaNs as the scalar compare does, roundscale rounds to nearest even like nearbyintf,
-   NaNs become 0 and the rest is clamped to +-q_max before the exact conversion. */
+/* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the lanes
+   that are NaN are collected in a mask beside the max (a group with a NaN or an infinity gets
+   the scale NaN and zeros), roundscale rounds to nearest even like nearbyintf, NaNs become 0
+   and the rest is clamped to +-q_max before the exact conversion. */
 static float quantize_group16(int16_t *q, const float *x, int gs, float q_max) {
     __m512 amax = _mm512_setzero_ps();
-    for (int i = 0; i < gs; i += 16)
-        amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), amax);
-    float scale = _mm512_reduce_max_ps(amax) / q_max;
+    __mmask16 nan = 0;
+    for (int i = 0; i < gs; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        amax = _mm512_max_ps(_mm512_abs_ps(v), amax);
+    }
+    float max = _mm512_reduce_max_ps(amax);
+    if (nan || !isfinite(max)) {
+        memset(q, 0, (size_t)gs * sizeof *q);
+        return NAN;
+    }
+    float scale = max / q_max;
     __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
     __m512 high = _mm512_set1_ps(q_max), low = _mm512_set1_ps(-q_max);
     for (int i = 0; i < gs; i += 16) {

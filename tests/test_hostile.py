@@ -276,6 +276,63 @@ def test_nonfinite_logits():
            "at position 2")
 
 
+QUANT_SHAPE = dict(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, head_dim=32)  # q8_0 cache
+
+
+def damaged_scale(wt, gs, tensor, value):
+    """A q8_0 (wt 2) or q4_0 (wt 3) model with one scale of `tensor` set to value: the first
+    group, or for the embedding token 1's (the token the rows feed)."""
+    data, sections = model_file(weight_type=wt, group_size=gs, **QUANT_SHAPE, **MODEL_ARGS)
+    data = bytearray(data)
+    start = dict((name, s) for name, s, _ in sections)[tensor + ".scales"]
+    group = QUANT_SHAPE["dim"] // gs if tensor == "embedding" else 0
+    struct.pack_into("<f" if wt == 2 else "<e", data, start + group * (4 if wt == 2 else 2), value)
+    return write(f"scale-{wt}-{tensor}-{value}.bin", bytes(data))
+
+
+def test_nonfinite_quantized():
+    """Issue 24: a NaN or Inf that meets a quantizer (q8_0 and q4_0 decoding's activations,
+    -a fast's int8 ones, the q8_0 KV cache) reaches the same "non-finite logits" error as fp32,
+    never a 0 that prints tokens and exits 0. Every matrix's scales in both quantized types,
+    NaN and Inf, in every cache type and arithmetic, decoding and prompt blocks alike."""
+    want = "non-finite logits (NaN or Inf)"
+    matrices = ["embedding", "layer0.wq", "layer0.wk", "layer0.wv", "layer0.wo",
+                "layer0.w_gate", "layer0.w_down", "layer1.w_up", "classifier"]
+    for wt, gs in ((2, 32), (3, 32)):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            for tensor in matrices:
+                path = damaged_scale(wt, gs, tensor, value)
+                expect("non-finite", run_model(path), want)
+            path = damaged_scale(wt, gs, "layer0.wq", value)
+            for cache in ("f32", "bf16", "q8_0"):
+                for arith in ("exact", "fast"):
+                    for prompt in ("1 2", " ".join(str(i) for i in range(1, 21))):  # a block
+                        expect("non-finite", [program("run"), path, "-I", prompt, "-o", "ids",
+                                              "-n", "2", "-t", "0", "-a", arith,
+                                              "--cache-type", cache], want)
+    # activations gone bad before any weight scale: a norm weight (fp32 in every type), and
+    # keys that are NaN or Inf when they are stored (wk, fp32 model) into each cache type
+    for wt, gs in ((0, 0), (1, 0), (2, 32), (3, 32)):
+        for value in (float("nan"), float("inf")):
+            data, sections = model_file(weight_type=wt, group_size=gs, **QUANT_SHAPE, **MODEL_ARGS)
+            data = bytearray(data)
+            start = dict((name, s) for name, s, _ in sections)["layer0.ffn_norm"]
+            struct.pack_into("<f", data, start + 8, value)
+            path = write(f"norm-{wt}-{value}.bin", bytes(data))
+            for arith in ("exact", "fast"):
+                expect("non-finite", run_model(path, "-a", arith), want)
+    for value in (float("nan"), float("inf")):
+        data, sections = model_file(**QUANT_SHAPE, **MODEL_ARGS)
+        data = bytearray(data)
+        start = dict((name, s) for name, s, _ in sections)["layer1.wk"]
+        struct.pack_into("<f", data, start, value)
+        path = write(f"key-{value}.bin", bytes(data))
+        for cache in ("f32", "bf16", "q8_0"):
+            for prompt in ("1 2", "1 2 3 4 5 6 7 8 9"):
+                expect("non-finite", [program("run"), path, "-I", prompt, "-o", "ids", "-n", "2",
+                                      "-t", "0", "--cache-type", cache], want)
+
+
 def test_flat_logits_with_small_top_p():
     """All logits equal (a zero classifier) with -p below 1/vocab: no token reaches top-p's
     cutoff; the most likely one (the lowest id on a tie) is the set, in every mode."""
