@@ -359,6 +359,20 @@ static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
     return buf;
 }
 
+/* The header, read alone and checked against the file's size, before anything is mapped in,
+   read or allocated in proportion to the file: a wrong file (a 100 GB archive) is refused at
+   once in both -w modes, and the user's page cache is left as it was. */
+static void check_header_first(int fd, const char *path, size_t size, Config *cfg) {
+    unsigned char header[HEADER_BYTES];
+    ssize_t got;
+    do got = pread(fd, header, HEADER_BYTES, 0); while (got < 0 && errno == EINTR);
+    if (got < 0) die("cannot read model file %s: %s", path, strerror(errno));
+    if (got != HEADER_BYTES) die("model file %s: ended before its 256-byte header", path);
+    char msg[160];
+    const char *problem = validate_model(header, size, cfg, msg, sizeof msg);
+    if (problem) die("model file %s: %s", path, problem);
+}
+
 static void fast_map_pages(unsigned char *map, size_t size, int fd);  /* a hook into section 8 */
 
 static void load_model(const char *path, Model *m, int read_into_memory) {
@@ -371,13 +385,8 @@ static void load_model(const char *path, Model *m, int read_into_memory) {
         die("model file %s: file is shorter than the 256-byte header", path);
     m->mapping_size = (size_t)st.st_size;
     m->read_into_memory = read_into_memory;
-    if (read_into_memory) {  /* the header first: a wrong file is refused before reading it all */
-        unsigned char header[HEADER_BYTES];
-        char msg[160];
-        if (pread(fd, header, HEADER_BYTES, 0) != HEADER_BYTES)
-            die("cannot read model file %s: %s", path, strerror(errno));
-        const char *problem = validate_model(header, m->mapping_size, &m->config, msg, sizeof msg);
-        if (problem) die("model file %s: %s", path, problem);
+    check_header_first(fd, path, m->mapping_size, &m->config);
+    if (read_into_memory) {
         m->mapping = read_whole_file(fd, m->mapping_size, path);
         close(fd);
     } else {
