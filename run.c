@@ -1316,8 +1316,16 @@ static void sampler_free(Sampler *s) {
     free(s->counts);
 }
 
+/* Forgets every token the penalties hold: the context starts again from position 0 (chat's
+   slide feeds the kept turns again), and its state is what the kept tokens make it. */
+static void sampler_restart(Sampler *s) {
+    for (int j = 0; j < s->n_recent; j++) s->counts[s->recent[j]] = 0;
+    s->n_recent = s->next = 0;
+}
+
 /* Records the tokens fed to the model, the first at position `first`. */
 static void sampler_accept(Sampler *s, const int *tokens, int n, int first) {
+    if (first == 0) sampler_restart(s);  /* a new context: nothing of the old one counts */
     s->position = first + n - 1;
     for (int i = 0; i < n && s->capacity > 0; i++) {
         int t = tokens[i];

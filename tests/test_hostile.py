@@ -333,6 +333,50 @@ def test_nonfinite_quantized():
                                       "-t", "0", "--cache-type", cache], want)
 
 
+def chat_turns(model, lines, *extra):
+    """A chat session with -o ids: [(in ids, out ids)] per turn, and the process."""
+    proc = expect("chat", [program("run"), model, "-m", "chat", "-o", "ids", *extra],
+                  "", status=0, stdin="".join(l + "\n" for l in lines).encode())
+    turns = []
+    for line in proc.stdout.decode().splitlines():
+        tag, _, ids = line.partition(":")
+        ids = [int(t) for t in ids.split()]
+        if tag == "in":
+            turns.append((ids, None))
+        else:
+            turns[-1] = (turns[-1][0], ids)
+    return turns, proc
+
+
+def test_penalties_follow_the_slide():
+    """Issue 24: after chat's context slides, every penalty counts the kept context only: each
+    reply is what a fresh run fed the same ids (-I) samples, greedy, for each penalty and
+    look-back (they used to count the dropped turns and the re-fed ones twice)."""
+    model, _ = good_files()
+    lines = [f"question {i}: the other one is here and there" for i in range(7)]
+    penalties = [["--repeat-penalty", "3"], ["--presence-penalty", "4"],
+                 ["--frequency-penalty", "2"],
+                 ["--repeat-penalty", "1.5", "--presence-penalty", "1", "--frequency-penalty", "1"]]
+    slid = 0
+    for penalty in penalties:
+        for last_n in ("64", "-1", "8"):
+            flags = ["-c", "64", "-n", "6", "-t", "0", *penalty, "--repeat-last-n", last_n]
+            turns, proc = chat_turns(model, lines, *flags)
+            assert b"dropped the" in proc.stderr, proc.stderr
+            context = []
+            for fed, reply in turns:
+                if fed[0] == BOS:  # the session's start, or a slide: fed again from 0
+                    slid += context != []
+                    context = []
+                context += fed
+                fresh = expect("chat", [program("run"), model, "-I", " ".join(map(str, context)),
+                                        "-o", "ids", *flags[:2], "-n", str(len(reply)), "-t", "0",
+                                        *flags[6:]], "", status=0)
+                assert [int(t) for t in fresh.stdout.split()] == reply, (flags, context, reply)
+                context += reply[:-1]  # the last reply token is fed with the next turn
+    assert slid >= 12, slid
+
+
 def test_flat_logits_with_small_top_p():
     """All logits equal (a zero classifier) with -p below 1/vocab: no token reaches top-p's
     cutoff; the most likely one (the lowest id on a tie) is the set, in every mode."""
