@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -1880,9 +1881,13 @@ static int read_piped_message(Text *message, char **line, size_t *capacity) {
      - a paste arrives between ESC[200~ and ESC[201~ (bracketed paste, which the editor turns
        on) and is inserted whole, newlines included, whatever its length: one message;
      - every other escape sequence is read to its end and dropped, so none reaches the model;
-     - Ctrl-D on an empty message, or Ctrl-C, ends the session.
+     - Ctrl-D on an empty message, or Ctrl-C, ends the session;
+     - every mode has a way out: a control byte ends an escape sequence and then acts, Ctrl-C
+       ends the session from inside a paste, and a paste or a sequence that goes quiet for
+       EDITOR_QUIET_MS ends (a terminal sends one whole; a lone ESC[200~ typed does not).
    Raw mode lasts only while a message is read: the reply is generated in the terminal's own
-   mode, where Ctrl-C raises SIGINT. The terminal is restored on every way out: return,
+   mode, where Ctrl-C raises SIGINT, and what is typed there (lines, Ctrl-D) is taken before
+   raw mode: a Ctrl-D typed during a reply ends the session once the reply is done. The terminal is restored on every way out: return,
    exit() (atexit), and the signals that end the program. */
 
 static struct termios saved_termios;   /* the terminal's settings outside the editor */
@@ -1947,6 +1952,7 @@ typedef struct {
     size_t n_esc_params;
     unsigned char input[4096]; /* bytes read but not used yet (typed ahead) */
     size_t input_start, input_len;
+    int end_typed;             /* Ctrl-D typed during a reply: the end, once input is used */
 } Editor;
 
 static const char EDITOR_PROMPT[] = "User: ";
@@ -2132,8 +2138,10 @@ static void editor_paste_byte(Editor *e, unsigned char c) {
 
 /* One byte typed: returns EDIT_SEND at Enter, EDIT_END at Ctrl-D on nothing or Ctrl-C. */
 static int editor_byte(Editor *e, unsigned char c) {
+    if (e->esc_state && c < 0x20) e->esc_state = 0;  /* a control byte ends it, then acts */
     if (e->esc_state) { editor_escape_byte(e, c); return EDIT_MORE; }
     if (c == 0x1B) { e->esc_state = 1; return EDIT_MORE; }
+    if (e->in_paste && c == 0x03) e->in_paste = 0;  /* Ctrl-C: the way out of any paste */
     if (e->in_paste) { editor_paste_byte(e, c); return EDIT_MORE; }
     switch (c) {
     case '\r': case '\n':
@@ -2173,6 +2181,37 @@ static int editor_byte(Editor *e, unsigned char c) {
     return EDIT_MORE;
 }
 
+#define EDITOR_QUIET_MS 1000  /* a paste or escape sequence idle this long has ended */
+
+/* Waits up to EDITOR_QUIET_MS for input inside a paste or an escape sequence. Returns 1 when
+   none came: the paste or sequence is over (as if closed) and is drawn; 0 when input is there. */
+static int editor_quiet(Editor *e) {
+    struct pollfd p = { .fd = STDIN_FILENO, .events = POLLIN };
+    int ready;
+    do ready = poll(&p, 1, EDITOR_QUIET_MS); while (ready < 0 && errno == EINTR);
+    if (ready != 0) return 0;
+    e->in_paste = e->esc_state = 0;
+    editor_draw(e);
+    return 1;
+}
+
+/* What was typed while a reply was generated, in the terminal's own mode, is read before raw
+   mode takes over (which would lose a Ctrl-D): whole lines into the input, typed ahead, and a
+   Ctrl-D as end_typed. */
+static void editor_take_typed_ahead(Editor *e) {
+    memmove(e->input, e->input + e->input_start, e->input_len);
+    e->input_start = 0;
+    struct pollfd p = { .fd = STDIN_FILENO, .events = POLLIN };
+    while (!e->end_typed && e->input_len < sizeof e->input && poll(&p, 1, 0) == 1 &&
+           (p.revents & POLLIN)) {
+        ssize_t n = read(STDIN_FILENO, e->input + e->input_len, sizeof e->input - e->input_len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return;
+        if (n == 0) e->end_typed = 1;
+        e->input_len += (size_t)n;
+    }
+}
+
 /* Reads one message on the terminal into e->text. Returns 0, or -1 when the session ends. */
 static int editor_read(Editor *e) {
     e->text.len = 0;
@@ -2181,10 +2220,14 @@ static int editor_read(Editor *e) {
     e->shown = e->n_history;
     e->in_paste = e->esc_state = 0;
     fflush(stdout);
+    editor_take_typed_ahead(e);
+    if (e->end_typed && e->input_len == 0) return -1;
     enter_raw_mode();
     editor_draw(e);
     int result = EDIT_MORE, changed = 0;  /* changed: since the last draw */
     while (result == EDIT_MORE) {
+        if (e->input_len == 0 && e->end_typed) { result = EDIT_END; break; }
+        if (e->input_len == 0 && (e->in_paste || e->esc_state) && editor_quiet(e)) continue;
         if (e->input_len == 0) {
             ssize_t n = read(STDIN_FILENO, e->input, sizeof e->input);
             if (n < 0 && errno == EINTR) continue;
