@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from common import PYTHON, REPO, TESTS, program, run, scratch
 
 sys.path.insert(0, os.path.join(TESTS, "fuzz"))
@@ -1084,6 +1086,75 @@ def test_export_outputs_never_replace_inputs():
     shutil.copyfile(os.path.join(single, "config.json"), os.path.join(tok_dir, "config.json"))
     for out in (tok, os.path.join(tok_dir, "config.json")):
         export_refused(["--tokenizer-only", out, "--tokenizer", tok], "input", [tok_dir])
+
+
+def set_weight(folder, name, index, value):
+    """Sets element `index` (row-major) of tensor `name` in the folder's model.safetensors."""
+    st = os.path.join(folder, "model.safetensors")
+    header, data = read_safetensors(st)
+    entry, data = header[name], bytearray(data)
+    if entry["dtype"] == "BF16":
+        packed = struct.pack("<f", value)[2:] if value == value else b"\xc0\x7f"
+    else:
+        packed = struct.pack("<e" if entry["dtype"] == "F16" else "<f", value)
+    at = entry["data_offsets"][0] + index * len(packed)
+    data[at:at + len(packed)] = packed
+    write_safetensors(st, header, bytes(data))
+
+
+def test_export_refuses_nonfinite_weights_in_every_dtype():
+    """Issue 24: one policy for NaN and Inf weights whatever --dtype (q8_0 used to write a
+    NaN scale with numpy warnings and exit 0, q4_0 refused in one line): refused, in one line
+    naming the tensor and the first bad element, no numpy warning, no file left. In F32, BF16
+    and F16 checkpoints, matrices and norms alike; and a finite fp32 weight that rounds to
+    infinity in bf16."""
+    nan, inf = float("nan"), float("inf")
+    out_dir = os.path.join(WORK, "nonfinite-out")
+    rows = (("F32", "model.embed_tokens.weight", 0, (0, 0), (nan, inf, -inf)),
+            ("F32", "model.layers.1.self_attn.q_proj.weight", 64 * 5 + 7, (5, 7), (nan, -inf)),
+            ("F32", "model.norm.weight", 63, (63,), (inf,)),
+            ("BF16", "model.layers.0.mlp.down_proj.weight", 192 * 3 + 100, (3, 100), (nan, inf)),
+            ("F16", "lm_head.weight", 64 * 383 + 63, (383, 63), (-inf, nan)))
+    for source, tensor, index, where, values in rows:
+        folder = tiny_checkpoint(f"nonfinite-{source}", dtype=source)
+        if "q_proj" in tensor:  # a second bad weight, after the first: the first is named
+            set_weight(folder, tensor, index + 1000, nan)
+        for value in values:
+            set_weight(folder, tensor, index, value)
+            for dtype in ("fp32", "bf16", "q8_0", "q4_0"):
+                needle = f"tensor {tensor}: weight [{', '.join(map(str, where))}] = {value}"
+                export_fails(["OUT", "--hf", folder, "--dtype", dtype], needle, out_dir)
+    folder = tiny_checkpoint("nonfinite-bf16-range", dtype="F32")
+    set_weight(folder, "model.layers.0.mlp.up_proj.weight", 9, 3.4e38)
+    export_fails(["OUT", "--hf", folder, "--dtype", "bf16"],
+                 "weight [0, 9] = 3.3999999521443642e+38 rounds to infinity in bf16", out_dir)
+
+
+def test_export_subnormal_weights_without_warnings():
+    """Issue 24: subnormal weights (whole matrices, and single groups among normal ones)
+    export in every --dtype with nothing on stderr: q4_0's scale search printed numpy's
+    overflow and cast warnings. Their q4_0 values are 0 (fp16 scales cannot hold them)."""
+    folder = tiny_checkpoint("subnormal", dtype="F32")
+    st = os.path.join(folder, "model.safetensors")
+    header, data = read_safetensors(st)
+    data = bytearray(data)
+    for i, name in enumerate(sorted(k for k in header if k.endswith("proj.weight"))):
+        start, end = header[name]["data_offsets"]
+        x = np.frombuffer(bytes(data[start:end]), "<f4").copy()
+        scale = (1e-45, 1e-41, 1e-39, 2e-38)[i % 4]
+        if i % 2:
+            x[:64] *= scale  # a row of subnormal groups among normal ones
+        else:
+            x *= scale
+        data[start:end] = x.astype("<f4").tobytes()
+    write_safetensors(st, header, bytes(data))
+    for dtype in ("fp32", "bf16", "q8_0", "q4_0"):
+        out = os.path.join(WORK, f"subnormal-{dtype}.bin")
+        proc = run([PYTHON, "-W", "error", os.path.join(REPO, "export.py"), out, "--hf", folder,
+                    "--dtype", dtype], check=False, timeout=TIMEOUT)
+        assert proc.returncode == 0 and proc.stderr == b"", (dtype, proc.stderr[-800:])
+        assert b"Warning" not in proc.stdout, (dtype, proc.stdout[-800:])
+        expect("export", run_model(out), "", status=0)
 
 
 def export_interrupted(folder, out_dir, act):
