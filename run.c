@@ -2428,9 +2428,14 @@ static void chat_open(Chat *c, Session *s, const char *system_prompt, int max_re
     push_or_die(&c->incoming, c->d.eot);
     append_header(t, &c->d, "assistant", &c->incoming);
     c->overhead = c->incoming.count;
-    if (c->dialog.fixed + c->overhead + c->room >= c->seq_len)
-        die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
-            c->dialog.fixed, c->seq_len);
+    if (c->dialog.fixed + c->overhead + c->room >= c->seq_len) {
+        if (system_prompt)
+            die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
+                c->dialog.fixed, c->seq_len);
+        die("no turn fits in the context of %zu (-c): <|begin_of_text|> and a turn's headers "
+            "take %zu positions, its reply at least %zu", c->seq_len,
+            c->dialog.fixed + c->overhead, c->room);
+    }
 }
 
 static void chat_close(Chat *c) {
@@ -2568,7 +2573,9 @@ static float parse_float(const char *flag, const char *text, float min, float ma
     char *end;
     errno = 0;
     float v = strtof(text, &end);
-    if (errno || end == text || *end != '\0' || !(v >= min && v <= max)) {
+    /* ERANGE: an underflow gives the nearest float (a subnormal or 0), kept; an overflow gives
+       an infinity, which the range refuses */
+    if (end == text || *end != '\0' || !(v >= min && v <= max)) {
         /* llama.cpp's -p is the prompt: a word given to our -p (top-p) is most likely one */
         int prompt_habit = strcmp(flag, "-p") == 0 && end == text;
         usage_error("%s wants a number in [%g, %g], got '%s'%s", flag, (double)min, (double)max,
@@ -2586,8 +2593,9 @@ static void parse_ids(const char *text, int vocab_size, TokenList *out) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v >= vocab_size)
-            die("-I: '%.20s' is not a token id in [0, %d)", p, vocab_size);
+        int word = (int)strcspn(p, " ,\t\n");  /* the whole id as given, named if wrong */
+        if (end != p + word || errno || v < 0 || v >= vocab_size)
+            die("-I: '%.*s' is not a token id in [0, %d)", word < 20 ? word : 20, p, vocab_size);
         push_or_die(out, (int)v);
         p = end;
     }
@@ -2991,7 +2999,7 @@ int main(int argc, char **argv) {
         check_tokenizer_exists(tokenizer_path, o.tokenizer_path != NULL);
         char err[256];
         s.tokenizer = tokenizer_load(tokenizer_path, err, sizeof err);
-        if (!s.tokenizer) die("tokenizer %s: %s (give its path with -z)", tokenizer_path, err);
+        if (!s.tokenizer) die("tokenizer %s (give its path with -z)", err);  /* err: path: why */
         if (tokenizer_vocab_size(s.tokenizer) != cfg->vocab_size)
             die("the tokenizer has %d tokens but the model's vocabulary has %d",
                 tokenizer_vocab_size(s.tokenizer), cfg->vocab_size);

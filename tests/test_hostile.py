@@ -682,6 +682,37 @@ def test_command_line_errors():
         expect("cli", run_model(model, *extra), "", status=0)
 
 
+def test_messages_say_what_is_wrong():
+    """Issue 24: a float flag in range but below float's normal range was "out of [0, 100]"
+    (strtof's underflow); an -I id is named whole ('0x10', not 'x10'); a tokenizer error names
+    its path once; a chat without -y that cannot fit a turn does not blame a system prompt."""
+    model, tok = good_files()
+    for flag in ("-t", "--temp", "-p", "--top-p", "--min-p", "--presence-penalty",
+                 "--frequency-penalty"):
+        for value in ("1e-38", "1e-45", "1e-50", "-1e-50", "1.17549435e-38"):
+            expect("cli", run_model(model, flag, value, "-s", "3"), "", status=0)
+    for flag, value in (("-t", "-1e-45"), ("-p", "-1e-40"), ("--repeat-penalty", "1e-38"),
+                        ("--repeat-penalty", "1e-50"), ("-t", "1e39"), ("--min-p", "3e38")):
+        expect("cli", [program("run"), model, flag, value], f"got '{value}'", usage=True)
+    for ids, word in (("0x10", "0x10"), ("1 2 0x1f", "0x1f"), ("1.5", "1.5"), ("12abc", "12abc"),
+                      ("1e3", "1e3"), ("5,-3", "-3"), ("7 300", "300"), ("1 2-3", "2-3")):
+        expect("cli", [program("run"), model, "-I", ids, "-o", "ids", "-n", "1"],
+               f"-I: '{word}' is not a token id")
+    for name, data in (("magic.tok", b"XXXX" + bytes(20)), ("short.tok", GOOD_TOK[:10]),
+                       ("cut.tok", GOOD_TOK[:-7]), ("version.tok", GOOD_TOK[:4] + b"\2" + GOOD_TOK[5:])):
+        path = write("msg-" + name, data)
+        proc = expect("tokenizer", [program("run"), model, "-z", path, "-i", "hi"], "tokenizer")
+        assert proc.stderr.count(path.encode()) == 1, proc.stderr
+        proc = run([program("tokenize"), path, "hi"], check=False, timeout=TIMEOUT)
+        assert proc.returncode == 1 and proc.stderr.count(path.encode()) == 1, proc.stderr
+    for extra, needle in (([], "no turn fits in the context of 16"),
+                          (["-n", "4"], "no turn fits in the context of 16"),
+                          (["-y", "Be brief."], "the system prompt takes")):
+        proc = expect("chat", [program("run"), model, "-m", "chat", "-c", "16", *extra], needle,
+                      stdin=b"hi\n")
+        assert extra or b"system prompt" not in proc.stderr, proc.stderr
+
+
 def test_wrong_files_name_the_fix():
     """An HF folder, a safetensors file or a GGUF file given as the model, a missing .tok:
     the error names what the file is and the export.py command that makes the right one."""
