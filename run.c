@@ -1887,8 +1887,9 @@ static int read_piped_message(Text *message, char **line, size_t *capacity) {
        EDITOR_QUIET_MS ends (a terminal sends one whole; a lone ESC[200~ typed does not).
    Raw mode lasts only while a message is read: the reply is generated in the terminal's own
    mode, where Ctrl-C raises SIGINT, and what is typed there (lines, Ctrl-D) is taken before
-   raw mode: a Ctrl-D typed during a reply ends the session once the reply is done. The terminal is restored on every way out: return,
-   exit() (atexit), and the signals that end the program. */
+   raw mode: a Ctrl-D typed during a reply ends the session once the reply is done. The
+   terminal is restored on every way out: return, exit() (atexit), and the signals that end
+   the program. */
 
 static struct termios saved_termios;   /* the terminal's settings outside the editor */
 static volatile sig_atomic_t in_raw_mode;
