@@ -284,12 +284,13 @@ QUANT_SHAPE = dict(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, head_dim=32)
 def damaged_scale(wt, gs, tensor, value):
     """A q8_0 (wt 2) or q4_0 (wt 3) model with one scale of `tensor` set to value: the first
     group, or for the embedding token 1's (the token the rows feed)."""
+    name = f"scale-{wt}-{gs}-{tensor}-{value}.bin"
     data, sections = model_file(weight_type=wt, group_size=gs, **QUANT_SHAPE, **MODEL_ARGS)
     data = bytearray(data)
     start = dict((name, s) for name, s, _ in sections)[tensor + ".scales"]
     group = QUANT_SHAPE["dim"] // gs if tensor == "embedding" else 0
     struct.pack_into("<f" if wt == 2 else "<e", data, start + group * (4 if wt == 2 else 2), value)
-    return write(f"scale-{wt}-{tensor}-{value}.bin", bytes(data))
+    return write(name, bytes(data))
 
 
 def test_nonfinite_quantized():
@@ -300,7 +301,7 @@ def test_nonfinite_quantized():
     want = "non-finite logits (NaN or Inf)"
     matrices = ["embedding", "layer0.wq", "layer0.wk", "layer0.wv", "layer0.wo",
                 "layer0.w_gate", "layer0.w_down", "layer1.w_up", "classifier"]
-    for wt, gs in ((2, 32), (3, 32)):
+    for wt, gs in ((2, 32), (2, 64), (3, 32), (3, 64)):  # (-a fast takes q8_0 groups of 64)
         for value in (float("nan"), float("inf"), float("-inf")):
             for tensor in matrices:
                 path = damaged_scale(wt, gs, tensor, value)
