@@ -606,6 +606,18 @@ def f32_to_bf16(x):
     return rounded
 
 
+def refuse_nonfinite(name, shape, start, x, bad=None, why="is not finite"):
+    """The one policy for weights that are not finite, whatever --dtype: the export is refused,
+    naming the tensor and its first bad element. x: float32 elements start.. of the tensor;
+    bad: where they are bad (default: not finite)."""
+    bad = ~np.isfinite(x) if bad is None else bad
+    if bad.any():
+        i = int(np.argmax(bad))
+        where = ", ".join(str(int(k)) for k in np.unravel_index(start + i, shape))
+        raise ExportError(f"tensor {name}: weight [{where}] = {float(x[i])} {why}: every --dtype "
+                          f"refuses weights that are not finite")
+
+
 def quantize_q8_0(x, group_size):
     """float32 [n] -> (int8 q [n], float32 scales [n/group_size]) as README.md ("File formats") defines."""
     groups = x.reshape(-1, group_size)
@@ -632,12 +644,13 @@ def q4_0_like_llama_cpp(groups):
     rows = np.arange(len(groups))
     extreme = groups[rows, np.abs(groups).argmax(axis=1)]
     d = (extreme / np.float32(-8)).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inverse = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    with np.errstate(over="ignore"):  # an infinite scale: quantize_q4_0 refuses it
+        d16 = d.astype(np.float16)
+    # q = 0 where the fp16 scale is 0 (subnormal groups, whose 1 / d would overflow)
+    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d16 != 0)
     shifted = groups * inverse[:, None] + np.float32(8.5)
     q = np.minimum(15, shifted.astype(np.int8)) - 8
-    with np.errstate(over="ignore"):  # an infinite scale: quantize_q4_0 refuses it
-        return q.astype(np.int8), d.astype(np.float16)
+    return q.astype(np.int8), d16
 
 
 def rounded_q(groups, scale, out):
@@ -708,9 +721,7 @@ def quantize_q4_0(x, group_size):
     llama.cpp's Q4_0 choice, the Q4_SEARCH scales and the least-squares scale of the best q.
     Every group's error, hence every matrix's, is thus at most Q4_0's. Searched Q4_BLOCK_GROUPS
     groups at a time."""
-    groups = x.reshape(-1, group_size)
-    if not np.isfinite(groups).all():
-        raise ExportError("weights must be finite for q4_0")
+    groups = x.reshape(-1, group_size)  # finite: write_tensor refuses the rest
     q, scales = np.empty(groups.shape, dtype=np.int8), np.empty(len(groups), dtype=np.float16)
     q4_0_err = 0.0
     block = max(1, Q4_BLOCK_GROUPS * 32 // group_size)
@@ -782,13 +793,20 @@ def write_tensor(out, ckpt, name, shape, as_matrix, weight_type, group_size):
     for start, count in chunks(shape):
         raw = f.elements(name, start, count)
         if kind == "bf16" and dtype == "BF16":
+            if ((raw & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():  # infinity or NaN
+                refuse_nonfinite(name, shape, start, to_f32(raw, dtype))
             out.write(raw)  # exact copy of the stored bits
-        elif kind == "fp32":
-            out.write(to_f32(raw, dtype))
+            continue
+        x = to_f32(raw, dtype)
+        refuse_nonfinite(name, shape, start, x)
+        if kind == "fp32":
+            out.write(x)
         elif kind == "bf16":
-            out.write(f32_to_bf16(to_f32(raw, dtype)))
+            bits = f32_to_bf16(x)
+            refuse_nonfinite(name, shape, start, x, (bits & np.uint16(0x7F80)) == np.uint16(0x7F80),
+                             "rounds to infinity in bf16")
+            out.write(bits)
         else:
-            x = to_f32(raw, dtype)
             if kind == "q8_0":
                 q, scale = quantize_q8_0(x, group_size)
                 out.write(q)
@@ -1278,7 +1296,9 @@ def parse_args(argv):
                         "(exact for bf16 checkpoints, rounded to nearest even otherwise); q8_0 "
                         "int8 with one float32 scale per group; q4_0 4-bit integers in [-8, 7] "
                         "with one fp16 scale per group, chosen per group for the least squared "
-                        "error, never more than llama.cpp's Q4_0 (default: fp32)")
+                        "error, never more than llama.cpp's Q4_0 (default: fp32). Every type "
+                        "refuses a weight that is NaN or infinite (or becomes so: bf16 past "
+                        "its range), naming the tensor and the first bad element")
     p.add_argument("--group-size", type=int, metavar="N",
                    help="q8_0 and q4_0 group size: elements per scale; must divide every "
                         "matrix's row length. q8_0 default: 64, or the largest divisor of 64 that "

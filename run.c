@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -338,6 +339,20 @@ typedef struct {
     int read_into_memory;
 } Model;
 
+/* The header, read alone and checked against the file's size, before anything is mapped in,
+   read or allocated in proportion to the file: a wrong file (a 100 GB archive) is refused at
+   once in both -w modes, and the user's page cache is left as it was. */
+static void check_header_first(int fd, const char *path, size_t size, Config *cfg) {
+    unsigned char header[HEADER_BYTES];
+    ssize_t got;
+    do got = pread(fd, header, HEADER_BYTES, 0); while (got < 0 && errno == EINTR);
+    if (got < 0) die("cannot read model file %s: %s", path, strerror(errno));
+    if (got != HEADER_BYTES) die("model file %s: ended before its 256-byte header", path);
+    char msg[160];
+    const char *problem = validate_model(header, size, cfg, msg, sizeof msg);
+    if (problem) die("model file %s: %s", path, problem);
+}
+
 /* The weights in 2 MB pages where Linux has them (section 8z): the mapping, or the whole file
    read into memory (-w read). */
 static void map_large_pages(unsigned char *map, size_t size, int fd);
@@ -353,13 +368,8 @@ static void load_model(const char *path, Model *m, int read_into_memory) {
         die("model file %s: file is shorter than the 256-byte header", path);
     m->mapping_size = (size_t)st.st_size;
     m->read_into_memory = read_into_memory;
-    if (read_into_memory) {  /* the header first: a wrong file is refused before reading it all */
-        unsigned char header[HEADER_BYTES];
-        char msg[160];
-        if (pread(fd, header, HEADER_BYTES, 0) != HEADER_BYTES)
-            die("cannot read model file %s: %s", path, strerror(errno));
-        const char *problem = validate_model(header, m->mapping_size, &m->config, msg, sizeof msg);
-        if (problem) die("model file %s: %s", path, problem);
+    check_header_first(fd, path, m->mapping_size, &m->config);
+    if (read_into_memory) {
         m->mapping = read_whole_file(fd, m->mapping_size, path);
         close(fd);
     } else {
@@ -473,19 +483,28 @@ typedef struct {
 #define Q16_MAX 32767.0f
 #define Q8_MAX 127.0f
 
-/* One group of gs values, scaled so that its largest magnitude becomes q_max, rounded. */
+/* One group of gs values, scaled so that its largest magnitude becomes q_max, rounded. A group
+   holding a NaN or an infinity gets the scale NaN (and zeros), so that every dot product it
+   enters is NaN: the damage reaches the non-finite logits check, as in fp32, instead of
+   becoming a number. (The NaN test is a running OR, not a branch: the loop stays vectorised.) */
 static float quantize_group(int16_t *q, const float *x, int gs, float q_max) {
     float amax = 0.0f;
+    int nan = 0;
     for (int i = 0; i < gs; i++) {
         float a = fabsf(x[i]);
-        amax = a > amax ? a : amax;  /* (a NaN is skipped, as fmaxf would) */
+        amax = a > amax ? a : amax;
+        nan |= a != a;
+    }
+    if (nan || !isfinite(amax)) {
+        memset(q, 0, (size_t)gs * sizeof *q);
+        return NAN;
     }
     float scale = amax / q_max;
     float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
     for (int i = 0; i < gs; i++) {
         float r = nearbyintf(x[i] * inverse);
-        /* only in-range values are cast: a NaN (from a NaN or infinite activation, or a
-           denormal group whose inverse overflowed) becomes 0 rather than undefined */
+        /* only in-range values are cast: a NaN (a 0 times the inverse of a denormal group's
+           scale, overflowed to infinity) becomes 0 rather than undefined */
         int16_t v = 0;
         if (r >= -q_max && r <= q_max) v = (int16_t)r;
         else if (r > 0.0f) v = (int16_t)q_max;
@@ -1368,8 +1387,16 @@ static void sampler_free(Sampler *s) {
     free(s->counts);
 }
 
+/* Forgets every token the penalties hold: the context starts again from position 0 (chat's
+   slide feeds the kept turns again), and its state is what the kept tokens make it. */
+static void sampler_restart(Sampler *s) {
+    for (int j = 0; j < s->n_recent; j++) s->counts[s->recent[j]] = 0;
+    s->n_recent = s->next = 0;
+}
+
 /* Records the tokens fed to the model, the first at position `first`. */
 static void sampler_accept(Sampler *s, const int *tokens, int n, int first) {
+    if (first == 0) sampler_restart(s);  /* a new context: nothing of the old one counts */
     s->position = first + n - 1;
     for (int i = 0; i < n && s->capacity > 0; i++) {
         int t = tokens[i];
@@ -1930,6 +1957,7 @@ typedef struct {
     size_t n_esc_params;
     unsigned char input[4096]; /* bytes read but not used yet (typed ahead) */
     size_t input_start, input_len;
+    int end_typed;             /* Ctrl-D typed during a reply: the end, once input is used */
 } Editor;
 static int editor_open(Editor *e);
 static int editor_read(Editor *e);
@@ -2098,9 +2126,14 @@ static void chat_open(Chat *c, Session *s, const char *system_prompt, int max_re
     push_or_die(&c->incoming, c->d.eot);
     append_header(t, &c->d, "assistant", &c->incoming);
     c->overhead = c->incoming.count;
-    if (c->dialog.fixed + c->overhead + c->room >= c->seq_len)
-        die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
-            c->dialog.fixed, c->seq_len);
+    if (c->dialog.fixed + c->overhead + c->room >= c->seq_len) {
+        if (system_prompt)
+            die("the system prompt takes %zu positions: no turn fits in the context of %zu (-c)",
+                c->dialog.fixed, c->seq_len);
+        die("no turn fits in the context of %zu (-c): <|begin_of_text|> and a turn's headers "
+            "take %zu positions, its reply at least %zu", c->seq_len,
+            c->dialog.fixed + c->overhead, c->room);
+    }
 }
 
 static void chat_close(Chat *c) {
@@ -2164,10 +2197,15 @@ static int chat(Session *s, const char *system_prompt, const char *first_message
      - a paste arrives between ESC[200~ and ESC[201~ (bracketed paste, which the editor turns
        on) and is inserted whole, newlines included, whatever its length: one message;
      - every other escape sequence is read to its end and dropped, so none reaches the model;
-     - Ctrl-D on an empty message, or Ctrl-C, ends the session.
+     - Ctrl-D on an empty message, or Ctrl-C, ends the session;
+     - every mode has a way out: a control byte ends an escape sequence and then acts, Ctrl-C
+       ends the session from inside a paste, and a paste or a sequence that goes quiet for
+       EDITOR_QUIET_MS ends (a terminal sends one whole; a lone ESC[200~ typed does not).
    Raw mode lasts only while a message is read: the reply is generated in the terminal's own
-   mode, where Ctrl-C raises SIGINT. The terminal is restored on every way out: return,
-   exit() (atexit), and the signals that end the program. */
+   mode, where Ctrl-C raises SIGINT, and what is typed there (lines, Ctrl-D) is taken before
+   raw mode: a Ctrl-D typed during a reply ends the session once the reply is done. The
+   terminal is restored on every way out: return, exit() (atexit), and the signals that end
+   the program. */
 
 static struct termios saved_termios;   /* the terminal's settings outside the editor */
 static volatile sig_atomic_t in_raw_mode;
@@ -2402,8 +2440,10 @@ static void editor_paste_byte(Editor *e, unsigned char c) {
 
 /* One byte typed: returns EDIT_SEND at Enter, EDIT_END at Ctrl-D on nothing or Ctrl-C. */
 static int editor_byte(Editor *e, unsigned char c) {
+    if (e->esc_state && c < 0x20) e->esc_state = 0;  /* a control byte ends it, then acts */
     if (e->esc_state) { editor_escape_byte(e, c); return EDIT_MORE; }
     if (c == 0x1B) { e->esc_state = 1; return EDIT_MORE; }
+    if (e->in_paste && c == 0x03) e->in_paste = 0;  /* Ctrl-C: the way out of any paste */
     if (e->in_paste) { editor_paste_byte(e, c); return EDIT_MORE; }
     switch (c) {
     case '\r': case '\n':
@@ -2443,6 +2483,37 @@ static int editor_byte(Editor *e, unsigned char c) {
     return EDIT_MORE;
 }
 
+#define EDITOR_QUIET_MS 1000  /* a paste or escape sequence idle this long has ended */
+
+/* Waits up to EDITOR_QUIET_MS for input inside a paste or an escape sequence. Returns 1 when
+   none came: the paste or sequence is over (as if closed) and is drawn; 0 when input is there. */
+static int editor_quiet(Editor *e) {
+    struct pollfd p = { .fd = STDIN_FILENO, .events = POLLIN };
+    int ready;
+    do ready = poll(&p, 1, EDITOR_QUIET_MS); while (ready < 0 && errno == EINTR);
+    if (ready != 0) return 0;
+    e->in_paste = e->esc_state = 0;
+    editor_draw(e);
+    return 1;
+}
+
+/* What was typed while a reply was generated, in the terminal's own mode, is read before raw
+   mode takes over (which would lose a Ctrl-D): whole lines into the input, typed ahead, and a
+   Ctrl-D as end_typed. */
+static void editor_take_typed_ahead(Editor *e) {
+    memmove(e->input, e->input + e->input_start, e->input_len);
+    e->input_start = 0;
+    struct pollfd p = { .fd = STDIN_FILENO, .events = POLLIN };
+    while (!e->end_typed && e->input_len < sizeof e->input && poll(&p, 1, 0) == 1 &&
+           (p.revents & POLLIN)) {
+        ssize_t n = read(STDIN_FILENO, e->input + e->input_len, sizeof e->input - e->input_len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return;
+        if (n == 0) e->end_typed = 1;
+        e->input_len += (size_t)n;
+    }
+}
+
 /* Reads one message on the terminal into e->text. Returns 0, or -1 when the session ends. */
 static int editor_read(Editor *e) {
     e->text.len = 0;
@@ -2451,10 +2522,14 @@ static int editor_read(Editor *e) {
     e->shown = e->n_history;
     e->in_paste = e->esc_state = 0;
     fflush(stdout);
+    editor_take_typed_ahead(e);
+    if (e->end_typed && e->input_len == 0) return -1;
     enter_raw_mode();
     editor_draw(e);
     int result = EDIT_MORE, changed = 0;  /* changed: since the last draw */
     while (result == EDIT_MORE) {
+        if (e->input_len == 0 && e->end_typed) { result = EDIT_END; break; }
+        if (e->input_len == 0 && (e->in_paste || e->esc_state) && editor_quiet(e)) continue;
         if (e->input_len == 0) {
             ssize_t n = read(STDIN_FILENO, e->input, sizeof e->input);
             if (n < 0 && errno == EINTR) continue;
@@ -2576,7 +2651,9 @@ static float parse_float(const char *flag, const char *text, float min, float ma
     char *end;
     errno = 0;
     float v = strtof(text, &end);
-    if (errno || end == text || *end != '\0' || !(v >= min && v <= max)) {
+    /* ERANGE: an underflow gives the nearest float (a subnormal or 0), kept; an overflow gives
+       an infinity, which the range refuses */
+    if (end == text || *end != '\0' || !(v >= min && v <= max)) {
         /* llama.cpp's -p is the prompt: a word given to our -p (top-p) is most likely one */
         int prompt_habit = strcmp(flag, "-p") == 0 && end == text;
         usage_error("%s wants a number in [%g, %g], got '%s'%s", flag, (double)min, (double)max,
@@ -2594,8 +2671,9 @@ static void parse_ids(const char *text, int vocab_size, TokenList *out) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v >= vocab_size)
-            die("-I: '%.20s' is not a token id in [0, %d)", p, vocab_size);
+        int word = (int)strcspn(p, " ,\t\n");  /* the whole id as given, named if wrong */
+        if (end != p + word || errno || v < 0 || v >= vocab_size)
+            die("-I: '%.*s' is not a token id in [0, %d)", word < 20 ? word : 20, p, vocab_size);
         push_or_die(out, (int)v);
         p = end;
     }
@@ -3005,7 +3083,7 @@ static void open_tokenizer(Session *s, const Options *o, const Config *cfg,
     check_tokenizer_exists(*path, o->tokenizer_path != NULL);
     char err[256];
     s->tokenizer = tokenizer_load(*path, err, sizeof err);
-    if (!s->tokenizer) die("tokenizer %s: %s (give its path with -z)", *path, err);
+    if (!s->tokenizer) die("tokenizer %s (give its path with -z)", err);  /* err: path: why */
     if (tokenizer_vocab_size(s->tokenizer) != cfg->vocab_size)
         die("the tokenizer has %d tokens but the model's vocabulary has %d",
             tokenizer_vocab_size(s->tokenizer), cfg->vocab_size);
@@ -3396,14 +3474,24 @@ static int amx_granted(void) {
 #define HAS_AMX_NAME ""
 #endif
 
-/* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the max
-   skips NaNs as the scalar compare does, roundscale rounds to nearest even like nearbyintf,
-   NaNs become 0 and the rest is clamped to +-q_max before the exact conversion. */
+/* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: the lanes
+   that are NaN are collected in a mask beside the max (a group with a NaN or an infinity gets
+   the scale NaN and zeros), roundscale rounds to nearest even like nearbyintf, NaNs become 0
+   and the rest is clamped to +-q_max before the exact conversion. */
 static float quantize_group16(int16_t *q, const float *x, int gs, float q_max) {
     __m512 amax = _mm512_setzero_ps();
-    for (int i = 0; i < gs; i += 16)
-        amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), amax);
-    float scale = _mm512_reduce_max_ps(amax) / q_max;
+    __mmask16 nan = 0;
+    for (int i = 0; i < gs; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        amax = _mm512_max_ps(_mm512_abs_ps(v), amax);
+    }
+    float max = _mm512_reduce_max_ps(amax);
+    if (nan || !isfinite(max)) {
+        memset(q, 0, (size_t)gs * sizeof *q);
+        return NAN;
+    }
+    float scale = max / q_max;
     __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
     __m512 high = _mm512_set1_ps(q_max), low = _mm512_set1_ps(-q_max);
     for (int i = 0; i < gs; i += 16) {

@@ -725,6 +725,34 @@ static void test_quantize_group(void) {
 #endif
 }
 
+/* A group holding a NaN or an infinity quantizes to the scale NaN and zeros, not to an
+   ordinary scale with the bad value as 0 (which would launder the damage into a number):
+   through quantize_vector here, and section 8's quantize_group16 is held to the same bits by
+   test_quantize_group. */
+static void test_quantize_nonfinite(void) {
+    const float bad[] = { NAN, -NAN, INFINITY, -INFINITY };
+    int wrong = 0, cases = 0;
+    for (int k = 0; k < 4; k++) {
+        for (int gs = 16; gs <= 256; gs *= 4) {
+            for (int at = 0; at < gs; at += gs / 4 + 3) {
+                float x[256], scales[1];
+                int16_t q[256];
+                for (int i = 0; i < gs; i++) x[i] = uniform();
+                x[at] = bad[k];
+                QuantizedVector v = { .q = q, .scales = scales };
+                quantize_vector(&v, x, gs, gs, k % 2 ? Q8_MAX : Q16_MAX);
+                int zeros = 1;
+                for (int i = 0; i < gs; i++) zeros &= q[i] == 0;
+                wrong += !isnan(scales[0]) || !zeros;
+                cases++;
+            }
+        }
+    }
+    char name[80];
+    snprintf(name, sizeof name, "quantize NaN/inf group -> NaN scale, %d (wrong)", cases);
+    check(name, wrong, 0.0);
+}
+
 static void test_exp(void) {
 #if defined __AVX512F__
     double worst = 0.0;
@@ -879,6 +907,7 @@ static void test_kernels(void) {
     }
     test_exp();
     test_quantize_group();
+    test_quantize_nonfinite();
 }
 
 /* Feeds tokens[0 .. n-1] in blocks as generation does: no logits before the last block, then

@@ -228,6 +228,72 @@ def test_context_slides_on_a_terminal():
     assert len(dropped) >= 1 and err.count(b"dropped the") == len(dropped), err
 
 
+PASTE_START, PASTE_END = b"\x1b[200~", b"\x1b[201~"
+QUIET = 1.0  # seconds: run.c's EDITOR_QUIET_MS, after which an open paste or sequence ends
+
+
+def test_every_editor_mode_has_a_way_out():
+    """Issue 24: a paste opened and never closed swallowed every control byte (Ctrl-C and
+    Ctrl-D included), and an escape sequence ate the control byte that ended it. Now a control
+    byte ends a sequence and acts, Ctrl-C ends the session from inside a paste, and a paste or
+    sequence left open goes quiet and ends. Each case: the session ends at the key, status 0,
+    the terminal restored; or the text typed after a quiet wait is the message."""
+    ends = [PASTE_START + b"text\r" + CTRL_C,              # the issue's case
+            PASTE_START + b"text\r\x1b[31" + CTRL_C,       # a sequence inside the paste
+            PASTE_START + b"\x1b" + CTRL_C,
+            b"\x1b[12" + CTRL_C, b"\x1bO" + CTRL_C, b"\x1b" + CTRL_C,  # in a sequence
+            b"\x1b[1;" + CTRL_D, b"\x1b" + CTRL_D,           # Ctrl-D on an empty message
+            b"\x1b[" + b"9" * 100 + CTRL_C]                  # parameters past the buffer
+    for keys in ends:
+        term = chat("-n", "2")
+        term.wait_for(READY)
+        term.send(keys)
+        status, output, err = term.finish()
+        check_restored(term, output, err, status)
+        assert output.count(READY) == 1 and turns(output) == [], (keys, output[-300:])
+    # left open, then quiet: what is typed next is ordinary typing again (Enter sends)
+    for opened, typed, want in ((PASTE_START + b"pasted\r", b" more\r", "pasted\n more"),
+                                (PASTE_START, b"abc\r", "abc"),
+                                (b"\x1b[1;2", b"abc\r", "abc"), (b"\x1b", b"xyz\r", "xyz")):
+        term = chat("-n", "2")
+        term.wait_for(READY)
+        term.send(opened)
+        time.sleep(QUIET + 0.5)
+        term.send(typed)
+        term.wait_for(READY, 2)
+        term.send(CTRL_D)
+        status, output, err = term.finish()
+        check_restored(term, output, err, status)
+        got = turns(output)
+        assert len(got) == 1, (opened, output[-300:])
+        assert got[0][0] == [BOS] + message("user", want) + assistant_header(), (opened, got)
+
+
+def test_ctrl_d_in_a_reply_ends_the_session():
+    """Issue 24: Ctrl-D typed while a reply is generated (the terminal's own mode) used to be
+    lost when the editor took the terminal back. It ends the session once the reply is done
+    (here stopped by Ctrl-C), after any whole line typed before it, which is sent first."""
+    for ahead, n_turns in ((b"", 1), (b"typed ahead\r", 2)):
+        term = chat("-n", "0", "-e", "0", "-c", "131072")
+        term.wait_for(READY)
+        term.send(b"Tell me everything\r")
+        term.wait_for(OUT_STARTED)
+        term.send(ahead + CTRL_D)
+        time.sleep(0.2)  # (the terminal queues them before the interrupt)
+        term.send(CTRL_C)
+        if n_turns == 2:  # the line typed ahead is the next message: its reply, stopped too
+            term.wait_for(OUT_STARTED, 2)
+            term.send(CTRL_C)
+        status, output, err = term.finish()
+        check_restored(term, output, err, status)
+        echo = ahead.replace(b"\r", b"\r\n")  # the terminal echoes the line amid the ids
+        got = turns(strip_echo(output.replace(echo, b"") if echo else output))
+        assert len(got) == n_turns and output.count(READY) == n_turns, output[-300:]
+        if n_turns == 2:
+            assert got[1][0] == [got[0][1][-1], EOT] + message("user", "typed ahead") + \
+                assistant_header()
+
+
 def test_terminal_restored_after_a_signal():
     for sig in (signal.SIGTERM, signal.SIGHUP):  # killed, or its terminal window closed
         term = chat("-n", "2")
