@@ -15,14 +15,13 @@
    And last, speed only:
      8. SIMD kernels (x86 AVX-512, with VNNI, BF16 and AMX where the CPU has them), and 2 MB
         pages for the weights
-   Sections 1-7 are a whole engine in portable C, and in a portable build (no -march) they are
-   all that runs. Section 8 only makes it faster: sections 2 and 3 call it through a few hooks,
-   the functions named simd_*, each of which does its part of the work and returns 1 (or how
-   much it did), or returns 0 where it does not apply, and the portable code after it runs. In
-   a build without SIMD kernels each hook is the constant 0.
+   Sections 1-7 are a whole engine in portable C, and all that a portable build (no -march)
+   runs. Section 8 only makes it faster, through the hooks named simd_* that sections 2 and 3
+   call: each does its part and returns 1 (or how much it did), or 0 where it does not apply,
+   and the portable code after it runs. Without SIMD kernels each hook is the constant 0.
 
-   The model file is written by export.py; its layout is documented in README.md ("File
-   formats") and mirrored by the loader below. The tokenizer lives in tokenizer.c. */
+   The model file is written by export.py (its layout: README.md, "File formats"); the
+   tokenizer lives in tokenizer.c. */
 
 #define _POSIX_C_SOURCE 200809L  /* mmap, pread, getline, clock_gettime */
 #define _DEFAULT_SOURCE          /* madvise, posix_fadvise: Linux hints for the weights' pages */
@@ -125,10 +124,7 @@ static void free_aligned(void *p) {
 #define MAX_EOS 8
 
 enum { WEIGHT_FP32 = 0, WEIGHT_BF16 = 1, WEIGHT_Q8_0 = 2, WEIGHT_Q4_0 = 3 };
-static const char *weight_type_name(int type) {
-    return type == WEIGHT_FP32 ? "fp32" : type == WEIGHT_BF16 ? "bf16" :
-           type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
-}
+static const char *const WEIGHT_TYPE_NAMES[] = { "fp32", "bf16", "q8_0", "q4_0" };
 
 typedef struct {
     int dim;          /* width of the residual stream (hidden_size) */
@@ -368,20 +364,16 @@ static void load_model(const char *path, Model *m, int read_into_memory) {
         die("model file %s: file is shorter than the 256-byte header", path);
     m->mapping_size = (size_t)st.st_size;
     m->read_into_memory = read_into_memory;
-    check_header_first(fd, path, m->mapping_size, &m->config);
+    check_header_first(fd, path, m->mapping_size, &m->config);  /* (it vouches for the layout) */
     if (read_into_memory) {
         m->mapping = read_whole_file(fd, m->mapping_size, path);
-        close(fd);
     } else {
         void *map = mmap(NULL, m->mapping_size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map == MAP_FAILED) die("cannot map model file %s: %s", path, strerror(errno));
-        map_large_pages(map, m->mapping_size, fd);  /* hook: 2 MB pages where Linux has them */
-        close(fd);
+        map_large_pages(map, m->mapping_size, fd);  /* 2 MB pages where Linux has them */
         m->mapping = map;
     }
-    char msg[160];
-    const char *problem = validate_model(m->mapping, m->mapping_size, &m->config, msg, sizeof msg);
-    if (problem) die("model file %s: %s", path, problem);
+    close(fd);
     m->weights.layers = checked_calloc((size_t)m->config.n_layers, sizeof(Layer), "layers");
     map_weights(&m->config, m->mapping, &m->weights);
 }
@@ -396,17 +388,15 @@ static void free_model(Model *m) {
    2. The math
 
    Every weight type goes through matmul(), the one dispatch; the per-type dot products below
-   are the only place that knows how a type's bytes become numbers. Two shapes of work reach
-   it:
+   are the only place that knows how a type's bytes become numbers. Two shapes of work:
    - decoding: one token, out = W @ x, rows split over threads (matmul_vector). Every weight is
      used once, so the speed limit is how fast the weights stream from memory.
    - the prompt: a batch of tokens, out[t] = W @ x[t] (matmul_batch). Each weight is reused by
      every token of the batch, so the rows are widened to float32 a panel at a time and meet
      all the tokens from cache.
    q8_0 and q4_0 decoding quantize the activations too, to int16 per group, so that each
-   group's dot product is exact integer arithmetic (dot_q8, dot_q4). Where the build has SIMD
-   kernels, section 8 replaces these loops with ones that compute the same sums (in another
-   order) faster; the calls into it are marked "hook". */
+   group's dot product is exact integer arithmetic (dot_q8, dot_q4). Section 8's kernels, where
+   the build has them, compute the same sums faster; the calls into it are marked "hook". */
 
 /* float32 -> bf16, rounded to nearest even (a NaN stays a NaN): the KV cache's bf16, and -a
    fast's activations for bf16 weights. */
@@ -525,9 +515,6 @@ typedef struct MatmulScratch MatmulScratch;  /* (below) */
    returns 0 where it does not apply: then the portable code after it runs. A build without
    SIMD kernels has none of them: each is the constant 0 (and the scratch hooks do nothing). */
 #if HAVE_SIMD
-static void simd_alloc_scratch(MatmulScratch *s);
-static void simd_free_scratch(MatmulScratch *s);
-static int simd_set_fast(MatmulScratch *s, int weight_type, int group_size);
 static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s);
 static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s);
 static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
@@ -535,9 +522,6 @@ static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Mat
 static int simd_softmax(float *x, int n);
 static int simd_swiglu(float *gate, const float *up, int width);
 #else
-#define simd_alloc_scratch(s) ((void)(s))
-#define simd_free_scratch(s) ((void)(s))
-#define simd_set_fast(s, weight_type, group_size) 0
 #define simd_prepare_input(w, x, s) 0
 #define simd_matmul_rows(out, w, x, s) 0
 #define simd_matmul_batch(out, x, n_tokens, w, s) 0
@@ -607,15 +591,6 @@ static float dot_q4(const uint8_t *w, const uint16_t *w_scales, const QuantizedV
     return sum;
 }
 
-/* Value i (row-major) of a q8_0 or q4_0 matrix, before its group's scale. */
-static int quantized_value(const Matrix *w, size_t i) {
-    return w->type == WEIGHT_Q8_0 ? ((const int8_t *)w->data)[i] : q4_value(w->data, i);
-}
-
-static float group_scale(const Matrix *w, size_t group) {
-    return w->type == WEIGHT_Q8_0 ? w->scales[group] : fp16_to_float(w->fp16_scales[group]);
-}
-
 /* Values start .. start+n-1 of a matrix's row-major data widened to float32: the embedding
    lookup and the prompt paths' widened rows and blocks. */
 static void widen_values(float *out, const Matrix *w, size_t start, int n) {
@@ -624,15 +599,17 @@ static void widen_values(float *out, const Matrix *w, size_t start, int n) {
     } else if (w->type == WEIGHT_BF16) {
         const uint16_t *src = (const uint16_t *)w->data + start;
         for (int i = 0; i < n; i++) out[i] = bf16_to_float(src[i]);
-    } else {
-        size_t gs = (size_t)w->group_size;
-        int i = 0;
-        while (i < n) {  /* one group (or the part of it in range) at a time */
-            size_t group = (start + (size_t)i) / gs;
-            size_t group_end = (group + 1) * gs - start;
+    } else {  /* q8_0, q4_0: one group (or the part of it in range) at a time */
+        int q8 = w->type == WEIGHT_Q8_0;
+        for (int i = 0; i < n;) {
+            size_t group = (start + (size_t)i) / (size_t)w->group_size;
+            size_t group_end = (group + 1) * (size_t)w->group_size - start;
             int end = group_end < (size_t)n ? (int)group_end : n;
-            float scale = group_scale(w, group);
-            for (; i < end; i++) out[i] = (float)quantized_value(w, start + (size_t)i) * scale;
+            float scale = q8 ? w->scales[group] : fp16_to_float(w->fp16_scales[group]);
+            for (; i < end; i++) {
+                size_t at = start + (size_t)i;
+                out[i] = (float)(q8 ? ((const int8_t *)w->data)[at] : q4_value(w->data, at)) * scale;
+            }
         }
     }
 }
@@ -1190,6 +1167,14 @@ static float *forward(Transformer *tr, const int *tokens, int n_tokens, int pos,
 }
 
 /* ---- The state forward() works in, allocated once ---- */
+
+#if HAVE_SIMD  /* hooks: section 8's own buffers beside the scratch */
+static void simd_alloc_scratch(MatmulScratch *s);
+static void simd_free_scratch(MatmulScratch *s);
+#else
+#define simd_alloc_scratch(s) ((void)(s))
+#define simd_free_scratch(s) ((void)(s))
+#endif
 
 static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
     s->max_cols = max_cols;
@@ -2740,10 +2725,12 @@ static const Flag *find_flag(const char *arg) {
     return NULL;
 }
 
-#if HAVE_SIMD
-static const char *simd_kernels(void);  /* section 8: e.g. "avx512+vnni+bf16" */
+#if HAVE_SIMD  /* hooks: the kernels this build has (e.g. "avx512+vnni+bf16"), and -a fast */
+static const char *simd_kernels(void);
+static int simd_set_fast(MatmulScratch *s, int weight_type, int group_size);
 #else
 #define simd_kernels() "portable"
+#define simd_set_fast(s, weight_type, group_size) 0
 #endif
 
 static void print_version(void) {
@@ -3122,7 +3109,7 @@ static void start_state(Transformer *tr, const Options *o) {
     alloc_state(&tr->state, cfg, (int)o->context, o->cache_type);
     if (o->fast && !simd_set_fast(&tr->state.scratch, cfg->weight_type, cfg->group_size))
         fprintf(stderr, "run: note: -a fast changes nothing for %s weights in this build "
-                "(%s kernels): the activations stay exact\n", weight_type_name(cfg->weight_type),
+                "(%s kernels): the activations stay exact\n", WEIGHT_TYPE_NAMES[cfg->weight_type],
                 simd_kernels());
 }
 
@@ -3130,7 +3117,7 @@ static void start_state(Transformer *tr, const Options *o) {
 static void print_run_header(const Options *o, const Config *cfg, unsigned long long seed) {
     fprintf(stderr, "model: %d layers, dim %d, %d query / %d kv heads of %d, vocab %d, %s "
             "weights; context %ld of %d; %s kernels\n", cfg->n_layers, cfg->dim, cfg->n_heads,
-            cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size, weight_type_name(cfg->weight_type),
+            cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size, WEIGHT_TYPE_NAMES[cfg->weight_type],
             o->context, cfg->max_seq_len, simd_kernels());
     print_cache_size(cfg, o->cache_type, (int)o->context);
     if (o->seed < 0 && o->sampling.temperature > 0.0f)

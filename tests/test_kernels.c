@@ -406,7 +406,7 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
             worst = fmax(worst, fabs(out[(size_t)t * rows + r] - want) / magnitude(wr, xt, cols));
         }
     char name[80];
-    snprintf(name, sizeof name, "matmul %s %dx%d, %d tokens", weight_type_name(type), rows, cols,
+    snprintf(name, sizeof name, "matmul %s %dx%d, %d tokens", WEIGHT_TYPE_NAMES[type], rows, cols,
              n);
     /* one token of q8_0 or q4_0 goes through int16 activations (so do their blocks with
        AVX-512 VNNI); everything else is float32 */
@@ -471,7 +471,7 @@ static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch 
                                     magnitude(wr, xt, cols));
         }
     char name[80];
-    snprintf(name, sizeof name, "matmul %s -a fast %dx%d, %d tokens", weight_type_name(type),
+    snprintf(name, sizeof name, "matmul %s -a fast %dx%d, %d tokens", WEIGHT_TYPE_NAMES[type],
              rows, cols, n);
     check(name, worst, 1e-6);
     free(x); free(x_rounded); free(out); free(image); free(bf);
@@ -521,7 +521,7 @@ static void test_matmul_tiles(int type, int rows, int cols, int gs, int n, Matmu
                                                magnitude(wr, xt, cols));
             }
         snprintf(name, sizeof name, "matmul tiles %s%s %dx%d/%d, %d tokens",
-                 weight_type_name(type), int8 ? " -a fast (vs strips)" : "", rows, cols, gs, n);
+                 WEIGHT_TYPE_NAMES[type], int8 ? " -a fast (vs strips)" : "", rows, cols, gs, n);
         check(name, worst, !int8 ? 1e-5 : gs == amx_step(gs, 1) ? 0.0 : 1e-6);
     }
     s->simd->fast = 0;
@@ -958,7 +958,7 @@ static void test_model(const char *path, int n, int cache_type) {
     }
     char name[120];
     snprintf(name, sizeof name, "blocks vs one at a time, %s, %s cache, %d tokens",
-             weight_type_name(cfg->weight_type), CACHE_TYPE_NAMES[cache_type], n);
+             WEIGHT_TYPE_NAMES[cfg->weight_type], CACHE_TYPE_NAMES[cache_type], n);
     /* q8_0 (and q4_0) decoding rounds activations to int16; blocks do too with AVX-512 VNNI (then only
        the order of the group sums differs, 1.8e-4 measured) and keep them float32 otherwise
        (2.4e-4): of the logits' range on tiny32, a peaked random model that amplifies any
@@ -994,7 +994,7 @@ static void test_model(const char *path, int n, int cache_type) {
     compare_logits(forward(&tr, tokens + n, 1, n, LOGITS_LAST), blocked + (size_t)n * vocab,
                    vocab, &fed_worst, &fed_range);
     snprintf(name, sizeof name, "prompt fed for its last logits, one more token, %s, %s",
-             weight_type_name(cfg->weight_type), CACHE_TYPE_NAMES[cache_type]);
+             WEIGHT_TYPE_NAMES[cfg->weight_type], CACHE_TYPE_NAMES[cache_type]);
     check(name, fed_worst / fed_range, bound);
     free(tokens); free(blocked);
     free_state(&tr.state);

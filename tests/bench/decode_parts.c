@@ -245,7 +245,7 @@ int main(int argc, char **argv) {
         if (rates[r][0] > high) high = rates[r][0];
     }
     printf("%s: %s weights%s, %.2f GB per token; contiguous reads %.1f-%.1f GB/s\n", argv[1],
-           weight_type_name(cfg->weight_type), argc == 4 ? " (-a fast)" : "", bytes / 1e9, low,
+           WEIGHT_TYPE_NAMES[cfg->weight_type], argc == 4 ? " (-a fast)" : "", bytes / 1e9, low,
            high);
     if (high < 1.3 * low) {
         report(rates, rounds, 0.0, 1, "all", bytes);
