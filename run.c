@@ -3241,6 +3241,17 @@ int main(int argc, char **argv) {
    leaf helpers (conversions, widen_values, quantize_group, calloc_aligned), never for a
    function that calls a hook. */
 
+/* ---- Shared by every instruction set ------------------------------------------------------ */
+#if HAVE_SIMD
+/* The scale of a group whose largest magnitude is amax, as quantize_group makes it: NaN, with q
+   zeroed, for a group holding a NaN (ordered 0) or an infinity. */
+static float checked_scale(int16_t *q, int gs, float amax, int ordered, float q_max) {
+    if (ordered && isfinite(amax)) return amax / q_max;
+    memset(q, 0, (size_t)gs * sizeof *q);
+    return NAN;
+}
+#endif
+
 /* ---- 8a. AVX-512 ------------------------------------------------------------------------ */
 #if defined __AVX512F__
 #include <immintrin.h>
@@ -3473,12 +3484,8 @@ static float quantize_group16(int16_t *q, const float *x, int gs, float q_max) {
         nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         amax = _mm512_max_ps(_mm512_abs_ps(v), amax);
     }
-    float max = _mm512_reduce_max_ps(amax);
-    if (nan || !isfinite(max)) {
-        memset(q, 0, (size_t)gs * sizeof *q);
-        return NAN;
-    }
-    float scale = max / q_max;
+    float scale = checked_scale(q, gs, _mm512_reduce_max_ps(amax), !nan, q_max);
+    if (isnan(scale)) return scale;
     __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
     __m512 high = _mm512_set1_ps(q_max), low = _mm512_set1_ps(-q_max);
     for (int i = 0; i < gs; i += 16) {
@@ -5199,12 +5206,8 @@ static float quantize_group16(int16_t *q, const float *x, int gs, float q_max) {
         ordered = vandq_u32(ordered, vceqq_f32(v, v));
         amax = vmaxnmq_f32(amax, vabsq_f32(v));
     }
-    float max = vmaxnmvq_f32(amax);
-    if (vminvq_u32(ordered) == 0 || !isfinite(max)) {
-        memset(q, 0, (size_t)gs * sizeof *q);
-        return NAN;
-    }
-    float scale = max / q_max;
+    float scale = checked_scale(q, gs, vmaxnmvq_f32(amax), vminvq_u32(ordered) != 0, q_max);
+    if (isnan(scale)) return scale;
     float32x4_t inverse = vdupq_n_f32(scale > 0.0f ? 1.0f / scale : 0.0f);
     float32x4_t high = vdupq_n_f32(q_max), low = vdupq_n_f32(-q_max);
     for (int i = 0; i < gs; i += 4) {
