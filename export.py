@@ -1226,6 +1226,8 @@ class GGUFFile:
             self.alignment = self._alignment()
             infos = [self._read_tensor_info(cursor, i) for i in range(n_tensors)]
             self.data_start = cursor.pos + -cursor.pos % self.alignment
+            if not infos:  # a vocabulary-only file may end before the padding
+                self.data_start = min(self.data_start, self.file_size)
             if self.data_start > self.file_size:
                 raise ExportError(f"{self.name}: the tensor data would start at byte "
                                   f"{self.data_start}, past the end of the file (truncated?)")
