@@ -1178,9 +1178,12 @@ class GGUFCursor:
 
     def string(self, what):
         n = self.u64(f"the length of {what}")
+        if n > self.size - self.pos:
+            raise ExportError(f"{self.name}: {what}: string length {n} runs past the end of the "
+                              f"file ({self.size - self.pos} bytes left; truncated?)")
         if n > GGUF_MAX_STRING:
-            raise ExportError(f"{self.name}: {what}: a string of {n} bytes (at most "
-                              f"{GGUF_MAX_STRING} are read)")
+            raise ExportError(f"{self.name}: {what}: string length {n} is over the limit of "
+                              f"{GGUF_MAX_STRING} bytes")
         raw = self.take(n, what)
         try:
             return raw.decode("utf-8")
@@ -1436,6 +1439,9 @@ def gguf_rope_scaling(g, c):
     stored = g.rows("rope_freqs.weight", 0, 1).view("<f4")[0].astype(np.float64)
     if (stored == 1).all():
         return none
+    if not (np.isfinite(stored).all() and 1 <= stored[-1] and (stored >= 1).all()):
+        raise ExportError(f"{g.name}: rope_freqs holds divisors that are not finite numbers of "
+                          f"at least 1 (the last: {stored[-1]:g}): not Llama 3.1's rope scaling")
     fields = dict(rope_scaling=1, rope_factor=float(np.float32(stored[-1])),
                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_pos=8192)
     candidates = [fields]
