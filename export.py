@@ -2106,8 +2106,16 @@ def model_folder(path):
     if os.path.lexists(os.path.join(folder, "config.json")):
         note(f"note: --hf {path} is a file: exporting the folder {folder}")
         return folder
+    hint = ""
+    with contextlib.suppress(ExportError, OSError):
+        fd = open_input(path)
+        try:
+            if os.pread(fd, 4, 0) == GGUF_MAGIC:
+                hint = f"; for a GGUF file: export.py OUT.bin --gguf {path}"
+        finally:
+            os.close(fd)
     raise ExportError(f"--hf {path} is not a folder: give the Hugging Face model folder "
-                      "(config.json and *.safetensors)")
+                      f"(config.json and *.safetensors){hint}")
 
 
 def tokenizer_paths(args, folder):

@@ -101,14 +101,11 @@ def greedy_run(model, ids, steps, *extra):
     return [int(t) for t in proc.stdout.split()], np.fromfile(logits, "<f4")
 
 
-def test_gguf_f16_import_equals_metas_reference():
-    """ref31 as an F16 GGUF (exact: its weights are f16): every stored logits row of Meta's
-    reference within 1e-4 of the row's range and all 24 greedy ids, up to 8300 positions;
-    and every tensor byte for byte the --hf export's (the header differs in eos only: the
-    GGUF names one end token where config.json lists two)."""
-    folder = os.path.join(common.DATA, "reference", "ref31")
+def check_against_meta(model, name):
+    """Every stored logits row of Meta's reference within 1e-4 of the row's range, and every
+    prompt's greedy ids; returns the report."""
+    folder = os.path.join(common.DATA, "reference", name)
     ref = json.load(open(os.path.join(folder, "reference.json")))
-    model = import_gguf(os.path.join(GGUF_DATA, "ref31-f16.gguf"), "--dtype", "fp32")
     vocab = ref["config"]["vocab_size"]
     report = []
     for prompt in ref["prompts"]:
@@ -116,9 +113,20 @@ def test_gguf_f16_import_equals_metas_reference():
         want = np.fromfile(os.path.join(folder, prompt["logits_file"]), "<f4").reshape(-1, vocab)
         got = rows.reshape(-1, vocab)[prompt["logits_positions"]]
         err = float((np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)).max())
-        report.append(f"len{prompt['n_tokens']} {err:.1e}")
-        assert err <= 1e-4, f"{prompt['name']}: {err:.2e}"
-        assert ids == prompt["greedy"], f"{prompt['name']}: {ids} != {prompt['greedy']}"
+        report.append(f"{name} len{prompt['n_tokens']} {err:.1e}")
+        assert err <= 1e-4, f"{name} {prompt['name']}: {err:.2e}"
+        assert ids == prompt["greedy"], f"{name} {prompt['name']}: {ids} != {prompt['greedy']}"
+    return report
+
+
+def test_gguf_f16_import_equals_metas_reference():
+    """ref31 as an F16 GGUF (exact: its weights are f16): every stored logits row of Meta's
+    reference within 1e-4 of the row's range and all 24 greedy ids, up to 8300 positions;
+    and every tensor byte for byte the --hf export's (the header differs in eos only: the
+    GGUF names one end token where config.json lists two)."""
+    folder = os.path.join(common.DATA, "reference", "ref31")
+    model = import_gguf(os.path.join(GGUF_DATA, "ref31-f16.gguf"), "--dtype", "fp32")
+    report = check_against_meta(model, "ref31")
     hf = os.path.join(WORK, "ref31-hf.bin")
     common.run([common.PYTHON, EXPORT, hf, "--hf", folder, "--no-tokenizer"])
     ours, theirs = open(model, "rb").read(), open(hf, "rb").read()
@@ -303,3 +311,44 @@ def test_gguf_greedy_agrees_with_llama_cpp():
             assert same >= (steps if bound < 1e-4 else 1), f"{name} {pname}: agree for {same} steps"
         print(f"    {name}: " + ", ".join(f"{p} {s}/{n} (gap {g:.1e})"
                                             for p, (s, g, n) in results.items()))
+
+
+if os.environ.get("LLAMA_CPP_DIR"):  # the larger cross-check, only with a llama.cpp checkout
+    def test_gguf_cross_check_with_llama_cpp():
+        """F32 GGUFs of both reference checkpoints, made now with llama.cpp's gguf-py: the
+        imports give Meta's logits and greedy ids, and so does llama.cpp on the same files;
+        every tensor of every committed GGUF decodes to gguf-py's own dequantization."""
+        gguf = gguf_from_hf.import_gguf(os.environ["LLAMA_CPP_DIR"])
+        greedy = os.path.join(WORK, "llama_greedy")
+        lib = os.path.join(os.environ["LLAMA_CPP_DIR"], "build", "bin")
+        common.run(["cc", "-O2", "-I", os.path.join(os.environ["LLAMA_CPP_DIR"], "include"),
+                    "-I", os.path.join(os.environ["LLAMA_CPP_DIR"], "ggml", "include"), "-o", greedy,
+                    os.path.join(common.TESTS, "llama_greedy.c"), "-L", lib, "-lllama",
+                    f"-Wl,-rpath,{lib}"])
+        report = []
+        for name in ("ref30", "ref31"):
+            folder = os.path.join(common.DATA, "reference", name)
+            path = os.path.join(WORK, f"{name}-f32.gguf")
+            gguf_from_hf.convert(folder, path, "f32", gguf_from_hf.VENDORED_TOKENIZER,
+                                 os.environ["LLAMA_CPP_DIR"])
+            report += check_against_meta(import_gguf(path), name)
+            ref = json.load(open(os.path.join(folder, "reference.json")))
+            for prompt in ref["prompts"][:4]:
+                out = common.run([greedy, path, str(len(prompt["greedy"])), "2",
+                                  *map(str, prompt["tokens"])]).stdout.decode().split("\n")
+                ids = [int(line.split()[0]) for line in out if line]
+                assert ids == prompt["greedy"], f"llama.cpp on {name} {prompt['name']}: {ids}"
+        for name in sorted(os.listdir(GGUF_DATA)):
+            if not name.endswith(".gguf"):
+                continue
+            g = export.GGUFFile(os.path.join(GGUF_DATA, name))
+            try:
+                for t in gguf.GGUFReader(os.path.join(GGUF_DATA, name)).tensors:
+                    want = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+                    shape = g.tensors[t.name][1]
+                    x, dtype, _ = export.gguf_values(g, t.name, g.rows(t.name, 0, shape[0] if len(shape) == 2 else 1))
+                    assert np.array_equal(export.to_f32(x, dtype), want), f"{name} {t.name}"
+            finally:
+                g.close()
+            report.append(f"{name} = gguf-py")
+        print("    " + "; ".join(report))

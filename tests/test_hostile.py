@@ -557,11 +557,12 @@ def test_wrong_files_name_the_fix():
     if not os.path.exists(hf):
         make_checkpoint.make_checkpoint(hf, "tiny30")
     fix = "export.py OUT.bin --hf"
-    for path, needle in ((hf, "Hugging Face checkpoint folder"),
-                         (os.path.join(hf, "model.safetensors"), "safetensors file"),
-                         (write("renamed.bin", open(os.path.join(hf, "model.safetensors"), "rb").read()),
-                          "safetensors file"),
-                         (write("model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0)), "GGUF file")):
+    gguf = write("model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    for path, needle, fix in ((hf, "Hugging Face checkpoint folder", fix),
+                              (os.path.join(hf, "model.safetensors"), "safetensors file", fix),
+                              (write("renamed.bin", open(os.path.join(hf, "model.safetensors"), "rb").read()),
+                               "safetensors file", fix),
+                              (gguf, "GGUF file", f"export.py OUT.bin --gguf {gguf}")):
         proc = expect("wrong file", [program("run"), path, "-i", "hi"], needle)
         assert fix.encode() in proc.stderr, proc.stderr
     lonely = write("lonely.bin", open(model, "rb").read())  # no lonely.tok beside it
