@@ -352,3 +352,34 @@ if os.environ.get("LLAMA_CPP_DIR"):  # the larger cross-check, only with a llama
                 g.close()
             report.append(f"{name} = gguf-py")
         print("    " + "; ".join(report))
+
+
+def test_gguf_other_types_and_flags():
+    """--dtype converts any GGUF type: fp32 of Q8_0 / Q4_0 equals the GGUF's values (q * d) to
+    the bit; q8_0 at groups of 64 of an F16 file, q4_0 and bf16 of a Q8_0 one; flags that
+    cannot go with --gguf are one line each."""
+    for kind in ("q8_0", "q4_0"):
+        path = os.path.join(GGUF_DATA, f"ref30-{kind}.gguf")
+        want = gguf_blocks(path)
+        h, tensors = test_export.read_model(import_gguf(path, "--dtype", "fp32"))
+        for label, got_kind, values, _ in tensors:
+            if label.endswith("norm"):
+                continue
+            q, scales = want[gguf_label(label)]
+            expected = (q.reshape(-1, 32) * scales.astype(np.float32).reshape(-1, 1)).reshape(q.shape)
+            got = ours_in_gguf_order(label, values, h["head_dim"], h)
+            assert got_kind == "fp32" and np.array_equal(got, expected), f"{kind} {label}"
+    for name, flags, kind, group in (("ref31-f16", ("--dtype", "q8_0", "--group-size", "64"), "q8_0", 64),
+                                     ("ref30-q8_0", ("--dtype", "q4_0"), "q4_0", 32),
+                                     ("ref30-q8_0", ("--dtype", "bf16"), "bf16", 0)):
+        h, tensors = test_export.read_model(import_gguf(os.path.join(GGUF_DATA, name + ".gguf"), *flags))
+        assert tensors[0][1] == kind and h["group_size"] == group, (name, flags)
+    out = os.path.join(WORK, "flags.bin")
+    path = os.path.join(GGUF_DATA, "ref30-q8_0.gguf")
+    for flags, needle in ((["--hf", WORK], "--hf"), (["--tokenizer", path], "--tokenizer"),
+                          (["--specials", "llama3"], "--specials"),
+                          (["--group-size", "48"], "48")):
+        proc = common.run([common.PYTHON, EXPORT, out, "--gguf", path, *flags], check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and err.count("\n") == 1 and needle in err, (flags, err)
+    assert not os.path.exists(out)
