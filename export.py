@@ -1131,6 +1131,7 @@ GGML_TYPES = {
     26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
     30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
 }
+GGML_BY_NAME = {name: (block, block_bytes) for name, block, block_bytes in GGML_TYPES.values()}
 # tokenizer.ggml.token_type values
 GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
 # tokenizer.ggml.pre names llama.cpp gives Llama 3's pre-tokenizer (split pattern)
@@ -1318,7 +1319,7 @@ class GGUFFile:
 
     def row_bytes(self, name):
         type_name, shape, _, _ = self.tensors[name]
-        _, block, block_bytes = next(t for t in GGML_TYPES.values() if t[0] == type_name)
+        block, block_bytes = GGML_BY_NAME[type_name]
         return shape[-1] // block * block_bytes
 
     def rows(self, name, first, count):
@@ -1666,8 +1667,7 @@ def gguf_values(g, name, raw):
     type_name = g.tensors[name][0]
     if GGUF_CONVERTIBLE[type_name] is None:
         return raw.view(SOURCE_DTYPES[type_name]).reshape(-1), type_name, 0.0
-    _, block, block_bytes = next(t for t in GGML_TYPES.values() if t[0] == type_name)
-    x, step = GGUF_CONVERTIBLE[type_name](raw.reshape(-1, block_bytes))
+    x, step = GGUF_CONVERTIBLE[type_name](raw.reshape(-1, GGML_BY_NAME[type_name][1]))
     per_step = x.size // step.size
     own = float(np.einsum("i,i->", step.reshape(-1), step.reshape(-1), dtype=np.float64)) * per_step / 12
     return x.reshape(-1), "F32", own
