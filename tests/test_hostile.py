@@ -1281,11 +1281,6 @@ def export_table():
     return export.gpt2_unicode_to_byte()
 
 
-def test_row_count():
-    print("    rows: " + ", ".join(f"{k} {v}" for k, v in ROWS.items()) + f"; total {sum(ROWS.values())}")
-    assert sum(ROWS.values()) >= 60, ROWS
-
-
 # ------------------------------------------------------------------------------------------
 # GGUF files given to export.py --gguf: a file made by llama.cpp (tests/data/gguf), taken
 # apart here and put back together with one thing damaged
@@ -1505,3 +1500,8 @@ def test_damaged_gguf_files():
         except AssertionError as e:
             raise AssertionError(f"{what}: {e}")
     print(f"    {len(rows)} damaged GGUF files")
+
+
+def test_row_count():
+    print("    rows: " + ", ".join(f"{k} {v}" for k, v in ROWS.items()) + f"; total {sum(ROWS.values())}")
+    assert sum(ROWS.values()) >= 60, ROWS
