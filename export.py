@@ -783,27 +783,36 @@ def chunks(shape):
 
 
 def write_tensor(out, ckpt, name, shape, as_matrix, weight_type, group_size):
-    """Converts one tensor chunk by chunk; returns a short description for the progress line."""
+    """Converts one checkpoint tensor chunk by chunk; returns a short description for the
+    progress line."""
     f = ckpt.where[name]
     dtype, _ = ckpt.info(name)
+    pieces = ((f.elements(name, start, count), dtype) for start, count in chunks(shape))
+    return write_values(out, pieces, as_matrix, weight_type, group_size, name, shape)
+
+
+def write_values(out, pieces, as_matrix, weight_type, group_size, name, shape):
+    """Writes one tensor of `shape` from pieces (raw source values, their SOURCE_DTYPES name)
+    of whole rows, in order; returns a short description for the progress line."""
     kind = weight_type if as_matrix else "fp32"
     out.align()
     scales = []
     max_err = sq_err = sq_ref = sq_err_q4_0 = 0.0
-    for start, count in chunks(shape):
-        raw = f.elements(name, start, count)
+    start = 0  # the tensor's first element in this piece
+    for raw, dtype in pieces:
+        here, start = start, start + raw.size
         if kind == "bf16" and dtype == "BF16":
             if ((raw & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():  # infinity or NaN
-                refuse_nonfinite(name, shape, start, to_f32(raw, dtype))
+                refuse_nonfinite(name, shape, here, to_f32(raw, dtype))
             out.write(raw)  # exact copy of the stored bits
             continue
         x = to_f32(raw, dtype)
-        refuse_nonfinite(name, shape, start, x)
+        refuse_nonfinite(name, shape, here, x)
         if kind == "fp32":
             out.write(x)
         elif kind == "bf16":
             bits = f32_to_bf16(x)
-            refuse_nonfinite(name, shape, start, x, (bits & np.uint16(0x7F80)) == np.uint16(0x7F80),
+            refuse_nonfinite(name, shape, here, x, (bits & np.uint16(0x7F80)) == np.uint16(0x7F80),
                              "rounds to infinity in bf16")
             out.write(bits)
         else:
@@ -858,13 +867,13 @@ def expected_size(plan, weight_type, group_size):
     return pos
 
 
-def write_model(f, ckpt, c, plan, weight_type, group_size):
-    """Writes the model file to the open binary file f; returns its size."""
+def write_model(f, c, plan, weight_type, group_size, write_one):
+    """Writes the model file to the open binary file f; returns its size. write_one(out, name,
+    shape, is_matrix) writes a tensor and returns (its source type, a description)."""
     out = OutputFile(f)
     out.write(pack_header(dict(c, weight_type=WEIGHT_TYPES[weight_type], group_size=group_size)))
     for i, (name, shape, is_matrix) in enumerate(plan):
-        dtype, _ = ckpt.info(name)
-        what = write_tensor(out, ckpt, name, shape, is_matrix, weight_type, group_size)
+        dtype, what = write_one(out, name, shape, is_matrix)
         note(f"[{i + 1:4d}/{len(plan)}] {name:48s} {dtype:4s} {list(shape)} -> {what}")
     size = out.finish()
     if size != expected_size(plan, weight_type, group_size):
@@ -1106,6 +1115,693 @@ def default_tokenizer_path(model_out):
 
 
 # ---------------------------------------------------------------------------------------------
+# GGUF (llama.cpp's format): --gguf
+# ---------------------------------------------------------------------------------------------
+
+# A GGUF file, little-endian: magic "GGUF", u32 version (2 or 3), u64 tensor count, u64
+# metadata count; the metadata (key string, u32 value type, value); the tensor infos (name
+# string, u32 n_dims, u64 dims innermost first, u32 ggml type, u64 offset into the data); then,
+# at the next multiple of general.alignment (32 by default), the tensor data. Strings are a u64
+# length and UTF-8 bytes. Every count and length is checked against the bytes left in the file
+# before anything is allocated for it.
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+GGUF_DEFAULT_ALIGNMENT = 32
+GGUF_MAX_DIMS = 4  # ggml's
+GGUF_MAX_TENSORS = 1 << 16  # an 8B model has 292; a 405B 1138
+GGUF_MAX_KEYS = 1 << 16
+GGUF_MAX_STRING = MAX_TEXT_INPUT
+GGUF_MAX_STRINGS = 1 << 22  # strings in one array: Llama 3 has 280147 merges
+GGUF_READ_AHEAD = 1 << 20  # bytes read at a time while parsing the metadata
+GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_SCALARS = {0: np.dtype("<u1"), 1: np.dtype("<i1"), 2: np.dtype("<u2"), 3: np.dtype("<i2"),
+                4: np.dtype("<u4"), 5: np.dtype("<i4"), 6: np.dtype("<f4"), 7: np.dtype("<u1"),
+                10: np.dtype("<u8"), 11: np.dtype("<i8"), 12: np.dtype("<f8")}
+GGUF_BOOL = 7
+# ggml tensor types: code -> (name, values per block, bytes per block). Every type is listed so
+# that the offsets of every tensor can be checked, and a type we cannot convert be named.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+}
+GGML_BY_NAME = {name: (block, block_bytes) for name, block, block_bytes in GGML_TYPES.values()}
+# tokenizer.ggml.token_type values
+GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
+# tokenizer.ggml.pre names llama.cpp gives Llama 3's pre-tokenizer (split pattern)
+GGUF_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+
+
+class GGUFCursor:
+    """Reads the metadata and tensor infos front to back through a read-ahead buffer; every
+    read is checked against the file's size first."""
+
+    def __init__(self, fd, size, name, path):
+        self.fd, self.size, self.name, self.path = fd, size, name, path
+        self.pos = 0
+        self.buffer, self.buffer_start = b"", 0
+
+    def take(self, n, what):
+        """The next n bytes; what names them in the error when the file has fewer left."""
+        if n > self.size - self.pos:
+            raise ExportError(f"{self.name}: {what} at byte {self.pos} needs {n} bytes but the "
+                              f"file has {self.size - self.pos} left (truncated?)")
+        start = self.pos - self.buffer_start
+        if start + n > len(self.buffer):
+            length = min(max(n, GGUF_READ_AHEAD), self.size - self.pos)
+            buffer = bytearray(length)
+            read_exactly(self.fd, buffer, self.pos, self.path)
+            self.buffer, self.buffer_start, start = bytes(buffer), self.pos, 0
+        self.pos += n
+        return self.buffer[start:start + n]
+
+    def u32(self, what):
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def u64(self, what):
+        return struct.unpack("<Q", self.take(8, what))[0]
+
+    def count(self, what, least_bytes, limit):
+        """A u64 count of items of at least least_bytes each: within limit and the file."""
+        n = self.u64(what)
+        if n > limit:
+            raise ExportError(f"{self.name}: {what} {n} is over the limit of {limit}")
+        if n * least_bytes > self.size - self.pos:
+            raise ExportError(f"{self.name}: {what} {n} runs past the end of the file "
+                              f"({self.size - self.pos} bytes left; truncated?)")
+        return n
+
+    def string(self, what):
+        n = self.u64(f"the length of {what}")
+        if n > self.size - self.pos:
+            raise ExportError(f"{self.name}: {what}: string length {n} runs past the end of the "
+                              f"file ({self.size - self.pos} bytes left; truncated?)")
+        if n > GGUF_MAX_STRING:
+            raise ExportError(f"{self.name}: {what}: string length {n} is over the limit of "
+                              f"{GGUF_MAX_STRING} bytes")
+        raw = self.take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ExportError(f"{self.name}: {what} is not UTF-8: {shown(raw, 40)}")
+
+    def value(self, kind, key):
+        """A metadata value of type kind: int, float or bool scalars as Python values, strings
+        as str, arrays of numbers as numpy arrays, arrays of strings as lists."""
+        if kind == GGUF_STRING:
+            return self.string(f"the value of {shown(key)}")
+        if kind == GGUF_ARRAY:
+            item = self.u32(f"the array type of {shown(key)}")
+            if item == GGUF_ARRAY:
+                raise ExportError(f"{self.name}: {shown(key)} is an array of arrays (not supported)")
+            if item == GGUF_STRING:
+                n = self.count(f"the string count of {shown(key)}", 8, GGUF_MAX_STRINGS)
+                return [self.string(f"string {i} of {shown(key)}") for i in range(n)]
+            if item not in GGUF_SCALARS:
+                raise ExportError(f"{self.name}: {shown(key)} is an array of unknown type {item}")
+            dtype = GGUF_SCALARS[item]
+            n = self.count(f"the element count of {shown(key)}", dtype.itemsize, 1 << 40)
+            return np.frombuffer(self.take(n * dtype.itemsize, f"the array {shown(key)}"), dtype)
+        if kind not in GGUF_SCALARS:
+            raise ExportError(f"{self.name}: {shown(key)} has unknown value type {kind}")
+        raw = np.frombuffer(self.take(GGUF_SCALARS[kind].itemsize, f"the value of {shown(key)}"),
+                            GGUF_SCALARS[kind])[0]
+        return bool(raw) if kind == GGUF_BOOL else raw.item()
+
+
+class GGUFFile:
+    """One GGUF file: its metadata {key: value}, its tensors {name: (type, shape, offset,
+    bytes)} with shape in numpy order ([rows, row length]), and their data read by rows."""
+
+    def __init__(self, path):
+        self.path, self.name = path, os.path.basename(path)
+        self.fd = open_input(path)
+        try:
+            self.file_size = os.fstat(self.fd).st_size
+            cursor = GGUFCursor(self.fd, self.file_size, self.name, path)
+            n_tensors, n_keys = self._read_start(cursor)
+            self.meta = self._read_metadata(cursor, n_keys)
+            self.alignment = self._alignment()
+            infos = [self._read_tensor_info(cursor, i) for i in range(n_tensors)]
+            self.data_start = cursor.pos + -cursor.pos % self.alignment
+            if not infos:  # a vocabulary-only file may end before the padding
+                self.data_start = min(self.data_start, self.file_size)
+            if self.data_start > self.file_size:
+                raise ExportError(f"{self.name}: the tensor data would start at byte "
+                                  f"{self.data_start}, past the end of the file (truncated?)")
+            self.tensors = self._check_tensors(infos)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _read_start(self, cursor):
+        if self.file_size < 4 or cursor.take(4, "the magic") != GGUF_MAGIC:
+            raise ExportError(f"{self.name}: not a GGUF file (no GGUF magic)")
+        version = cursor.u32("the version")
+        if version == 1:
+            raise ExportError(f"{self.name}: GGUF version 1 (llama.cpp before August 2023) is "
+                              "not supported: convert it again with a newer llama.cpp")
+        if version not in GGUF_VERSIONS:
+            hint = " (a big-endian GGUF?)" if version > 0xFFFF else ""
+            raise ExportError(f"{self.name}: unsupported GGUF version {version}{hint}: "
+                              "export.py reads versions 2 and 3")
+        # a tensor info takes at least 28 bytes, a metadata entry at least 12
+        n_tensors = cursor.count("the tensor count", 28, GGUF_MAX_TENSORS)
+        n_keys = cursor.count("the metadata count", 12, GGUF_MAX_KEYS)
+        return n_tensors, n_keys
+
+    def _read_metadata(self, cursor, n_keys):
+        meta = {}
+        for i in range(n_keys):
+            key = cursor.string(f"metadata key {i}")
+            kind = cursor.u32(f"the value type of {shown(key)}")
+            if key in meta:
+                raise ExportError(f"{self.name}: duplicate metadata key {shown(key)}")
+            meta[key] = cursor.value(kind, key)
+        return meta
+
+    def _alignment(self):
+        alignment = self.meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if not _is_int(alignment) or alignment <= 0 or alignment & (alignment - 1):
+            raise ExportError(f"{self.name}: general.alignment {shown(alignment)} is not a "
+                              "power of two")
+        return alignment
+
+    def _read_tensor_info(self, cursor, i):
+        name = cursor.string(f"the name of tensor {i}")
+        where = f"tensor {shown(name)}"
+        n_dims = cursor.u32(f"the dimension count of {where}")
+        if not 1 <= n_dims <= GGUF_MAX_DIMS:
+            raise ExportError(f"{self.name}: {where} has {n_dims} dimensions (1..{GGUF_MAX_DIMS})")
+        dims = [cursor.u64(f"the dimensions of {where}") for _ in range(n_dims)]
+        kind = cursor.u32(f"the type of {where}")
+        offset = cursor.u64(f"the offset of {where}")
+        return name, dims, kind, offset
+
+    def _check_tensors(self, infos):
+        """{name: (type name, numpy shape, offset, bytes)}: known types, whole blocks per row,
+        sizes that fit, offsets aligned, inside the data and not overlapping."""
+        data_len = self.file_size - self.data_start
+        tensors = {}
+        for name, dims, kind, offset in infos:
+            where = f"{self.name}: tensor {shown(name)}"
+            if name in tensors:
+                raise ExportError(f"{self.name}: duplicate tensor name {shown(name)}")
+            if kind not in GGML_TYPES:
+                raise ExportError(f"{where}: unknown ggml type {kind}")
+            type_name, block, block_bytes = GGML_TYPES[kind]
+            if math.prod(dims) >= 1 << 63:
+                raise ExportError(f"{where}: shape {dims} overflows (its product is over 2^63)")
+            if dims[0] % block:
+                raise ExportError(f"{where}: row length {dims[0]} is not a multiple of "
+                                  f"{type_name}'s block of {block}")
+            size = math.prod(dims) // block * block_bytes
+            if offset % self.alignment:
+                raise ExportError(f"{where}: offset {offset} is not a multiple of the "
+                                  f"alignment {self.alignment}")
+            if offset + size > data_len:
+                raise ExportError(f"{where}: bytes {offset}..{offset + size} lie outside the "
+                                  f"data ({data_len} bytes; truncated?)")
+            tensors[name] = (type_name, tuple(reversed(dims)), offset, size)
+        spans = sorted((offset, offset + size, name)
+                       for name, (_, _, offset, size) in tensors.items() if size)
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise ExportError(f"{self.name}: tensors {shown(n0)} and {shown(n1)} overlap "
+                                  f"(bytes {b0}..{e0} and {b1}..{e1})")
+        return tensors
+
+    def row_bytes(self, name):
+        type_name, shape, _, _ = self.tensors[name]
+        block, block_bytes = GGML_BY_NAME[type_name]
+        return shape[-1] // block * block_bytes
+
+    def rows(self, name, first, count):
+        """The raw bytes of rows [first, first + count) of a tensor, as uint8 [count, row bytes].
+        Read, not mapped: a file that shrinks meanwhile is an error, not a SIGBUS."""
+        _, _, offset, _ = self.tensors[name]
+        width = self.row_bytes(name)
+        out = np.empty((count, width), dtype=np.uint8)
+        read_exactly(self.fd, out, self.data_start + offset + first * width, self.path)
+        return out
+
+    def close(self):
+        os.close(self.fd)
+
+
+# The GGUF tensor names of this format's tensors (tensor_plan's Hugging Face names)
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+              "output_norm.weight", "lm_head.weight": "output.weight"}
+GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+                    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                    "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
+                    "mlp.up_proj": "ffn_up"}
+# The header's integer fields from the llama.* metadata (HEADER_INTS gives the bounds)
+GGUF_HEADER_INTS = (("dim", "embedding_length"), ("hidden_dim", "feed_forward_length"),
+                    ("n_layers", "block_count"), ("n_heads", "attention.head_count"),
+                    ("n_kv_heads", "attention.head_count_kv"),
+                    ("head_dim", "attention.key_length"), ("max_seq_len", "context_length"))
+
+
+def gguf_name(hf_name):
+    if hf_name in GGUF_NAMES:
+        return GGUF_NAMES[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    return f"blk.{layer}.{GGUF_LAYER_NAMES[rest.rsplit('.', 1)[0]]}.weight"
+
+
+def gguf_config(g):
+    """The header fields (read_config's) from a GGUF's llama.* metadata, its tokenizer's size
+    and special ids, and its tensors (tied: no output.weight; rope_freqs: gguf_rope_scaling)."""
+    meta, where = g.meta, g.name
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ExportError(f"{where}: general.architecture is {shown(arch)}: llama3.c runs "
+                          "Llama 3 models (llama) only")
+    if meta.get("llama.expert_count", 0) not in (0, 1):
+        raise ExportError(f"{where}: llama.expert_count {shown(meta['llama.expert_count'])}: "
+                          "mixture-of-experts models are not supported")
+    fields = {k: meta.get("llama." + k) for _, k in GGUF_HEADER_INTS}
+    fields.setdefault("attention.head_count_kv", None)
+    if fields["attention.head_count_kv"] is None:
+        fields["attention.head_count_kv"] = fields["attention.head_count"]
+    dim, heads = fields["embedding_length"], fields["attention.head_count"]
+    if fields["attention.key_length"] is None and _is_int(dim) and _is_int(heads) and heads > 0:
+        fields["attention.key_length"] = dim // heads
+    bounds = {field: (low, high) for field, _, low, high in HEADER_INTS}
+    c = {field: config_int(fields, key, *bounds[field], where=f"{where}: llama.")
+         for field, key in GGUF_HEADER_INTS}
+    if c["n_kv_heads"] > c["n_heads"] or c["n_heads"] % c["n_kv_heads"] or c["head_dim"] % 2:
+        raise ExportError(f"{where}: {c['n_heads']} heads, {c['n_kv_heads']} key/value heads "
+                          f"and head dimension {c['head_dim']}: llama3.c needs a multiple and an "
+                          "even dimension")
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if meta.get("llama." + key, c["head_dim"]) != c["head_dim"]:
+            raise ExportError(f"{where}: llama.{key} {shown(meta['llama.' + key])} differs from "
+                              f"the head dimension {c['head_dim']} (not supported)")
+    c["rope_theta"] = config_float32(dict(theta=meta.get("llama.rope.freq_base", 10000.0)),
+                                     "theta", lambda x: 1 < x < math.inf,
+                                     "must be finite and above 1", f"{where}: llama.rope.freq_base")
+    c["norm_eps"] = config_float32(meta, "llama.attention.layer_norm_rms_epsilon",
+                                   lambda x: 0 < x < 1, "must be above 0 and below 1", where)
+    embedding = g.tensors.get("token_embd.weight")
+    if embedding is None or len(embedding[1]) != 2:
+        raise ExportError(f"{where}: no token_embd.weight matrix")
+    c["vocab_size"] = config_int({"rows": embedding[1][0]}, "rows", 1, 1 << 22,
+                                 f"{where}: token_embd.weight's")
+    if meta.get("llama.vocab_size", c["vocab_size"]) != c["vocab_size"]:
+        raise ExportError(f"{where}: llama.vocab_size {shown(meta['llama.vocab_size'])} is not "
+                          f"token_embd's {c['vocab_size']} rows")
+    c["tied_classifier"] = int("output.weight" not in g.tensors)
+    c["bos_id"], c["eos_ids"] = gguf_special_ids(g, c["vocab_size"])
+    c["n_eos"] = len(c["eos_ids"])
+    c.update(gguf_rope_scaling(g, c))
+    return c
+
+
+def rope_freq_divisors(c):
+    """Llama 3.1's rope scaling as one divisor per rotated frequency (llama.cpp's rope_freqs):
+    1 for high frequencies, the factor for low ones, a smooth blend between (README.md)."""
+    hd = c["head_dim"]
+    freqs = 1.0 / float(c["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    factor, low, high = c["rope_factor"], c["rope_low_freq_factor"], c["rope_high_freq_factor"]
+    original = c["rope_original_max_pos"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    out = 1.0 / ((1 - smooth) / factor + smooth)
+    out[wavelen < original / high] = 1.0
+    out[wavelen > original / low] = factor
+    return out
+
+
+def gguf_rope_scaling(g, c):
+    """The header's rope scaling fields from rope_freqs: none without it (or all ones), else
+    llama3 with the factor of the lowest frequency, low/high_freq_factor 1/4 and 8192 original
+    positions (every Meta release), or failing those, the two fitted to the blended
+    frequencies; the divisors they give must equal the stored ones."""
+    kind = g.meta.get("llama.rope.scaling.type", "none")
+    if kind != "none" and g.meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise ExportError(f"{g.name}: llama.rope.scaling.type {shown(kind)} is not supported "
+                          "(Llama 3.1's scaling is stored as the rope_freqs tensor)")
+    none = read_rope_scaling(None)
+    if "rope_freqs.weight" not in g.tensors:
+        return none
+    type_name, shape, _, _ = g.tensors["rope_freqs.weight"]
+    if type_name != "F32" or shape != (c["head_dim"] // 2,):
+        raise ExportError(f"{g.name}: rope_freqs is {type_name} {list(shape)}, not F32 "
+                          f"[{c['head_dim'] // 2}]")
+    stored = g.rows("rope_freqs.weight", 0, 1).view("<f4")[0].astype(np.float64)
+    if (stored == 1).all():
+        return none
+    if not (np.isfinite(stored).all() and 1 <= stored[-1] and (stored >= 1).all()):
+        raise ExportError(f"{g.name}: rope_freqs holds divisors that are not finite numbers of "
+                          f"at least 1 (the last: {stored[-1]:g}): not Llama 3.1's rope scaling")
+    fields = dict(rope_scaling=1, rope_factor=float(np.float32(stored[-1])),
+                  rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_pos=8192)
+    candidates = [fields]
+    blended = (stored > 1) & (stored < stored[-1])
+    if blended.sum() >= 2:  # smooth = (8192 / wavelen - low) / (high - low): a line
+        hd = c["head_dim"]
+        freqs = 1.0 / float(c["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+        inverse_factor = 1 / fields["rope_factor"]
+        smooth = (1 / stored[blended] - inverse_factor) / (1 - inverse_factor)
+        slope, intercept = np.polyfit(8192 * freqs[blended] / (2 * math.pi), smooth, 1)
+        if slope > 0:
+            low = float(np.float32(-intercept / slope))
+            candidates.append(dict(fields, rope_low_freq_factor=low,
+                                   rope_high_freq_factor=float(np.float32(low + 1 / slope))))
+    for fields in candidates:
+        if 0 < fields["rope_low_freq_factor"] < fields["rope_high_freq_factor"] and np.allclose(
+                rope_freq_divisors(dict(c, **fields)), stored, rtol=1e-5, atol=0):
+            return fields
+    want = rope_freq_divisors(dict(c, **candidates[-1]))
+    i = int(np.abs(want - stored).argmax())
+    raise ExportError(f"{g.name}: rope_freqs do not follow Llama 3.1's rope scaling (factor "
+                      f"{fields['rope_factor']:g}, low/high_freq_factor "
+                      f"{candidates[-1]['rope_low_freq_factor']:g}/"
+                      f"{candidates[-1]['rope_high_freq_factor']:g}, 8192 original positions): "
+                      f"frequency {i} is divided by {stored[i]:.7g}, not {want[i]:.7g}")
+
+
+def gguf_special_ids(g, vocab_size):
+    """bos and the end tokens (eos, eot, eom; each once) from tokenizer.ggml.*_token_id."""
+    ids = {}
+    for key in ("bos", "eos", "eot", "eom"):
+        value = g.meta.get(f"tokenizer.ggml.{key}_token_id")
+        if value is not None and (not _is_int(value) or not 0 <= value < vocab_size):
+            raise ExportError(f"{g.name}: tokenizer.ggml.{key}_token_id {shown(value)} is not "
+                              f"a token id in 0..{vocab_size - 1}")
+        ids[key] = value
+    if ids["bos"] is None or ids["eos"] is None:
+        raise ExportError(f"{g.name}: no tokenizer.ggml.bos_token_id or eos_token_id")
+    eos = list(dict.fromkeys(i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None))
+    return ids["bos"], eos
+
+
+def gguf_tokenizer(g):
+    """(regular token bytes in id order, special texts) of a GGUF's vocabulary, which must be
+    Llama 3's kind: byte-level BPE (gpt2) with Llama 3's pre-tokenizer, regular (NORMAL)
+    tokens first, then the specials (CONTROL or USER_DEFINED), merges in id order."""
+    meta, name = g.meta, g.name
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    if model != "gpt2":
+        raise ExportError(f"{name}: tokenizer.ggml.model is {shown(model)}, not byte-level BPE "
+                          "(gpt2) with Llama 3's vocabulary: llama3.c runs Llama 3 models only")
+    if pre is None:
+        note(f"note: {name} has no tokenizer.ggml.pre (GGUFs from before May 2024): "
+             "llama3.c splits text with Llama 3's pattern")
+    elif pre not in GGUF_LLAMA3_PRE:
+        raise ExportError(f"{name}: tokenizer.ggml.pre is {shown(pre)}, not Llama 3's "
+                          "llama-bpe: llama3.c runs Llama 3 models only")
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+    if not isinstance(tokens, list) or not tokens:
+        raise ExportError(f"{name}: tokenizer.ggml.tokens is missing or not a list of strings")
+    if (not isinstance(types, np.ndarray) or types.dtype.kind not in "iu"
+            or len(types) != len(tokens)):
+        raise ExportError(f"{name}: tokenizer.ggml.token_type is missing or not one integer "
+                          f"per token ({len(tokens)})")
+    n_regular = int(np.argmax(types != GGUF_TOKEN_NORMAL)) if (types != GGUF_TOKEN_NORMAL).any() \
+        else len(tokens)
+    odd = [i for i in range(n_regular, len(tokens))
+           if types[i] not in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED)]
+    if odd:
+        raise ExportError(f"{name}: token {odd[0]} has type {types[odd[0]]}: llama3.c needs the "
+                          "regular tokens first, then only special ones (control, user-defined)")
+    to_byte = gpt2_unicode_to_byte()
+    regular = []
+    for i, text in enumerate(tokens[:n_regular]):
+        try:
+            regular.append(bytes(to_byte[ch] for ch in text))
+        except KeyError as e:
+            raise ExportError(f"{name}: token {i} {shown(text)} is not byte-level BPE "
+                              f"(character {e})")
+    check_gguf_merges(name, meta.get("tokenizer.ggml.merges", []), tokens[:n_regular])
+    return regular, tokens[n_regular:]
+
+
+def check_gguf_merges(name, merges, regular):
+    """As check_merge_order: the .tok takes the id as the merge priority, so the merges that
+    make regular tokens must come in id order (merges of tokens beyond a cut-down vocabulary
+    are skipped)."""
+    if not isinstance(merges, list):
+        raise ExportError(f"{name}: tokenizer.ggml.merges is not a list of strings")
+    ids = {text: i for i, text in enumerate(regular)}
+    prev = -1
+    for k, merge in enumerate(merges):
+        pair = merge.split(" ")
+        if len(pair) != 2:
+            raise ExportError(f"{name}: malformed merge #{k}: {shown(merge)}")
+        idx = ids.get(pair[0] + pair[1])
+        if idx is not None and idx < prev:
+            raise ExportError(f"{name}: merge #{k} {shown(merge)} is out of id order: llama3.c "
+                              "needs merge priority = token id")
+        prev = max(prev, -1 if idx is None else idx)
+
+
+def gguf_plan(g, c):
+    """tensor_plan's entries with GGUF names: every tensor there, of the shape the metadata
+    implies and a float type for the norms."""
+    plan = [(gguf_name(hf), shape, is_matrix) for hf, shape, is_matrix in tensor_plan(c)]
+    for name, shape, is_matrix in plan:
+        if name not in g.tensors:
+            raise ExportError(f"{g.name}: missing tensor {name}")
+        type_name, actual, _, _ = g.tensors[name]
+        if actual != shape:
+            raise ExportError(f"{g.name}: tensor {name}: shape {list(actual)} disagrees with "
+                              f"the metadata (expected {list(shape)})")
+        if not is_matrix and type_name not in ("F32", "F16", "BF16"):
+            raise ExportError(f"{g.name}: tensor {name} is {type_name}, not a float type")
+        if type_name not in GGUF_CONVERTIBLE:
+            raise ExportError(f"{g.name}: tensor {name} is {type_name}, which export.py cannot "
+                              "convert (it reads F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K and "
+                              "Q6_K): take that model's Q8_0, Q4_0 or Q4_K_M file, or make one "
+                              "with llama-quantize from its F16 or BF16 GGUF")
+    return plan
+
+
+def f16_scales(blocks, at):
+    """The fp16 at byte at of each block (uint8 [n, block bytes]) as float32 [n, 1]."""
+    return blocks[:, at:at + 2].copy().view("<f2").astype(np.float32)
+
+
+def k_scales_mins(packed):
+    """Q4_K's and Q5_K's 8 six-bit scales and mins of each super-block, from its 12 bytes:
+    sub-blocks 0..3 in the low 6 bits of bytes 0..3 (scales) and 4..7 (mins); 4..7 in the
+    nibbles of bytes 8..11, their top two bits in the top bits of bytes 0..7."""
+    s = packed.astype(np.uint8)
+    scales = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mins = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def k_nibbles(qs):
+    """Q4_K's and Q5_K's 128 nibble bytes -> the 256 low parts in value order: each 32 bytes
+    hold 64 values, the low nibbles first, then the high ones."""
+    q = qs.reshape(len(qs), 4, 1, 32)
+    return np.concatenate([q & 15, q >> 4], axis=2).reshape(len(qs), 256)
+
+
+def dequantize_q8_0(b):
+    return b[:, 2:].view(np.int8).astype(np.float32) * f16_scales(b, 0), f16_scales(b, 0)
+
+
+def dequantize_q4_0(b):
+    q = np.concatenate([b[:, 2:] & 15, b[:, 2:] >> 4], axis=1).astype(np.float32) - 8
+    return q * f16_scales(b, 0), f16_scales(b, 0)
+
+
+def dequantize_q4_k(b):
+    """Super-blocks of 256: fp16 d and dmin, 12 bytes of scales and mins, 128 nibble bytes;
+    value = d * scale * q - dmin * min, one scale and min per 32."""
+    scales, mins = k_scales_mins(b[:, 4:16])
+    step, offset = f16_scales(b, 0) * scales, f16_scales(b, 2) * mins
+    q = k_nibbles(b[:, 16:144]).astype(np.float32).reshape(-1, 8, 32)
+    return (q * step[:, :, None] - offset[:, :, None]).reshape(-1, 256), step
+
+
+def dequantize_q5_k(b):
+    """As Q4_K with a fifth bit per value: 32 bytes of high bits (before the nibbles), bit j
+    of byte l for value l of the j-th 32."""
+    scales, mins = k_scales_mins(b[:, 4:16])
+    step, offset = f16_scales(b, 0) * scales, f16_scales(b, 2) * mins
+    high = (b[:, 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1  # [n, value l, sub j]
+    q = k_nibbles(b[:, 48:176]).reshape(-1, 8, 32) + 16 * high.transpose(0, 2, 1)
+    return (q.astype(np.float32) * step[:, :, None] - offset[:, :, None]).reshape(-1, 256), step
+
+
+def dequantize_q6_k(b):
+    """Super-blocks of 256: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales
+    (one per 16 values), fp16 d; value = d * scale * (q - 32). Each half of 128 values takes
+    64 low bytes (l: values l and l + 64, l + 32: l + 32 and l + 96) and 32 high bytes (bits
+    0-1, 2-3, 4-5, 6-7 for values l, l + 32, l + 64, l + 96)."""
+    halves = []
+    for h in range(2):
+        low = b[:, 64 * h:64 * h + 64]
+        high = b[:, 128 + 32 * h:160 + 32 * h]
+        parts = [(low[:, :32] & 15), (low[:, 32:] & 15), (low[:, :32] >> 4), (low[:, 32:] >> 4)]
+        halves += [p | (((high >> (2 * i)) & 3) << 4) for i, p in enumerate(parts)]
+    q = np.concatenate(halves, axis=1).astype(np.float32) - 32
+    step = f16_scales(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)
+    return (q.reshape(-1, 16, 16) * step[:, :, None]).reshape(-1, 256), step
+
+
+# ggml types export.py converts: (dequantizer of blocks, or None for float types)
+GGUF_CONVERTIBLE = {"F32": None, "F16": None, "BF16": None, "Q8_0": dequantize_q8_0,
+                    "Q4_0": dequantize_q4_0, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k,
+                    "Q6_K": dequantize_q6_k}
+GGUF_FLOAT_STORAGE = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # as SOURCE_DTYPES names
+# The weight type each GGUF type converts to without --dtype (K-quants: see docs/gguf.md)
+GGUF_DEFAULT_DTYPE = {"F32": "fp32", "F16": "fp32", "BF16": "bf16", "Q8_0": "q8_0",
+                      "Q4_0": "q4_0", "Q4_K": "q8_0", "Q5_K": "q8_0", "Q6_K": "q8_0"}
+
+
+def gguf_row_chunks(g, name, shape, head_dim, heads):
+    """The rows of a tensor as raw bytes [rows, row bytes], about CHUNK_ELEMENTS values at a
+    time, in this format's row order: q and k (heads given) are turned from GGUF's
+    interleaved RoPE layout (pairs 2i, 2i + 1) back into Hugging Face's rotate-half one
+    (pairs i, i + head_dim/2), whole heads at a time; moving whole rows is exact for every
+    type, since no block crosses a row."""
+    rows = shape[0] if len(shape) == 2 else 1
+    step = max(1, CHUNK_ELEMENTS // shape[-1])
+    if heads:
+        step = max(head_dim, step // head_dim * head_dim)
+    for first in range(0, rows, step):
+        raw = g.rows(name, first, min(step, rows - first))
+        if heads:
+            n, width = raw.shape
+            raw = raw.reshape(n // head_dim, head_dim // 2, 2, width).swapaxes(1, 2).reshape(n, width)
+        yield raw
+
+
+def gguf_values(g, name, raw):
+    """Raw rows of a tensor -> (values as write_values reads them, their SOURCE_DTYPES name,
+    the squared rounding step of the GGUF's quantization summed over them / 12: the
+    expected squared error of its own rounding, 0 for float types)."""
+    type_name = g.tensors[name][0]
+    if GGUF_CONVERTIBLE[type_name] is None:
+        return raw.view(SOURCE_DTYPES[type_name]).reshape(-1), type_name, 0.0
+    x, step = GGUF_CONVERTIBLE[type_name](raw.reshape(-1, GGML_BY_NAME[type_name][1]))
+    per_step = x.size // step.size
+    own = float(np.einsum("i,i->", step.reshape(-1), step.reshape(-1), dtype=np.float64)) * per_step / 12
+    return x.reshape(-1), "F32", own
+
+
+def write_gguf_tensor(out, g, name, shape, as_matrix, weight_type, group_size, c):
+    """One tensor of the model file from the GGUF: Q8_0 to q8_0 and Q4_0 to q4_0 at groups of
+    32 by moving their bytes (exact), every other pair through write_values. Returns the
+    progress line's description."""
+    type_name = g.tensors[name][0]
+    heads = 0
+    if name.endswith((".attn_q.weight", ".attn_k.weight")):
+        heads = c["n_heads"] if ".attn_q." in name else c["n_kv_heads"]
+    pieces = gguf_row_chunks(g, name, shape, c["head_dim"], heads)
+    kind = weight_type if as_matrix else "fp32"
+    if (type_name, kind, group_size) in (("Q8_0", "q8_0", 32), ("Q4_0", "q4_0", 32)):
+        return copy_gguf_blocks(out, pieces, kind)
+    own = [0.0, 0.0]  # the GGUF's own squared rounding error, the values' squared sum
+
+    def values():
+        for raw in pieces:
+            x, dtype, own_sq = gguf_values(g, name, raw)
+            own[0] += own_sq
+            if own_sq:
+                own[1] += float(np.einsum("i,i->", x, x, dtype=np.float64))
+            yield x, dtype
+    what = write_values(out, values(), as_matrix, weight_type, group_size, name, shape)
+    if kind == "fp32" or (kind == "bf16" and type_name == "BF16"):
+        return f"{what} (exact)"
+    if "err" not in what:
+        return f"{what} (rounded)"
+    if not own[0]:
+        return what
+    own_rel = math.sqrt(own[0] / own[1]) if own[1] > 0 else 0.0
+    return what.replace("rms rel err", "added rms rel err") + f"  ({type_name}'s own: ~{own_rel:.3g})"
+
+
+def copy_gguf_blocks(out, pieces, kind):
+    """Q8_0 blocks (fp16 d, 32 int8) -> q8_0's int8 values then float32 scales (an fp16 is
+    exact in float32); Q4_0 blocks (fp16 d, 16 bytes of nibbles in llama.cpp's order, which
+    is q4_0's) -> the nibbles then the fp16 scales. Both exact."""
+    width = 34 if kind == "q8_0" else 18
+    out.align()
+    scales = []
+    for raw in pieces:
+        blocks = raw.reshape(-1, width)
+        out.write(blocks[:, 2:])
+        d = blocks[:, :2].copy().view("<f2").reshape(-1)
+        scales.append(d.astype(np.float32) if kind == "q8_0" else d)
+    out.align()
+    for scale in scales:
+        out.write(scale)
+    return f"{kind} (exact: the GGUF's blocks, moved)"
+
+
+def gguf_weight_type(g, plan, args):
+    """--dtype, or the type matching the GGUF's most common matrix type (GGUF_DEFAULT_DTYPE)."""
+    counts = {}
+    for name, shape, is_matrix in plan:
+        if is_matrix:
+            type_name = g.tensors[name][0]
+            counts[type_name] = counts.get(type_name, 0) + math.prod(shape)
+    if args.dtype:
+        return args.dtype
+    main = max(counts, key=counts.get)
+    chosen = GGUF_DEFAULT_DTYPE[main]
+    mixed = ", ".join(f"{t} {n / sum(counts.values()):.0%}" for t, n in
+                      sorted(counts.items(), key=lambda item: -item[1]))
+    note(f"weights: {mixed} -> {chosen} (--dtype chooses another)")
+    return chosen
+
+
+def export_gguf(args, outputs):
+    g = GGUFFile(args.gguf)
+    try:
+        c = gguf_config(g)
+        plan = gguf_plan(g, c)
+        weight_type = gguf_weight_type(g, plan, args)
+        group_size = gguf_group_size(args, plan, weight_type)
+        tok_out = None if args.no_tokenizer else (args.tokenizer_out or default_tokenizer_path(args.out))
+        check_outputs([args.out, *([tok_out] if tok_out else [])], [args.gguf])
+        tok_data = None
+        if tok_out:
+            regular, specials = gguf_tokenizer(g)
+            check_tokenizer(g.name, regular, specials)
+            if len(regular) + len(specials) != c["vocab_size"]:
+                raise ExportError(f"{g.name}: {len(regular) + len(specials)} tokens but "
+                                  f"token_embd has {c['vocab_size']} rows")
+            tok_data = pack_tokenizer(regular, specials)
+            note(f"tokenizer: {len(regular)} regular + {len(specials)} special tokens")
+        note(f"model: dim {c['dim']}, hidden {c['hidden_dim']}, {c['n_layers']} layers, "
+             f"{c['n_heads']}/{c['n_kv_heads']} heads of {c['head_dim']}, vocab {c['vocab_size']}, "
+             f"{'tied' if c['tied_classifier'] else 'untied'}, rope_scaling "
+             f"{'llama3 factor %g' % c['rope_factor'] if c['rope_scaling'] else 'none'} -> {weight_type}")
+
+        def write_one(out, name, shape, is_matrix):
+            return g.tensors[name][0], write_gguf_tensor(out, g, name, shape, is_matrix,
+                                                         weight_type, group_size, c)
+        write_outputs(outputs, args.out,
+                      lambda f: write_model(f, c, plan, weight_type, group_size, write_one),
+                      tok_out, tok_data)
+    finally:
+        g.close()
+
+
+def gguf_group_size(args, plan, weight_type):
+    """32 for q8_0 and q4_0 unless --group-size says otherwise: GGUF's blocks, so that Q8_0
+    and Q4_0 move across exactly."""
+    if weight_type in ("q8_0", "q4_0") and args.group_size is None:
+        args = argparse.Namespace(**dict(vars(args), group_size=32))
+    return choose_group_size(argparse.Namespace(**dict(vars(args), dtype=weight_type)), plan)
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing outputs: all of them or none
 # ---------------------------------------------------------------------------------------------
 
@@ -1279,6 +1975,7 @@ def parse_args(argv):
                "  python3 export.py llama3.2-1b.bin --hf ~/Llama-3.2-1B-Instruct --dtype bf16\n"
                "  python3 export.py l3-8b-q8.bin --hf ~/Meta-Llama-3-8B --dtype q8_0\n"
                "  python3 export.py --tokenizer-only llama3.tok --tokenizer tokenizer.model --specials llama3\n"
+               "  python3 export.py llama3.2-1b.bin --gguf Llama-3.2-1B-Instruct-Q8_0.gguf\n"
                "Progress goes to stdout. Any error, a bad option included, is one line on stderr\n"
                "and exit status 1; no partial output file is ever left behind, and the outputs\n"
                "(model and tokenizer) appear together or not at all. SIGINT, SIGTERM, SIGHUP or\n"
@@ -1291,14 +1988,20 @@ def parse_args(argv):
                         "model.safetensors.index.json, and tokenizer.json and/or "
                         "original/tokenizer.model (symlinks, as in Hugging Face's cache, are "
                         "followed; a file inside the folder, e.g. its config.json, stands for it)")
-    p.add_argument("--dtype", choices=sorted(WEIGHT_TYPES), default="fp32",
+    p.add_argument("--gguf", metavar="FILE",
+                   help="a llama.cpp GGUF file of a Llama 3 / 3.1 / 3.2 model (versions 2 and 3; "
+                        "F32, F16, BF16, Q8_0, Q4_0 exactly; Q4_K, Q5_K, Q6_K converted): the "
+                        "configuration, tokenizer and weights all come from it (docs/gguf.md)")
+    p.add_argument("--dtype", choices=sorted(WEIGHT_TYPES),
                    help="weight type of the matrices (norms are always fp32): fp32 exact; bf16 "
                         "(exact for bf16 checkpoints, rounded to nearest even otherwise); q8_0 "
                         "int8 with one float32 scale per group; q4_0 4-bit integers in [-8, 7] "
                         "with one fp16 scale per group, chosen per group for the least squared "
-                        "error, never more than llama.cpp's Q4_0 (default: fp32). Every type "
-                        "refuses a weight that is NaN or infinite (or becomes so: bf16 past "
-                        "its range), naming the tensor and the first bad element")
+                        "error, never more than llama.cpp's Q4_0 (default: fp32; with --gguf "
+                        "the type its weights have: F32/F16 fp32, BF16 bf16, Q8_0 q8_0, Q4_0 "
+                        "q4_0, K-quants q8_0). Every type refuses a weight that is NaN or "
+                        "infinite (or becomes so: bf16 past its range), naming the tensor and "
+                        "the first bad element")
     p.add_argument("--group-size", type=int, metavar="N",
                    help="q8_0 and q4_0 group size: elements per scale; must divide every "
                         "matrix's row length. q8_0 default: 64, or the largest divisor of 64 that "
@@ -1326,13 +2029,20 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.group_size is not None and args.group_size <= 0:
         p.error("--group-size must be positive")
-    if args.tokenizer_only:
+    if args.gguf:
+        for flag, given in (("--hf", args.hf), ("--tokenizer-only", args.tokenizer_only),
+                            ("--tokenizer", args.tokenizer), ("--specials", args.specials)):
+            if given:
+                p.error(f"--gguf and {flag} exclude each other (the GGUF holds its tokenizer)")
+    elif args.tokenizer_only:
         if not args.tokenizer:
             p.error("--tokenizer-only needs --tokenizer PATH")
         if args.hf:
             p.error("--tokenizer-only and --hf exclude each other")
     elif not args.hf:
-        p.error("--hf MODEL_DIR is required (or --tokenizer-only)")
+        p.error("--hf MODEL_DIR or --gguf FILE is required (or --tokenizer-only)")
+    if args.dtype is None and not args.gguf:
+        args.dtype = "fp32"
     if args.no_tokenizer and (args.tokenizer_out or args.tokenizer):
         p.error("--no-tokenizer excludes --tokenizer-out and --tokenizer")
     return args
@@ -1418,8 +2128,16 @@ def model_folder(path):
     if os.path.lexists(os.path.join(folder, "config.json")):
         note(f"note: --hf {path} is a file: exporting the folder {folder}")
         return folder
+    hint = ""
+    with contextlib.suppress(ExportError, OSError):
+        fd = open_input(path)
+        try:
+            if os.pread(fd, 4, 0) == GGUF_MAGIC:
+                hint = f"; for a GGUF file: export.py OUT.bin --gguf {path}"
+        finally:
+            os.close(fd)
     raise ExportError(f"--hf {path} is not a folder: give the Hugging Face model folder "
-                      "(config.json and *.safetensors)")
+                      f"(config.json and *.safetensors){hint}")
 
 
 def tokenizer_paths(args, folder):
@@ -1471,15 +2189,24 @@ def export_model(args, outputs):
              f"{c['n_heads']}/{c['n_kv_heads']} heads of {c['head_dim']}, vocab {c['vocab_size']}, "
              f"{'tied' if c['tied_classifier'] else 'untied'}, "
              f"rope_scaling {'llama3' if c['rope_scaling'] else 'none'} -> {args.dtype}")
-        with outputs.create(args.out) as f:
-            size = write_model(f, ckpt, c, plan, args.dtype, group_size)
-        if tok_data is not None:
-            with outputs.create(tok_out) as f:
-                f.write(tok_data)
-        outputs.commit()
+        write_outputs(outputs, args.out, lambda f: write_model(
+            f, c, plan, args.dtype, group_size,
+            lambda out, name, shape, is_matrix: (ckpt.info(name)[0], write_tensor(
+                out, ckpt, name, shape, is_matrix, args.dtype, group_size))), tok_out, tok_data)
     finally:
         ckpt.close()
-    note(f"wrote {args.out} ({size} bytes)")
+
+
+def write_outputs(outputs, out, write, tok_out, tok_data):
+    """Writes the model (write(f) returns its size) and the tokenizer bytes (or None), then
+    renames both into place together."""
+    with outputs.create(out) as f:
+        size = write(f)
+    if tok_data is not None:
+        with outputs.create(tok_out) as f:
+            f.write(tok_data)
+    outputs.commit()
+    note(f"wrote {out} ({size} bytes)")
     if tok_data is not None:
         note(f"wrote {tok_out} ({len(tok_data)} bytes)")
 
@@ -1511,6 +2238,8 @@ def main(argv=None):
         try:
             if args.tokenizer_only:
                 export_tokenizer_only(args, outputs)
+            elif args.gguf:
+                export_gguf(args, outputs)
             else:
                 export_model(args, outputs)
         finally:

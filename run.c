@@ -2906,8 +2906,8 @@ static void check_model_kind(const char *path) {
     close(fd);
     if (got >= 4 && memcmp(head, MODEL_MAGIC, 4) == 0) return;
     if (got >= 4 && memcmp(head, "GGUF", 4) == 0)
-        die("%s is a GGUF file (llama.cpp's format), not a llama3.c model file: %s FOLDER "
-            "(the Hugging Face checkpoint it came from)", path, convert);
+        die("%s is a GGUF file (llama.cpp's format), not a llama3.c model file: convert it "
+            "with export.py: /usr/bin/python3 export.py OUT.bin --gguf %s", path, path);
     if ((got == 9 && head[8] == '{') || has_suffix(path, ".safetensors"))
         die("%s is a safetensors file, one part of a Hugging Face checkpoint: %s FOLDER "
             "(the folder holding it and config.json)", path, convert);

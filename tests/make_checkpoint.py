@@ -81,6 +81,14 @@ PRESETS = {
                            max_position_embeddings=131072, rope_scaling=dict(LLAMA32_ROPE),
                            tie_word_embeddings=True, eos_token_id=[2, 3, 4]),
         dtype="F16", shards=2, std=0.05, seed=32),
+    # Llama 3.2 style with every row length a multiple of 256, the super-block of llama.cpp's
+    # K-quants (Q4_K, Q5_K, Q6_K), for the GGUF import tests (tests/bench/make_gguf_data.py).
+    "tiny-k": dict(
+        config=base_config(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                           max_position_embeddings=131072, rope_scaling=dict(LLAMA32_ROPE),
+                           tie_word_embeddings=True, eos_token_id=[2, 3]),
+        dtype="BF16", shards=1, std=0.05, seed=256),
     # The real vocabulary size with small dims, and the Llama 3 tokenizer.json beside it.
     "full-vocab": dict(
         config=base_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,

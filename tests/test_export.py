@@ -721,7 +721,8 @@ def test_hf_may_name_a_file_in_the_folder():
     lone = os.path.join(WORK, "lone-dir")
     os.makedirs(lone, exist_ok=True)
     open(os.path.join(lone, "weights.gguf"), "wb").write(b"GGUF")
-    expect_failure(["OUT", "--hf", os.path.join(lone, "weights.gguf")], "not a folder", "config.json")
+    expect_failure(["OUT", "--hf", os.path.join(lone, "weights.gguf")], "not a folder", "config.json",
+                   "--gguf")
 
 
 def test_missing_tokenizer_names_the_fix():

@@ -722,11 +722,12 @@ def test_wrong_files_name_the_fix():
     if not os.path.exists(hf):
         make_checkpoint.make_checkpoint(hf, "tiny30")
     fix = "export.py OUT.bin --hf"
-    for path, needle in ((hf, "Hugging Face checkpoint folder"),
-                         (os.path.join(hf, "model.safetensors"), "safetensors file"),
-                         (write("renamed.bin", open(os.path.join(hf, "model.safetensors"), "rb").read()),
-                          "safetensors file"),
-                         (write("model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0)), "GGUF file")):
+    gguf = write("model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    for path, needle, fix in ((hf, "Hugging Face checkpoint folder", fix),
+                              (os.path.join(hf, "model.safetensors"), "safetensors file", fix),
+                              (write("renamed.bin", open(os.path.join(hf, "model.safetensors"), "rb").read()),
+                               "safetensors file", fix),
+                              (gguf, "GGUF file", f"export.py OUT.bin --gguf {gguf}")):
         proc = expect("wrong file", [program("run"), path, "-i", "hi"], needle)
         assert fix.encode() in proc.stderr, proc.stderr
     lonely = write("lonely.bin", open(model, "rb").read())  # no lonely.tok beside it
@@ -1512,6 +1513,227 @@ def export_table():
     sys.path.insert(0, REPO)
     import export
     return export.gpt2_unicode_to_byte()
+
+
+# ------------------------------------------------------------------------------------------
+# GGUF files given to export.py --gguf: a file made by llama.cpp (tests/data/gguf), taken
+# apart here and put back together with one thing damaged
+
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_string(text):
+    raw = text if isinstance(text, bytes) else text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf_value_end(blob, pos, kind):
+    """Where a metadata value of type kind starting at pos ends."""
+    if kind == 8:
+        return pos + 8 + struct.unpack_from("<Q", blob, pos)[0]
+    if kind == 9:
+        item, n = struct.unpack_from("<IQ", blob, pos)
+        pos += 12
+        for _ in range(n):
+            pos = gguf_value_end(blob, pos, item)
+        return pos
+    return pos + GGUF_SCALAR_SIZES[kind]
+
+
+def gguf_parts(path):
+    """(version, [(key, type, raw value)], [(name, dims, type, offset)], data, alignment) of a
+    GGUF, read here without export.py."""
+    blob = open(path, "rb").read()
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", blob, 4)
+    pos, kvs, infos = 24, [], []
+    for _ in range(n_kv):
+        n = struct.unpack_from("<Q", blob, pos)[0]
+        key = blob[pos + 8:pos + 8 + n].decode()
+        kind = struct.unpack_from("<I", blob, pos + 8 + n)[0]
+        start = pos + 12 + n
+        pos = gguf_value_end(blob, start, kind)
+        kvs.append((key, kind, blob[start:pos]))
+    for _ in range(n_tensors):
+        n = struct.unpack_from("<Q", blob, pos)[0]
+        name = blob[pos + 8:pos + 8 + n].decode()
+        pos += 8 + n
+        n_dims = struct.unpack_from("<I", blob, pos)[0]
+        dims = list(struct.unpack_from(f"<{n_dims}Q", blob, pos + 4))
+        kind, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * n_dims)
+        pos += 16 + 8 * n_dims
+        infos.append((name, dims, kind, offset))
+    alignment = 32
+    for key, kind, raw in kvs:
+        if key == "general.alignment":
+            alignment = struct.unpack("<I", raw)[0]
+    pos += -pos % alignment
+    return version, kvs, infos, blob[pos:], alignment
+
+
+def gguf_file(version, kvs, infos, data, alignment=32, n_tensors=None, n_kv=None):
+    """A GGUF from its parts (counts as given, or the true ones)."""
+    out = [b"GGUF", struct.pack("<IQQ", version, len(infos) if n_tensors is None else n_tensors,
+                                len(kvs) if n_kv is None else n_kv)]
+    for key, kind, raw in kvs:
+        out += [gguf_string(key), struct.pack("<I", kind), raw]
+    for name, dims, kind, offset in infos:
+        out += [gguf_string(name), struct.pack("<I", len(dims)),
+                struct.pack(f"<{len(dims)}Q", *dims), struct.pack("<IQ", kind, offset)]
+    head = b"".join(out)
+    return head + bytes(-len(head) % alignment) + data
+
+
+def gguf_rows():
+    """[(description, file bytes, needle)]: damage of every kind to a Q4_0 GGUF of ref30."""
+    source = os.path.join(TESTS, "data", "gguf", "ref30-q4_0.gguf")
+    good = open(source, "rb").read()
+    version, kvs, infos, data, align = gguf_parts(source)
+    assert gguf_file(version, kvs, infos, data, align) == good, "taken apart and put back"
+    u32, u64, q = (lambda v: struct.pack("<I", v)), (lambda v: struct.pack("<Q", v)), 2 ** 63
+
+    def with_kv(key, kind, raw):  # replaced, or added at the end
+        kept = [kv for kv in kvs if kv[0] != key]
+        return gguf_file(version, kept + [(key, kind, raw)], infos, data, align)
+
+    def with_info(i, **change):
+        changed = list(infos)
+        name, dims, kind, offset = changed[i]
+        changed[i] = (change.get("name", name), change.get("dims", dims),
+                      change.get("kind", kind), change.get("offset", offset))
+        return gguf_file(version, kvs, changed, data, align)
+
+    rows = [("empty", b"", "not a GGUF"), ("3 bytes", good[:3], "not a GGUF"),
+            ("bad magic", b"GGUF"[::-1] + good[4:], "not a GGUF")]
+    # truncated at every boundary of the header, the metadata and the tensor infos, inside
+    # every tensor, and one byte short
+    ends, pos = [4, 8, 16, 24], 24
+    for key, kind, raw in kvs:
+        pos += 8 + len(key.encode())
+        ends += [pos, pos + 4]
+        pos += 4 + len(raw)
+        ends.append(pos)
+    for name, dims, kind, offset in infos:
+        pos += 8 + len(name) + 4 + 8 * len(dims) + 12
+        ends.append(pos)
+    head = len(good) - len(data)
+    ends += [head + offset + 7 for _, _, _, offset in infos] + [len(good) - 1]
+    rows += [(f"cut at {n}", good[:n], ("truncated", "outside the data", "past the end"))
+             for n in sorted(set(ends))]
+    # versions
+    for v, needle in ((1, "version 1"), (4, "version 4"), (0x03000000, "big-endian"), (0, "version 0")):
+        rows.append((f"version {v}", gguf_file(v, kvs, infos, data, align), needle))
+    # counts and lengths past the end of the file
+    rows += [("tensor count 2^63", gguf_file(version, kvs, infos, data, align, n_tensors=q), "tensor count"),
+             ("tensor count 2^16+1", gguf_file(version, kvs, infos, data, align, n_tensors=65537), "tensor count"),
+             ("metadata count 2^63", gguf_file(version, kvs, infos, data, align, n_kv=q), "metadata count"),
+             ("metadata count + 1", gguf_file(version, kvs, infos, data, align, n_kv=len(kvs) + 1),
+              ("value type", "past the end", "truncated", "metadata key", "length")),
+             ("tensor count + 1", gguf_file(version, kvs, infos, data, align, n_tensors=len(infos) + 1),
+              ("past the end", "truncated", "tensor"))]
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+        kind, raw = next((k, r) for name, k, r in kvs if name == key)
+        item = raw[:4]
+        for count in (q, 2 ** 64 - 1, 1 << 40, struct.unpack_from("<Q", raw, 4)[0] * 1000):
+            rows.append((f"{key} count {count}", with_kv(key, kind, item + u64(count) + raw[12:]),
+                         ("past the end", "over the limit")))
+    # string lengths of 2^63 (and 2^64 - 1) in a key, a value, an array and a tensor name
+    for n in (q, 2 ** 64 - 1):
+        long = u64(n) + b"x"
+        rows += [(f"key length {n}", good[:24] + long + good[24 + 8 + len(kvs[0][0]):], "length"),
+                 (f"string value length {n}", with_kv("general.architecture", 8, long), "length"),
+                 (f"token length {n}", with_kv("tokenizer.ggml.tokens", 9, u32(8) + u64(1) + long), "length"),
+                 (f"tensor name length {n}", with_info(0, name="x").replace(gguf_string("x"), long, 1), "length")]
+    # value types unknown, arrays of arrays and of unknown types, a bool array, duplicates
+    for kind in (13, 255, 2 ** 32 - 1):
+        rows.append((f"value type {kind}", with_kv("general.name", kind, b"\0" * 8), "unknown value type"))
+        rows.append((f"array of type {kind}", with_kv("general.tags", 9, u32(kind) + u64(1) + b"\0" * 8),
+                     "unknown type"))
+    rows += [("array of arrays", with_kv("general.tags", 9, u32(9) + u64(1) + u32(4) + u64(1) + u32(7)), "arrays"),
+             ("array of arrays of arrays", with_kv("general.tags", 9, u32(9) + u64(1) + u32(9) + u64(0)), "arrays"),
+             ("duplicate key", gguf_file(version, kvs + [kvs[0]], infos, data, align), "duplicate metadata key"),
+             ("duplicate tensor", gguf_file(version, kvs, infos + [infos[0]], data, align), "duplicate tensor"),
+             ("key not UTF-8", good[:24] + gguf_string(b"\xff\xfe") + good[24 + 8 + len(kvs[0][0]):],
+              "UTF-8")]
+    # tensor offsets overlapping, misaligned, outside the data; shapes that overflow or lie
+    last = len(infos) - 1
+    qi = next(i for i, info in enumerate(infos) if info[2] == 2)  # a Q4_0 matrix
+    rows += [("overlap", with_info(1, offset=infos[0][3]), "overlap"),
+             ("overlap by 32", with_info(2, offset=infos[1][3] + 32), "overlap"),
+             ("misaligned by 1", with_info(1, offset=infos[1][3] + 1), "not a multiple of the alignment"),
+             ("misaligned by 16", with_info(1, offset=infos[1][3] + 16), "not a multiple of the alignment"),
+             ("offset at the end", with_info(last, offset=len(data)), "outside the data"),
+             ("offset 2^64 - 32", with_info(last, offset=2 ** 64 - 32), "outside the data"),
+             ("offset past by 32", with_info(last, offset=infos[last][3] + 32 * (len(data) // 32)), "outside the data"),
+             ("shape 2^32 cubed", with_info(1, dims=[2 ** 32] * 3), "overflows"),
+             ("shape 2^63", with_info(1, dims=[2 ** 63]), "overflows"),
+             ("shape 2^64 - 1 x 2", with_info(1, dims=[2 ** 64 - 1, 2]), ("overflows", "block")),
+             ("shape (32, 2^50)", with_info(1, dims=[32, 2 ** 50]), "outside the data"),
+             ("0 dimensions", with_info(1, dims=[]), "dimensions"),
+             ("5 dimensions", with_info(1, dims=[1, 1, 1, 1, 1]), "dimensions"),
+             ("unknown ggml type", with_info(1, kind=99), "unknown ggml type 99"),
+             ("removed ggml type", with_info(1, kind=31), "unknown ggml type 31"),
+             ("row not whole blocks", with_info(qi, dims=[33, 1]), "block")]
+    # alignment 0, not a power of two, of the wrong type
+    for value, kind in ((0, 4), (3, 4), (48, 4), (2 ** 31 + 1, 4)):
+        rows.append((f"alignment {value}", with_kv("general.alignment", kind, u32(value)), "alignment"))
+    rows.append(("alignment as a string", with_kv("general.alignment", 8, gguf_string("32")), "alignment"))
+    # well-formed files of what llama3.c cannot run: named, with the way out
+    rows += [("architecture qwen2", with_kv("general.architecture", 8, gguf_string("qwen2")), "qwen2"),
+             ("experts", with_kv("llama.expert_count", 4, u32(8)), "expert"),
+             ("SentencePiece tokenizer", with_kv("tokenizer.ggml.model", 8, gguf_string("llama")), "'llama'"),
+             ("pre-tokenizer qwen2", with_kv("tokenizer.ggml.pre", 8, gguf_string("qwen2")), "'qwen2'"),
+             ("IQ4_NL tensor", with_info(qi, kind=20), "IQ4_NL"),
+             ("norm as I32", with_info(next(i for i, t in enumerate(infos) if t[0].endswith("norm.weight")),
+                                       kind=26), "not a float type"),
+             ("missing tensor", with_info(1, name="blk.9.attn_q.weight"), "missing tensor"),
+             ("block count 3", with_kv("llama.block_count", 4, u32(3)), "missing tensor"),
+             ("no head count", gguf_file(version, [kv for kv in kvs if kv[0] != "llama.attention.head_count"],
+                                        infos, data, align), "head_count"),
+             ("rms eps as a string", with_kv("llama.attention.layer_norm_rms_epsilon", 8, gguf_string("1e-5")),
+              "layer_norm_rms_epsilon"),
+             ("rope scaling yarn", gguf_file(version, kvs + [
+                 ("llama.rope.scaling.type", 8, gguf_string("yarn")),
+                 ("llama.rope.scaling.factor", 6, struct.pack("<f", 4.0))], infos, data, align), "yarn"),
+             ("bos out of range", with_kv("tokenizer.ggml.bos_token_id", 4, u32(4096)), "bos_token_id")]
+    return rows
+
+
+def gguf_rope_rows():
+    """[(description, file bytes, needle)]: ref31's rope_freqs (Llama 3.1 scaling) damaged."""
+    source = os.path.join(TESTS, "data", "gguf", "ref31-f16.gguf")
+    version, kvs, infos, data, align = gguf_parts(source)
+    i = next(i for i, info in enumerate(infos) if info[0] == "rope_freqs.weight")
+    name, dims, kind, offset = infos[i]
+    freqs = list(struct.unpack_from(f"<{dims[0]}f", data, offset))
+    rows = []
+    for what, values in (("one divisor off", freqs[:10] + [freqs[10] * 1.01] + freqs[11:]),
+                         ("factor 16 at the end only", freqs[:-1] + [16.0]),
+                         ("reversed", freqs[::-1]), ("zeros", [0.0] * len(freqs)),
+                         ("NaN", [float("nan")] * len(freqs))):
+        damaged = data[:offset] + struct.pack(f"<{len(values)}f", *values) + data[offset + 4 * len(values):]
+        rows.append((f"rope_freqs {what}", gguf_file(version, kvs, infos, damaged, align), "rope_freqs"))
+    for what, change in (("as F16", dict(kind=1)), ("shorter", dict(dims=[dims[0] - 4]))):
+        changed = list(infos)
+        changed[i] = (name, change.get("dims", dims), change.get("kind", kind), offset)
+        rows.append((f"rope_freqs {what}", gguf_file(version, kvs, changed, data, align), "rope_freqs"))
+    return rows
+
+
+def test_damaged_gguf_files():
+    out_dir = os.path.join(WORK, "gguf-out")
+    src_dir = os.path.join(WORK, "gguf-in")
+    for folder in (out_dir, src_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+    path = os.path.join(src_dir, "damaged.gguf")
+    rows = gguf_rows() + gguf_rope_rows()
+    for what, blob, needle in rows:
+        open(path, "wb").write(blob)
+        try:
+            export_refused([os.path.join(out_dir, "m.bin"), "--gguf", path], needle, [out_dir, src_dir])
+        except AssertionError as e:
+            raise AssertionError(f"{what}: {e}")
+    print(f"    {len(rows)} damaged GGUF files")
 
 
 def test_row_count():

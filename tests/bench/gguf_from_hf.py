@@ -52,25 +52,7 @@ def import_gguf(llama_cpp_dir):
     return gguf
 
 
-def rope_freq_divisors(c):
-    """llama3 rope scaling as llama.cpp stores it: one divisor per rotated frequency (1 for
-    high frequencies, the factor for low ones, a smooth blend between), the same rule that
-    the engine applies to its frequencies."""
-    hd = c["head_dim"]
-    freqs = 1.0 / c["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
-    factor, low, high = c["rope_factor"], c["rope_low_freq_factor"], c["rope_high_freq_factor"]
-    old_len = c["rope_original_max_pos"]
-    out = []
-    for f in freqs:
-        wavelen = 2 * math.pi / f
-        if wavelen < old_len / high:
-            out.append(1.0)
-        elif wavelen > old_len / low:
-            out.append(factor)
-        else:
-            smooth = (old_len / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
+rope_freq_divisors = export.rope_freq_divisors  # llama.cpp's rope_freqs
 
 
 def vocabulary(gguf, tokenizer_path, vocab_size):
@@ -92,6 +74,8 @@ def vocabulary(gguf, tokenizer_path, vocab_size):
             types[i] = gguf.TokenType.CONTROL if added.get("special") else \
                 gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    vocab = model["vocab"]  # a vocabulary cut short keeps only the merges that make its tokens
+    merges = [m for m in merges if vocab.get(m.replace(" ", "", 1), vocab_size) < vocab_size]
     return tokens, types, merges
 
 
@@ -228,7 +212,7 @@ def write_tensors(gguf, w, ckpt, c, plan, out_type):
     for (gname, hf_name, shape, kind), size in zip(plan, sizes):
         start = out.tell()
         if hf_name is None:
-            out.write(rope_freq_divisors(c).tobytes())
+            out.write(rope_freq_divisors(c).astype(np.float32).tobytes())
         else:
             for data in tensor_chunks(ckpt, hf_name, shape, kind, out_type, c["head_dim"]):
                 out.write(data)
