@@ -60,7 +60,8 @@ static int thread_id(void) { return 0; }
 
 /* Whether section 8 holds SIMD kernels for this build: the compiler's target (-march)
    decides. */
-#if defined __AVX512F__ || (defined __aarch64__ && defined __ARM_NEON)
+#if defined __AVX512F__ || (defined __AVX2__ && defined __FMA__ && defined __F16C__) || \
+    (defined __aarch64__ && defined __ARM_NEON)
 #define HAVE_SIMD 1
 #else
 #define HAVE_SIMD 0
@@ -3250,6 +3251,8 @@ static float checked_scale(int16_t *q, int gs, float amax, int ordered, float q_
     memset(q, 0, (size_t)gs * sizeof *q);
     return NAN;
 }
+
+#define VALUES_AHEAD 16  /* attention's weighted sum fetches the values this many positions on */
 #endif
 
 /* ---- 8a. AVX-512 ------------------------------------------------------------------------ */
@@ -4802,7 +4805,6 @@ static int simd_swiglu(float *g, const float *u, int width) {
    (decoding has 4 rows per KV head at the 1B shape; prompt passes 16), and so is the cache
    type, so that each kernel is compiled once per case. */
 #define SCORE_TILES 2    /* key tiles per step of the score kernel */
-#define VALUES_AHEAD 16  /* the weighted sum fetches the values this many positions ahead */
 _Static_assert(CACHE_STEP % (SCORE_TILES * KEY_TILE) == 0, "the cache holds whole steps");
 
 /* 16 consecutive cache elements from element i, widened to float32: bf16 by a shift, q8_0
@@ -4959,6 +4961,686 @@ static const char *simd_kernels(void) {
 }
 
 #endif  /* __AVX512F__ */
+
+/* ---- 8b. AVX2 (with FMA and F16C): every hook, 8 lanes at a time ------------------------
+   The x86 CPUs without AVX-512 (AMD before Zen 4, Intel's desktop and laptop chips): each
+   kernel computes what its AVX-512 counterpart above computes, the same sums in the same integer or
+   float32 arithmetic, with 256-bit vectors:
+   - decoding: fp32 rows as four chains of 8-lane FMAs; bf16 rows widened by one shift or mask
+     against x reordered once per matmul (pairs16); q8_0 groups as int8 x int16 products
+     summed pairwise in int32 (vpmaddwd); q4_0 blocks unpacked by one AND and one shift into
+     the same products, the nibbles' +8 taken back once per group (as dot_q4_32 does);
+   - -a fast: q8_0 and q4_0 against int8 activations, 32 products per vpmaddubsw (as llama.cpp
+     does on AVX2); bf16 has no such instruction here, so -a fast changes nothing for it.
+   - attention: score tiles of 4 rows by one key tile, value sums of 4 rows by 16 dimensions
+     or 8 by 8, each cache type widened in registers.
+   No instruction reads past a row. */
+#if defined __AVX2__ && defined __FMA__ && defined __F16C__ && !defined __AVX512F__
+#include <immintrin.h>
+
+#define HAS_AVX2 1
+
+/* The activations as the decoding kernels read them: quantized per group as section 2's
+   QuantizedVector holds them (q, scales), and the extra forms some kernels want. */
+typedef struct {
+    int16_t *q;         /* round(x / scale) per group */
+    float *scales;      /* one per group */
+    int8_t *int8;       /* -a fast: q as int8 (q_max 127) */
+    float *q4_offsets;  /* q4_0: per group -8 * the sum of its q */
+} SimdVector;
+
+/* The prompt path's shapes (simd_matmul_batch, below). */
+#define STRIP8 16  /* tokens per strip */
+#define TILE8 6    /* rows per register tile: 6 x 2 accumulators of the 16 registers */
+#define PANEL8 48  /* rows per panel: 8 tiles */
+#define COLS8 512  /* columns per slab: a 96 KB slab of rows and a 32 KB one of a strip */
+
+/* Section 8's buffers and settings beside MatmulScratch's, allocated once. */
+struct SimdScratch {
+    int fast;           /* -a fast: q8_0 and q4_0 activations rounded to int8 */
+    SimdVector xq;      /* q8_0, q4_0 decoding: the activations quantized [max_cols] */
+    float *x_pairs;     /* bf16 decoding: x in pairs16 order [max_cols] */
+    float *strips;      /* prompt path: the tokens transposed, [strips][max_cols][STRIP8] */
+    float *slabs;       /* ... one [PANEL8][COLS8] widened slab of rows per thread */
+    float *sums;        /* ... one [strips][PANEL8][STRIP8] set of running sums per thread */
+    int n_strip_tokens; /* max_tokens rounded up to whole strips */
+};
+
+/* Fetches [p, p + n) ahead of its use (see DECODE_AHEAD above: the same reasons). */
+#define AVX2_AHEAD 2048
+static inline void prefetch_avx2(const void *p, size_t n) {
+    for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float max8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* The lanes of an 8-float step from i that lie before n, as a mask of whole lanes. */
+static inline __m256i lanes_before8(int i, int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* quantize_group 8 values at a time (gs a multiple of 8), bit for bit the same: a group with
+   a NaN (an unordered compare) or an infinity gets the scale NaN and zeros; rounding to
+   nearest even as nearbyintf, and the rest clamped to +-q_max before the conversion. */
+static float quantize_group8(int16_t *q, const float *x, int gs, float q_max) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 amax = _mm256_setzero_ps(), nan = amax;
+    for (int i = 0; i < gs; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        amax = _mm256_max_ps(_mm256_and_ps(v, magnitude), amax);
+    }
+    float scale = checked_scale(q, gs, max8(amax), !_mm256_movemask_ps(nan), q_max);
+    if (isnan(scale)) return scale;
+    __m256 inverse = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    __m256 high = _mm256_set1_ps(q_max), low = _mm256_set1_ps(-q_max);
+    for (int i = 0; i < gs; i += 8) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inverse),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));
+        __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, low), high));
+        _mm_storeu_si128((__m128i *)(q + i), _mm_packs_epi32(_mm256_castsi256_si128(v),
+                                                             _mm256_extracti128_si256(v, 1)));
+    }
+    return scale;
+}
+
+/* quantize_vector into v, 8 lanes at a time where gs allows (the same bits). */
+static void quantize_input(SimdVector *v, const float *x, int n, int gs, float q_max) {
+    for (int g = 0; g < n / gs; g++) {
+        int16_t *q = v->q + (size_t)g * gs;
+        const float *xg = x + (size_t)g * gs;
+        v->scales[g] = gs % 8 == 0 ? quantize_group8(q, xg, gs, q_max)
+                                   : quantize_group(q, xg, gs, q_max);
+    }
+}
+
+/* dot_fp32, four chains of 8 lanes */
+static float dot_fp32_avx2(const float *w, const float *x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        prefetch_avx2(w + i + AVX2_AHEAD / 4, 128);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    float sum = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) sum += w[i] * x[i];
+    return sum;
+}
+
+/* bf16 rows: as split_pairs above, with a period of 16: x_pairs lists each 16 values' even
+   ones, then their odd ones, so that one 256-bit load of 16 weights meets them as 8 floats
+   from a shift (the even weights) and 8 from a mask (the odd ones). */
+static void pairs16(float *x_pairs, const float *x, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 8; j++) {
+            x_pairs[i + j] = x[i + 2 * j];
+            x_pairs[i + 8 + j] = x[i + 2 * j + 1];
+        }
+    for (; i < n; i++) x_pairs[i] = x[i];
+}
+
+static float dot_bf16_avx2(const uint16_t *w, const float *x_pairs, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        prefetch_avx2(w + i + AVX2_AHEAD / 2, 64);
+        __m256i p0 = _mm256_loadu_si256((const __m256i *)(w + i));
+        __m256i p1 = _mm256_loadu_si256((const __m256i *)(w + i + 16));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p0, 16)),
+                             _mm256_loadu_ps(x_pairs + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p0, high)),
+                             _mm256_loadu_ps(x_pairs + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p1, 16)),
+                             _mm256_loadu_ps(x_pairs + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p1, high)),
+                             _mm256_loadu_ps(x_pairs + i + 24), a3);
+    }
+    for (; i + 16 <= n; i += 16) {
+        __m256i p = _mm256_loadu_si256((const __m256i *)(w + i));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p, 16)),
+                             _mm256_loadu_ps(x_pairs + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p, high)),
+                             _mm256_loadu_ps(x_pairs + i + 8), a1);
+    }
+    float sum = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) sum += bf16_to_float(w[i]) * x_pairs[i];
+    return sum;
+}
+
+/* Whether the integer kernels below take a q8_0 or q4_0 matrix: whole steps (16 values for
+   q8_0, a 32-value block for q4_0) per group, and groups small enough for int32 lanes (a lane
+   takes gs / 8 products of at most 127 * 32767). */
+static int int_kernel_applies(const Matrix *w) {
+    int gs = w->group_size;
+    if (w->type == WEIGHT_Q8_0) return gs % 16 == 0 && gs <= 4096;
+    return w->type == WEIGHT_Q4_0 && gs % 32 == 0 && gs <= 4096;
+}
+
+/* Whether -a fast's int8 activations apply: groups of whole 32-byte steps. */
+static int int8_applies(const Matrix *w, const MatmulScratch *s) {
+    return s->simd->fast && int_kernel_applies(w) && w->group_size % 32 == 0;
+}
+
+/* w_scale * x_scale of groups g0 .. g0+7 (q4_0's fp16 scales widened by F16C), into out. */
+static inline __m256 scale_products8(const Matrix *w, size_t row_group, const float *x_scales,
+                                     int g0) {
+    __m256 ws = w->type == WEIGHT_Q4_0
+        ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->fp16_scales + row_group + g0)))
+        : _mm256_loadu_ps(w->scales + row_group + g0);
+    return _mm256_mul_ps(ws, _mm256_loadu_ps(x_scales + g0));
+}
+
+/* One q8_0 or q4_0 row against x as simd_prepare_input left it. Each group's integer products
+   in 8 int32 lanes: q8_0 (int8 w, widened) or q4_0 (nibbles: the block's values + 8, in order:
+   16 bytes widened to int16, an AND gives values 0..15 and a shift values 16..31) against
+   int16 x, summed pairwise (vpmaddwd); or with int8 x, q8_0 through vpmaddubsw (|w| against x
+   with w's sign, then pairs of int16 summed into int32) and q4_0's nibbles as its unsigned
+   side directly. Then times the group's two scales, 8 groups' scale products formed at once;
+   for q4_0 the nibbles' +8 comes back as the groups' offsets (-8 * the sum of their x) times
+   the same products. Inlined with constant gs, q4 and int8, the group loop unrolls. */
+static inline float dot_groups_avx2(const Matrix *w, int r, const SimdVector *x, int gs,
+                                    int q4, int int8) {
+    int n_groups = w->cols / gs;
+    size_t row_group = (size_t)r * n_groups, group_bytes = q4 ? (size_t)gs / 2 : (size_t)gs;
+    const char *row = (const char *)w->data + row_group * group_bytes;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, offsets = acc0;
+    float scales[8], tail_offsets = 0.0f;
+    for (int g0 = 0; g0 < n_groups; g0 += 8) {
+        int n = n_groups - g0 < 8 ? n_groups - g0 : 8;
+        if (n == 8) {
+            __m256 s = scale_products8(w, row_group, x->scales, g0);
+            if (q4) offsets = _mm256_fmadd_ps(s, _mm256_loadu_ps(x->q4_offsets + g0), offsets);
+            _mm256_storeu_ps(scales, s);
+        } else {  /* the last few groups, their scales one by one */
+            for (int j = 0; j < n; j++) {
+                size_t g = row_group + (size_t)(g0 + j);
+                scales[j] = (q4 ? fp16_to_float(w->fp16_scales[g]) : w->scales[g]) *
+                            x->scales[g0 + j];
+                if (q4) tail_offsets += x->q4_offsets[g0 + j] * scales[j];
+            }
+        }
+        prefetch_avx2(row + (size_t)g0 * group_bytes + AVX2_AHEAD, 8 * group_bytes);
+        for (int j = 0; j < n; j++) {
+            const char *wg = row + (size_t)(g0 + j) * group_bytes;
+            const int16_t *xq = x->q + (size_t)(g0 + j) * gs;
+            const int8_t *x8 = x->int8 + (size_t)(g0 + j) * gs;
+            __m256i isum = _mm256_setzero_si256();
+            for (int i = 0; i < gs; i += int8 || q4 ? 32 : 16) {
+                __m256i p;
+                if (q4 && int8) {
+                    __m128i v = _mm_loadu_si128((const __m128i *)(wg + i / 2));
+                    __m256i nibbles = _mm256_and_si256(
+                        _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
+                        _mm256_set1_epi8(15));
+                    p = _mm256_madd_epi16(_mm256_maddubs_epi16(
+                            nibbles, _mm256_loadu_si256((const __m256i *)(x8 + i))), ones);
+                } else if (int8) {
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + i));
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(x8 + i));
+                    p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
+                                                               _mm256_sign_epi8(xv, wv)), ones);
+                } else if (q4) {
+                    __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + i / 2)));
+                    p = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(15)),
+                                          _mm256_loadu_si256((const __m256i *)(xq + i))),
+                        _mm256_madd_epi16(_mm256_srli_epi16(w16, 4),
+                                          _mm256_loadu_si256((const __m256i *)(xq + i + 16))));
+                } else {
+                    __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + i)));
+                    p = _mm256_madd_epi16(w16, _mm256_loadu_si256((const __m256i *)(xq + i)));
+                }
+                isum = _mm256_add_epi32(isum, p);
+            }
+            __m256 sum = _mm256_cvtepi32_ps(isum), scale = _mm256_broadcast_ss(scales + j);
+            if (j % 2) acc1 = _mm256_fmadd_ps(sum, scale, acc1);
+            else acc0 = _mm256_fmadd_ps(sum, scale, acc0);
+        }
+    }
+    return sum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), offsets)) + tail_offsets;
+}
+
+static void simd_alloc_scratch(MatmulScratch *s) {
+    struct SimdScratch *f = checked_calloc(1, sizeof *f, "matmul scratch");
+    f->x_pairs = calloc_aligned((size_t)s->max_cols, sizeof(float), "matmul scratch");
+    f->n_strip_tokens = (s->max_tokens + STRIP8 - 1) / STRIP8 * STRIP8;
+    f->strips = calloc_aligned((size_t)f->n_strip_tokens * (size_t)s->max_cols, sizeof(float),
+                               "matmul scratch");
+    f->slabs = calloc_aligned((size_t)s->n_threads * PANEL8 * COLS8, sizeof(float),
+                              "matmul scratch");
+    f->sums = calloc_aligned((size_t)s->n_threads * PANEL8 * (size_t)f->n_strip_tokens,
+                             sizeof(float), "matmul scratch");
+    f->xq.q = calloc_aligned((size_t)s->max_cols, sizeof(int16_t), "matmul scratch");
+    f->xq.scales = calloc_aligned((size_t)s->max_cols, sizeof(float), "matmul scratch");
+    f->xq.int8 = calloc_aligned((size_t)s->max_cols, sizeof(int8_t), "matmul scratch");
+    f->xq.q4_offsets = calloc_aligned((size_t)s->max_cols, sizeof(float), "matmul scratch");
+    s->simd = f;
+}
+
+static void simd_free_scratch(MatmulScratch *s) {
+    struct SimdScratch *f = s->simd;
+    if (!f) return;
+    void *buffers[] = { f->x_pairs, f->strips, f->slabs, f->sums, f->xq.q, f->xq.scales,
+                        f->xq.int8, f->xq.q4_offsets };
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free_aligned(buffers[i]);
+    free(f);
+}
+
+/* Hook (main): -a fast from now on; whether it changes weights of this type and group size. */
+static int simd_set_fast(MatmulScratch *s, int weight_type, int group_size) {
+    s->simd->fast = 1;
+    Matrix w = { .type = weight_type, .group_size = group_size };
+    return int8_applies(&w, s);
+}
+
+/* Hook (matmul_vector): x in the form the rows read: for bf16 in pairs16 order; for q8_0 and
+   q4_0 quantized per group (int16, or with -a fast int8), with q4_0's offsets. */
+static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s) {
+    SimdVector *v = &s->simd->xq;
+    if (w->type == WEIGHT_BF16) {
+        pairs16(s->simd->x_pairs, x, w->cols);
+        return 1;
+    }
+    if (!int_kernel_applies(w)) return 0;
+    int int8 = int8_applies(w, s), gs = w->group_size;
+    quantize_input(v, x, w->cols, gs, int8 ? Q8_MAX : Q16_MAX);
+    for (int i = 0; int8 && i < w->cols; i++) v->int8[i] = (int8_t)v->q[i];
+    for (int g = 0; w->type == WEIGHT_Q4_0 && g < w->cols / gs; g++) {
+        int32_t sum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++) sum += v->q[i];
+        v->q4_offsets[g] = (float)(-8 * sum);
+    }
+    return 1;
+}
+
+/* Hook (matmul_vector, inside its parallel region): the rows split over the threads as
+   matmul_vector splits them, the common group sizes as constants (export.py's defaults: 64
+   for q8_0, 32 for q4_0). */
+static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+    int quantized = w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0;
+    if (quantized && !int_kernel_applies(w)) return 0;
+    int int8 = int8_applies(w, s), gs = w->group_size, q4 = w->type == WEIGHT_Q4_0;
+    const SimdVector *xq = &s->simd->xq;
+    size_t cols = (size_t)w->cols;
+    OMP(for schedule(guided) nowait)
+    for (int r = 0; r < w->rows; r++) {
+        if (w->type == WEIGHT_FP32)
+            out[r] = dot_fp32_avx2((const float *)w->data + r * cols, x, w->cols);
+        else if (w->type == WEIGHT_BF16)
+            out[r] = dot_bf16_avx2((const uint16_t *)w->data + r * cols, s->simd->x_pairs,
+                                   w->cols);
+        else if (q4 && gs == 32)
+            out[r] = int8 ? dot_groups_avx2(w, r, xq, 32, 1, 1) : dot_groups_avx2(w, r, xq, 32, 1, 0);
+        else if (q4)
+            out[r] = int8 ? dot_groups_avx2(w, r, xq, gs, 1, 1) : dot_groups_avx2(w, r, xq, gs, 1, 0);
+        else if (gs == 64)
+            out[r] = int8 ? dot_groups_avx2(w, r, xq, 64, 0, 1) : dot_groups_avx2(w, r, xq, 64, 0, 0);
+        else
+            out[r] = int8 ? dot_groups_avx2(w, r, xq, gs, 0, 1) : dot_groups_avx2(w, r, xq, gs, 0, 0);
+    }
+    return 1;
+}
+
+/* The prompt path: as matmul_strips above, in 8-lane vectors. The tokens are transposed into
+   strips of STRIP8 (two vectors), rows are taken in panels of PANEL8, each walked in slabs of
+   COLS8 columns (fp32 rows read in place, other types widened to float32 into the slab
+   first), and a register tile of TILE8 rows by one strip makes 12 multiply-adds per 2 vector
+   loads and 6 broadcasts. Each sum runs over the columns in order, parked in memory between
+   blocks, exactly. */
+
+/* strip[k][j] = x[t0 + j][k], zero past n_tokens: 16 columns at a time, a cache line of each
+   token (token rows 2^k floats apart share one L1 set). */
+static void pack_strip8(float *strip, const float *x, int t0, int n_tokens, int cols) {
+    for (int k0 = 0; k0 < cols; k0 += 16) {
+        int kn = cols - k0 < 16 ? cols - k0 : 16;
+        for (int j = 0; j < STRIP8; j++) {
+            const float *row = x + (size_t)(t0 + j) * cols + k0;
+            for (int k = 0; k < kn; k++)
+                strip[(size_t)(k0 + k) * STRIP8 + j] = t0 + j < n_tokens ? row[k] : 0.0f;
+        }
+    }
+}
+
+/* 32 q4_0 values (one block's 16 bytes) times their scale, as floats in order. */
+static inline void widen_q4_block(float *out, const uint8_t *nibbles, __m256 scale) {
+    __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)nibbles));
+    const __m256i eight = _mm256_set1_epi16(8);
+    __m256i halves[2] = { _mm256_sub_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(15)), eight),
+                          _mm256_sub_epi16(_mm256_srli_epi16(w16, 4), eight) };
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 2; j++) {
+            __m128i part = j ? _mm256_extracti128_si256(halves[h], 1)
+                             : _mm256_castsi256_si128(halves[h]);
+            _mm256_storeu_ps(out + 16 * h + 8 * j,
+                             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part)), scale));
+        }
+}
+
+/* widen_values for n values from `start` of w (a row's columns), 8 at a time where the groups
+   hold whole steps: bf16 by a shift, q8_0 through int32, q4_0 a block at a time. */
+static void widen_row8(float *out, const Matrix *w, size_t start, int n) {
+    int gs = w->group_size, i = 0;
+    if (w->type == WEIGHT_BF16) {
+        const uint16_t *src = (const uint16_t *)w->data + start;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                 _mm_loadu_si128((const __m128i *)(src + i))), 16)));
+    } else if (w->type == WEIGHT_Q8_0 && gs % 8 == 0 && start % 8 == 0) {
+        const int8_t *src = (const int8_t *)w->data + start;
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)));
+            __m256 scale = _mm256_broadcast_ss(w->scales + (start + (size_t)i) / (size_t)gs);
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+        }
+    } else if (w->type == WEIGHT_Q4_0 && gs % 32 == 0 && start % 32 == 0) {
+        const uint8_t *src = (const uint8_t *)w->data + start / 2;
+        for (; i + 32 <= n; i += 32) {
+            float scale = fp16_to_float(w->fp16_scales[(start + (size_t)i) / (size_t)gs]);
+            widen_q4_block(out + i, src + i / 2, _mm256_set1_ps(scale));
+        }
+    }
+    if (i < n) widen_values(out + i, w, start + (size_t)i, n - i);
+}
+
+/* sums[r][t] (+)= w[r][k] * strip[k][t] for TILE8 rows (row stride w_stride) and a strip's
+   tokens, k = 0 .. kn-1 (from_zero: start from zero instead of sums). */
+static void strip_kernel8(float *sums, const float *w, size_t w_stride, const float *strip,
+                          int kn, int from_zero) {
+    __m256 acc[TILE8][2];
+    for (int r = 0; r < TILE8; r++)
+        for (int j = 0; j < 2; j++)
+            acc[r][j] = from_zero ? _mm256_setzero_ps()
+                                  : _mm256_loadu_ps(sums + r * STRIP8 + 8 * j);
+    for (int k = 0; k < kn; k++) {
+        __m256 x0 = _mm256_loadu_ps(strip + (size_t)k * STRIP8);
+        __m256 x1 = _mm256_loadu_ps(strip + (size_t)k * STRIP8 + 8);
+        for (int r = 0; r < TILE8; r++) {
+            __m256 wv = _mm256_broadcast_ss(w + (size_t)r * w_stride + k);
+            acc[r][0] = _mm256_fmadd_ps(wv, x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(wv, x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < TILE8; r++)
+        for (int j = 0; j < 2; j++) _mm256_storeu_ps(sums + r * STRIP8 + 8 * j, acc[r][j]);
+}
+
+/* One slab of a panel (rows r0 .. r0+nr-1, columns k0 .. k0+kn-1) against every strip;
+   rows past nr, up to whole tiles, are zeros in `block`. */
+static void strips_slab8(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
+                          int kn, const float *strips, int n_strips) {
+    int cols = w->cols, n_tiles = (nr + TILE8 - 1) / TILE8;
+    int in_place = w->type == WEIGHT_FP32 && nr % TILE8 == 0;
+    if (!in_place) {
+        for (int r = 0; r < nr; r++)
+            widen_row8(block + (size_t)r * COLS8, w, (size_t)(r0 + r) * cols + (size_t)k0, kn);
+        for (int r = nr; r < n_tiles * TILE8; r++)
+            memset(block + (size_t)r * COLS8, 0, (size_t)kn * sizeof(float));
+    }
+    for (int i = 0; i < n_strips; i++) {
+        const float *strip = strips + ((size_t)i * cols + (size_t)k0) * STRIP8;
+        for (int t = 0; t < n_tiles; t++) {
+            float *tile_sums = sums + ((size_t)i * PANEL8 + (size_t)t * TILE8) * STRIP8;
+            if (in_place)
+                strip_kernel8(tile_sums, (const float *)w->data +
+                              (size_t)(r0 + t * TILE8) * cols + k0, (size_t)cols, strip, kn,
+                              k0 == 0);
+            else
+                strip_kernel8(tile_sums, block + (size_t)t * TILE8 * COLS8, COLS8, strip, kn,
+                              k0 == 0);
+        }
+    }
+}
+
+/* Hook (matmul): the threads pack the tokens into strips, then take panels, each walked slab
+   by slab against every strip; a panel's sums, [strip][row][token], go to out[token][row]
+   after its last slab. */
+static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, n_strips = (n_tokens + STRIP8 - 1) / STRIP8;
+    int n_panels = (rows + PANEL8 - 1) / PANEL8;
+    struct SimdScratch *f = s->simd;
+    OMP(parallel)
+    {
+        OMP(for schedule(static))
+        for (int i = 0; i < n_strips; i++)
+            pack_strip8(f->strips + (size_t)i * STRIP8 * cols, x, i * STRIP8, n_tokens, cols);
+        /* (the for's implied barrier: every strip is packed before any panel starts) */
+        float *block = f->slabs + (size_t)thread_id() * PANEL8 * COLS8;
+        float *sums = f->sums + (size_t)thread_id() * PANEL8 * (size_t)f->n_strip_tokens;
+        OMP(for schedule(static))
+        for (int p = 0; p < n_panels; p++) {
+            int r0 = p * PANEL8, nr = rows - r0 < PANEL8 ? rows - r0 : PANEL8;
+            for (int k0 = 0; k0 < cols; k0 += COLS8)
+                strips_slab8(sums, block, w, r0, nr, k0, cols - k0 < COLS8 ? cols - k0 : COLS8,
+                              f->strips, n_strips);
+            for (int i = 0; i < n_strips; i++) {
+                const float *strip_sums = sums + (size_t)i * PANEL8 * STRIP8;
+                for (int t = 0; t < STRIP8 && i * STRIP8 + t < n_tokens; t++)
+                    for (int r = 0; r < nr; r++)
+                        out[(size_t)(i * STRIP8 + t) * rows + r0 + r] = strip_sums[r * STRIP8 + t];
+            }
+        }
+    }
+    return 1;
+}
+
+/* e^x for 8 floats, within 2 ulp of expf: exp16's steps (above), with 2^n applied as two
+   exact powers of two 2^(n/2) and 2^(n - n/2), each a normal float, so that a result past the
+   top of the float range becomes inf and one below the bottom rounds once into the
+   subnormals or to 0, as vscalefps does. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    const float inverse_factorials[] = { 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
+                                         1.0f / 6, 0.5f, 1.0f, 1.0f };
+    __m256 p = _mm256_set1_ps(inverse_factorials[0]);
+    for (int k = 1; k < 8; k++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(inverse_factorials[k]));
+    __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+    __m256 b = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
+}
+
+/* Hook (softmax): the same three passes, 8 lanes at a time, with exp8. */
+static int simd_softmax(float *x, int n) {
+    __m256 vmax = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) {
+        __m256 m = _mm256_castsi256_ps(lanes_before8(i, n));
+        __m256 v = _mm256_maskload_ps(x + i, _mm256_castps_si256(m));
+        vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(vmax, v, m));
+    }
+    __m256 max = _mm256_set1_ps(max8(vmax));
+    for (int i = 0; i < n; i += 8) {
+        __m256i m = lanes_before8(i, n);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), max));
+        _mm256_maskstore_ps(x + i, m, e);
+        vsum = _mm256_add_ps(vsum, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+    }
+    __m256 sum = _mm256_set1_ps(sum8(vsum));
+    for (int i = 0; i < n; i += 8) {
+        __m256i m = lanes_before8(i, n);
+        _mm256_maskstore_ps(x + i, m, _mm256_div_ps(_mm256_maskload_ps(x + i, m), sum));
+    }
+    return 1;
+}
+
+/* Hook (swiglu): one row, 8 lanes at a time, with exp8. */
+static int simd_swiglu(float *g, const float *u, int width) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int i = 0; i < width; i += 8) {
+        __m256i m = lanes_before8(i, width);
+        __m256 gv = _mm256_maskload_ps(g + i, m);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_maskstore_ps(g + i, m, _mm256_mul_ps(silu, _mm256_maskload_ps(u + i, m)));
+    }
+    return 1;
+}
+
+/* widen16 for AVX2: 8 consecutive cache elements from element i. */
+static inline __m256 widen8(const void *data, size_t i, int type, __m256 scales) {
+    if (type == CACHE_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)data + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    if (type == CACHE_Q8_0) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)((const int8_t *)data + i));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), scales);
+    }
+    return _mm256_loadu_ps((const float *)data + i);
+}
+
+/* The scales of dimension d's keys half .. half+7 of key tile `tile` (q8_0; zeros otherwise). */
+static inline __m256 key_scales8(const KVHead *kv, int tile, int half, int d, int head_dim,
+                                 int type) {
+    if (type != CACHE_Q8_0) return _mm256_setzero_ps();
+    return _mm256_loadu_ps(kv->key_scales + key_index(tile * KEY_TILE, d / CACHE_GROUP,
+                                                      head_dim / CACHE_GROUP) + half);
+}
+
+/* score_tiles for AVX2: one key tile (two vectors of 8 positions) against 4 rows r0 .. r0+3
+   at a time, 8 accumulators (16 registers do not hold score_tiles' whole tile). */
+static inline void score_quad(float *const *scores, const float *const *rows, int r0, int nr,
+                              const KVHead *kv, int tile, int head_dim, float scale, int type,
+                              const char *next) {
+    size_t size = CACHE_TYPE_SIZES[type];
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int d = 0; d < head_dim; d++) {
+        if (next) {  /* dimension d of the next two tiles */
+            prefetch_avx2(next + (size_t)d * KEY_TILE * size, KEY_TILE * size);
+            prefetch_avx2(next + (size_t)(head_dim + d) * KEY_TILE * size, KEY_TILE * size);
+        }
+        size_t i = key_index(tile * KEY_TILE, d, head_dim);
+        __m256 k0 = widen8(kv->keys, i, type, key_scales8(kv, tile, 0, d, head_dim, type));
+        __m256 k1 = widen8(kv->keys, i + 8, type, key_scales8(kv, tile, 8, d, head_dim, type));
+        for (int r = 0; r < 4; r++) {
+            __m256 q = _mm256_broadcast_ss(rows[r0 + r] + d);
+            acc[r][0] = _mm256_fmadd_ps(q, k0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(q, k1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < 4 && r0 + r < nr; r++)
+        for (int j = 0; j < 2; j++)
+            _mm256_storeu_ps(scores[r0 + r] + (size_t)tile * KEY_TILE + 8 * j,
+                             _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
+}
+
+/* Hook (attention_scores): each key tile against the rows, 4 at a time (rows past nr repeat
+   row 0), for a constant cache type; the first row quad of an even tile fetches the next
+   pair of tiles. */
+static inline void scores8_of_type(float *const *scores, const float *const *rows, int nr,
+                                   const KVHead *kv, int n_pos, int head_dim, float scale,
+                                   int type) {
+    for (int tile = 0; tile * KEY_TILE < n_pos; tile++) {
+        const char *next = NULL;
+        if (tile % 2 == 0 && (tile + 2) * KEY_TILE < n_pos)
+            next = (const char *)kv->keys +
+                   key_index((tile + 2) * KEY_TILE, 0, head_dim) * CACHE_TYPE_SIZES[type];
+        for (int r0 = 0; r0 < nr; r0 += 4)
+            score_quad(scores, rows, r0, nr, kv, tile, head_dim, scale, type,
+                       r0 == 0 ? next : NULL);
+    }
+}
+
+static int simd_attention_scores(float *const *scores, const float *const *q, int nr,
+                                 const KVHead *kv, int n_pos, int head_dim, float scale) {
+    const float *rows[ATT_ROWS];
+    for (int r = 0; r < ATT_ROWS; r++) rows[r] = q[r < nr ? r : 0];
+    if (kv->type == CACHE_F32)
+        scores8_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_F32);
+    else if (kv->type == CACHE_BF16)
+        scores8_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_BF16);
+    else
+        scores8_of_type(scores, rows, nr, kv, n_pos, head_dim, scale, CACHE_Q8_0);
+    return 1;
+}
+
+/* out[r] += sum over positions p in [p0, p1) of weights[r][p] * value p, for rows
+   r < nr <= tile_rows (a constant, 4 or ATT_TILE_ROWS; the cache type too) and whole steps of
+   dimensions; returns the dimensions done. 8 accumulators: 4 rows by 16 dimensions, or 8 rows
+   by 8. */
+static inline int sum_values8(float *const *out, const float *const *weights, int nr,
+                              const KVHead *kv, int p0, int p1, int head_dim, int tile_rows,
+                              int type) {
+    int d0 = 0;
+    /* 8 accumulators: 4 rows by 16 dimensions, or 8 rows by 8 */
+    int vectors = 8 / tile_rows, width = 8 * vectors;
+    const float *w[ATT_TILE_ROWS];
+    for (int r = 0; r < tile_rows; r++) w[r] = weights[r < nr ? r : 0];
+    for (; d0 + width <= head_dim; d0 += width) {
+        __m256 acc[ATT_TILE_ROWS][2];
+        for (int r = 0; r < tile_rows; r++)
+            for (int j = 0; j < vectors; j++)
+                acc[r][j] = _mm256_loadu_ps(out[r < nr ? r : 0] + d0 + 8 * j);
+        for (int p = p0; p < p1; p++) {
+            size_t i = (size_t)p * head_dim + d0;
+            if (p + VALUES_AHEAD < p1)
+                prefetch_avx2((const char *)kv->values +
+                              (i + (size_t)VALUES_AHEAD * head_dim) * CACHE_TYPE_SIZES[type],
+                              (size_t)width * CACHE_TYPE_SIZES[type]);
+            __m256 vv[2];
+            for (int j = 0; j < vectors; j++) {
+                size_t at = i + 8 * (size_t)j;
+                __m256 scale = type == CACHE_Q8_0 ?
+                    _mm256_set1_ps(kv->value_scales[at / CACHE_GROUP]) : _mm256_setzero_ps();
+                vv[j] = widen8(kv->values, at, type, scale);
+            }
+            for (int r = 0; r < tile_rows; r++) {
+                __m256 wr = _mm256_broadcast_ss(w[r] + p);
+                for (int j = 0; j < vectors; j++) acc[r][j] = _mm256_fmadd_ps(wr, vv[j], acc[r][j]);
+            }
+        }
+        for (int r = 0; r < nr && r < tile_rows; r++)
+            for (int j = 0; j < vectors; j++) _mm256_storeu_ps(out[r] + d0 + 8 * j, acc[r][j]);
+    }
+    return d0;
+}
+
+/* Hook (attention_values): the tile fitting nr, for a constant cache type. */
+static int simd_attention_values(float *const *out, const float *const *weights, int nr,
+                                 const KVHead *kv, int p0, int p1, int head_dim) {
+    int rows = nr <= 4 ? 4 : ATT_TILE_ROWS;
+    if (kv->type == CACHE_F32)
+        return rows == 4 ? sum_values8(out, weights, nr, kv, p0, p1, head_dim, 4, CACHE_F32)
+                         : sum_values8(out, weights, nr, kv, p0, p1, head_dim, 8, CACHE_F32);
+    if (kv->type == CACHE_BF16)
+        return rows == 4 ? sum_values8(out, weights, nr, kv, p0, p1, head_dim, 4, CACHE_BF16)
+                         : sum_values8(out, weights, nr, kv, p0, p1, head_dim, 8, CACHE_BF16);
+    return rows == 4 ? sum_values8(out, weights, nr, kv, p0, p1, head_dim, 4, CACHE_Q8_0)
+                     : sum_values8(out, weights, nr, kv, p0, p1, head_dim, 8, CACHE_Q8_0);
+}
+
+/* Hook (--version, the model line): the kernels this build holds. */
+static const char *simd_kernels(void) {
+    return "avx2+fma";
+}
+
+#endif  /* AVX2 without AVX-512 */
 
 /* ---- 8c. ARM NEON (AArch64) -----------------------------------------------------------------
    The same hooks for 64-bit ARM, from the baseline armv8-a NEON (128-bit vectors: 4 floats,

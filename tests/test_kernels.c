@@ -29,6 +29,22 @@
 #ifndef HAS_NEON
 #define HAS_NEON 0
 #endif
+#ifndef HAS_AVX2
+#define HAS_AVX2 0
+#endif
+
+/* The vector dot products of the build: AVX-512's or AVX2's (bf16 against x reordered). */
+#if defined __AVX512F__
+#define VECTOR_ISA "avx512"
+#define VECTOR_PAIRS split_pairs
+#define VECTOR_DOT_FP32 dot_fp32_avx512
+#define VECTOR_DOT_BF16 dot_bf16_avx512
+#elif HAS_AVX2
+#define VECTOR_ISA "avx2"
+#define VECTOR_PAIRS pairs16
+#define VECTOR_DOT_FP32 dot_fp32_avx2
+#define VECTOR_DOT_BF16 dot_bf16_avx2
+#endif
 
 #include <float.h>
 
@@ -114,6 +130,20 @@ static TestQ8 make_q8(int rows, int cols, int gs) {
     return t;
 }
 
+#if HAS_AVX2
+/* One row of m against x through the decoding hooks (AVX2's row kernels), exact or -a fast. */
+static double avx2_row(const Matrix *m, const float *x, int fast) {
+    MatmulScratch s = {0};
+    alloc_scratch(&s, m->cols, 1);
+    s.simd->fast = fast;
+    float out;
+    Product p = { &out, m };
+    matmul(&p, 1, x, 1, &s);
+    free_scratch(&s);
+    return out;
+}
+#endif
+
 /* IEEE binary16 by its definition, in double: (1024 + m) * 2^(e - 25), or m * 2^-24 when e is
    0 (subnormals); e 31 is infinity or NaN. */
 static double ref_fp16(uint16_t h) {
@@ -176,8 +206,8 @@ static void test_dots_q4(int n, int gs) {
                       malloc((size_t)(n / gs) * sizeof(float)), malloc((size_t)n + 128) };
 #endif
     double worst_int = 0, worst_float = 0, worst_avx512 = 0, worst_fast_int = 0;
-    double worst_fast_float = 0;
-    int avx512 = 0, fast = 0;
+    double worst_fast_float = 0, worst_avx2 = 0;
+    int avx512 = 0, avx2 = 0, fast = 0;
     for (int trial = 0; trial < 50; trial++) {
         TestQ4 t = make_q4(1, n, gs);
         fill(x, (size_t)n);
@@ -225,6 +255,26 @@ static void test_dots_q4(int n, int gs) {
             worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
             worst_fast_float = fmax(worst_fast_float, fabs(got - exact_float) / qmag);
         }
+#elif HAS_AVX2
+        struct SimdScratch settings = { .fast = 1 };
+        MatmulScratch fast_scratch = { .simd = &settings };
+        avx2 = int_kernel_applies(&t.m);
+        if (avx2) worst_avx2 = fmax(worst_avx2, fabs(avx2_row(&t.m, x, 0) - exact_int) / qmag);
+        fast = int8_applies(&t.m, &fast_scratch);
+        if (fast) {  /* -a fast: int8 activations against the unsigned nibbles */
+            quantize_vector(&qv, x, n, gs, Q8_MAX);
+            double exact_int8 = 0.0;
+            for (int g = 0; g < n / gs; g++) {
+                int64_t isum = 0;
+                for (int i = g * gs; i < (g + 1) * gs; i++)
+                    isum += (int64_t)(t.packed[i / 32 * 16 + i % 16] >> (i % 32 < 16 ? 0 : 4) & 15)
+                            * qv.q[i] - 8 * qv.q[i];
+                exact_int8 += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
+            }
+            got = avx2_row(&t.m, x, 1);
+            worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
+            worst_fast_float = fmax(worst_fast_float, fabs(got - exact_float) / qmag);
+        }
 #endif
         free_q4(&t);
     }
@@ -235,6 +285,10 @@ static void test_dots_q4(int n, int gs) {
     if (avx512) {
         snprintf(name, sizeof name, "dot_q4_avx512 vs int4 x int16 n=%d gs=%d", n, gs);
         check(name, worst_avx512, 1e-6);
+    }
+    if (avx2) {
+        snprintf(name, sizeof name, "AVX2 q4_0 row vs int4 x int16 n=%d gs=%d", n, gs);
+        check(name, worst_avx2, 1e-6);
     }
     if (fast) {
         snprintf(name, sizeof name, "dot_q4 -a fast vs int4 x int8 n=%d gs=%d", n, gs);
@@ -256,10 +310,16 @@ static void test_dots(int n, int gs) {
     float *wb_image = malloc((size_t)n * sizeof(float));
     double worst_fp32 = 0, worst_bf16 = 0, worst_q8_int = 0, worst_q8_float = 0, worst_qx = 0;
     double worst_fast_int = 0, worst_fast_float = 0;
-#if defined __AVX512F__
-    double worst_fp32_avx512 = 0, worst_bf16_avx512 = 0, worst_q8_vnni = 0;
+#ifdef VECTOR_ISA
+    double worst_fp32_vector = 0, worst_bf16_vector = 0;
 #endif
-    int fast = HAS_VNNI && gs % 64 == 0;
+#if HAS_VNNI
+    double worst_q8_vnni = 0;
+#endif
+#if HAS_AVX2
+    double worst_q8_avx2 = 0;
+#endif
+    int fast = (HAS_VNNI && gs % 64 == 0) || (HAS_AVX2 && gs % 32 == 0 && gs <= 4096);
     for (int trial = 0; trial < 50; trial++) {
         fill(w, (size_t)n);
         fill(x, (size_t)n);
@@ -271,13 +331,13 @@ static void test_dots(int n, int gs) {
         double mag_bf16 = magnitude(wb_image, x, n);
         worst_fp32 = fmax(worst_fp32, fabs(dot_fp32(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
         worst_bf16 = fmax(worst_bf16, fabs(dot_bf16(wb, x, n) - ref_dot_bf16(wb, x, n)) / mag_bf16);
-#if defined __AVX512F__
+#ifdef VECTOR_ISA
         float *pairs = malloc((size_t)n * sizeof(float));
-        split_pairs(pairs, x, n);
-        worst_fp32_avx512 = fmax(worst_fp32_avx512,
-                                 fabs(dot_fp32_avx512(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
-        worst_bf16_avx512 = fmax(worst_bf16_avx512,
-                                 fabs(dot_bf16_avx512(wb, pairs, n) - ref_dot_bf16(wb, x, n)) /
+        VECTOR_PAIRS(pairs, x, n);
+        worst_fp32_vector = fmax(worst_fp32_vector,
+                                 fabs(VECTOR_DOT_FP32(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
+        worst_bf16_vector = fmax(worst_bf16_vector,
+                                 fabs(VECTOR_DOT_BF16(wb, pairs, n) - ref_dot_bf16(wb, x, n)) /
                                      mag_bf16);
         free(pairs);
 #endif
@@ -307,6 +367,10 @@ static void test_dots(int n, int gs) {
         worst_q8_vnni = fmax(worst_q8_vnni,
                              fabs(dot_q8_vnni(t.q, t.scales, &sv, n / gs, gs) - exact_int) / qmag);
 #endif
+#if HAS_AVX2
+        if (int_kernel_applies(&t.m))
+            worst_q8_avx2 = fmax(worst_q8_avx2, fabs(avx2_row(&t.m, x, 0) - exact_int) / qmag);
+#endif
         worst_q8_float = fmax(worst_q8_float,
                               fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
 #if HAS_VNNI
@@ -323,6 +387,20 @@ static void test_dots(int n, int gs) {
             worst_fast_float = fmax(worst_fast_float,
                                     fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
         }
+#elif HAS_AVX2
+        if (fast) {  /* -a fast: int8 activations, through vpmaddubsw's unsigned operand */
+            quantize_vector(&qv, x, n, gs, Q8_MAX);
+            double exact_int8 = 0.0;
+            for (int g = 0; g < n / gs; g++) {
+                int64_t isum = 0;
+                for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * qv.q[i];
+                exact_int8 += (double)isum * t.scales[g] * qv.scales[g];
+            }
+            got = avx2_row(&t.m, x, 1);
+            worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
+            worst_fast_float = fmax(worst_fast_float,
+                                    fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
+        }
 #endif
         free(qv.q); free(qv.scales);
 #if HAS_VNNI
@@ -334,11 +412,11 @@ static void test_dots(int n, int gs) {
     check(name, worst_fp32, 1e-6);
     snprintf(name, sizeof name, "dot_bf16 n=%d", n);
     check(name, worst_bf16, 1e-6);
-#if defined __AVX512F__
-    snprintf(name, sizeof name, "dot_fp32_avx512 n=%d", n);
-    check(name, worst_fp32_avx512, 1e-6);
-    snprintf(name, sizeof name, "dot_bf16_avx512 n=%d", n);
-    check(name, worst_bf16_avx512, 1e-6);
+#ifdef VECTOR_ISA
+    snprintf(name, sizeof name, "dot_fp32_%s n=%d", VECTOR_ISA, n);
+    check(name, worst_fp32_vector, 1e-6);
+    snprintf(name, sizeof name, "dot_bf16_%s n=%d", VECTOR_ISA, n);
+    check(name, worst_bf16_vector, 1e-6);
 #endif
     /* half a step, plus float32's rounding of x / scale at up to 32767 steps (~0.002 step) */
     snprintf(name, sizeof name, "quantize_vector n=%d gs=%d (steps)", n, gs);
@@ -348,6 +426,10 @@ static void test_dots(int n, int gs) {
 #if HAS_VNNI
     snprintf(name, sizeof name, "dot_q8_vnni vs int8 x int16 n=%d gs=%d", n, gs);
     check(name, worst_q8_vnni, 1e-6);
+#endif
+#if HAS_AVX2
+    snprintf(name, sizeof name, "AVX2 q8_0 row vs int8 x int16 n=%d gs=%d", n, gs);
+    check(name, worst_q8_avx2, 1e-6);
 #endif
     /* The activations' rounding: each product moves by up to half an activation step. */
     snprintf(name, sizeof name, "dot_q8 vs float activations n=%d gs=%d", n, gs);
@@ -502,7 +584,7 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
 /* -a fast: matmul against the reference on x rounded as that mode rounds it (to bf16 for bf16
    weights, to int8 per group for q8_0), which is all it may change: what is then multiplied
    is exact (two bf16, or two int8 summed in int32). */
-#if HAS_AVX512_BF16 || HAS_VNNI || HAS_NEON
+#if HAS_AVX512_BF16 || HAS_VNNI || HAS_NEON || HAS_AVX2
 static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch *s) {
     size_t count = (size_t)rows * cols;
     float *x = malloc((size_t)n * cols * sizeof(float));
@@ -773,7 +855,7 @@ static void test_attention_block_vs_tokens(int n_heads, int n_kv_heads, int head
 /* softmax and swiglu (exp16 with AVX-512, exp4 with NEON, expf otherwise) against double
    loops, with ragged lengths; the vectorised exp itself over its whole range in ulps of the
    true value. */
-#if defined __AVX512F__ || HAS_NEON
+#if defined __AVX512F__ || HAS_NEON || HAS_AVX2
 static double ulps(float got, double want) {
     if (want == 0.0) return got == 0.0f ? 0.0 : INFINITY;
     int exponent;
@@ -787,7 +869,7 @@ static double ulps(float got, double want) {
    ordinary groups at both q_max, and groups holding NaN, infinities, denormals, zeros, huge
    values and exact halfway steps. Counts the groups whose scale or any value differ. */
 static void test_quantize_group(void) {
-#if defined __AVX512F__ || HAS_NEON
+#if defined __AVX512F__ || HAS_NEON || HAS_AVX2
     int mismatches = 0, groups = 0;
     const float specials[] = { NAN, INFINITY, -INFINITY, 1e-40f, -3e-39f, 0.0f, -0.0f, 3e38f,
                                -3e38f, 0.5f, -2.5f, 127.5f };
@@ -799,13 +881,17 @@ static void test_quantize_group(void) {
         if (trial % 5 == 0) x[trial % gs] = specials[trial % 12];
         if (trial % 11 == 0) for (int i = 0; i < gs; i++) x[i] = (float)(i % 9) - 4.0f;
         int16_t a[256], b[256];
+#if HAS_AVX2
+        float sa = quantize_group(a, x, gs, q_max), sb = quantize_group8(b, x, gs, q_max);
+#else
         float sa = quantize_group(a, x, gs, q_max), sb = quantize_group16(b, x, gs, q_max);
+#endif
         groups++;
         if (memcmp(&sa, &sb, sizeof sa) != 0 || memcmp(a, b, (size_t)gs * sizeof(int16_t)) != 0)
             mismatches++;
     }
     char name[80];
-    snprintf(name, sizeof name, "quantize_group16 = scalar, %d groups (mismatches)", groups);
+    snprintf(name, sizeof name, "vector quantize_group = scalar, %d groups (mismatches)", groups);
     check(name, mismatches, 0.0);
 #endif
 }
@@ -843,6 +929,12 @@ static void test_quantize_nonfinite(void) {
 #define VECTOR_EXP "exp16"
 static void vector_exp(float *out, const float *in) {
     _mm512_storeu_ps(out, exp16(_mm512_loadu_ps(in)));
+}
+#elif HAS_AVX2
+#define VECTOR_EXP "exp8"
+static void vector_exp(float *out, const float *in) {
+    _mm256_storeu_ps(out, exp8(_mm256_loadu_ps(in)));
+    _mm256_storeu_ps(out + 8, exp8(_mm256_loadu_ps(in + 8)));
 }
 #elif HAS_NEON
 #define VECTOR_EXP "exp4"
@@ -970,6 +1062,11 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);       /* a partial last step */
     test_matmul_fast(WEIGHT_Q4_0, 70, 256, 7, &s);      /* ragged panel and strip */
     test_matmul_fast(WEIGHT_Q4_0, 40, 1536, 33, &s);
+#endif
+#if HAS_AVX2  /* decoding rows (prompt batches stay exact with AVX2) */
+    test_matmul_fast(WEIGHT_Q8_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);
 #endif
 #if HAS_NEON
     test_matmul_fast(WEIGHT_Q8_0, 64, 256, 1, &s);
