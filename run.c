@@ -4544,6 +4544,558 @@ static int fast_swiglu(float *g, const float *u, int width) {
     return 1;
 }
 
+#elif defined __aarch64__ && defined __ARM_NEON
+/* ---- ARM NEON (AArch64) ------------------------------------------------------------------
+   The same hooks for 64-bit ARM, from the baseline armv8-a NEON (128-bit vectors: 4 floats,
+   8 int16, 16 int8), with the int8 dot product (sdot) where the compiler targets it
+   (__ARM_FEATURE_DOTPROD, armv8.2-a+dotprod and later). No speed of these kernels has been
+   measured (this project has no ARM machine); tests/test_kernels.c checks each against plain
+   loops under qemu-aarch64 (make test-arm). What each one replaces:
+   - decoding (fast_matmul_rows): fp32 rows as FMAs, four chains of 4 lanes; bf16 rows
+     widened by one shift (a bf16 is the top half of its float32), against x in its own order;
+     q8_0 groups as int8 x int16 multiply-accumulates (smlal), exact in int32 per group, then
+     scaled, like dot_q8; q4_0 blocks unpacked from their nibbles with one AND and one shift
+     (values 0..15 and 16..31 of a block), the same way.
+   - -a fast (NEON_INT8): q8_0 and q4_0 activations rounded to int8 per group, as llama.cpp
+     does, so that one sdot makes 16 multiply-adds (without sdot: smull + sadalp, 8 per pair).
+   - the prompt (fast_matmul_block): 4 rows x 4 tokens per register tile, 16 FMAs per 8 loads,
+     rows widened to float32 a panel at a time (exact path), or int8 x int8 group sums (-a fast).
+   - quantizing, softmax and SwiGLU: the same loops 4 lanes at a time, with exp4, a vectorised
+     exp within 2 ulp of expf (tests/test_kernels.c checks). */
+#include <arm_neon.h>
+
+#define FAST_BF16 0  /* (the AVX-512 paths' switches: off here) */
+#define FAST_INT8 0
+#define NEON_INT8 1  /* -a fast rounds q8_0 and q4_0 activations to int8 */
+
+/* The buffers of -a fast's int8 prompt path, allocated once. */
+struct FastScratch {
+    int8_t *tokens;     /* the block's tokens quantized to int8 [max_tokens][max_cols] */
+    float *scales;      /* ... their scales [max_tokens][max_cols / 16] */
+    int8_t *panels;     /* one [PANEL_ROWS][max_cols] panel of int8 weights per thread */
+    float *panel_scales;    /* ... and its scales [PANEL_ROWS][max_cols / 16] */
+    int16_t *token_values;  /* one token quantized by quantize_vector, [max_cols] per thread */
+    float *token_scales;    /* ... and its scales, [max_cols] per thread */
+};
+
+static void fast_alloc_scratch(MatmulScratch *s) {
+    struct FastScratch *f = checked_calloc(1, sizeof *f, "matmul scratch");
+    size_t cols = (size_t)s->max_cols, panel = (size_t)s->n_threads * PANEL_ROWS * cols;
+    s->xq.int8 = calloc_aligned(cols, sizeof(int8_t), "matmul scratch");
+    f->tokens = calloc_aligned((size_t)s->max_tokens * cols, sizeof(int8_t), "matmul scratch");
+    f->scales = calloc_aligned((size_t)s->max_tokens * cols / 16 + 1, sizeof(float),
+                               "matmul scratch");
+    f->panels = calloc_aligned(panel, sizeof(int8_t), "matmul scratch");
+    f->panel_scales = calloc_aligned(panel / 16 + 1, sizeof(float), "matmul scratch");
+    f->token_values = calloc_aligned((size_t)s->n_threads * cols, sizeof(int16_t),
+                                     "matmul scratch");
+    f->token_scales = calloc_aligned((size_t)s->n_threads * cols, sizeof(float), "matmul scratch");
+    s->fast_paths = f;
+}
+
+static void fast_free_scratch(MatmulScratch *s) {
+    struct FastScratch *f = s->fast_paths;
+    if (!f) return;
+    void *buffers[] = { s->xq.int8, f->tokens, f->scales, f->panels, f->panel_scales,
+                        f->token_values, f->token_scales };
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free_aligned(buffers[i]);
+    free(f);
+}
+
+/* Sums the four accumulators' 16 lanes. */
+static inline float sum4_neon(float32x4_t a, float32x4_t b, float32x4_t c, float32x4_t d) {
+    return vaddvq_f32(vaddq_f32(vaddq_f32(a, b), vaddq_f32(c, d)));
+}
+
+/* dot_fp32, four chains of 4 lanes */
+static float dot_fp32_neon(const float *w, const float *x, int n) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, vld1q_f32(w + i + 4), vld1q_f32(x + i + 4));
+        a2 = vfmaq_f32(a2, vld1q_f32(w + i + 8), vld1q_f32(x + i + 8));
+        a3 = vfmaq_f32(a3, vld1q_f32(w + i + 12), vld1q_f32(x + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
+    float sum = sum4_neon(a0, a1, a2, a3);
+    for (; i < n; i++) sum += w[i] * x[i];
+    return sum;
+}
+
+/* 8 bf16 values (a bf16 is the top half of its float32) widened to two float32 vectors. */
+static inline float32x4_t bf16_low(uint16x8_t v) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(v), 16));
+}
+static inline float32x4_t bf16_high(uint16x8_t v) {
+    return vreinterpretq_f32_u32(vshll_high_n_u16(v, 16));
+}
+
+/* dot_bf16: 16 weights per step, widened by shifts, against x as it is. */
+static float dot_bf16_neon(const uint16_t *w, const float *x, int n) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        uint16x8_t p0 = vld1q_u16(w + i), p1 = vld1q_u16(w + i + 8);
+        a0 = vfmaq_f32(a0, bf16_low(p0), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, bf16_high(p0), vld1q_f32(x + i + 4));
+        a2 = vfmaq_f32(a2, bf16_low(p1), vld1q_f32(x + i + 8));
+        a3 = vfmaq_f32(a3, bf16_high(p1), vld1q_f32(x + i + 12));
+    }
+    float sum = sum4_neon(a0, a1, a2, a3);
+    for (; i < n; i++) sum += bf16_to_float(w[i]) * x[i];
+    return sum;
+}
+
+/* acc[0..3] + the products of 16 int8 weights and 16 int16 activations (smlal), one product
+   per lane and accumulator. */
+static inline void mla_int16(int32x4_t acc[4], int8x16_t w, const int16_t *x) {
+    int16x8_t w0 = vmovl_s8(vget_low_s8(w)), w1 = vmovl_high_s8(w);
+    int16x8_t x0 = vld1q_s16(x), x1 = vld1q_s16(x + 8);
+    acc[0] = vmlal_s16(acc[0], vget_low_s16(w0), vget_low_s16(x0));
+    acc[1] = vmlal_high_s16(acc[1], w0, x0);
+    acc[2] = vmlal_s16(acc[2], vget_low_s16(w1), vget_low_s16(x1));
+    acc[3] = vmlal_high_s16(acc[3], w1, x1);
+}
+
+/* A group's four accumulators as floats. Each lane of a pair holds gs/8 products of at most
+   128 * 32767, exact in int32 for groups up to 4096. */
+static inline float32x4_t pairs_to_float(const int32x4_t acc[4]) {
+    return vaddq_f32(vcvtq_f32_s32(vaddq_s32(acc[0], acc[1])),
+                     vcvtq_f32_s32(vaddq_s32(acc[2], acc[3])));
+}
+
+/* acc + the products of 16 int8 pairs, four summed into each int32 lane: sdot, or without it
+   smull + sadalp (two products per int16 lane: at most 2 * 128 * 127, inside int16, since
+   activations are rounded to at most 127). */
+static inline int32x4_t dot_int8x16(int32x4_t acc, int8x16_t a, int8x16_t b) {
+#if defined __ARM_FEATURE_DOTPROD
+    return vdotq_s32(acc, a, b);
+#else
+    int16x8_t p = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    p = vmlal_high_s8(p, a, b);
+    return vpadalq_s16(acc, p);
+#endif
+}
+
+/* q4_0's 32 values of one block (16 bytes of nibbles) as int8: values 0..15 from the low
+   nibbles, 16..31 from the high ones, each minus 8. */
+static inline void unpack_q4(int8x16_t *low, int8x16_t *high, const uint8_t *block) {
+    uint8x16_t b = vld1q_u8(block);
+    const int8x16_t eight = vdupq_n_s8(8);
+    *low = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(15))), eight);
+    *high = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(b, 4)), eight);
+}
+
+/* One group's products, its weights (q8_0: int8 values; q4_0: packed nibbles, gs a multiple
+   of 32) against the activations: int16 x (exact path) or int8 x8 (-a fast). */
+static inline float32x4_t group_sums_neon(const void *w, int q4, const int16_t *x,
+                                          const int8_t *x8, int gs) {
+    if (x8) {
+        int32x4_t acc = vdupq_n_s32(0);
+        for (int i = 0; i < gs; i += q4 ? 32 : 16) {
+            if (q4) {
+                int8x16_t low, high;
+                unpack_q4(&low, &high, (const uint8_t *)w + i / 2);
+                acc = dot_int8x16(acc, low, vld1q_s8(x8 + i));
+                acc = dot_int8x16(acc, high, vld1q_s8(x8 + i + 16));
+            } else {
+                acc = dot_int8x16(acc, vld1q_s8((const int8_t *)w + i), vld1q_s8(x8 + i));
+            }
+        }
+        return vcvtq_f32_s32(acc);
+    }
+    int32x4_t acc[4] = { vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0) };
+    for (int i = 0; i < gs; i += q4 ? 32 : 16) {
+        if (q4) {
+            int8x16_t low, high;
+            unpack_q4(&low, &high, (const uint8_t *)w + i / 2);
+            mla_int16(acc, low, x + i);
+            mla_int16(acc, high, x + i + 16);
+        } else {
+            mla_int16(acc, vld1q_s8((const int8_t *)w + i), x + i);
+        }
+    }
+    return pairs_to_float(acc);
+}
+
+/* dot_q8 and dot_q4 (q4: w is packed nibbles, w_scales fp16): each group's integer sums times
+   its two scales, two groups per step into two accumulators. With int8, against -a fast's
+   int8 activations (x->int8). Inlined with constant gs, q4 and int8 for the common shapes. */
+static inline float groups_dot_neon(const void *w, const void *w_scales, int q4,
+                                    const QuantizedVector *x, int n, int gs, int int8) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = acc0;
+    int n_groups = n / gs;
+    size_t group_bytes = q4 ? (size_t)gs / 2 : (size_t)gs;
+    for (int g = 0; g < n_groups; g++) {
+        size_t at = (size_t)g * gs;
+        float32x4_t sums = group_sums_neon((const char *)w + g * group_bytes, q4, x->q + at,
+                                           int8 ? x->int8 + at : NULL, gs);
+        float ws = q4 ? fp16_to_float(((const uint16_t *)w_scales)[g])
+                      : ((const float *)w_scales)[g];
+        if (g % 2) acc1 = vfmaq_n_f32(acc1, sums, ws * x->scales[g]);
+        else acc0 = vfmaq_n_f32(acc0, sums, ws * x->scales[g]);
+    }
+    return vaddvq_f32(vaddq_f32(acc0, acc1));
+}
+
+/* Whether the kernels above take a q8_0 or q4_0 matrix: q8_0 groups of whole 16-value steps
+   (int32 exact up to 4096), q4_0 groups of whole blocks. */
+static int neon_groups(const Matrix *w) {
+    int gs = w->group_size;
+    if (w->type == WEIGHT_Q8_0) return gs % 16 == 0 && gs <= 4096;
+    return w->type == WEIGHT_Q4_0 && gs % 32 == 0 && gs <= 4096;
+}
+
+/* Whether -a fast rounds w's activations to int8 here (q8_0 and q4_0, with the kernels). */
+static int int8_activations(const Matrix *w, const MatmulScratch *s) {
+    return NEON_INT8 && s->fast && neon_groups(w);
+}
+
+static float dot_quantized_neon(const Matrix *w, int r, const QuantizedVector *x, int int8) {
+    size_t start = (size_t)r * (size_t)w->cols, group = start / (size_t)w->group_size;
+    int q4 = w->type == WEIGHT_Q4_0, gs = w->group_size, n = w->cols;
+    const void *data = (const char *)w->data + (q4 ? start / 2 : start);
+    const void *scales = q4 ? (const void *)(w->fp16_scales + group)
+                            : (const void *)(w->scales + group);
+    if (gs == 64 && q4) return groups_dot_neon(data, scales, 1, x, n, 64, int8);
+    if (gs == 32 && q4) return groups_dot_neon(data, scales, 1, x, n, 32, int8);
+    if (gs == 64) return groups_dot_neon(data, scales, 0, x, n, 64, int8);
+    if (gs == 32) return groups_dot_neon(data, scales, 0, x, n, 32, int8);
+    return groups_dot_neon(data, scales, q4, x, n, gs, int8);
+}
+
+/* quantize_group 16 values at a time (gs a multiple of 16), bit for bit the same: fmaxnm
+   skips NaNs as the scalar compare does, frintn rounds to nearest even like nearbyintf, NaNs
+   become 0 and the rest is clamped to +-q_max before the exact conversion. */
+static float quantize_group16(int16_t *q, const float *x, int gs, float q_max) {
+    float32x4_t amax = vdupq_n_f32(0.0f);
+    for (int i = 0; i < gs; i += 4) amax = vmaxnmq_f32(amax, vabsq_f32(vld1q_f32(x + i)));
+    float scale = vmaxnmvq_f32(amax) / q_max;
+    float32x4_t inverse = vdupq_n_f32(scale > 0.0f ? 1.0f / scale : 0.0f);
+    float32x4_t high = vdupq_n_f32(q_max), low = vdupq_n_f32(-q_max);
+    for (int i = 0; i < gs; i += 4) {
+        float32x4_t r = vrndnq_f32(vmulq_f32(vld1q_f32(x + i), inverse));
+        r = vreinterpretq_f32_u32(vandq_u32(vceqq_f32(r, r), vreinterpretq_u32_f32(r)));
+        r = vminq_f32(vmaxq_f32(r, low), high);
+        vst1_s16(q + i, vmovn_s32(vcvtq_s32_f32(r)));
+    }
+    return scale;
+}
+
+/* n int16 values already within +-127 (quantized with Q8_MAX) narrowed to int8. */
+static void narrow_int8(int8_t *out, const int16_t *q, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) vst1_s8(out + i, vmovn_s16(vld1q_s16(q + i)));
+    for (; i < n; i++) out[i] = (int8_t)q[i];
+}
+
+/* Hook (quantize_vector): quantize_group16 where gs allows. */
+static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
+    if (gs % 16 != 0) return 0;
+    *scale = quantize_group16(q, x, gs, q_max);
+    return 1;
+}
+
+/* Hook (matmul_vector): -a fast's int8 activations in s->xq (x->q holds them too, as int16);
+   the exact path's int16 ones are quantize_vector's, in their own order. */
+static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
+    if (!int8_activations(w, s)) return 0;
+    quantize_vector(&s->xq, x, w->cols, w->group_size, Q8_MAX);
+    narrow_int8(s->xq.int8, s->xq.q, w->cols);
+    return 1;
+}
+
+/* Hook (matmul_vector, inside its parallel region): one product's rows, split over the
+   threads as matmul_vector splits them. */
+static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+    int quantized = w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0;
+    if (quantized && !neon_groups(w)) return 0;
+    int int8 = int8_activations(w, s);
+    OMP(for schedule(guided) nowait)
+    for (int r = 0; r < w->rows; r++) {
+        size_t start = (size_t)r * (size_t)w->cols;
+        if (w->type == WEIGHT_FP32)
+            out[r] = dot_fp32_neon((const float *)w->data + start, x, w->cols);
+        else if (w->type == WEIGHT_BF16)
+            out[r] = dot_bf16_neon((const uint16_t *)w->data + start, x, w->cols);
+        else
+            out[r] = dot_quantized_neon(w, r, &s->xq, int8);
+    }
+    return 1;
+}
+
+/* 16 int8 values widened to float32 in v[0..3], times s[0..3]. */
+static inline void widen_int8x16(float32x4_t v[4], int8x16_t b, const float32x4_t s[4]) {
+    int16x8_t low = vmovl_s8(vget_low_s8(b)), high = vmovl_high_s8(b);
+    v[0] = vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(low))), s[0]);
+    v[1] = vmulq_f32(vcvtq_f32_s32(vmovl_high_s16(low)), s[1]);
+    v[2] = vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(high))), s[2]);
+    v[3] = vmulq_f32(vcvtq_f32_s32(vmovl_high_s16(high)), s[3]);
+}
+
+/* Values start .. start+n-1 of w widened to float32, as widen_values does (quantized types:
+   whole groups, neon_groups()), 16 at a time. */
+static void widen_run_neon(float *out, const Matrix *w, size_t start, int n) {
+    if (w->type == WEIGHT_FP32 || (w->type == WEIGHT_BF16 && n % 16 != 0)) {
+        widen_values(out, w, start, n);
+        return;
+    }
+    for (int i = 0; i < n; i += 16) {
+        size_t at = start + (size_t)i;
+        float32x4_t v[4];
+        if (w->type == WEIGHT_BF16) {
+            const uint16_t *src = (const uint16_t *)w->data + at;
+            uint16x8_t a = vld1q_u16(src), b = vld1q_u16(src + 8);
+            v[0] = bf16_low(a), v[1] = bf16_high(a), v[2] = bf16_low(b), v[3] = bf16_high(b);
+        } else {
+            float32x4_t s = vdupq_n_f32(group_scale(w, at / (size_t)w->group_size));
+            const float32x4_t scales[4] = { s, s, s, s };
+            int8x16_t b;
+            if (w->type == WEIGHT_Q4_0) {  /* the block's values 0..15 or 16..31 */
+                int8x16_t low, high;
+                unpack_q4(&low, &high, (const uint8_t *)w->data + at / 32 * 16);
+                b = at % 32 ? high : low;
+            } else {
+                b = vld1q_s8((const int8_t *)w->data + at);
+            }
+            widen_int8x16(v, b, scales);
+        }
+        for (int j = 0; j < 4; j++) vst1q_f32(out + i + 4 * j, v[j]);
+    }
+}
+
+/* out[t][r] (row stride out_stride) = dot(row r of w, token t of x) for r < nr <= 4 and
+   t < nt <= 4: 16 sums in 4-lane accumulators, each step 4 row loads and 4 token loads for 16
+   FMAs. Missing rows and tokens repeat the last ones; their sums go unused. */
+static void tile_dots_neon(float *out, size_t out_stride, const float *w, int nr, const float *x,
+                           int nt, int cols) {
+    const float *wr[4], *xt[4];
+    for (int i = 0; i < 4; i++) {
+        wr[i] = w + (size_t)(i < nr ? i : nr - 1) * cols;
+        xt[i] = x + (size_t)(i < nt ? i : nt - 1) * cols;
+    }
+    float32x4_t acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 4; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    int k = 0;
+    for (; k + 4 <= cols; k += 4) {
+        float32x4_t xv[4];
+        for (int t = 0; t < 4; t++) xv[t] = vld1q_f32(xt[t] + k);
+        for (int r = 0; r < 4; r++) {
+            float32x4_t wv = vld1q_f32(wr[r] + k);
+            for (int t = 0; t < 4; t++) acc[r][t] = vfmaq_f32(acc[r][t], wv, xv[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) {
+            float sum = vaddvq_f32(acc[r][t]);
+            for (int j = k; j < cols; j++) sum += wr[r][j] * xt[t][j];
+            out[(size_t)t * out_stride + r] = sum;
+        }
+}
+
+/* The prompt path (matmul_block's panels and loops): a panel of PANEL_ROWS rows is widened to
+   float32 once (fp32 rows are read in place) and meets every token, 4 x 4 at a time. */
+static void matmul_panels_neon(float *out, const float *x, int n_tokens, const Matrix *w,
+                               MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
+    OMP(parallel for schedule(static))
+    for (int p = 0; p < n_panels; p++) {
+        int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
+        const float *panel = (const float *)w->data + (size_t)r0 * cols;
+        if (w->type != WEIGHT_FP32) {
+            float *buf = s->panels + (size_t)thread_id() * PANEL_ROWS * (size_t)s->max_cols;
+            widen_run_neon(buf, w, (size_t)r0 * cols, nr * cols);
+            panel = buf;
+        }
+        for (int t0 = 0; t0 < n_tokens; t0 += 4)
+            for (int r = 0; r < nr; r += 4)
+                tile_dots_neon(out + (size_t)t0 * rows + r0 + r, (size_t)rows,
+                               panel + (size_t)r * cols, nr - r < 4 ? nr - r : 4,
+                               x + (size_t)t0 * cols, n_tokens - t0 < 4 ? n_tokens - t0 : 4,
+                               cols);
+    }
+}
+
+/* -a fast's tile: as tile_dots_neon, with int8 rows and tokens (their scales: row stride
+   n_groups), each group's 16 integer sums exact in int32 and then folded, four at a time,
+   into one float32 vector per row (lanes: tokens) times the two scales. */
+static void tile_int8_neon(float *out, size_t out_stride, const int8_t *w, const float *w_scales,
+                           int nr, const int8_t *x, const float *x_scales, int nt, int cols,
+                           int gs) {
+    int n_groups = cols / gs;
+    const int8_t *wr[4], *xt[4];
+    const float *ws[4], *xs[4];
+    for (int i = 0; i < 4; i++) {
+        int r = i < nr ? i : nr - 1, t = i < nt ? i : nt - 1;
+        wr[i] = w + (size_t)r * cols, ws[i] = w_scales + (size_t)r * n_groups;
+        xt[i] = x + (size_t)t * cols, xs[i] = x_scales + (size_t)t * n_groups;
+    }
+    float32x4_t acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = vdupq_n_f32(0.0f);
+    for (int g = 0; g < n_groups; g++) {
+        int32x4_t isum[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < 4; t++) isum[r][t] = vdupq_n_s32(0);
+        for (int k = g * gs; k < (g + 1) * gs; k += 16) {
+            int8x16_t xv[4];
+            for (int t = 0; t < 4; t++) xv[t] = vld1q_s8(xt[t] + k);
+            for (int r = 0; r < 4; r++) {
+                int8x16_t wv = vld1q_s8(wr[r] + k);
+                for (int t = 0; t < 4; t++) isum[r][t] = dot_int8x16(isum[r][t], wv, xv[t]);
+            }
+        }
+        const float token_scales[4] = { xs[0][g], xs[1][g], xs[2][g], xs[3][g] };
+        float32x4_t x_scale = vld1q_f32(token_scales);
+        for (int r = 0; r < 4; r++) {
+            int32x4_t sums = vpaddq_s32(vpaddq_s32(isum[r][0], isum[r][1]),
+                                        vpaddq_s32(isum[r][2], isum[r][3]));
+            acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(sums), vmulq_n_f32(x_scale, ws[r][g]));
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float sums[4];
+        vst1q_f32(sums, acc[r]);
+        for (int t = 0; t < nt; t++) out[(size_t)t * out_stride + r] = sums[t];
+    }
+}
+
+/* -a fast's prompt path for q8_0 and q4_0: the tokens quantized to int8 per group, as
+   decoding quantizes one; q8_0 panels read in place, q4_0 panels unpacked to int8 first. */
+static void matmul_int8_neon(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, gs = w->group_size, n_groups = cols / gs;
+    int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
+    struct FastScratch *f = s->fast_paths;
+    OMP(parallel)
+    {
+        int id = thread_id();
+        QuantizedVector token = { .q = f->token_values + (size_t)id * s->max_cols,
+                                  .scales = f->token_scales + (size_t)id * s->max_cols };
+        OMP(for schedule(static))
+        for (int t = 0; t < n_tokens; t++) {
+            quantize_vector(&token, x + (size_t)t * cols, cols, gs, Q8_MAX);
+            narrow_int8(f->tokens + (size_t)t * cols, token.q, cols);
+            memcpy(f->scales + (size_t)t * n_groups, token.scales,
+                   (size_t)n_groups * sizeof(float));
+        }
+        /* (the for's implied barrier: every token is quantized before any panel starts) */
+        int8_t *buf = f->panels + (size_t)id * PANEL_ROWS * (size_t)s->max_cols;
+        float *buf_scales = f->panel_scales + (size_t)id * PANEL_ROWS * (size_t)(s->max_cols / 16);
+        OMP(for schedule(static))
+        for (int p = 0; p < n_panels; p++) {
+            int r0 = p * PANEL_ROWS, nr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
+            size_t start = (size_t)r0 * cols, values = (size_t)nr * cols;
+            const int8_t *panel = (const int8_t *)w->data + start;
+            const float *scales = w->scales + (size_t)r0 * n_groups;
+            if (w->type == WEIGHT_Q4_0) {
+                for (size_t i = 0; i < values; i += 32) {
+                    int8x16_t low, high;
+                    unpack_q4(&low, &high, (const uint8_t *)w->data + (start + i) / 2);
+                    vst1q_s8(buf + i, low);
+                    vst1q_s8(buf + i + 16, high);
+                }
+                for (size_t g = 0; g < (size_t)nr * n_groups; g++)
+                    buf_scales[g] = fp16_to_float(w->fp16_scales[(size_t)r0 * n_groups + g]);
+                panel = buf, scales = buf_scales;
+            }
+            for (int t0 = 0; t0 < n_tokens; t0 += 4)
+                for (int r = 0; r < nr; r += 4)
+                    tile_int8_neon(out + (size_t)t0 * rows + r0 + r, (size_t)rows,
+                                   panel + (size_t)r * cols, scales + (size_t)r * n_groups,
+                                   nr - r < 4 ? nr - r : 4, f->tokens + (size_t)t0 * cols,
+                                   f->scales + (size_t)t0 * n_groups,
+                                   n_tokens - t0 < 4 ? n_tokens - t0 : 4, cols, gs);
+        }
+    }
+}
+
+/* Hook (matmul_many): the prompt path, int8 with -a fast, float32 panels otherwise. */
+static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+    int quantized = w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0;
+    if (quantized && !neon_groups(w)) return 0;
+    if (int8_activations(w, s)) matmul_int8_neon(out, x, n_tokens, w, s);
+    else matmul_panels_neon(out, x, n_tokens, w, s);
+    return 1;
+}
+
+/* e^x for 4 floats, the algorithm of exp16: x = n ln2 + r (ln2 in two parts), e^r by its
+   Taylor series to r^7, times 2^n as two powers of two (each a normal float for n in
+   [-150, 128]), so that the result is rounded once: inf past the top of the float range, 0
+   or a denormal past the bottom. */
+static inline float32x4_t exp4(float32x4_t x) {
+    x = vminq_f32(vdupq_n_f32(89.0f), vmaxq_f32(vdupq_n_f32(-104.0f), x));
+    float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504f)));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    const float inverse_factorials[] = { 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
+                                         1.0f / 6, 0.5f, 1.0f, 1.0f };
+    float32x4_t p = vdupq_n_f32(inverse_factorials[0]);
+    for (int k = 1; k < 8; k++) p = vfmaq_f32(vdupq_n_f32(inverse_factorials[k]), p, r);
+    int32x4_t n_int = vcvtq_s32_f32(n), half = vshrq_n_s32(n_int, 1);
+    int32x4_t bias = vdupq_n_s32(127);
+    float32x4_t a = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(half, bias), 23));
+    float32x4_t b = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vsubq_s32(n_int, half), bias), 23));
+    return vmulq_f32(vmulq_f32(p, a), b);
+}
+
+/* Lanes 0 .. k-1 set (a loop's ragged last step of k < 4). */
+static inline uint32x4_t lanes_below(int k) {
+    const uint32_t index[4] = { 0, 1, 2, 3 };
+    return vcltq_u32(vld1q_u32(index), vdupq_n_u32((uint32_t)k));
+}
+
+/* Hook (softmax): the same three passes, 4 lanes at a time, with exp4 (the last 1..3 values
+   too, through a padded vector). */
+static int fast_softmax(float *x, int n) {
+    float32x4_t vmax = vdupq_n_f32(x[0]), vsum = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vmax = vmaxq_f32(vmax, vld1q_f32(x + i));
+    float max = vmaxvq_f32(vmax);
+    for (; i < n; i++) max = x[i] > max ? x[i] : max;
+    float32x4_t m = vdupq_n_f32(max);
+    for (i = 0; i + 4 <= n; i += 4) {
+        float32x4_t e = exp4(vsubq_f32(vld1q_f32(x + i), m));
+        vst1q_f32(x + i, e);
+        vsum = vaddq_f32(vsum, e);
+    }
+    if (i < n) {
+        float tail[4] = {0};
+        memcpy(tail, x + i, (size_t)(n - i) * sizeof(float));
+        float32x4_t e = exp4(vsubq_f32(vld1q_f32(tail), m));
+        e = vreinterpretq_f32_u32(vandq_u32(lanes_below(n - i), vreinterpretq_u32_f32(e)));
+        vst1q_f32(tail, e);
+        memcpy(x + i, tail, (size_t)(n - i) * sizeof(float));
+        vsum = vaddq_f32(vsum, e);
+    }
+    float sum = vaddvq_f32(vsum);
+    float32x4_t vs = vdupq_n_f32(sum);
+    for (i = 0; i + 4 <= n; i += 4) vst1q_f32(x + i, vdivq_f32(vld1q_f32(x + i), vs));
+    for (; i < n; i++) x[i] /= sum;
+    return 1;
+}
+
+static inline float32x4_t swiglu4(float32x4_t g, float32x4_t u) {
+    float32x4_t e = exp4(vnegq_f32(g));
+    return vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), e)), u);
+}
+
+/* Hook (swiglu): one row, 4 lanes at a time, with exp4. */
+static int fast_swiglu(float *g, const float *u, int width) {
+    int i = 0;
+    for (; i + 4 <= width; i += 4) vst1q_f32(g + i, swiglu4(vld1q_f32(g + i), vld1q_f32(u + i)));
+    if (i < width) {
+        float gt[4] = {0}, ut[4] = {0};
+        memcpy(gt, g + i, (size_t)(width - i) * sizeof(float));
+        memcpy(ut, u + i, (size_t)(width - i) * sizeof(float));
+        vst1q_f32(gt, swiglu4(vld1q_f32(gt), vld1q_f32(ut)));
+        memcpy(g + i, gt, (size_t)(width - i) * sizeof(float));
+    }
+    return 1;
+}
+
 #else  /* no AVX-512: no fast path applies */
 
 #define FAST_BF16 0
@@ -4622,6 +5174,76 @@ static inline __m512 key_scales16(const KVHead *kv, int tile, int d, int head_di
     return _mm512_loadu_ps(kv->key_scales + key_index(tile * KEY_TILE, d / CACHE_GROUP,
                                                       head_dim / CACHE_GROUP));
 }
+#elif defined __aarch64__ && defined __ARM_NEON
+/* 16 consecutive cache elements from element i, widened to float32 in v[0..3]: bf16 by a
+   shift, q8_0 as int8 -> float32 times s[0..3] (16 scales for keys, one for values). Called
+   with a constant type, like widen16. */
+static inline void widen16_neon(float32x4_t v[4], const void *data, size_t i, int type,
+                                const float32x4_t s[4]) {
+    if (type == CACHE_BF16) {
+        const uint16_t *p = (const uint16_t *)data + i;
+        uint16x8_t a = vld1q_u16(p), b = vld1q_u16(p + 8);
+        v[0] = bf16_low(a), v[1] = bf16_high(a), v[2] = bf16_low(b), v[3] = bf16_high(b);
+    } else if (type == CACHE_Q8_0) {
+        widen_int8x16(v, vld1q_s8((const int8_t *)data + i), s);
+    } else {
+        for (int j = 0; j < 4; j++) v[j] = vld1q_f32((const float *)data + i + 4 * j);
+    }
+}
+
+/* score_tiles' sums for one key tile and up to 4 rows (the missing ones repeat the last):
+   per dimension, the tile's 16 keys widened into 4 vectors meet 4 broadcast query values in 16
+   FMAs. Each score is one FMA chain over the dimensions in order, as in score_tiles. */
+static inline void score_tile_neon(float *const *scores, const float *const *rows, int nr,
+                                   const KVHead *kv, int tile, int head_dim, float scale,
+                                   int type) {
+    const float *q[4];
+    for (int r = 0; r < 4; r++) q[r] = rows[r < nr ? r : nr - 1];
+    float32x4_t acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = vdupq_n_f32(0.0f);
+    for (int d = 0; d < head_dim; d++) {
+        float32x4_t k[4], s[4] = { vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f),
+                                   vdupq_n_f32(0.0f) };
+        if (type == CACHE_Q8_0) {
+            const float *ks = kv->key_scales + key_index(tile * KEY_TILE, d / CACHE_GROUP,
+                                                         head_dim / CACHE_GROUP);
+            for (int j = 0; j < 4; j++) s[j] = vld1q_f32(ks + 4 * j);
+        }
+        widen16_neon(k, kv->keys, key_index(tile * KEY_TILE, d, head_dim), type, s);
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < 4; j++) acc[r][j] = vfmaq_n_f32(acc[r][j], k[j], q[r][d]);
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < 4; j++)
+            vst1q_f32(scores[r] + (size_t)tile * KEY_TILE + 4 * j, vmulq_n_f32(acc[r][j], scale));
+}
+
+/* sum_values' sums for dimensions d0 .. d0+15 and up to 4 rows (the missing ones repeat the
+   last): per position, 16 values widened into 4 vectors meet 4 broadcast weights in 16 FMAs,
+   each output one FMA chain over the positions in order. */
+static inline void value_tile_neon(float *const *out, const float *const *weights, int nr,
+                                   const KVHead *kv, int p0, int p1, int d0, int head_dim,
+                                   int type) {
+    const float *w[4];
+    float *o[4];
+    float32x4_t acc[4][4];
+    for (int r = 0; r < 4; r++) {
+        w[r] = weights[r < nr ? r : nr - 1], o[r] = out[r < nr ? r : nr - 1];
+        for (int j = 0; j < 4; j++) acc[r][j] = vld1q_f32(o[r] + d0 + 4 * j);
+    }
+    for (int p = p0; p < p1; p++) {
+        size_t i = (size_t)p * head_dim + d0;
+        float32x4_t v[4], s = vdupq_n_f32(type == CACHE_Q8_0 ? kv->value_scales[i / CACHE_GROUP]
+                                                            : 0.0f);
+        const float32x4_t scales[4] = { s, s, s, s };
+        widen16_neon(v, kv->values, i, type, scales);
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < 4; j++) acc[r][j] = vfmaq_n_f32(acc[r][j], v[j], w[r][p]);
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < 4; j++) vst1q_f32(o[r] + d0 + 4 * j, acc[r][j]);
+}
 #endif
 
 /* scores[r][p] = scale * dot(rows[r], key p) for the SCORE_TILES * KEY_TILE positions from
@@ -4657,6 +5279,13 @@ static inline void score_tiles(float *const *scores, const float *const *rows, i
         for (int j = 0; j < SCORE_TILES; j++)
             _mm512_storeu_ps(scores[r] + (size_t)(tile + j) * KEY_TILE,
                              _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
+#elif defined __aarch64__ && defined __ARM_NEON
+    (void)tile_rows;
+    (void)ahead;
+    for (int i = 0; i < SCORE_TILES; i++)
+        for (int r = 0; r < nr; r += 4)
+            score_tile_neon(scores + r, rows + r, nr - r < 4 ? nr - r : 4, kv, tile + i, head_dim,
+                            scale, type);
 #else  /* the same sums, KEY_TILE-wide rows of plain floats (the compiler vectorises them) */
     (void)type;
     (void)ahead;
@@ -4752,6 +5381,12 @@ static inline void sum_values(float *const *out, const float *const *weights, in
         for (int r = 0; r < nr && r < tile_rows; r++)  /* (nr <= tile_rows: for gcc) */
             for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
     }
+#elif defined __aarch64__ && defined __ARM_NEON
+    (void)tile_rows;
+    for (; d0 + 16 <= head_dim; d0 += 16)
+        for (int r = 0; r < nr; r += 4)
+            value_tile_neon(out + r, weights + r, nr - r < 4 ? nr - r : 4, kv, p0, p1, d0,
+                            head_dim, type);
 #else
     (void)tile_rows;
     (void)type;

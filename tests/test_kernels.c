@@ -334,6 +334,71 @@ static void test_dots(int n, int gs) {
     free(w); free(x); free(wb); free(wb_image);
 }
 
+#if defined __aarch64__ && defined __ARM_NEON
+/* What a q8_0 or q4_0 row's kernel should compute from activations quantized to q and
+   scales: per group, the exact integer sum of the stored values times q, times both scales. */
+static double exact_groups(const Matrix *m, const int16_t *q, const float *scales) {
+    double sum = 0.0;
+    int gs = m->group_size;
+    for (int g = 0; g < m->cols / gs; g++) {
+        int64_t isum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)quantized_value(m, i) * q[i];
+        sum += (double)isum * group_scale(m, (size_t)g) * scales[g];
+    }
+    return sum;
+}
+
+/* Section 8's NEON row kernels on one row of n: fp32 and bf16 against double, q8_0 and q4_0
+   against exact_groups of int16 activations and (-a fast) of int8 ones. */
+static void test_dots_neon(int n, int gs) {
+    float *w = malloc((size_t)n * sizeof(float)), *x = malloc((size_t)n * sizeof(float));
+    uint16_t *wb = malloc((size_t)n * sizeof(uint16_t));
+    QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)), malloc((size_t)n * sizeof(float)),
+                           malloc((size_t)n), NULL, NULL, NULL, NULL };
+    double worst_fp32 = 0, worst_bf16 = 0, worst[2][2] = {{0}};  /* [q4][int8] */
+    for (int trial = 0; trial < 20; trial++) {
+        fill(w, (size_t)n);
+        fill(x, (size_t)n);
+        for (int i = 0; i < n; i++) wb[i] = float_to_bf16(w[i]);
+        worst_fp32 = fmax(worst_fp32, fabs(dot_fp32_neon(w, x, n) - ref_dot_fp32(w, x, n)) /
+                                          magnitude(w, x, n));
+        for (int i = 0; i < n; i++) w[i] = bf16_to_float(wb[i]);
+        worst_bf16 = fmax(worst_bf16, fabs(dot_bf16_neon(wb, x, n) - ref_dot_bf16(wb, x, n)) /
+                                          magnitude(w, x, n));
+        for (int q4 = 0; q4 <= 1; q4++) {
+            if (q4 && gs % 32) continue;
+            TestQ8 t8 = {0};
+            TestQ4 t4 = {0};
+            if (q4) t4 = make_q4(1, n, gs);
+            else t8 = make_q8(1, n, gs);
+            const Matrix *m = q4 ? &t4.m : &t8.m;
+            double mag = magnitude(q4 ? t4.image : t8.image, x, n);
+            for (int int8 = 0; int8 <= 1; int8++) {
+                quantize_vector(&qv, x, n, gs, int8 ? Q8_MAX : Q16_MAX);
+                narrow_int8(qv.int8, qv.q, n);
+                double got = dot_quantized_neon(m, 0, &qv, int8);
+                worst[q4][int8] = fmax(worst[q4][int8],
+                                       fabs(got - exact_groups(m, qv.q, qv.scales)) / mag);
+            }
+            free(t8.q); free(t8.scales); free(t8.image);
+            free_q4(&t4);
+        }
+    }
+    char name[80];
+    snprintf(name, sizeof name, "dot_fp32_neon n=%d", n);
+    check(name, worst_fp32, 1e-6);
+    snprintf(name, sizeof name, "dot_bf16_neon n=%d", n);
+    check(name, worst_bf16, 1e-6);
+    for (int q4 = 0; q4 <= 1; q4++)
+        for (int int8 = 0; int8 <= 1 && (!q4 || gs % 32 == 0); int8++) {
+            snprintf(name, sizeof name, "dot_quantized_neon %s%s vs integers n=%d gs=%d",
+                     q4 ? "q4_0" : "q8_0", int8 ? " -a fast" : "", n, gs);
+            check(name, worst[q4][int8], 1e-6);
+        }
+    free(w); free(x); free(wb); free(qv.q); free(qv.scales); free(qv.int8);
+}
+#endif
+
 /* matmul on n tokens (the prompt path when n > 1) against the reference row by row. */
 static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
     size_t count = (size_t)rows * cols;
@@ -387,7 +452,7 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
 /* -a fast: matmul against the reference on x rounded as that mode rounds it (to bf16 for bf16
    weights, to int8 per group for q8_0), which is all it may change: what is then multiplied
    is exact (two bf16, or two int8 summed in int32). */
-#if FAST_BF16 || FAST_INT8
+#if FAST_BF16 || FAST_INT8 || NEON_INT8
 static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch *s) {
     size_t count = (size_t)rows * cols;
     float *x = malloc((size_t)n * cols * sizeof(float));
@@ -660,8 +725,9 @@ static void test_attention_block_vs_tokens(int n_heads, int n_kv_heads, int head
 }
 
 /* softmax and swiglu (exp16 with AVX-512, expf otherwise) against double loops, with ragged
-   lengths; with AVX-512, exp16 itself over its whole range in ulps of the true value. */
-#if defined __AVX512F__
+   lengths; with AVX-512, exp16 itself over its whole range in ulps of the true value (with
+   NEON, exp4). */
+#if defined __AVX512F__ || (defined __aarch64__ && defined __ARM_NEON)
 static double ulps(float got, double want) {
     if (want == 0.0) return got == 0.0f ? 0.0 : INFINITY;
     int exponent;
@@ -675,7 +741,7 @@ static double ulps(float got, double want) {
    ordinary groups at both q_max, and groups holding NaN, infinities, denormals, zeros, huge
    values and exact halfway steps. Counts the groups whose scale or any value differ. */
 static void test_quantize_group(void) {
-#if defined __AVX512F__
+#if defined __AVX512F__ || (defined __aarch64__ && defined __ARM_NEON)
     int mismatches = 0, groups = 0;
     const float specials[] = { NAN, INFINITY, -INFINITY, 1e-40f, -3e-39f, 0.0f, -0.0f, 3e38f,
                                -3e38f, 0.5f, -2.5f, 127.5f };
@@ -698,14 +764,27 @@ static void test_quantize_group(void) {
 #endif
 }
 
-static void test_exp(void) {
+/* Section 8's vectorised exp on 16 floats. */
 #if defined __AVX512F__
+#define VECTOR_EXP "exp16"
+static void vector_exp(float *out, const float *in) {
+    _mm512_storeu_ps(out, exp16(_mm512_loadu_ps(in)));
+}
+#elif defined __aarch64__ && defined __ARM_NEON
+#define VECTOR_EXP "exp4"
+static void vector_exp(float *out, const float *in) {
+    for (int j = 0; j < 16; j += 4) vst1q_f32(out + j, exp4(vld1q_f32(in + j)));
+}
+#endif
+
+static void test_exp(void) {
+#ifdef VECTOR_EXP
     double worst = 0.0;
     int special = 0;
     for (float x = -110.0f; x < 90.0f; x += 0.0123f) {
         float in[16], out[16];
         for (int j = 0; j < 16; j++) in[j] = nextafterf(x, 100.0f) * (1.0f - (float)j * 1e-7f);
-        _mm512_storeu_ps(out, exp16(_mm512_loadu_ps(in)));
+        vector_exp(out, in);
         for (int j = 0; j < 16; j++) {
             double want = exp((double)in[j]);
             if (want > FLT_MAX) special += !isinf(out[j]);
@@ -715,11 +794,11 @@ static void test_exp(void) {
     }
     float edge[16] = { -INFINITY, INFINITY, NAN, 0.0f, -0.0f, -200.0f, 200.0f };
     float got[16];
-    _mm512_storeu_ps(got, exp16(_mm512_loadu_ps(edge)));
+    vector_exp(got, edge);
     special += got[0] != 0.0f || !isinf(got[1]) || !isnan(got[2]) || got[3] != 1.0f ||
                got[4] != 1.0f || got[5] != 0.0f || !isinf(got[6]);
-    check("exp16 vs exp() in ulps, normal results", worst, 2.0);
-    check("exp16 overflow, underflow, inf, NaN, 0", special, 0);
+    check(VECTOR_EXP " vs exp() in ulps, normal results", worst, 2.0);
+    check(VECTOR_EXP " overflow, underflow, inf, NaN, 0", special, 0);
 #endif
     for (int n = 1; n <= 100; n += 33) {
         float x[100], gate[100], up[100];
@@ -767,6 +846,13 @@ static void test_kernels(void) {
     test_dots_q4(1056, 32);   /* 33 groups: two whole windows of 16 and a lone block */
     test_dots_q4(2048, 128);
     test_dots_q4(4096, 4096);
+#if defined __aarch64__ && defined __ARM_NEON
+    test_dots_neon(2048, 64);
+    test_dots_neon(8192, 32);
+    test_dots_neon(96, 16);     /* q8_0 only: groups of 16 */
+    test_dots_neon(1056, 96);   /* three blocks a group, a ragged tail for fp32 and bf16 */
+    test_dots_neon(4096, 4096); /* the largest group int32 lanes hold exactly */
+#endif
     int types[] = { WEIGHT_FP32, WEIGHT_BF16, WEIGHT_Q8_0, WEIGHT_Q4_0 };
     for (int i = 0; i < 4; i++) {
         test_matmul(types[i], 64, 256, 1, &s);
@@ -806,6 +892,16 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q4_0, 64, 256, 1, &s);
     test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);       /* a partial last step */
     test_matmul_fast(WEIGHT_Q4_0, 70, 256, 7, &s);      /* ragged panel and strip */
+    test_matmul_fast(WEIGHT_Q4_0, 40, 1536, 33, &s);
+#endif
+#if NEON_INT8
+    test_matmul_fast(WEIGHT_Q8_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q8_0, 70, 256, 7, &s);     /* ragged panel and tile */
+    test_matmul_fast(WEIGHT_Q8_0, 128, 1024, 64, &s);
+    test_matmul_fast(WEIGHT_Q8_0, 40, 1536, 33, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 70, 256, 7, &s);
     test_matmul_fast(WEIGHT_Q4_0, 40, 1536, 33, &s);
 #endif
 #if FAST_AMX
@@ -913,8 +1009,8 @@ static void test_model(const char *path, int n, int cache_type) {
        tiny32, every weight type */
     if (cache_type == CACHE_BF16) bound = 2e-2;
     if (cache_type == CACHE_Q8_0) bound = 5e-2;
-#if !defined __AVX512F__
-    /* without AVX-512, fp32 and bf16 weights take the same sums for a block as for one
+#if !defined __AVX512F__ && !(defined __aarch64__ && defined __ARM_NEON)
+    /* in the portable build, fp32 and bf16 weights take the same sums for a block as for one
        token, and attention reads the block's keys and values from the cache: identical */
     if (cfg->weight_type == WEIGHT_FP32 || cfg->weight_type == WEIGHT_BF16) bound = 0.0;
 #endif
