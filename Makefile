@@ -8,7 +8,7 @@ WARN = -std=c11 -Wall -Wextra
 # Debian's numpy installs for /usr/bin/python3; prefer it over any other python3 on PATH.
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 
-.PHONY: all test demo bench bench-8b clean test-valgrind
+.PHONY: all test test-arm demo bench bench-8b clean test-valgrind
 
 all: run runomp tokenize
 
@@ -26,6 +26,12 @@ tokenize: tokenizer.c tokenizer.h
 
 test: run runomp tokenize
 	$(PYTHON) tests/run_tests.py
+
+# The ARM NEON kernels (run.c section 8, AArch64) on any host: cross-compiled for armv8-a and
+# armv8.2-a+dotprod, run under qemu-aarch64 (kernel checks, then greedy runs against this
+# host's portable build). Debian: gcc-aarch64-linux-gnu qemu-user libgomp1-arm64-cross.
+test-arm:
+	$(PYTHON) tests/check_arm.py
 
 # A small random Llama 3 checkpoint with the real 128K tokenizer, exported and run end to end.
 demo: runomp build/demo.bin
