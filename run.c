@@ -2595,6 +2595,10 @@ static void print_version(void) {
 #endif
 #if defined __AVX512F__
            "AVX-512 kernels");
+#elif defined __aarch64__ && defined __ARM_NEON && defined __ARM_FEATURE_DOTPROD
+           "NEON kernels with the int8 dot product");
+#elif defined __aarch64__ && defined __ARM_NEON
+           "NEON kernels");
 #else
            "portable kernels");
 #endif

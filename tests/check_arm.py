@@ -169,6 +169,13 @@ def test_fast_activations_same_in_both_arm_builds():
     print("    " + "\n    ".join(report))
 
 
+def test_version_names_the_kernels():
+    for arch, kernels in (("armv8-a", b"NEON kernels"),
+                          ("armv8.2-a+dotprod", b"NEON kernels with the int8 dot product")):
+        version = run(QEMU + [arm_run(arch, 0), "--version"]).stdout
+        assert version.rstrip().endswith(b", " + kernels), version
+
+
 def main():
     passed = failed = 0
     start_all = time.time()
