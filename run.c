@@ -4723,6 +4723,11 @@ static inline float32x4_t group_sums_neon(const void *w, int q4, const int16_t *
     return pairs_to_float(acc);
 }
 
+/* fp16_to_float by the conversion instruction (fcvtl: exact, subnormals included). */
+static inline float fp16_to_float_neon(uint16_t h) {
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
 /* dot_q8 and dot_q4 (q4: w is packed nibbles, w_scales fp16): each group's integer sums times
    its two scales, two groups per step into two accumulators. With int8, against -a fast's
    int8 activations (x->int8). Inlined with constant gs, q4 and int8 for the common shapes. */
@@ -4735,7 +4740,7 @@ static inline float groups_dot_neon(const void *w, const void *w_scales, int q4,
         size_t at = (size_t)g * gs;
         float32x4_t sums = group_sums_neon((const char *)w + g * group_bytes, q4, x->q + at,
                                            int8 ? x->int8 + at : NULL, gs);
-        float ws = q4 ? fp16_to_float(((const uint16_t *)w_scales)[g])
+        float ws = q4 ? fp16_to_float_neon(((const uint16_t *)w_scales)[g])
                       : ((const float *)w_scales)[g];
         if (g % 2) acc1 = vfmaq_n_f32(acc1, sums, ws * x->scales[g]);
         else acc0 = vfmaq_n_f32(acc0, sums, ws * x->scales[g]);
@@ -4869,9 +4874,21 @@ static void widen_run_neon(float *out, const Matrix *w, size_t start, int n) {
     }
 }
 
+/* acc[t] += the products of 4 weights of a row and x[t], 4 tokens' same 4 columns. */
+static inline void row_fmas(float32x4_t acc[4], const float *w, const float32x4_t x[4]) {
+    float32x4_t wv = vld1q_f32(w);
+    for (int t = 0; t < 4; t++) acc[t] = vfmaq_f32(acc[t], wv, x[t]);
+}
+
+/* sums[t] = the total of acc[t]'s lanes, t < 4 (pairwise sums). */
+static inline void row_totals(float *sums, const float32x4_t acc[4]) {
+    vst1q_f32(sums, vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3])));
+}
+
 /* out[t][r] (row stride out_stride) = dot(row r of w, token t of x) for r < nr <= 4 and
    t < nt <= 4: 16 sums in 4-lane accumulators, each step 4 row loads and 4 token loads for 16
-   FMAs. Missing rows and tokens repeat the last ones; their sums go unused. */
+   FMAs. Missing rows and tokens repeat the last ones; their sums go unused. (One array of
+   accumulators per row: gcc 12 -O3 keeps a [4][4] array in memory, storing it every step.) */
 static void tile_dots_neon(float *out, size_t out_stride, const float *w, int nr, const float *x,
                            int nt, int cols) {
     const float *wr[4], *xt[4];
@@ -4879,21 +4896,25 @@ static void tile_dots_neon(float *out, size_t out_stride, const float *w, int nr
         wr[i] = w + (size_t)(i < nr ? i : nr - 1) * cols;
         xt[i] = x + (size_t)(i < nt ? i : nt - 1) * cols;
     }
-    float32x4_t acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int t = 0; t < 4; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    float32x4_t a0[4], a1[4], a2[4], a3[4];
+    for (int t = 0; t < 4; t++) a0[t] = a1[t] = a2[t] = a3[t] = vdupq_n_f32(0.0f);
     int k = 0;
     for (; k + 4 <= cols; k += 4) {
         float32x4_t xv[4];
         for (int t = 0; t < 4; t++) xv[t] = vld1q_f32(xt[t] + k);
-        for (int r = 0; r < 4; r++) {
-            float32x4_t wv = vld1q_f32(wr[r] + k);
-            for (int t = 0; t < 4; t++) acc[r][t] = vfmaq_f32(acc[r][t], wv, xv[t]);
-        }
+        row_fmas(a0, wr[0] + k, xv);
+        row_fmas(a1, wr[1] + k, xv);
+        row_fmas(a2, wr[2] + k, xv);
+        row_fmas(a3, wr[3] + k, xv);
     }
+    float sums[4][4];  /* [r][t] */
+    row_totals(sums[0], a0);
+    row_totals(sums[1], a1);
+    row_totals(sums[2], a2);
+    row_totals(sums[3], a3);
     for (int t = 0; t < nt; t++)
         for (int r = 0; r < nr; r++) {
-            float sum = vaddvq_f32(acc[r][t]);
+            float sum = sums[r][t];
             for (int j = k; j < cols; j++) sum += wr[r][j] * xt[t][j];
             out[(size_t)t * out_stride + r] = sum;
         }
@@ -4958,11 +4979,10 @@ static void tile_int8_neon(float *out, size_t out_stride, const int8_t *w, const
             acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(sums), vmulq_n_f32(x_scale, ws[r][g]));
         }
     }
-    for (int r = 0; r < nr; r++) {
-        float sums[4];
-        vst1q_f32(sums, acc[r]);
-        for (int t = 0; t < nt; t++) out[(size_t)t * out_stride + r] = sums[t];
-    }
+    float sums[4][4];  /* (constant indices keep acc in registers through the loop) */
+    for (int r = 0; r < 4; r++) vst1q_f32(sums[r], acc[r]);
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) out[(size_t)t * out_stride + r] = sums[r][t];
 }
 
 /* -a fast's prompt path for q8_0 and q4_0: the tokens quantized to int8 per group, as
@@ -5218,9 +5238,11 @@ static inline void score_tile_neon(float *const *scores, const float *const *row
         for (int r = 0; r < 4; r++)
             for (int j = 0; j < 4; j++) acc[r][j] = vfmaq_n_f32(acc[r][j], k[j], q[r][d]);
     }
-    for (int r = 0; r < nr; r++)
+    for (int r = 0; r < 4; r++)  /* (constant indices keep acc in registers through the loop) */
         for (int j = 0; j < 4; j++)
-            vst1q_f32(scores[r] + (size_t)tile * KEY_TILE + 4 * j, vmulq_n_f32(acc[r][j], scale));
+            if (r < nr)
+                vst1q_f32(scores[r] + (size_t)tile * KEY_TILE + 4 * j,
+                          vmulq_n_f32(acc[r][j], scale));
 }
 
 /* sum_values' sums for dimensions d0 .. d0+15 and up to 4 rows (the missing ones repeat the
@@ -5245,8 +5267,9 @@ static inline void value_tile_neon(float *const *out, const float *const *weight
         for (int r = 0; r < 4; r++)
             for (int j = 0; j < 4; j++) acc[r][j] = vfmaq_n_f32(acc[r][j], v[j], w[r][p]);
     }
-    for (int r = 0; r < nr; r++)
-        for (int j = 0; j < 4; j++) vst1q_f32(o[r] + d0 + 4 * j, acc[r][j]);
+    for (int r = 0; r < 4; r++)  /* (constant indices keep acc in registers through the loop) */
+        for (int j = 0; j < 4; j++)
+            if (r < nr) vst1q_f32(o[r] + d0 + 4 * j, acc[r][j]);
 }
 #endif
 

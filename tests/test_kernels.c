@@ -348,6 +348,16 @@ static double exact_groups(const Matrix *m, const int16_t *q, const float *scale
     return sum;
 }
 
+/* fp16_to_float_neon against fp16_to_float on all 65536 values (NaN to NaN). */
+static void test_fp16_neon(void) {
+    int mismatches = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float want = fp16_to_float((uint16_t)h), got = fp16_to_float_neon((uint16_t)h);
+        mismatches += isnan(want) ? !isnan(got) : memcmp(&got, &want, sizeof got) != 0;
+    }
+    check("fp16_to_float_neon, every value (mismatches)", mismatches, 0);
+}
+
 /* Section 8's NEON row kernels on one row of n: fp32 and bf16 against double, q8_0 and q4_0
    against exact_groups of int16 activations and (-a fast) of int8 ones. */
 static void test_dots_neon(int n, int gs) {
@@ -847,6 +857,7 @@ static void test_kernels(void) {
     test_dots_q4(2048, 128);
     test_dots_q4(4096, 4096);
 #if defined __aarch64__ && defined __ARM_NEON
+    test_fp16_neon();
     test_dots_neon(2048, 64);
     test_dots_neon(8192, 32);
     test_dots_neon(96, 16);     /* q8_0 only: groups of 16 */
