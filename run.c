@@ -4544,6 +4544,381 @@ static int fast_swiglu(float *g, const float *u, int width) {
     return 1;
 }
 
+#elif defined __AVX2__ && defined __FMA__ && defined __F16C__
+/* ---- AVX2 (with FMA and F16C): every hook, 8 lanes at a time ---------------------------
+   The CPUs without AVX-512 (AMD before Zen 4, Intel's desktop and laptop chips): each kernel
+   computes what its AVX-512 counterpart above computes, the same sums in the same integer or
+   float32 arithmetic, with 256-bit vectors:
+   - decoding: fp32 rows as four chains of 8-lane FMAs; bf16 rows widened by one shift or mask
+     against x reordered once per matmul (pairs16); q8_0 groups as int8 x int16 products
+     summed pairwise in int32 (vpmaddwd); q4_0 blocks unpacked by one AND and one shift into
+     the same products, the nibbles' +8 taken back once per group (as dot_q4_32 does);
+   - -a fast: q8_0 and q4_0 against int8 activations, 32 products per vpmaddubsw (as llama.cpp
+     does on AVX2); bf16 has no such instruction here, so -a fast changes nothing for it.
+   No instruction reads past a row, and no AVX-512 kernel is needed by anything here. */
+#include <immintrin.h>
+
+#define FAST_BF16 0  /* (the AVX-512 paths the kernel tests look for) */
+#define FAST_INT8 0
+#define FAST_AVX2 1  /* (the AVX2 ones) */
+
+/* Fetches [p, p + n) ahead of its use (see DECODE_AHEAD above: the same reasons). */
+#define AVX2_AHEAD 2048
+static inline void prefetch_avx2(const void *p, size_t n) {
+    for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float max8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* The lanes of an 8-float step from i that lie before n, as a mask of whole lanes. */
+static inline __m256i lanes_before8(int i, int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* quantize_group 8 values at a time (gs a multiple of 8), bit for bit the same: the max keeps
+   its old value where a lane is NaN, as the scalar compare does; rounding to nearest even as
+   nearbyintf; NaN lanes become 0 and the rest is clamped to +-q_max before the conversion. */
+static float quantize_group8(int16_t *q, const float *x, int gs, float q_max) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < gs; i += 8)
+        amax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), magnitude), amax);
+    float scale = max8(amax) / q_max;
+    __m256 inverse = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    __m256 high = _mm256_set1_ps(q_max), low = _mm256_set1_ps(-q_max);
+    for (int i = 0; i < gs; i += 8) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inverse),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));
+        __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, low), high));
+        _mm_storeu_si128((__m128i *)(q + i), _mm_packs_epi32(_mm256_castsi256_si128(v),
+                                                             _mm256_extracti128_si256(v, 1)));
+    }
+    return scale;
+}
+
+/* Hook (quantize_vector): quantize_group8 where gs allows. */
+static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max) {
+    if (gs % 8 != 0) return 0;
+    *scale = quantize_group8(q, x, gs, q_max);
+    return 1;
+}
+
+/* dot_fp32, four chains of 8 lanes */
+static float dot_fp32_avx2(const float *w, const float *x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        prefetch_avx2(w + i + AVX2_AHEAD / 4, 128);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    float sum = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) sum += w[i] * x[i];
+    return sum;
+}
+
+/* bf16 rows: as split_pairs above, with a period of 16: x_pairs lists each 16 values' even
+   ones, then their odd ones, so that one 256-bit load of 16 weights meets them as 8 floats
+   from a shift (the even weights) and 8 from a mask (the odd ones). */
+static void pairs16(float *x_pairs, const float *x, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 8; j++) {
+            x_pairs[i + j] = x[i + 2 * j];
+            x_pairs[i + 8 + j] = x[i + 2 * j + 1];
+        }
+    for (; i < n; i++) x_pairs[i] = x[i];
+}
+
+static float dot_bf16_avx2(const uint16_t *w, const float *x_pairs, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        prefetch_avx2(w + i + AVX2_AHEAD / 2, 64);
+        __m256i p0 = _mm256_loadu_si256((const __m256i *)(w + i));
+        __m256i p1 = _mm256_loadu_si256((const __m256i *)(w + i + 16));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p0, 16)),
+                             _mm256_loadu_ps(x_pairs + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p0, high)),
+                             _mm256_loadu_ps(x_pairs + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p1, 16)),
+                             _mm256_loadu_ps(x_pairs + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p1, high)),
+                             _mm256_loadu_ps(x_pairs + i + 24), a3);
+    }
+    for (; i + 16 <= n; i += 16) {
+        __m256i p = _mm256_loadu_si256((const __m256i *)(w + i));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p, 16)),
+                             _mm256_loadu_ps(x_pairs + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p, high)),
+                             _mm256_loadu_ps(x_pairs + i + 8), a1);
+    }
+    float sum = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) sum += bf16_to_float(w[i]) * x_pairs[i];
+    return sum;
+}
+
+/* Whether the integer kernels below take a q8_0 or q4_0 matrix: whole steps (16 values for
+   q8_0, a 32-value block for q4_0) per group, and groups small enough for int32 lanes (a lane
+   takes gs / 8 products of at most 127 * 32767). */
+static int int_kernel_applies(const Matrix *w) {
+    int gs = w->group_size;
+    if (w->type == WEIGHT_Q8_0) return gs % 16 == 0 && gs <= 4096;
+    return w->type == WEIGHT_Q4_0 && gs % 32 == 0 && gs <= 4096;
+}
+
+/* Whether -a fast's int8 activations apply: groups of whole 32-byte steps. */
+static int int8_applies(const Matrix *w, const MatmulScratch *s) {
+    return s->fast && int_kernel_applies(w) && w->group_size % 32 == 0;
+}
+
+/* w_scale * x_scale of groups g0 .. g0+7 (q4_0's fp16 scales widened by F16C), into out. */
+static inline __m256 scale_products8(const Matrix *w, size_t row_group, const float *x_scales,
+                                     int g0) {
+    __m256 ws = w->type == WEIGHT_Q4_0
+        ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->fp16_scales + row_group + g0)))
+        : _mm256_loadu_ps(w->scales + row_group + g0);
+    return _mm256_mul_ps(ws, _mm256_loadu_ps(x_scales + g0));
+}
+
+/* One group's integer products in 8 int32 lanes: q8_0 (int8 w, widened) or q4_0 (nibbles:
+   the block's values + 8, in order: 16 bytes widened to int16, an AND gives values 0..15 and a
+   shift values 16..31) against int16 x; or with int8 x, q8_0 through vpmaddubsw (|w| against
+   x with w's sign, then pairs of int16 summed into int32) and q4_0's nibbles as its unsigned
+   side directly. */
+static inline __m256i group_sums_avx2(const void *wg, const QuantizedVector *xv, size_t at,
+                                      int gs, int q4, int int8) {
+    const int16_t *x = xv->q + at;
+    const int8_t *x8 = int8 ? xv->int8 + at : NULL;
+    __m256i isum = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < gs; i += int8 || q4 ? 32 : 16) {
+        __m256i p;
+        if (q4 && int8) {
+            __m128i v = _mm_loadu_si128((const __m128i *)((const uint8_t *)wg + i / 2));
+            __m256i nibbles = _mm256_and_si256(
+                _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
+                _mm256_set1_epi8(15));
+            p = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, _mm256_loadu_si256(
+                                                           (const __m256i *)(x8 + i))), ones);
+        } else if (int8) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)((const int8_t *)wg + i));
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x8 + i));
+            p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
+                                                       _mm256_sign_epi8(xv, wv)), ones);
+        } else if (q4) {
+            __m256i w16 = _mm256_cvtepu8_epi16(
+                _mm_loadu_si128((const __m128i *)((const uint8_t *)wg + i / 2)));
+            p = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(15)),
+                                  _mm256_loadu_si256((const __m256i *)(x + i))),
+                _mm256_madd_epi16(_mm256_srli_epi16(w16, 4),
+                                  _mm256_loadu_si256((const __m256i *)(x + i + 16))));
+        } else {
+            __m256i w16 = _mm256_cvtepi8_epi16(
+                _mm_loadu_si128((const __m128i *)((const int8_t *)wg + i)));
+            p = _mm256_madd_epi16(w16, _mm256_loadu_si256((const __m256i *)(x + i)));
+        }
+        isum = _mm256_add_epi32(isum, p);
+    }
+    return isum;
+}
+
+/* Row r of a q8_0 or q4_0 matrix against x as fast_prepare_vector left it: each group's
+   integer sums times its two scales, 8 groups' scale products formed at once; for q4_0 the
+   nibbles' +8 comes back as the groups' offsets (-8 * the sum of their x) times the same
+   products. Inlined with constant gs, q4 and int8, the group loop unrolls. */
+static inline float groups_dot_avx2(const Matrix *w, int r, const QuantizedVector *x, int gs,
+                                    int q4, int int8) {
+    int n_groups = w->cols / gs;
+    size_t row_group = (size_t)r * n_groups;
+    const char *row = (const char *)w->data + (q4 ? row_group * gs / 2 : row_group * gs);
+    size_t group_bytes = q4 ? (size_t)gs / 2 : (size_t)gs;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, offsets = acc0;
+    float scales[8];
+    int g0 = 0;
+    for (; g0 + 8 <= n_groups; g0 += 8) {
+        __m256 s = scale_products8(w, row_group, x->scales, g0);
+        if (q4) offsets = _mm256_fmadd_ps(s, _mm256_loadu_ps(x->q4_offsets + g0), offsets);
+        _mm256_storeu_ps(scales, s);
+        prefetch_avx2(row + (g0 * group_bytes) + AVX2_AHEAD, 8 * group_bytes);
+        for (int j = 0; j < 8; j += 2) {
+            size_t a = (size_t)(g0 + j) * gs, b = a + gs;
+            __m256i s0 = group_sums_avx2(row + (g0 + j) * group_bytes, x, a, gs, q4, int8);
+            __m256i s1 = group_sums_avx2(row + (g0 + j + 1) * group_bytes, x, b, gs, q4, int8);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcast_ss(scales + j), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcast_ss(scales + j + 1),
+                                   acc1);
+        }
+    }
+    float sum = sum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), offsets));
+    for (int g = g0; g < n_groups; g++) {  /* the last few groups, their scales one by one */
+        float ws = q4 ? fp16_to_float(w->fp16_scales[row_group + g]) : w->scales[row_group + g];
+        float scale = ws * x->scales[g];
+        size_t a = (size_t)g * gs;
+        __m256i s0 = group_sums_avx2(row + (size_t)g * group_bytes, x, a, gs, q4, int8);
+        sum += sum8(_mm256_cvtepi32_ps(s0)) * scale;
+        if (q4) sum += x->q4_offsets[g] * scale;
+    }
+    return sum;
+}
+
+/* groups_dot_avx2 with the common group sizes as constants (export.py's default is 64). */
+static float int_row_dot(const Matrix *w, int r, const QuantizedVector *x, int int8) {
+    int gs = w->group_size;
+    if (w->type == WEIGHT_Q4_0) {
+        if (int8) return gs == 32 ? groups_dot_avx2(w, r, x, 32, 1, 1)
+                                  : groups_dot_avx2(w, r, x, gs, 1, 1);
+        return gs == 32 ? groups_dot_avx2(w, r, x, 32, 1, 0) : groups_dot_avx2(w, r, x, gs, 1, 0);
+    }
+    if (int8) return gs == 64 ? groups_dot_avx2(w, r, x, 64, 0, 1)
+                              : groups_dot_avx2(w, r, x, gs, 0, 1);
+    return gs == 64 ? groups_dot_avx2(w, r, x, 64, 0, 0) : groups_dot_avx2(w, r, x, gs, 0, 0);
+}
+
+/* The fast paths' buffers beside MatmulScratch's, allocated once. */
+struct FastScratch {
+    float *x_pairs;     /* bf16 decoding: x in pairs16 order [max_cols] */
+};
+
+static void fast_alloc_scratch(MatmulScratch *s) {
+    struct FastScratch *f = checked_calloc(1, sizeof *f, "matmul scratch");
+    f->x_pairs = calloc_aligned((size_t)s->max_cols, sizeof(float), "matmul scratch");
+    s->xq.int8 = calloc_aligned((size_t)s->max_cols, sizeof(int8_t), "matmul scratch");
+    s->xq.q4_offsets = calloc_aligned((size_t)s->max_cols, sizeof(float), "matmul scratch");
+    s->fast_paths = f;
+}
+
+static void fast_free_scratch(MatmulScratch *s) {
+    struct FastScratch *f = s->fast_paths;
+    if (!f) return;
+    free_aligned(f->x_pairs);
+    free_aligned(s->xq.int8);
+    free_aligned(s->xq.q4_offsets);
+    free(f);
+}
+
+/* Hook (matmul_vector): x in the form the rows read: for bf16 in pairs16 order; for q8_0 and
+   q4_0 quantized per group (int16, or with -a fast int8), with q4_0's offsets. */
+static int fast_prepare_vector(const Matrix *w, const float *x, MatmulScratch *s) {
+    if (w->type == WEIGHT_BF16) {
+        pairs16(s->fast_paths->x_pairs, x, w->cols);
+        return 1;
+    }
+    if (!int_kernel_applies(w)) return 0;
+    int int8 = int8_applies(w, s), gs = w->group_size;
+    QuantizedVector *v = &s->xq;
+    quantize_vector(v, x, w->cols, gs, int8 ? Q8_MAX : Q16_MAX);
+    for (int i = 0; int8 && i < w->cols; i++) v->int8[i] = (int8_t)v->q[i];
+    for (int g = 0; w->type == WEIGHT_Q4_0 && g < w->cols / gs; g++) {
+        int32_t sum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++) sum += v->q[i];
+        v->q4_offsets[g] = (float)(-8 * sum);
+    }
+    return 1;
+}
+
+/* Hook (matmul_vector, inside its parallel region): the rows split over the threads as
+   matmul_vector splits them. */
+static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulScratch *s) {
+    int quantized = w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0;
+    if (quantized && !int_kernel_applies(w)) return 0;
+    int int8 = int8_applies(w, s);
+    size_t cols = (size_t)w->cols;
+    OMP(for schedule(guided) nowait)
+    for (int r = 0; r < w->rows; r++) {
+        if (w->type == WEIGHT_FP32)
+            out[r] = dot_fp32_avx2((const float *)w->data + r * cols, x, w->cols);
+        else if (w->type == WEIGHT_BF16)
+            out[r] = dot_bf16_avx2((const uint16_t *)w->data + r * cols, s->fast_paths->x_pairs,
+                                   w->cols);
+        else
+            out[r] = int_row_dot(w, r, &s->xq, int8);
+    }
+    return 1;
+}
+
+static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+    (void)out; (void)x; (void)n_tokens; (void)w; (void)s;
+    return 0;
+}
+
+
+/* e^x for 8 floats, within 2 ulp of expf: exp16's steps (above), with 2^n applied as two
+   exact powers of two 2^(n/2) and 2^(n - n/2), each a normal float, so that a result past the
+   top of the float range becomes inf and one below the bottom rounds once into the
+   subnormals or to 0, as vscalefps does. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    const float inverse_factorials[] = { 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
+                                         1.0f / 6, 0.5f, 1.0f, 1.0f };
+    __m256 p = _mm256_set1_ps(inverse_factorials[0]);
+    for (int k = 1; k < 8; k++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(inverse_factorials[k]));
+    __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+    __m256 b = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
+}
+
+/* Hook (softmax): the same three passes, 8 lanes at a time, with exp8. */
+static int fast_softmax(float *x, int n) {
+    __m256 vmax = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) {
+        __m256 m = _mm256_castsi256_ps(lanes_before8(i, n));
+        __m256 v = _mm256_maskload_ps(x + i, _mm256_castps_si256(m));
+        vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(vmax, v, m));
+    }
+    __m256 max = _mm256_set1_ps(max8(vmax));
+    for (int i = 0; i < n; i += 8) {
+        __m256i m = lanes_before8(i, n);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), max));
+        _mm256_maskstore_ps(x + i, m, e);
+        vsum = _mm256_add_ps(vsum, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+    }
+    __m256 sum = _mm256_set1_ps(sum8(vsum));
+    for (int i = 0; i < n; i += 8) {
+        __m256i m = lanes_before8(i, n);
+        _mm256_maskstore_ps(x + i, m, _mm256_div_ps(_mm256_maskload_ps(x + i, m), sum));
+    }
+    return 1;
+}
+
+/* Hook (swiglu): one row, 8 lanes at a time, with exp8. */
+static int fast_swiglu(float *g, const float *u, int width) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int i = 0; i < width; i += 8) {
+        __m256i m = lanes_before8(i, width);
+        __m256 gv = _mm256_maskload_ps(g + i, m);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_maskstore_ps(g + i, m, _mm256_mul_ps(silu, _mm256_maskload_ps(u + i, m)));
+    }
+    return 1;
+}
+
 #else  /* no AVX-512: no fast path applies */
 
 #define FAST_BF16 0

@@ -18,6 +18,23 @@
 
 #include <float.h>
 
+#ifndef FAST_AVX2
+#define FAST_AVX2 0
+#endif
+
+/* The vector dot products of the build: AVX-512's or AVX2's (bf16 against x reordered). */
+#if defined __AVX512F__
+#define VECTOR_ISA "avx512"
+#define VECTOR_PAIRS split_pairs
+#define VECTOR_DOT_FP32 dot_fp32_avx512
+#define VECTOR_DOT_BF16 dot_bf16_avx512
+#elif FAST_AVX2
+#define VECTOR_ISA "avx2"
+#define VECTOR_PAIRS pairs16
+#define VECTOR_DOT_FP32 dot_fp32_avx2
+#define VECTOR_DOT_BF16 dot_bf16_avx2
+#endif
+
 static int failures;
 
 static void check(const char *name, double err, double bound) {
@@ -100,6 +117,19 @@ static TestQ8 make_q8(int rows, int cols, int gs) {
     return t;
 }
 
+#if FAST_AVX2
+/* One row of m against x through the decoding hooks (AVX2's row kernels), exact or -a fast. */
+static double avx2_row(const Matrix *m, const float *x, int fast) {
+    MatmulScratch s = {0};
+    alloc_scratch(&s, m->cols, 1);
+    s.fast = fast;
+    float out;
+    matmul(&out, x, 1, m, &s);
+    free_scratch(&s);
+    return out;
+}
+#endif
+
 /* IEEE binary16 by its definition, in double: (1024 + m) * 2^(e - 25), or m * 2^-24 when e is
    0 (subnormals); e 31 is infinity or NaN. */
 static double ref_fp16(uint16_t h) {
@@ -160,8 +190,8 @@ static void test_dots_q4(int n, int gs) {
                            malloc((size_t)(n + 64) * sizeof(int16_t)),
                            malloc((size_t)(n / gs) * sizeof(float)), malloc((size_t)n + 128) };
     double worst_int = 0, worst_float = 0, worst_avx512 = 0, worst_fast_int = 0;
-    double worst_fast_float = 0;
-    int avx512 = 0, fast = 0;
+    double worst_fast_float = 0, worst_avx2 = 0;
+    int avx512 = 0, avx2 = 0, fast = 0;
     for (int trial = 0; trial < 50; trial++) {
         TestQ4 t = make_q4(1, n, gs);
         fill(x, (size_t)n);
@@ -180,6 +210,8 @@ static void test_dots_q4(int n, int gs) {
         double got = dot_q4(t.packed, t.scales, &qv, n, gs);
         worst_int = fmax(worst_int, fabs(got - exact_int) / qmag);
         worst_float = fmax(worst_float, fabs(got - exact_float) / qmag);
+#if FAST_Q4 || FAST_AVX2
+        MatmulScratch fast_scratch = { .fast = 1 };
 #if FAST_Q4
         avx512 = q4_kernel_applies(&t.m);
         if (avx512) {
@@ -187,12 +219,18 @@ static void test_dots_q4(int n, int gs) {
             got = dot_q4_avx512(t.packed, t.scales, &qv, n, gs);
             worst_avx512 = fmax(worst_avx512, fabs(got - exact_int) / qmag);
         }
-        MatmulScratch fast_scratch = { .fast = 1 };
         fast = fast_q4(&t.m, &fast_scratch);
+#else
+        avx2 = int_kernel_applies(&t.m);
+        if (avx2) worst_avx2 = fmax(worst_avx2, fabs(avx2_row(&t.m, x, 0) - exact_int) / qmag);
+        fast = int8_applies(&t.m, &fast_scratch);
+#endif
         if (fast) {  /* -a fast: int8 activations against the unsigned nibbles */
             quantize_vector(&qv, x, n, gs, Q8_MAX);
+#if FAST_Q4
             prepare_q4(&qv, n, gs);
             prepare_q4_int8(&qv, n);
+#endif
             double exact_int8 = 0.0;
             for (int g = 0; g < n / gs; g++) {
                 int64_t isum = 0;
@@ -201,7 +239,11 @@ static void test_dots_q4(int n, int gs) {
                             * qv.q[i] - 8 * qv.q[i];
                 exact_int8 += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
             }
+#if FAST_Q4
             got = dot_q4_fast(t.packed, t.scales, &qv, n, gs);
+#else
+            got = avx2_row(&t.m, x, 1);
+#endif
             worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
             worst_fast_float = fmax(worst_fast_float, fabs(got - exact_float) / qmag);
         }
@@ -215,6 +257,10 @@ static void test_dots_q4(int n, int gs) {
     if (avx512) {
         snprintf(name, sizeof name, "dot_q4_avx512 vs int4 x int16 n=%d gs=%d", n, gs);
         check(name, worst_avx512, 1e-6);
+    }
+    if (avx2) {
+        snprintf(name, sizeof name, "AVX2 q4_0 row vs int4 x int16 n=%d gs=%d", n, gs);
+        check(name, worst_avx2, 1e-6);
     }
     if (fast) {
         snprintf(name, sizeof name, "dot_q4 -a fast vs int4 x int8 n=%d gs=%d", n, gs);
@@ -233,10 +279,14 @@ static void test_dots(int n, int gs) {
     float *wb_image = malloc((size_t)n * sizeof(float));
     double worst_fp32 = 0, worst_bf16 = 0, worst_q8_int = 0, worst_q8_float = 0, worst_qx = 0;
     double worst_fast_int = 0, worst_fast_float = 0;
+    double worst_fp32_vector = 0, worst_bf16_vector = 0;
 #if defined __AVX512F__
-    double worst_fp32_avx512 = 0, worst_bf16_avx512 = 0, worst_q8_avx512 = 0;
+    double worst_q8_avx512 = 0;
 #endif
-    int fast = FAST_INT8 && gs % 64 == 0;
+#if FAST_AVX2
+    double worst_q8_avx2 = 0;
+#endif
+    int fast = (FAST_INT8 && gs % 64 == 0) || (FAST_AVX2 && gs % 32 == 0);
     for (int trial = 0; trial < 50; trial++) {
         fill(w, (size_t)n);
         fill(x, (size_t)n);
@@ -248,13 +298,13 @@ static void test_dots(int n, int gs) {
         double mag_bf16 = magnitude(wb_image, x, n);
         worst_fp32 = fmax(worst_fp32, fabs(dot_fp32(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
         worst_bf16 = fmax(worst_bf16, fabs(dot_bf16(wb, x, n) - ref_dot_bf16(wb, x, n)) / mag_bf16);
-#if defined __AVX512F__
+#if defined __AVX512F__ || FAST_AVX2
         float *pairs = malloc((size_t)n * sizeof(float));
-        split_pairs(pairs, x, n);
-        worst_fp32_avx512 = fmax(worst_fp32_avx512,
-                                 fabs(dot_fp32_avx512(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
-        worst_bf16_avx512 = fmax(worst_bf16_avx512,
-                                 fabs(dot_bf16_avx512(wb, pairs, n) - ref_dot_bf16(wb, x, n)) /
+        VECTOR_PAIRS(pairs, x, n);
+        worst_fp32_vector = fmax(worst_fp32_vector,
+                                 fabs(VECTOR_DOT_FP32(w, x, n) - ref_dot_fp32(w, x, n)) / mag);
+        worst_bf16_vector = fmax(worst_bf16_vector,
+                                 fabs(VECTOR_DOT_BF16(wb, pairs, n) - ref_dot_bf16(wb, x, n)) /
                                      mag_bf16);
         free(pairs);
 #endif
@@ -282,18 +332,31 @@ static void test_dots(int n, int gs) {
         worst_q8_avx512 = fmax(worst_q8_avx512,
                                fabs(dot_q8_avx512(t.q, t.scales, &qv, n, gs, 0) - exact_int) / qmag);
 #endif
+#if FAST_AVX2
+        worst_q8_avx2 = fmax(worst_q8_avx2, fabs(avx2_row(&t.m, x, 0) - exact_int) / qmag);
+#endif
         worst_q8_float = fmax(worst_q8_float,
                               fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
+#if FAST_INT8 || FAST_AVX2
+        if (fast) {  /* -a fast: int8 activations, through vpdpbusd's (vpmaddubsw's) unsigned
+                        operand */
 #if FAST_INT8
-        if (fast) {  /* -a fast: int8 activations, through vpdpbusd's unsigned operand */
             quantize_int8(&qv, x, n, gs);
+#else
+            quantize_vector(&qv, x, n, gs, Q8_MAX);
+            for (int i = 0; i < n; i++) qv.int8[i] = (int8_t)qv.q[i];
+#endif
             double exact_int8 = 0.0;
             for (int g = 0; g < n / gs; g++) {
                 int64_t isum = 0;
                 for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int64_t)t.q[i] * qv.int8[i];
                 exact_int8 += (double)isum * t.scales[g] * qv.scales[g];
             }
+#if FAST_INT8
             got = dot_q8_avx512(t.q, t.scales, &qv, n, gs, 1);
+#else
+            got = avx2_row(&t.m, x, 1);
+#endif
             worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
             worst_fast_float = fmax(worst_fast_float,
                                     fabs(got - ref_dot_q8_float(t.q, t.scales, x, n, gs)) / qmag);
@@ -306,11 +369,11 @@ static void test_dots(int n, int gs) {
     check(name, worst_fp32, 1e-6);
     snprintf(name, sizeof name, "dot_bf16 n=%d", n);
     check(name, worst_bf16, 1e-6);
-#if defined __AVX512F__
-    snprintf(name, sizeof name, "dot_fp32_avx512 n=%d", n);
-    check(name, worst_fp32_avx512, 1e-6);
-    snprintf(name, sizeof name, "dot_bf16_avx512 n=%d", n);
-    check(name, worst_bf16_avx512, 1e-6);
+#if defined __AVX512F__ || FAST_AVX2
+    snprintf(name, sizeof name, "dot_fp32_%s n=%d", VECTOR_ISA, n);
+    check(name, worst_fp32_vector, 1e-6);
+    snprintf(name, sizeof name, "dot_bf16_%s n=%d", VECTOR_ISA, n);
+    check(name, worst_bf16_vector, 1e-6);
 #endif
     /* half a step, plus float32's rounding of x / scale at up to 32767 steps (~0.002 step) */
     snprintf(name, sizeof name, "quantize_vector n=%d gs=%d (steps)", n, gs);
@@ -320,6 +383,10 @@ static void test_dots(int n, int gs) {
 #if defined __AVX512F__
     snprintf(name, sizeof name, "dot_q8_avx512 vs int8 x int16 n=%d gs=%d", n, gs);
     check(name, worst_q8_avx512, 1e-6);
+#endif
+#if FAST_AVX2
+    snprintf(name, sizeof name, "AVX2 q8_0 row vs int8 x int16 n=%d gs=%d", n, gs);
+    check(name, worst_q8_avx2, 1e-6);
 #endif
     /* The activations' rounding: each product moves by up to half an activation step. */
     snprintf(name, sizeof name, "dot_q8 vs float activations n=%d gs=%d", n, gs);
@@ -387,7 +454,7 @@ static void test_matmul(int type, int rows, int cols, int n, MatmulScratch *s) {
 /* -a fast: matmul against the reference on x rounded as that mode rounds it (to bf16 for bf16
    weights, to int8 per group for q8_0), which is all it may change: what is then multiplied
    is exact (two bf16, or two int8 summed in int32). */
-#if FAST_BF16 || FAST_INT8
+#if FAST_BF16 || FAST_INT8 || FAST_AVX2
 static void test_matmul_fast(int type, int rows, int cols, int n, MatmulScratch *s) {
     size_t count = (size_t)rows * cols;
     float *x = malloc((size_t)n * cols * sizeof(float));
@@ -659,9 +726,28 @@ static void test_attention_block_vs_tokens(int n_heads, int n_kv_heads, int head
     free_state(&s);
 }
 
-/* softmax and swiglu (exp16 with AVX-512, expf otherwise) against double loops, with ragged
-   lengths; with AVX-512, exp16 itself over its whole range in ulps of the true value. */
+/* softmax and swiglu (exp16 with AVX-512, exp8 with AVX2, expf otherwise) against double
+   loops, with ragged lengths; with AVX-512 or AVX2, the vector exp itself over its whole range
+   in ulps of the true value. */
+#if defined __AVX512F__ || FAST_AVX2
+/* The build's vector exp on 16 values, and its vector quantize_group. */
+static void vector_exp(float *out, const float *in) {
 #if defined __AVX512F__
+    _mm512_storeu_ps(out, exp16(_mm512_loadu_ps(in)));
+#else
+    _mm256_storeu_ps(out, exp8(_mm256_loadu_ps(in)));
+    _mm256_storeu_ps(out + 8, exp8(_mm256_loadu_ps(in + 8)));
+#endif
+}
+
+static float vector_quantize_group(int16_t *q, const float *x, int gs, float q_max) {
+#if defined __AVX512F__
+    return quantize_group16(q, x, gs, q_max);
+#else
+    return quantize_group8(q, x, gs, q_max);
+#endif
+}
+
 static double ulps(float got, double want) {
     if (want == 0.0) return got == 0.0f ? 0.0 : INFINITY;
     int exponent;
@@ -671,11 +757,12 @@ static double ulps(float got, double want) {
 }
 #endif
 
-/* quantize_group16 (AVX-512) against quantize_group (scalar), which must agree bit for bit:
+/* quantize_group16 (AVX-512) or quantize_group8 (AVX2) against quantize_group (scalar), which
+   must agree bit for bit:
    ordinary groups at both q_max, and groups holding NaN, infinities, denormals, zeros, huge
    values and exact halfway steps. Counts the groups whose scale or any value differ. */
 static void test_quantize_group(void) {
-#if defined __AVX512F__
+#if defined __AVX512F__ || FAST_AVX2
     int mismatches = 0, groups = 0;
     const float specials[] = { NAN, INFINITY, -INFINITY, 1e-40f, -3e-39f, 0.0f, -0.0f, 3e38f,
                                -3e38f, 0.5f, -2.5f, 127.5f };
@@ -687,25 +774,25 @@ static void test_quantize_group(void) {
         if (trial % 5 == 0) x[trial % gs] = specials[trial % 12];
         if (trial % 11 == 0) for (int i = 0; i < gs; i++) x[i] = (float)(i % 9) - 4.0f;
         int16_t a[256], b[256];
-        float sa = quantize_group(a, x, gs, q_max), sb = quantize_group16(b, x, gs, q_max);
+        float sa = quantize_group(a, x, gs, q_max), sb = vector_quantize_group(b, x, gs, q_max);
         groups++;
         if (memcmp(&sa, &sb, sizeof sa) != 0 || memcmp(a, b, (size_t)gs * sizeof(int16_t)) != 0)
             mismatches++;
     }
     char name[80];
-    snprintf(name, sizeof name, "quantize_group16 = scalar, %d groups (mismatches)", groups);
+    snprintf(name, sizeof name, "vector quantize_group = scalar, %d groups (mismatches)", groups);
     check(name, mismatches, 0.0);
 #endif
 }
 
 static void test_exp(void) {
-#if defined __AVX512F__
+#if defined __AVX512F__ || FAST_AVX2
     double worst = 0.0;
     int special = 0;
     for (float x = -110.0f; x < 90.0f; x += 0.0123f) {
         float in[16], out[16];
         for (int j = 0; j < 16; j++) in[j] = nextafterf(x, 100.0f) * (1.0f - (float)j * 1e-7f);
-        _mm512_storeu_ps(out, exp16(_mm512_loadu_ps(in)));
+        vector_exp(out, in);
         for (int j = 0; j < 16; j++) {
             double want = exp((double)in[j]);
             if (want > FLT_MAX) special += !isinf(out[j]);
@@ -715,11 +802,11 @@ static void test_exp(void) {
     }
     float edge[16] = { -INFINITY, INFINITY, NAN, 0.0f, -0.0f, -200.0f, 200.0f };
     float got[16];
-    _mm512_storeu_ps(got, exp16(_mm512_loadu_ps(edge)));
+    vector_exp(got, edge);
     special += got[0] != 0.0f || !isinf(got[1]) || !isnan(got[2]) || got[3] != 1.0f ||
                got[4] != 1.0f || got[5] != 0.0f || !isinf(got[6]);
-    check("exp16 vs exp() in ulps, normal results", worst, 2.0);
-    check("exp16 overflow, underflow, inf, NaN, 0", special, 0);
+    check("vector exp vs exp() in ulps, normal results", worst, 2.0);
+    check("vector exp overflow, underflow, inf, NaN, 0", special, 0);
 #endif
     for (int n = 1; n <= 100; n += 33) {
         float x[100], gate[100], up[100];
@@ -801,6 +888,11 @@ static void test_kernels(void) {
     test_matmul_fast(WEIGHT_Q8_0, 70, 256, 7, &s);     /* ragged panel and strip */
     test_matmul_fast(WEIGHT_Q8_0, 128, 1024, 64, &s);
     test_matmul_fast(WEIGHT_Q8_0, 40, 1536, 33, &s);
+#endif
+#if FAST_AVX2  /* decoding rows (prompt blocks: below) */
+    test_matmul_fast(WEIGHT_Q8_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 64, 256, 1, &s);
+    test_matmul_fast(WEIGHT_Q4_0, 70, 96, 1, &s);
 #endif
 #if FAST_Q4
     test_matmul_fast(WEIGHT_Q4_0, 64, 256, 1, &s);
