@@ -4997,6 +4997,55 @@ static inline __m512 key_scales16(const KVHead *kv, int tile, int d, int head_di
     return _mm512_loadu_ps(kv->key_scales + key_index(tile * KEY_TILE, d / CACHE_GROUP,
                                                       head_dim / CACHE_GROUP));
 }
+#elif defined __AVX2__ && defined __FMA__ && defined __F16C__
+/* widen16 for AVX2: 8 consecutive cache elements from element i. */
+static inline __m256 widen8(const void *data, size_t i, int type, __m256 scales) {
+    if (type == CACHE_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)data + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    if (type == CACHE_Q8_0) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)((const int8_t *)data + i));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), scales);
+    }
+    return _mm256_loadu_ps((const float *)data + i);
+}
+
+/* The scales of dimension d's keys half .. half+7 of key tile `tile` (q8_0; zeros otherwise). */
+static inline __m256 key_scales8(const KVHead *kv, int tile, int half, int d, int head_dim,
+                                 int type) {
+    if (type != CACHE_Q8_0) return _mm256_setzero_ps();
+    return _mm256_loadu_ps(kv->key_scales + key_index(tile * KEY_TILE, d / CACHE_GROUP,
+                                                      head_dim / CACHE_GROUP) + half);
+}
+
+/* score_tiles for AVX2: one key tile (two vectors of 8 positions) against 4 rows r0 .. r0+3
+   at a time, 8 accumulators (16 registers do not hold score_tiles' whole tile). */
+static inline void score_quad(float *const *scores, const float *const *rows, int r0, int nr,
+                              const KVHead *kv, int tile, int head_dim, float scale, int type,
+                              const char *next) {
+    size_t size = CACHE_TYPE_SIZES[type];
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int d = 0; d < head_dim; d++) {
+        if (next) {  /* dimension d of the next two tiles */
+            prefetch_avx2(next + (size_t)d * KEY_TILE * size, KEY_TILE * size);
+            prefetch_avx2(next + (size_t)(head_dim + d) * KEY_TILE * size, KEY_TILE * size);
+        }
+        size_t i = key_index(tile * KEY_TILE, d, head_dim);
+        __m256 k0 = widen8(kv->keys, i, type, key_scales8(kv, tile, 0, d, head_dim, type));
+        __m256 k1 = widen8(kv->keys, i + 8, type, key_scales8(kv, tile, 8, d, head_dim, type));
+        for (int r = 0; r < 4; r++) {
+            __m256 q = _mm256_broadcast_ss(rows[r0 + r] + d);
+            acc[r][0] = _mm256_fmadd_ps(q, k0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(q, k1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < 4 && r0 + r < nr; r++)
+        for (int j = 0; j < 2; j++)
+            _mm256_storeu_ps(scores[r0 + r] + (size_t)tile * KEY_TILE + 8 * j,
+                             _mm256_mul_ps(acc[r][j], _mm256_set1_ps(scale)));
+}
 #endif
 
 /* scores[r][p] = scale * dot(rows[r], key p) for the SCORE_TILES * KEY_TILE positions from
@@ -5032,6 +5081,13 @@ static inline void score_tiles(float *const *scores, const float *const *rows, i
         for (int j = 0; j < SCORE_TILES; j++)
             _mm512_storeu_ps(scores[r] + (size_t)(tile + j) * KEY_TILE,
                              _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
+#elif defined __AVX2__ && defined __FMA__ && defined __F16C__
+    const char *next = (const char *)kv->keys + key_index((tile + SCORE_TILES) * KEY_TILE, 0,
+                                                          head_dim) * CACHE_TYPE_SIZES[type];
+    for (int j = 0; j < SCORE_TILES; j++)
+        for (int r0 = 0; r0 < tile_rows && r0 < nr; r0 += 4)
+            score_quad(scores, rows, r0, nr, kv, tile + j, head_dim, scale, type,
+                       ahead && j == 0 && r0 == 0 ? next : NULL);
 #else  /* the same sums, KEY_TILE-wide rows of plain floats (the compiler vectorises them) */
     (void)type;
     (void)ahead;
@@ -5126,6 +5182,37 @@ static inline void sum_values(float *const *out, const float *const *weights, in
         }
         for (int r = 0; r < nr && r < tile_rows; r++)  /* (nr <= tile_rows: for gcc) */
             for (int j = 0; j < vectors; j++) _mm512_storeu_ps(out[r] + d0 + 16 * j, acc[r][j]);
+    }
+#elif defined __AVX2__ && defined __FMA__ && defined __F16C__
+    /* 8 accumulators: 4 rows by 16 dimensions, or 8 rows by 8 */
+    int vectors = 8 / tile_rows, width = 8 * vectors;
+    const float *w[ATT_TILE_ROWS];
+    for (int r = 0; r < tile_rows; r++) w[r] = weights[r < nr ? r : 0];
+    for (; d0 + width <= head_dim; d0 += width) {
+        __m256 acc[ATT_TILE_ROWS][2];
+        for (int r = 0; r < tile_rows; r++)
+            for (int j = 0; j < vectors; j++)
+                acc[r][j] = _mm256_loadu_ps(out[r < nr ? r : 0] + d0 + 8 * j);
+        for (int p = p0; p < p1; p++) {
+            size_t i = (size_t)p * head_dim + d0;
+            if (p + VALUES_AHEAD < p1)
+                prefetch_avx2((const char *)kv->values +
+                              (i + (size_t)VALUES_AHEAD * head_dim) * CACHE_TYPE_SIZES[type],
+                              (size_t)width * CACHE_TYPE_SIZES[type]);
+            __m256 vv[2];
+            for (int j = 0; j < vectors; j++) {
+                size_t at = i + 8 * (size_t)j;
+                __m256 scale = type == CACHE_Q8_0 ?
+                    _mm256_set1_ps(kv->value_scales[at / CACHE_GROUP]) : _mm256_setzero_ps();
+                vv[j] = widen8(kv->values, at, type, scale);
+            }
+            for (int r = 0; r < tile_rows; r++) {
+                __m256 wr = _mm256_broadcast_ss(w[r] + p);
+                for (int j = 0; j < vectors; j++) acc[r][j] = _mm256_fmadd_ps(wr, vv[j], acc[r][j]);
+            }
+        }
+        for (int r = 0; r < nr && r < tile_rows; r++)
+            for (int j = 0; j < vectors; j++) _mm256_storeu_ps(out[r] + d0 + 8 * j, acc[r][j]);
     }
 #else
     (void)tile_rows;

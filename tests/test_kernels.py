@@ -50,7 +50,7 @@ def test_prompt_blocks_match_one_token_at_a_time():
     for dtype in ("fp32", "bf16", "q8_0", "q4_0"):
         model = os.path.join(WORK, f"tiny32-{dtype}.bin")
         run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder, "--dtype", dtype])
-        for name in ("native", "portable"):
+        for name in ("native", "avx2", "portable"):
             run_checks([build(name), model, "600"])  # three blocks, the last one ragged
 
 

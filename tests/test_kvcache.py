@@ -131,7 +131,7 @@ def test_prompt_blocks_match_one_token_at_a_time_per_cache_type():
         model = os.path.join(WORK, f"tiny31-{dtype}.bin")
         run([PYTHON, os.path.join(REPO, "export.py"), model, "--hf", folder,
              "--dtype", dtype])
-        for name in ("native", "portable"):
+        for name in ("native", "avx2", "portable"):
             for cache_type in (1, 2):
                 run_checks([build(name), model, "300", str(cache_type)])  # a ragged 2nd block
 
