@@ -2595,6 +2595,8 @@ static void print_version(void) {
 #endif
 #if defined __AVX512F__
            "AVX-512 kernels");
+#elif defined __AVX2__ && defined __FMA__ && defined __F16C__
+           "AVX2 kernels");
 #else
            "portable kernels");
 #endif
@@ -4792,14 +4794,31 @@ static float int_row_dot(const Matrix *w, int r, const QuantizedVector *x, int i
     return gs == 64 ? groups_dot_avx2(w, r, x, 64, 0, 0) : groups_dot_avx2(w, r, x, gs, 0, 0);
 }
 
+/* The prompt path's shapes (fast_matmul_block, below). */
+#define STRIP8 16  /* tokens per strip */
+#define TILE8 6    /* rows per register tile: 6 x 2 accumulators of the 16 registers */
+#define PANEL8 48  /* rows per panel: 8 tiles */
+#define COLS8 512  /* columns per block: a 96 KB block of rows and a 32 KB one of a strip */
+
 /* The fast paths' buffers beside MatmulScratch's, allocated once. */
 struct FastScratch {
     float *x_pairs;     /* bf16 decoding: x in pairs16 order [max_cols] */
+    float *strips;      /* prompt path: the tokens transposed, [strips][max_cols][STRIP8] */
+    float *blocks;      /* ... one [PANEL8][COLS8] widened block of rows per thread */
+    float *sums;        /* ... one [strips][PANEL8][STRIP8] set of running sums per thread */
+    int n_strip_tokens; /* max_tokens rounded up to whole strips */
 };
 
 static void fast_alloc_scratch(MatmulScratch *s) {
     struct FastScratch *f = checked_calloc(1, sizeof *f, "matmul scratch");
     f->x_pairs = calloc_aligned((size_t)s->max_cols, sizeof(float), "matmul scratch");
+    f->n_strip_tokens = (s->max_tokens + STRIP8 - 1) / STRIP8 * STRIP8;
+    f->strips = calloc_aligned((size_t)f->n_strip_tokens * (size_t)s->max_cols, sizeof(float),
+                               "matmul scratch");
+    f->blocks = calloc_aligned((size_t)s->n_threads * PANEL8 * COLS8, sizeof(float),
+                               "matmul scratch");
+    f->sums = calloc_aligned((size_t)s->n_threads * PANEL8 * (size_t)f->n_strip_tokens,
+                             sizeof(float), "matmul scratch");
     s->xq.int8 = calloc_aligned((size_t)s->max_cols, sizeof(int8_t), "matmul scratch");
     s->xq.q4_offsets = calloc_aligned((size_t)s->max_cols, sizeof(float), "matmul scratch");
     s->fast_paths = f;
@@ -4809,6 +4828,9 @@ static void fast_free_scratch(MatmulScratch *s) {
     struct FastScratch *f = s->fast_paths;
     if (!f) return;
     free_aligned(f->x_pairs);
+    free_aligned(f->strips);
+    free_aligned(f->blocks);
+    free_aligned(f->sums);
     free_aligned(s->xq.int8);
     free_aligned(s->xq.q4_offsets);
     free(f);
@@ -4854,12 +4876,147 @@ static int fast_matmul_rows(float *out, const Matrix *w, const float *x, MatmulS
     return 1;
 }
 
-static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
-                             MatmulScratch *s) {
-    (void)out; (void)x; (void)n_tokens; (void)w; (void)s;
-    return 0;
+/* The prompt path: as matmul_strips above, in 8-lane vectors. The tokens are transposed into
+   strips of STRIP8 (two vectors), rows are taken in panels of PANEL8, each walked in blocks of
+   COLS8 columns (fp32 rows read in place, other types widened to float32 into the block
+   first), and a register tile of TILE8 rows by one strip makes 12 multiply-adds per 2 vector
+   loads and 6 broadcasts. Each sum runs over the columns in order, parked in memory between
+   blocks, exactly. */
+
+/* strip[k][j] = x[t0 + j][k], zero past n_tokens: 16 columns at a time, a cache line of each
+   token (token rows 2^k floats apart share one L1 set). */
+static void pack_strip8(float *strip, const float *x, int t0, int n_tokens, int cols) {
+    for (int k0 = 0; k0 < cols; k0 += 16) {
+        int kn = cols - k0 < 16 ? cols - k0 : 16;
+        for (int j = 0; j < STRIP8; j++) {
+            const float *row = x + (size_t)(t0 + j) * cols + k0;
+            for (int k = 0; k < kn; k++)
+                strip[(size_t)(k0 + k) * STRIP8 + j] = t0 + j < n_tokens ? row[k] : 0.0f;
+        }
+    }
 }
 
+/* 32 q4_0 values (one block's 16 bytes) times their scale, as floats in order. */
+static inline void widen_q4_block(float *out, const uint8_t *nibbles, __m256 scale) {
+    __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)nibbles));
+    const __m256i eight = _mm256_set1_epi16(8);
+    __m256i halves[2] = { _mm256_sub_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(15)), eight),
+                          _mm256_sub_epi16(_mm256_srli_epi16(w16, 4), eight) };
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 2; j++) {
+            __m128i part = j ? _mm256_extracti128_si256(halves[h], 1)
+                             : _mm256_castsi256_si128(halves[h]);
+            _mm256_storeu_ps(out + 16 * h + 8 * j,
+                             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part)), scale));
+        }
+}
+
+/* widen_values for n values from `start` of w (a row's columns), 8 at a time where the groups
+   hold whole steps: bf16 by a shift, q8_0 through int32, q4_0 a block at a time. */
+static void widen_row8(float *out, const Matrix *w, size_t start, int n) {
+    int gs = w->group_size, i = 0;
+    if (w->type == WEIGHT_BF16) {
+        const uint16_t *src = (const uint16_t *)w->data + start;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                 _mm_loadu_si128((const __m128i *)(src + i))), 16)));
+    } else if (w->type == WEIGHT_Q8_0 && gs % 8 == 0 && start % 8 == 0) {
+        const int8_t *src = (const int8_t *)w->data + start;
+        for (; i + 8 <= n; i += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)));
+            __m256 scale = _mm256_broadcast_ss(w->scales + (start + (size_t)i) / (size_t)gs);
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+        }
+    } else if (w->type == WEIGHT_Q4_0 && gs % 32 == 0 && start % 32 == 0) {
+        const uint8_t *src = (const uint8_t *)w->data + start / 2;
+        for (; i + 32 <= n; i += 32) {
+            float scale = fp16_to_float(w->fp16_scales[(start + (size_t)i) / (size_t)gs]);
+            widen_q4_block(out + i, src + i / 2, _mm256_set1_ps(scale));
+        }
+    }
+    if (i < n) widen_values(out + i, w, start + (size_t)i, n - i);
+}
+
+/* sums[r][t] (+)= w[r][k] * strip[k][t] for TILE8 rows (row stride w_stride) and a strip's
+   tokens, k = 0 .. kn-1 (from_zero: start from zero instead of sums). */
+static void strip_kernel8(float *sums, const float *w, size_t w_stride, const float *strip,
+                          int kn, int from_zero) {
+    __m256 acc[TILE8][2];
+    for (int r = 0; r < TILE8; r++)
+        for (int j = 0; j < 2; j++)
+            acc[r][j] = from_zero ? _mm256_setzero_ps() : _mm256_loadu_ps(sums + r * STRIP8 + 8 * j);
+    for (int k = 0; k < kn; k++) {
+        __m256 x0 = _mm256_loadu_ps(strip + (size_t)k * STRIP8);
+        __m256 x1 = _mm256_loadu_ps(strip + (size_t)k * STRIP8 + 8);
+        for (int r = 0; r < TILE8; r++) {
+            __m256 wv = _mm256_broadcast_ss(w + (size_t)r * w_stride + k);
+            acc[r][0] = _mm256_fmadd_ps(wv, x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(wv, x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < TILE8; r++)
+        for (int j = 0; j < 2; j++) _mm256_storeu_ps(sums + r * STRIP8 + 8 * j, acc[r][j]);
+}
+
+/* One block of a panel (rows r0 .. r0+nr-1, columns k0 .. k0+kn-1) against every strip;
+   rows past nr, up to whole tiles, are zeros in `block`. */
+static void strips_block8(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
+                          int kn, const float *strips, int n_strips) {
+    int cols = w->cols, n_tiles = (nr + TILE8 - 1) / TILE8;
+    int in_place = w->type == WEIGHT_FP32 && nr % TILE8 == 0;
+    if (!in_place) {
+        for (int r = 0; r < nr; r++)
+            widen_row8(block + (size_t)r * COLS8, w, (size_t)(r0 + r) * cols + (size_t)k0, kn);
+        for (int r = nr; r < n_tiles * TILE8; r++)
+            memset(block + (size_t)r * COLS8, 0, (size_t)kn * sizeof(float));
+    }
+    for (int i = 0; i < n_strips; i++) {
+        const float *strip = strips + ((size_t)i * cols + (size_t)k0) * STRIP8;
+        for (int t = 0; t < n_tiles; t++) {
+            float *tile_sums = sums + ((size_t)i * PANEL8 + (size_t)t * TILE8) * STRIP8;
+            if (in_place)
+                strip_kernel8(tile_sums, (const float *)w->data +
+                              (size_t)(r0 + t * TILE8) * cols + k0, (size_t)cols, strip, kn,
+                              k0 == 0);
+            else
+                strip_kernel8(tile_sums, block + (size_t)t * TILE8 * COLS8, COLS8, strip, kn,
+                              k0 == 0);
+        }
+    }
+}
+
+/* Hook (matmul_many): the threads pack the tokens into strips, then take panels, each walked
+   block by block against every strip; a panel's sums, [strip][row][token], go to
+   out[token][row] after its last block. */
+static int fast_matmul_block(float *out, const float *x, int n_tokens, const Matrix *w,
+                             MatmulScratch *s) {
+    int rows = w->rows, cols = w->cols, n_strips = (n_tokens + STRIP8 - 1) / STRIP8;
+    int n_panels = (rows + PANEL8 - 1) / PANEL8;
+    struct FastScratch *f = s->fast_paths;
+    OMP(parallel)
+    {
+        OMP(for schedule(static))
+        for (int i = 0; i < n_strips; i++)
+            pack_strip8(f->strips + (size_t)i * STRIP8 * cols, x, i * STRIP8, n_tokens, cols);
+        /* (the for's implied barrier: every strip is packed before any panel starts) */
+        float *block = f->blocks + (size_t)thread_id() * PANEL8 * COLS8;
+        float *sums = f->sums + (size_t)thread_id() * PANEL8 * (size_t)f->n_strip_tokens;
+        OMP(for schedule(static))
+        for (int p = 0; p < n_panels; p++) {
+            int r0 = p * PANEL8, nr = rows - r0 < PANEL8 ? rows - r0 : PANEL8;
+            for (int k0 = 0; k0 < cols; k0 += COLS8)
+                strips_block8(sums, block, w, r0, nr, k0, cols - k0 < COLS8 ? cols - k0 : COLS8,
+                              f->strips, n_strips);
+            for (int i = 0; i < n_strips; i++) {
+                const float *strip_sums = sums + (size_t)i * PANEL8 * STRIP8;
+                for (int t = 0; t < STRIP8 && i * STRIP8 + t < n_tokens; t++)
+                    for (int r = 0; r < nr; r++)
+                        out[(size_t)(i * STRIP8 + t) * rows + r0 + r] = strip_sums[r * STRIP8 + t];
+            }
+        }
+    }
+    return 1;
+}
 
 /* e^x for 8 floats, within 2 ulp of expf: exp16's steps (above), with 2^n applied as two
    exact powers of two 2^(n/2) and 2^(n - n/2), each a normal float, so that a result past the
