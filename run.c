@@ -8,10 +8,11 @@
      5. generation: prompt in, tokens out, timings
      6. chat: Meta's dialog format over one KV cache
      7. the command line
-     8. fast paths: x86 AVX-512 (VNNI, BF16) kernels for the math of sections 2 and 3
+     8. fast paths: x86 AVX-512 (VNNI, BF16) or AVX2 kernels for the math of sections 2 and 3
    Sections 1-7 are a whole engine in portable C. Section 8 only makes it faster: sections 2 and
    3 call it through a few hooks (the functions named fast_*), each of which does its part of
-   the work and returns 1, or returns 0 where it does not apply (always, without AVX-512).
+   the work and returns 1, or returns 0 where it does not apply (always, without AVX-512 or
+   AVX2).
 
    The model file is written by export.py; its layout is documented in README.md ("File
    formats") and mirrored by the loader below. The tokenizer lives in tokenizer.c. */
@@ -413,8 +414,8 @@ static void free_model(Model *m) {
      all the tokens from cache.
    q8_0 and q4_0 decoding quantize the activations too, to int16 per group, so that each
    group's dot product is exact integer arithmetic (dot_q8, dot_q4). Where the machine has
-   AVX-512, section 8 replaces these loops with kernels that compute the same sums (in another
-   order) faster; the calls into it are marked "hook". */
+   AVX-512 or AVX2, section 8 replaces these loops with kernels that compute the same sums (in
+   another order) faster; the calls into it are marked "hook". */
 
 /* float32 -> bf16, rounded to nearest even (a NaN stays a NaN): the KV cache's bf16, and -a
    fast's activations for bf16 weights. */
@@ -527,7 +528,7 @@ typedef struct MatmulScratch MatmulScratch;  /* (below) */
 
 /* The hooks into section 8, the fast paths (and fast_attention, in section 3). Each does its
    part of the work and returns 1, or returns 0 where it does not apply: then the portable code
-   after it runs. Without AVX-512 every one but fast_attention (plain C) returns 0. */
+   after it runs. Without AVX-512 or AVX2 every one but fast_attention (plain C) returns 0. */
 static int fast_quantize_group(float *scale, int16_t *q, const float *x, int gs, float q_max);
 static void fast_alloc_scratch(MatmulScratch *s);
 static void fast_free_scratch(MatmulScratch *s);
@@ -625,7 +626,7 @@ struct MatmulScratch {
     int fast;           /* -a fast: section 8 may round the activations more coarsely */
     int max_cols, max_tokens;
     int n_threads;
-    struct FastScratch *fast_paths;  /* section 8's buffers (NULL without AVX-512) */
+    struct FastScratch *fast_paths;  /* section 8's buffers (NULL in the portable build) */
 };
 
 static void alloc_scratch(MatmulScratch *s, int max_cols, int max_tokens) {
@@ -2999,14 +3000,15 @@ int main(int argc, char **argv) {
 }
 
 /* ----------------------------------------------------------------------------------------
-   8. Fast paths: x86 AVX-512, with VNNI and BF16 where the CPU has them; and 2 MB pages for
-   the mapped model file, where Linux has them
+   8. Fast paths: x86 AVX-512, with VNNI and BF16 where the CPU has them, or else AVX2 (with
+   FMA and F16C: its own sub-section, below); and 2 MB pages for the mapped model file, where
+   Linux has them
 
    Everything here replaces a loop of sections 2 and 3 with one that computes the same sums
    (some in another order) faster, and is reached only through the hooks those sections call
-   (fast_*). Without AVX-512 each hook returns 0 at once, and the portable loop runs, except
-   the attention's, whose shared passes are plain C around two small kernels. What each one
-   replaces and why it is faster:
+   (fast_*). Without AVX-512 or AVX2 each hook returns 0 at once, and the portable loop runs,
+   except the attention's, whose shared passes are plain C around two small kernels. What each
+   one replaces and why it is faster:
    - decoding (fast_prepare_vector, fast_matmul_rows): the row dot products as 16-lane FMAs,
      four chains deep to hide their latency; bf16 rows widened by one shift or mask against x
      reordered once per matmul (split_pairs); q8_0 groups as int8 x int16 VNNI dot products
@@ -4944,7 +4946,8 @@ static void strip_kernel8(float *sums, const float *w, size_t w_stride, const fl
     __m256 acc[TILE8][2];
     for (int r = 0; r < TILE8; r++)
         for (int j = 0; j < 2; j++)
-            acc[r][j] = from_zero ? _mm256_setzero_ps() : _mm256_loadu_ps(sums + r * STRIP8 + 8 * j);
+            acc[r][j] = from_zero ? _mm256_setzero_ps()
+                                  : _mm256_loadu_ps(sums + r * STRIP8 + 8 * j);
     for (int k = 0; k < kn; k++) {
         __m256 x0 = _mm256_loadu_ps(strip + (size_t)k * STRIP8);
         __m256 x1 = _mm256_loadu_ps(strip + (size_t)k * STRIP8 + 8);
