@@ -194,6 +194,21 @@ static TestQ4 make_q4(int rows, int cols, int gs) {
 
 static void free_q4(TestQ4 *t) { free(t->packed); free(t->scales); free(t->image); }
 
+/* The exact value of a q4_0 row against activations quantized to qv: per group, the integer
+   sum of the stored values times q, times both scales. */
+static double exact_q4(const TestQ4 *t, const QuantizedVector *qv) {
+    int n = t->m.cols, gs = t->m.group_size;
+    double sum = 0.0;
+    for (int g = 0; g < n / gs; g++) {
+        int64_t isum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++)
+            isum += (int64_t)((t->packed[i / 32 * 16 + i % 16] >> (i % 32 < 16 ? 0 : 4) & 15) - 8) *
+                    qv->q[i];
+        sum += (double)isum * ref_fp16(t->scales[g]) * qv->scales[g];
+    }
+    return sum;
+}
+
 /* dot_q4 (and section 8's kernel for it) against the exact integer sums of the stored values
    and the activations quantized to int16, and against float activations. */
 static void test_dots_q4(int n, int gs) {
@@ -212,16 +227,8 @@ static void test_dots_q4(int n, int gs) {
         TestQ4 t = make_q4(1, n, gs);
         fill(x, (size_t)n);
         quantize_vector(&qv, x, n, gs, Q16_MAX);
-        double exact_int = 0.0, exact_float = 0.0;
-        for (int g = 0; g < n / gs; g++) {
-            int64_t isum = 0;
-            for (int i = g * gs; i < (g + 1) * gs; i++) {
-                int u = t.packed[i / 32 * 16 + i % 16] >> (i % 32 < 16 ? 0 : 4) & 15;
-                isum += (int64_t)(u - 8) * qv.q[i];
-                exact_float += (double)t.image[i] * x[i];
-            }
-            exact_int += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
-        }
+        double exact_int = exact_q4(&t, &qv), exact_float = 0.0;
+        for (int i = 0; i < n; i++) exact_float += (double)t.image[i] * x[i];
         double qmag = magnitude(t.image, x, n) + 1e-30;
         double got = dot_q4(t.packed, t.scales, &qv, n, gs);
         worst_int = fmax(worst_int, fabs(got - exact_int) / qmag);
@@ -243,14 +250,7 @@ static void test_dots_q4(int n, int gs) {
             quantize_vector(&qv, x, n, gs, Q8_MAX);
             prepare_q4(&sv, n, gs);
             prepare_q4_int8(&sv, n);
-            double exact_int8 = 0.0;
-            for (int g = 0; g < n / gs; g++) {
-                int64_t isum = 0;
-                for (int i = g * gs; i < (g + 1) * gs; i++)
-                    isum += (int64_t)(t.packed[i / 32 * 16 + i % 16] >> (i % 32 < 16 ? 0 : 4) & 15)
-                            * qv.q[i] - 8 * qv.q[i];
-                exact_int8 += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
-            }
+            double exact_int8 = exact_q4(&t, &qv);
             got = dot_q4_fast(t.packed, t.scales, &sv, n, gs);
             worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
             worst_fast_float = fmax(worst_fast_float, fabs(got - exact_float) / qmag);
@@ -263,14 +263,7 @@ static void test_dots_q4(int n, int gs) {
         fast = int8_applies(&t.m, &fast_scratch);
         if (fast) {  /* -a fast: int8 activations against the unsigned nibbles */
             quantize_vector(&qv, x, n, gs, Q8_MAX);
-            double exact_int8 = 0.0;
-            for (int g = 0; g < n / gs; g++) {
-                int64_t isum = 0;
-                for (int i = g * gs; i < (g + 1) * gs; i++)
-                    isum += (int64_t)(t.packed[i / 32 * 16 + i % 16] >> (i % 32 < 16 ? 0 : 4) & 15)
-                            * qv.q[i] - 8 * qv.q[i];
-                exact_int8 += (double)isum * ref_fp16(t.scales[g]) * qv.scales[g];
-            }
+            double exact_int8 = exact_q4(&t, &qv);
             got = avx2_row(&t.m, x, 1);
             worst_fast_int = fmax(worst_fast_int, fabs(got - exact_int8) / qmag);
             worst_fast_float = fmax(worst_fast_float, fabs(got - exact_float) / qmag);
