@@ -609,7 +609,8 @@ static void widen_values(float *out, const Matrix *w, size_t start, int n) {
             float scale = q8 ? w->scales[group] : fp16_to_float(w->fp16_scales[group]);
             for (; i < end; i++) {
                 size_t at = start + (size_t)i;
-                out[i] = (float)(q8 ? ((const int8_t *)w->data)[at] : q4_value(w->data, at)) * scale;
+                int q = q8 ? ((const int8_t *)w->data)[at] : q4_value(w->data, at);
+                out[i] = (float)q * scale;
             }
         }
     }
@@ -3200,23 +3201,29 @@ int main(int argc, char **argv) {
    Each kernel here computes what a loop of sections 2 and 3 computes (some sums in another
    order), faster, and is reached only through the hooks those sections call (simd_*, each
    declared where it is called). Which kernels a build has is the compiler's choice (-march):
-   section 8's sub-sections are one per instruction set, and each defines every hook. The map,
-   one row per operation:
+   one sub-section per instruction set, each defining every hook (8a AVX-512, with VNNI, BF16
+   and AMX where the CPU has them; 8b AVX2 with FMA and F16C; 8c ARM NEON, with the int8 dot
+   product where the compiler targets it). The map, one row per operation:
 
-     operation               hook                    AVX-512 (with VNNI, BF16, AMX)
-     decoding  fp32 rows     simd_matmul_rows        dot_fp32_avx512, wide_rows_fp32
-               bf16 rows       (rows_kernel picks)   dot_bf16_avx512, wide_rows_bf16
-               q8_0 rows                             dot_q8_vnni
-               q4_0 rows                             dot_q4_32, dot_q4_groups
-               -a fast                               dot_bf16_fast, dot_q8_fast, dot_q4_fast
-               the input     simd_prepare_input      split_pairs, quantize_input, prepare_q4
-     prompt    fp32, bf16    simd_matmul_batch       matmul_strips (strip_kernel, _bf16, _fast)
-               q8_0, q4_0                            matmul_strips_q8; with AMX matmul_tiles
-     attention scores        simd_attention_scores   score_tiles
-               values        simd_attention_values   sum_values
-     softmax, SwiGLU         simd_softmax, _swiglu   exp16
+   operation        hook                  8a AVX-512         8b AVX2         8c NEON
+   decode fp32      simd_matmul_rows      dot_fp32_avx512    dot_fp32_avx2   dot_fp32_neon
+     rows 4096+                           wide_rows_fp32
+   decode bf16                            dot_bf16_avx512    dot_bf16_avx2   dot_bf16_neon
+     rows 4096+                           wide_rows_bf16
+   decode q8_0                            dot_q8_vnni        dot_groups_avx2 dot_groups_neon
+   decode q4_0                            dot_q4_32, _groups dot_groups_avx2 dot_groups_neon
+     -a fast                              dot_q8_fast,       dot_groups_avx2 dot_groups_neon
+                                          dot_q4_fast,       (int8)          (int8, sdot)
+                                          dot_bf16_fast
+   decode input     simd_prepare_input    quantize_input     quantize_input  quantize_input
+   prompt           simd_matmul_batch     matmul_strips,     strip_kernel8   tile_dots_neon,
+                                          matmul_strips_q8,                  tile_int8_neon
+                                          matmul_tiles (AMX)
+   attention scores simd_attention_scores score_tiles        score_quad      score_tile_neon
+   attention values simd_attention_values sum_values         sum_values8     value_tile_neon
+   softmax, SwiGLU  simd_softmax, _swiglu exp16              exp8            exp4
 
-   Why each is faster:
+   Why each is faster (8a; 8b and 8c say where they differ):
    - decoding: the row dot products as 16-lane FMAs, four chains deep to hide their latency;
      bf16 rows widened by one shift or mask against x reordered once per matmul (split_pairs);
      q8_0 groups as int8 x int16 VNNI dot products (vpdpwssd), 32 per instruction; q4_0
@@ -3236,7 +3243,8 @@ int main(int argc, char **argv) {
    activations rounded to bf16 for bf16 weights (vdpbf16ps) and to int8 for q8_0 and q4_0
    (vpdpbusd), each twice the multiply-adds per instruction, about 1e-2 of the logits' range
    off instead of 1e-6 (tests/test_engine.py and tests/test_q4.py measure it). Without
-   AVX512-BF16 or VNNI it changes nothing.
+   AVX512-BF16 or VNNI it changes nothing; AVX2 (vpmaddubsw) and NEON (sdot, or smull) round
+   q8_0 and q4_0 activations to int8 for decoding and leave bf16 exact.
    tests/test_kernels.c checks every kernel here against plain loops (and quantize_group16
    against quantize_group, bit for bit). Section 8 calls back into sections 1-3 only for their
    leaf helpers (conversions, widen_values, quantize_group, calloc_aligned), never for a
@@ -5199,7 +5207,8 @@ static inline float dot_groups_avx2(const Matrix *w, int r, const SimdVector *x,
                     p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
                                                                _mm256_sign_epi8(xv, wv)), ones);
                 } else if (q4) {
-                    __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + i / 2)));
+                    __m128i bytes = _mm_loadu_si128((const __m128i *)(wg + i / 2));
+                    __m256i w16 = _mm256_cvtepu8_epi16(bytes);
                     p = _mm256_add_epi32(
                         _mm256_madd_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(15)),
                                           _mm256_loadu_si256((const __m256i *)(xq + i))),
@@ -5289,13 +5298,17 @@ static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulS
             out[r] = dot_bf16_avx2((const uint16_t *)w->data + r * cols, s->simd->x_pairs,
                                    w->cols);
         else if (q4 && gs == 32)
-            out[r] = int8 ? dot_groups_avx2(w, r, xq, 32, 1, 1) : dot_groups_avx2(w, r, xq, 32, 1, 0);
+            out[r] = int8 ? dot_groups_avx2(w, r, xq, 32, 1, 1)
+                          : dot_groups_avx2(w, r, xq, 32, 1, 0);
         else if (q4)
-            out[r] = int8 ? dot_groups_avx2(w, r, xq, gs, 1, 1) : dot_groups_avx2(w, r, xq, gs, 1, 0);
+            out[r] = int8 ? dot_groups_avx2(w, r, xq, gs, 1, 1)
+                          : dot_groups_avx2(w, r, xq, gs, 1, 0);
         else if (gs == 64)
-            out[r] = int8 ? dot_groups_avx2(w, r, xq, 64, 0, 1) : dot_groups_avx2(w, r, xq, 64, 0, 0);
+            out[r] = int8 ? dot_groups_avx2(w, r, xq, 64, 0, 1)
+                          : dot_groups_avx2(w, r, xq, 64, 0, 0);
         else
-            out[r] = int8 ? dot_groups_avx2(w, r, xq, gs, 0, 1) : dot_groups_avx2(w, r, xq, gs, 0, 0);
+            out[r] = int8 ? dot_groups_avx2(w, r, xq, gs, 0, 1)
+                          : dot_groups_avx2(w, r, xq, gs, 0, 0);
     }
     return 1;
 }
@@ -5711,8 +5724,8 @@ static void simd_alloc_scratch(MatmulScratch *s) {
 static void simd_free_scratch(MatmulScratch *s) {
     struct SimdScratch *f = s->simd;
     if (!f) return;
-    void *buffers[] = { f->xq.q, f->xq.scales, f->xq.int8, f->tokens, f->scales, f->panels, f->panel_scales,
-                        f->token_values, f->token_scales };
+    void *buffers[] = { f->xq.q, f->xq.scales, f->xq.int8, f->tokens, f->scales, f->panels,
+                        f->panel_scales, f->token_values, f->token_scales };
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free_aligned(buffers[i]);
     free(f);
 }
