@@ -13,8 +13,8 @@
      6. chat: Meta's dialog format over one KV cache, then a terminal line editor for it
      7. the command line
    And last, speed only:
-     8. SIMD kernels (x86 AVX-512, with VNNI, BF16 and AMX where the CPU has them), and 2 MB
-        pages for the weights
+     8. SIMD kernels, one sub-section per instruction set (x86 AVX-512 with VNNI, BF16 and
+        AMX; x86 AVX2; ARM NEON), and 2 MB pages for the weights
    Sections 1-7 are a whole engine in portable C, and all that a portable build (no -march)
    runs. Section 8 only makes it faster, through the hooks named simd_* that sections 2 and 3
    call: each does its part and returns 1 (or how much it did), or 0 where it does not apply,
