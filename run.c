@@ -536,10 +536,10 @@ static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs, f
         v->scales[g] = quantize_group(v->q + (size_t)g * gs, x + (size_t)g * gs, gs, q_max);
 }
 
-/* The integer dot products sum into LANES int32 lanes (which the compiler vectorises), moved
-   into one int64 every INT_RUN values: a lane then holds at most INT_RUN / LANES products of
-   at most 128 * 32767, far inside int32, whatever the group size. */
-#define INT_RUN 4096
+/* The integer dot products sum in int32, which the compiler vectorises, and move the sums
+   into one int64 every INT_RUN values: INT_RUN products of at most 128 * 32767 stay inside
+   int32, whatever the group size. */
+#define INT_RUN 512
 
 /* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale. */
 static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVector *x, int n,
@@ -547,13 +547,11 @@ static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVecto
     float sum = 0.0f;
     for (int g = 0; g < n / gs; g++) {
         int64_t isum = 0;
-        for (int i = g * gs; i < (g + 1) * gs;) {
-            int end = (g + 1) * gs - i > INT_RUN ? i + INT_RUN : (g + 1) * gs;
-            int32_t acc[LANES] = {0};
-            for (; i + LANES <= end; i += LANES)
-                for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * x->q[i + j];
-            for (; i < end; i++) isum += w[i] * x->q[i];
-            for (int j = 0; j < LANES; j++) isum += acc[j];
+        for (int i0 = g * gs; i0 < (g + 1) * gs; i0 += INT_RUN) {
+            int end = (g + 1) * gs - i0 > INT_RUN ? i0 + INT_RUN : (g + 1) * gs;
+            int32_t run = 0;
+            for (int i = i0; i < end; i++) run += w[i] * x->q[i];
+            isum += run;
         }
         sum += (float)isum * (w_scales[g] * x->scales[g]);
     }
@@ -569,23 +567,25 @@ static int q4_value(const uint8_t *w, size_t i) {
 }
 
 /* One q4_0 row (w: its first byte) against quantized activations, as dot_q8, a 32-value
-   block (16 bytes) at a time: byte j holds values j and j + 16, which meet x[j] and x[j + 16]
-   in lane j. */
+   block (16 bytes) at a time: byte j holds values j and j + 16, unpacked whole bytes at a
+   time. */
 static float dot_q4(const uint8_t *w, const uint16_t *w_scales, const QuantizedVector *x, int n,
                     int gs) {
     float sum = 0.0f;
     for (int g = 0; g < n / gs; g++) {
         int64_t isum = 0;
-        for (int i = g * gs; i < (g + 1) * gs;) {
-            int end = (g + 1) * gs - i > INT_RUN ? i + INT_RUN : (g + 1) * gs;
-            int32_t acc[16] = {0};
-            for (; i < end; i += 32) {
-                const uint8_t *bytes = w + i / 2;
-                const int16_t *xb = x->q + i;
-                for (int j = 0; j < 16; j++)
-                    acc[j] += ((bytes[j] & 15) - 8) * xb[j] + ((bytes[j] >> 4) - 8) * xb[j + 16];
+        for (int i0 = g * gs; i0 < (g + 1) * gs; i0 += INT_RUN) {
+            int end = (g + 1) * gs - i0 > INT_RUN ? i0 + INT_RUN : (g + 1) * gs;
+            int32_t run = 0;
+            for (int i = i0; i < end; i += 32) {
+                int16_t values[32];  /* the block unpacked, for a plain dot product */
+                for (int j = 0; j < 16; j++) {
+                    values[j] = (int16_t)((w[i / 2 + j] & 15) - 8);
+                    values[j + 16] = (int16_t)((w[i / 2 + j] >> 4) - 8);
+                }
+                for (int j = 0; j < 32; j++) run += values[j] * x->q[i + j];
             }
-            for (int j = 0; j < 16; j++) isum += acc[j];
+            isum += run;
         }
         sum += (float)isum * (fp16_to_float(w_scales[g]) * x->scales[g]);
     }
