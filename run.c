@@ -3963,13 +3963,9 @@ static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulS
     if (kernel != ROWS_WIDE_FP32 && kernel != ROWS_WIDE_BF16) step = 1;
     OMP(for schedule(guided) nowait)
     for (int r = 0; r < w->rows; r += step) {
-        size_t start = (size_t)r * (size_t)cols;
+        size_t start = (size_t)r * (size_t)cols, group = gs > 0 ? start / (size_t)gs : 0;
         const float *fp32 = (const float *)w->data + start;
         const uint16_t *bf16 = (const uint16_t *)w->data + start;
-        const int8_t *q8 = (const int8_t *)w->data + start;
-        const uint8_t *q4 = (const uint8_t *)w->data + start / 2;
-        const float *q8_scales = w->scales + (gs > 0 ? start / (size_t)gs : 0);
-        const uint16_t *q4_scales = w->fp16_scales + (gs > 0 ? start / (size_t)gs : 0);
         int nr = w->rows - r < WIDE_ROWS ? w->rows - r : WIDE_ROWS;
         switch (kernel) {
         case ROWS_FP32: out[r] = dot_fp32_avx512(fp32, x, cols); break;
@@ -3983,15 +3979,39 @@ static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulS
             out[r] = dot_bf16_fast(bf16, (const uint16_t *)f->x_pairs, cols);
             break;
 #endif
-#if HAS_VNNI
-        case ROWS_Q8: out[r] = dot_q8_vnni(q8, q8_scales, xq, n_groups, gs); break;
-        case ROWS_Q8_32: out[r] = dot_q8_vnni(q8, q8_scales, xq, n_groups, 32); break;
-        case ROWS_Q8_64: out[r] = dot_q8_vnni(q8, q8_scales, xq, n_groups, 64); break;
-        case ROWS_Q8_FAST: out[r] = dot_q8_fast(q8, q8_scales, xq, n_groups, gs); break;
-        case ROWS_Q8_FAST_64: out[r] = dot_q8_fast(q8, q8_scales, xq, n_groups, 64); break;
-        case ROWS_Q4_32: out[r] = dot_q4_32(q4, q4_scales, xq, cols); break;
-        case ROWS_Q4: out[r] = dot_q4_groups(q4, q4_scales, xq, cols, gs); break;
-        case ROWS_Q4_FAST: out[r] = dot_q4_fast(q4, q4_scales, xq, cols, gs); break;
+#if HAS_VNNI  /* (q8_0 rows at data + start, their scales from group on; q4_0 at data + start/2) */
+        case ROWS_Q8:
+            out[r] = dot_q8_vnni((const int8_t *)w->data + start, w->scales + group, xq,
+                                 n_groups, gs);
+            break;
+        case ROWS_Q8_32:
+            out[r] = dot_q8_vnni((const int8_t *)w->data + start, w->scales + group, xq,
+                                 n_groups, 32);
+            break;
+        case ROWS_Q8_64:
+            out[r] = dot_q8_vnni((const int8_t *)w->data + start, w->scales + group, xq,
+                                 n_groups, 64);
+            break;
+        case ROWS_Q8_FAST:
+            out[r] = dot_q8_fast((const int8_t *)w->data + start, w->scales + group, xq,
+                                 n_groups, gs);
+            break;
+        case ROWS_Q8_FAST_64:
+            out[r] = dot_q8_fast((const int8_t *)w->data + start, w->scales + group, xq,
+                                 n_groups, 64);
+            break;
+        case ROWS_Q4_32:
+            out[r] = dot_q4_32((const uint8_t *)w->data + start / 2, w->fp16_scales + group, xq,
+                               cols);
+            break;
+        case ROWS_Q4:
+            out[r] = dot_q4_groups((const uint8_t *)w->data + start / 2, w->fp16_scales + group,
+                                   xq, cols, gs);
+            break;
+        case ROWS_Q4_FAST:
+            out[r] = dot_q4_fast((const uint8_t *)w->data + start / 2, w->fp16_scales + group,
+                                 xq, cols, gs);
+            break;
 #endif
         }
     }
