@@ -302,8 +302,9 @@ def main():
                   f"{tg:6.1f} tok/s ({100 * frac:4.0f}% of bw)  prompt {pp:6.1f} tok/s  "
                   f"ttft {ttft:5.2f} s", flush=True)
     med = statistics.median
-    print(f"\n{host()}; {a.threads} threads, prompt {a.prompt}, decode {a.decode}, medians of "
-          f"{a.rounds}")
+    kernels = subprocess.run([a.binary, "--version"], capture_output=True, text=True).stdout
+    print(f"\n{host()}; {kernels.strip().rsplit(', ', 1)[-1]}; {a.threads} threads, prompt "
+          f"{a.prompt}, decode {a.decode}, medians of {a.rounds}")
     print("| type | GB/token | bandwidth GB/s | decode tok/s | bw limit tok/s | decode/limit "
           "| prompt tok/s | TTFT s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
