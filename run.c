@@ -91,8 +91,8 @@ static void *checked_calloc(size_t count, size_t size, const char *what) {
 
 /* checked_calloc's memory at a 64-byte boundary (a cache line), for the buffers the kernels
    stream through: a 64-byte load, or an AMX tile's row, then never straddles two lines.
-   Still calloc's, so that large blocks stay the kernel's zero page until written; the pointer
-   calloc gave sits just before the block, for free_aligned. */
+   Still calloc's, so that large buffers stay the kernel's zero page until written; the pointer
+   calloc gave sits just before the buffer, for free_aligned. */
 static void *calloc_aligned(size_t count, size_t size, const char *what) {
     size_t extra = 64 + sizeof(void *);
     if (size != 0 && count > (SIZE_MAX - extra) / size)
@@ -593,7 +593,7 @@ static float dot_q4(const uint8_t *w, const uint16_t *w_scales, const QuantizedV
 }
 
 /* Values start .. start+n-1 of a matrix's row-major data widened to float32: the embedding
-   lookup and the prompt paths' widened rows and blocks. */
+   lookup and the prompt paths' widened rows and slabs. */
 static void widen_values(float *out, const Matrix *w, size_t start, int n) {
     if (w->type == WEIGHT_FP32) {
         memcpy(out, (const float *)w->data + start, (size_t)n * sizeof(float));
@@ -1644,14 +1644,14 @@ static float *feed(Session *s, const int *tokens, size_t n) {
     float *logits = NULL;
     size_t vocab = (size_t)s->tr->model.config.vocab_size;
     for (size_t i = 0; i < n; i += MAX_BATCH) {
-        int block = n - i < MAX_BATCH ? (int)(n - i) : MAX_BATCH;
-        int last_block = i + (size_t)block == n;
-        int mode = s->logits_file ? LOGITS_ALL : last_block ? LOGITS_LAST : LOGITS_NONE;
-        logits = forward(s->tr, tokens + i, block, s->pos, mode);
-        sampler_accept(&s->sampler, tokens + i, block, s->pos);
+        int batch = n - i < MAX_BATCH ? (int)(n - i) : MAX_BATCH;
+        int last_batch = i + (size_t)batch == n;
+        int mode = s->logits_file ? LOGITS_ALL : last_batch ? LOGITS_LAST : LOGITS_NONE;
+        logits = forward(s->tr, tokens + i, batch, s->pos, mode);
+        sampler_accept(&s->sampler, tokens + i, batch, s->pos);
         if (s->logits_file)
-            for (int t = 0; t < block; t++) write_logits(s, s->tr->state.logits + t * vocab);
-        s->pos += block;
+            for (int t = 0; t < batch; t++) write_logits(s, s->tr->state.logits + t * vocab);
+        s->pos += batch;
     }
     return logits;
 }
@@ -4034,22 +4034,22 @@ static void pack_strip(float *strip, const float *x, int t0, int n_tokens, int c
 }
 
 /* Columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1 of w, widened to float32 into
-   block[r][0 .. kn-1] (row stride SLAB_COLS); rows nr .. nr_padded-1 are zeroed, so that a
+   slab[r][0 .. kn-1] (row stride SLAB_COLS); rows nr .. nr_padded-1 are zeroed, so that a
    ragged last register tile multiplies zeros. */
-static void widen_slab(float *block, const Matrix *w, int r0, int nr, int nr_padded, int k0,
+static void widen_slab(float *slab, const Matrix *w, int r0, int nr, int nr_padded, int k0,
                         int kn) {
     for (int r = 0; r < nr; r++)
-        widen_values(block + (size_t)r * SLAB_COLS, w,
+        widen_values(slab + (size_t)r * SLAB_COLS, w,
                      (size_t)(r0 + r) * (size_t)w->cols + (size_t)k0, kn);
     for (int r = nr; r < nr_padded; r++)
-        memset(block + (size_t)r * SLAB_COLS, 0, (size_t)kn * sizeof(float));
+        memset(slab + (size_t)r * SLAB_COLS, 0, (size_t)kn * sizeof(float));
 }
 
-/* One register tile, over one block of columns: sums[r][t] += w[r][k] * strip[k][t] for
+/* One register tile, over one slab of columns: sums[r][t] += w[r][k] * strip[k][t] for
    STRIP_ROWS rows (w: row stride w_stride) and the STRIP tokens of a strip, k = 0 .. kn-1
    (from_zero: start from zero instead of sums). Each step of k broadcasts one weight per row and
    multiplies it into two vectors of 16 tokens: 16 multiply-adds per 2 vector loads. Each sum
-   runs over k in order (the sums are parked in memory between blocks, exactly), like the plain
+   runs over k in order (the sums are parked in memory between slabs, exactly), like the plain
    dot product. */
 static void strip_kernel(float *sums, const float *w, size_t w_stride, const float *strip, int kn,
                          int from_zero) {
@@ -4154,19 +4154,19 @@ static void strip_kernel_fast(float *sums, const uint16_t *w, size_t w_stride, i
 }
 #endif
 
-/* One block of a panel: columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1, against the same
+/* One slab of a panel: columns k0 .. k0+kn-1 of rows r0 .. r0+nr-1, against the same
    columns of every strip, tile by tile. fp32 and bf16 rows are read in place, where they lie
-   contiguous (the block is small enough to stay in L1/L2 for every strip); a ragged last
+   contiguous (the slab is small enough to stay in L1/L2 for every strip); a ragged last
    panel (zero rows pad its last tile), odd-width bf16 rows (no whole pairs) and q8_0 rows
-   are widened into `block` first. */
-static void strips_slab(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
+   are widened into `slab` first. */
+static void strips_slab(float *sums, float *slab, const Matrix *w, int r0, int nr, int k0,
                          int kn, const float *strips, int n_strips, int fast) {
     int cols = w->cols, n_tiles = (nr + STRIP_ROWS - 1) / STRIP_ROWS;
     int whole_tiles = nr % STRIP_ROWS == 0;
     int fp32_in_place = w->type == WEIGHT_FP32 && whole_tiles;
     int bf16_in_place = w->type == WEIGHT_BF16 && whole_tiles && cols % 2 == 0;
     if (!fast && !fp32_in_place && !bf16_in_place)
-        widen_slab(block, w, r0, nr, n_tiles * STRIP_ROWS, k0, kn);
+        widen_slab(slab, w, r0, nr, n_tiles * STRIP_ROWS, k0, kn);
     for (int i = 0; i < n_strips; i++) {
         const float *strip = strips + ((size_t)i * cols + (size_t)k0) * STRIP;
         for (int t = 0; t < n_tiles; t++) {
@@ -4188,7 +4188,7 @@ static void strips_slab(float *sums, float *block, const Matrix *w, int r0, int 
                 strip_kernel_bf16(tile_sums, (const uint16_t *)w->data + start,
                                   (size_t)cols, strip, kn, k0 == 0);
             else
-                strip_kernel(tile_sums, block + (size_t)t * STRIP_ROWS * SLAB_COLS, SLAB_COLS,
+                strip_kernel(tile_sums, slab + (size_t)t * STRIP_ROWS * SLAB_COLS, SLAB_COLS,
                              strip, kn, k0 == 0);
         }
     }
@@ -4205,10 +4205,10 @@ static void scatter_sums(float *out, int rows, const float *sums, int t0, int nt
 }
 
 /* The prompt path. The threads first pack the tokens into strips, then take panels of
-   SLAB_ROWS rows, each walked in blocks of SLAB_COLS columns (strips_slab). A whole strip
+   SLAB_ROWS rows, each walked in slabs of SLAB_COLS columns (strips_slab). A whole strip
    (up to 1 MB at 8192 columns) would not stay in L2 while every tile of the panel reads it; a
-   block of one does. The running sums, sums[strip][row][token], go to out[token][row] after
-   the panel's last block. */
+   slab of one does. The running sums, sums[strip][row][token], go to out[token][row] after
+   the panel's last slab. */
 static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix *w,
                           MatmulScratch *s) {
     int rows = w->rows, cols = w->cols, n_strips = (n_tokens + STRIP - 1) / STRIP;
@@ -4229,13 +4229,13 @@ static void matmul_strips(float *out, const float *x, int n_tokens, const Matrix
             pack_strip(strip, x, i * STRIP, n_tokens, cols);
         }
         /* (the for's implied barrier: every strip is packed before any panel starts) */
-        float *block = f->slabs + (size_t)thread_id() * SLAB_ROWS * SLAB_COLS;
+        float *slab = f->slabs + (size_t)thread_id() * SLAB_ROWS * SLAB_COLS;
         float *sums = f->strip_sums + (size_t)thread_id() * SLAB_ROWS * (size_t)f->n_strip_tokens;
         OMP(for schedule(static))
         for (int p = 0; p < n_panels; p++) {
             int r0 = p * SLAB_ROWS, nr = rows - r0 < SLAB_ROWS ? rows - r0 : SLAB_ROWS;
             for (int k0 = 0; k0 < cols; k0 += SLAB_COLS)
-                strips_slab(sums, block, w, r0, nr, k0,
+                strips_slab(sums, slab, w, r0, nr, k0,
                              cols - k0 < SLAB_COLS ? cols - k0 : SLAB_COLS,
                              f->strips, n_strips, fast);
             for (int i = 0; i < n_strips; i++)
@@ -5417,16 +5417,16 @@ static void strip_kernel8(float *sums, const float *w, size_t w_stride, const fl
 }
 
 /* One slab of a panel (rows r0 .. r0+nr-1, columns k0 .. k0+kn-1) against every strip;
-   rows past nr, up to whole tiles, are zeros in `block`. */
-static void strips_slab8(float *sums, float *block, const Matrix *w, int r0, int nr, int k0,
+   rows past nr, up to whole tiles, are zeros in `slab`. */
+static void strips_slab8(float *sums, float *slab, const Matrix *w, int r0, int nr, int k0,
                           int kn, const float *strips, int n_strips) {
     int cols = w->cols, n_tiles = (nr + TILE8 - 1) / TILE8;
     int in_place = w->type == WEIGHT_FP32 && nr % TILE8 == 0;
     if (!in_place) {
         for (int r = 0; r < nr; r++)
-            widen_row8(block + (size_t)r * COLS8, w, (size_t)(r0 + r) * cols + (size_t)k0, kn);
+            widen_row8(slab + (size_t)r * COLS8, w, (size_t)(r0 + r) * cols + (size_t)k0, kn);
         for (int r = nr; r < n_tiles * TILE8; r++)
-            memset(block + (size_t)r * COLS8, 0, (size_t)kn * sizeof(float));
+            memset(slab + (size_t)r * COLS8, 0, (size_t)kn * sizeof(float));
     }
     for (int i = 0; i < n_strips; i++) {
         const float *strip = strips + ((size_t)i * cols + (size_t)k0) * STRIP8;
@@ -5437,7 +5437,7 @@ static void strips_slab8(float *sums, float *block, const Matrix *w, int r0, int
                               (size_t)(r0 + t * TILE8) * cols + k0, (size_t)cols, strip, kn,
                               k0 == 0);
             else
-                strip_kernel8(tile_sums, block + (size_t)t * TILE8 * COLS8, COLS8, strip, kn,
+                strip_kernel8(tile_sums, slab + (size_t)t * TILE8 * COLS8, COLS8, strip, kn,
                               k0 == 0);
         }
     }
@@ -5457,13 +5457,13 @@ static int simd_matmul_batch(float *out, const float *x, int n_tokens, const Mat
         for (int i = 0; i < n_strips; i++)
             pack_strip8(f->strips + (size_t)i * STRIP8 * cols, x, i * STRIP8, n_tokens, cols);
         /* (the for's implied barrier: every strip is packed before any panel starts) */
-        float *block = f->slabs + (size_t)thread_id() * PANEL8 * COLS8;
+        float *slab = f->slabs + (size_t)thread_id() * PANEL8 * COLS8;
         float *sums = f->sums + (size_t)thread_id() * PANEL8 * (size_t)f->n_strip_tokens;
         OMP(for schedule(static))
         for (int p = 0; p < n_panels; p++) {
             int r0 = p * PANEL8, nr = rows - r0 < PANEL8 ? rows - r0 : PANEL8;
             for (int k0 = 0; k0 < cols; k0 += COLS8)
-                strips_slab8(sums, block, w, r0, nr, k0, cols - k0 < COLS8 ? cols - k0 : COLS8,
+                strips_slab8(sums, slab, w, r0, nr, k0, cols - k0 < COLS8 ? cols - k0 : COLS8,
                               f->strips, n_strips);
             for (int i = 0; i < n_strips; i++) {
                 const float *strip_sums = sums + (size_t)i * PANEL8 * STRIP8;

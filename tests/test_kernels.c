@@ -1,5 +1,5 @@
 /* test_kernels.c: run.c's math kernels against plain loops, on random data: the portable ones
-   of sections 2 and 3 in every build, and section 8's fast paths where the build has them.
+   of sections 2 and 3 in every build, and section 8's SIMD kernels where the build has them.
    tests/test_kernels.py compiles it three times (the Makefile's flags, so the AVX-512 paths;
    an AVX2 build; a portable build), and runs it.
 
@@ -7,7 +7,7 @@
    main is renamed out of the way).
 
    usage: test_kernels                 kernels on random data; prints one line per check
-          test_kernels MODEL.bin N     logits of N prompt tokens fed as blocks vs one at a time
+          test_kernels MODEL.bin N     logits of N prompt tokens fed as batches vs one at a time
           test_kernels MODEL.bin N T   ... with a KV cache of type T (0 f32, 1 bf16, 2 q8_0)
 
    Every line reads "name: measured error (bound)"; the exit status is the number of failures. */
