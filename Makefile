@@ -38,7 +38,7 @@ demo: runomp build/demo.bin
 	./runomp build/demo.bin -i "The capital of France is" -n 32 -s 42
 
 build/demo.bin: export.py tests/make_checkpoint.py
-	$(PYTHON) tests/make_checkpoint.py build/demo-hf --preset full-vocab
+	$(PYTHON) tests/make_checkpoint.py build/demo-hf --preset demo
 	$(PYTHON) export.py build/demo.bin --hf build/demo-hf --dtype bf16
 
 # valgrind memcheck on a short generation and a short chat session (a portable -O1 build:

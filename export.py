@@ -53,7 +53,12 @@ import stat
 import struct
 import sys
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # one line that names the fix, not a traceback
+    sys.exit(f"export.py: error: numpy is missing for {sys.executable}: install it (Debian or "
+             "Ubuntu: apt-get install python3-numpy, which serves /usr/bin/python3; then run "
+             "/usr/bin/python3 export.py ...)")
 
 MAGIC_MODEL = b"L3CM"
 MAGIC_TOKENIZER = b"L3TK"
@@ -748,6 +753,7 @@ class OutputFile:
         self.f = f
         self.pending = bytearray()
         self.size = 0
+        self.progress = None  # called with the fraction of the tensor written (TensorProgress)
 
     def align(self):
         pad = -self.size % ALIGN
@@ -805,6 +811,8 @@ def write_values(out, pieces, as_matrix, weight_type, group_size, name, shape):
             if ((raw & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():  # infinity or NaN
                 refuse_nonfinite(name, shape, here, to_f32(raw, dtype))
             out.write(raw)  # exact copy of the stored bits
+            if out.progress:
+                out.progress((here + raw.size) / max(1, math.prod(shape)))
             continue
         x = to_f32(raw, dtype)
         refuse_nonfinite(name, shape, here, x)
@@ -832,6 +840,8 @@ def write_values(out, pieces, as_matrix, weight_type, group_size, name, shape):
             max_err = max(max_err, float(np.abs(err).max(initial=0)))
             sq_err += float(np.einsum("i,i->", err, err, dtype=np.float64))
             sq_ref += float(np.einsum("i,i->", x, x, dtype=np.float64))
+        if out.progress:
+            out.progress(start / max(1, math.prod(shape)))
         del raw
     if kind not in ("q8_0", "q4_0"):
         return kind
@@ -867,13 +877,46 @@ def expected_size(plan, weight_type, group_size):
     return pos
 
 
+class TensorProgress:
+    """On a terminal, how much of a tensor is written, on the line its progress line then
+    replaces: a large tensor (the embedding in q4_0: about 40 s at 1B) is not a silent
+    stretch. Elsewhere (a log, a pipe) nothing: one line per tensor."""
+
+    def __init__(self, label):
+        self.label = label
+        self.shown = False
+        try:
+            self.terminal = sys.stdout.isatty()
+        except (OSError, ValueError):
+            self.terminal = False
+
+    def __call__(self, fraction):
+        if self.terminal and fraction < 1:
+            self.shown = self._write(f"\r{self.label}{100 * fraction:3.0f}%")
+
+    def clear(self):
+        if self.shown:
+            self._write("\r\033[K")
+
+    @staticmethod
+    def _write(text):
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return True
+        except OSError:  # progress is only information (see note)
+            return False
+
+
 def write_model(f, c, plan, weight_type, group_size, write_one):
     """Writes the model file to the open binary file f; returns its size. write_one(out, name,
     shape, is_matrix) writes a tensor and returns (its source type, a description)."""
     out = OutputFile(f)
     out.write(pack_header(dict(c, weight_type=WEIGHT_TYPES[weight_type], group_size=group_size)))
     for i, (name, shape, is_matrix) in enumerate(plan):
+        out.progress = TensorProgress(f"[{i + 1:4d}/{len(plan)}] {name:48s} ")
         dtype, what = write_one(out, name, shape, is_matrix)
+        out.progress.clear()
         note(f"[{i + 1:4d}/{len(plan)}] {name:48s} {dtype:4s} {list(shape)} -> {what}")
     size = out.finish()
     if size != expected_size(plan, weight_type, group_size):
@@ -1997,7 +2040,7 @@ def parse_args(argv):
                         "(exact for bf16 checkpoints, rounded to nearest even otherwise); q8_0 "
                         "int8 with one float32 scale per group; q4_0 4-bit integers in [-8, 7] "
                         "with one fp16 scale per group, chosen per group for the least squared "
-                        "error, never more than llama.cpp's Q4_0 (default: fp32; with --gguf "
+                        "error, never more than llama.cpp's Q4_0 (default: bf16; with --gguf "
                         "the type its weights have: F32/F16 fp32, BF16 bf16, Q8_0 q8_0, Q4_0 "
                         "q4_0, K-quants q8_0). Every type refuses a weight that is NaN or "
                         "infinite (or becomes so: bf16 past its range), naming the tensor and "
@@ -2042,7 +2085,7 @@ def parse_args(argv):
     elif not args.hf:
         p.error("--hf MODEL_DIR or --gguf FILE is required (or --tokenizer-only)")
     if args.dtype is None and not args.gguf:
-        args.dtype = "fp32"
+        args.dtype = "bf16"
     if args.no_tokenizer and (args.tokenizer_out or args.tokenizer):
         p.error("--no-tokenizer excludes --tokenizer-out and --tokenizer")
     return args

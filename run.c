@@ -1599,6 +1599,8 @@ typedef struct {
     Utf8Decoder utf8;
     double prompt_seconds, generate_seconds;
     long prompt_tokens, generated_tokens;
+    double started, load_seconds;  /* the run's start (now_seconds), its loading's duration */
+    double first_token_seconds;    /* from the start to the first sampled token; 0: none yet */
 } Session;
 
 /* Set by SIGINT; whoever acts on it clears it. The one mutable global of the program, with
@@ -1742,6 +1744,7 @@ static int generate(Session *s, const int *prompt, size_t n_prompt, int max_new,
             logits = feed(s, &token, 1);
         }
         token = sample(&s->sampler, logits);
+        if (s->first_token_seconds == 0) s->first_token_seconds = now_seconds() - s->started;
         int stop = is_stop_id(s, token);
         if (!stop || s->print_ids) emit_token(s, token);
         if (!stop && reply) push_or_die(reply, token);
@@ -1752,15 +1755,22 @@ static int generate(Session *s, const int *prompt, size_t n_prompt, int max_new,
     return token;
 }
 
-/* The stats line. Everything on stdout is flushed first, so that it comes before the line
-   where stdout and stderr meet (a terminal, or `2>&1`). */
-static void print_speed(const Session *s) {
+/* The stats line, after the run: the prompt's and the generation's speed, then the load time,
+   the time to the first token (both from the start), the threads and the kernels. Everything
+   on stdout is flushed first, so that it comes before the line where stdout and stderr meet
+   (a terminal, or `2>&1`). */
+static void print_stats(const Session *s, const char *kernels) {
     fflush(stdout);
-    fprintf(stderr, "prompt: %ld tokens, %.1f tok/s; generated: %ld tokens, %.1f tok/s\n",
-            s->prompt_tokens,
-            s->prompt_seconds > 0 ? (double)s->prompt_tokens / s->prompt_seconds : 0.0,
-            s->generated_tokens,
-            s->generate_seconds > 0 ? (double)s->generated_tokens / s->generate_seconds : 0.0);
+    long p = s->prompt_tokens, g = s->generated_tokens;
+    double g_rate = s->generate_seconds > 0 ? (double)g / s->generate_seconds : 0.0;
+    char per_token[32] = "-", first[32] = "-";
+    if (g_rate > 0) snprintf(per_token, sizeof per_token, "%.1f", 1000.0 / g_rate);
+    if (s->first_token_seconds > 0) snprintf(first, sizeof first, "%.2f s", s->first_token_seconds);
+    fprintf(stderr, "prompt: %ld token%s, %.1f tok/s; generated: %ld token%s, %.1f tok/s, "
+            "%s ms/token; load %.2f s, first token %s; %d thread%s, %s kernels\n",
+            p, p == 1 ? "" : "s", s->prompt_seconds > 0 ? (double)p / s->prompt_seconds : 0.0,
+            g, g == 1 ? "" : "s", g_rate, per_token, s->load_seconds, first, max_threads(),
+            max_threads() == 1 ? "" : "s", kernels);
 }
 
 static void encode_or_die(const Tokenizer *t, const char *text, size_t len, int flags,
@@ -2560,13 +2570,14 @@ static int editor_read(Editor *e) {
 
 static void print_usage(FILE *out) {
     fprintf(out,
-        "usage: run <model.bin> [options]\n"
+        "usage: run <model.bin> [options]   (options in any order; -m/--model <model.bin> too)\n"
         "  -i, --prompt <text>   prompt (generate mode) or first user message (chat mode);\n"
         "                        generate mode without -i, -I or -f: a piped stdin is the prompt\n"
         "  -f, --file <path>     the prompt, read from a file\n"
         "  -I <ids>              prompt as token ids, space or comma separated, used exactly as\n"
         "                        given (no <|begin_of_text|> added); with -o ids, no tokenizer\n"
-        "  -m <mode>             generate (default) or chat (also -cnv, --conversation)\n"
+        "  -m <mode>             generate (default) or chat (also -cnv, --conversation; -no-cnv:\n"
+        "                        generate); any other value is the model file, as --model\n"
         "  -y, --system-prompt <text>  system prompt (chat mode)\n"
         "  -n, --predict <int>   tokens to generate (per reply in chat); 0 or -1 = until a stop\n"
         "                        token or the context is full (default 256 generating, 0 in chat)\n"
@@ -2591,13 +2602,16 @@ static void print_usage(FILE *out) {
         "                        prompts where the CPU has AVX512-BF16 / VNNI, logits a few\n"
         "                        1e-2 off\n"
         "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
-        "                        into memory first (also --no-mmap, llama.cpp's name; README.md)\n"
+        "                        into memory first (also --no-mmap, llama.cpp's name; docs/usage.md)\n"
+        "  -ngl, -fa, -co/--color, --mlock, -b, -ub: llama.cpp's, accepted and ignored (a note\n"
+        "                        says why)\n"
         "  -h, --help            this text;  --version: what this build is\n"
         "sampling: penalties, top-k, then top-p and min-p on the probabilities at the temperature\n"
         "(Meta's order); one token is drawn from what is left\n"
         "  --sampler-order <o>   meta (default) or llama.cpp: top-p and min-p at temperature 1,\n"
         "                        the temperature applied last, as llama.cpp does\n"
-        "  -t, --temp <float>    temperature, 0 = greedy (default 0.6)\n"
+        "  -t, --temp <float>    temperature, 0 = greedy (default 0.6); above 2 only as --temp\n"
+        "                        (llama.cpp's -t is threads: here -T)\n"
         "  -p, --top-p <float>   keep the fewest most likely tokens adding up to this\n"
         "                        probability; 1 = off (default 0.9)\n"
         "  --top-k <int>         keep the k most likely tokens; 0 = off (default)\n"
@@ -2678,6 +2692,8 @@ static char *default_tokenizer_path(const char *model_path) {
 
 typedef struct {
     const char *model_path, *tokenizer_path, *prompt, *prompt_ids, *prompt_file, *mode;
+    const char *model_flag;  /* the flag that named the model (-m, --model), or NULL */
+    const char *threads_flag;  /* -T or --threads, as typed */
     const char *system_prompt, *logits_path;
     SamplerParams sampling;
     long long seed;  /* -1: a fresh one */
@@ -2692,8 +2708,10 @@ typedef struct {
     int cache_type;  /* ... the one type they name (cache_type_option) */
 } Options;
 
-/* Every flag: its short and long spellings (either may be NULL), whether it takes a value,
-   and the letter parse_options switches on. */
+/* Every flag: its short and long spellings (either may be NULL), whether it takes a value
+(VALUE_ON_OFF: on, off or auto when one follows, as llama.cpp's switches do), and the letter
+apply_flag switches on. */
+enum { NO_VALUE, VALUE, VALUE_ON_OFF };
 typedef struct {
     const char *short_name, *long_name;
     int takes_value;
@@ -2702,7 +2720,8 @@ typedef struct {
 
 static const Flag FLAGS[] = {
     { "-i", "--prompt", 1, 'i' }, { "-f", "--file", 1, 'f' }, { "-I", NULL, 1, 'I' },
-    { "-m", NULL, 1, 'm' }, { "-cnv", "--conversation", 0, 'C' },
+    { "-m", NULL, 1, 'm' }, { NULL, "--model", 1, 'd' }, { "-cnv", "--conversation", 0, 'C' },
+    { "-no-cnv", "--no-conversation", 0, 'g' },
     { "-y", "--system-prompt", 1, 'y' }, { "-t", "--temp", 1, 't' },
     { "-p", "--top-p", 1, 'p' }, { NULL, "--top-k", 1, 'k' }, { NULL, "--min-p", 1, 'M' },
     { NULL, "--repeat-penalty", 1, 'r' }, { NULL, "--repeat-last-n", 1, 'R' },
@@ -2715,7 +2734,30 @@ static const Flag FLAGS[] = {
     { NULL, "--version", 0, 'V' }, { NULL, "--no-context-shift", 0, 'S' },
     { NULL, "--sampler-order", 1, 'O' }, { NULL, "--cache-type", 1, 'x' },
     { "-ctk", "--cache-type-k", 1, 'K' }, { "-ctv", "--cache-type-v", 1, 'Y' },
+    /* llama.cpp's flags that change nothing on this engine: accepted, with a note (IGNORED) */
+    { "-ngl", "--n-gpu-layers", 1, 'N' }, { NULL, "--gpu-layers", 1, 'N' },
+    { "-fa", "--flash-attn", VALUE_ON_OFF, 'N' }, { "-co", "--color", VALUE_ON_OFF, 'N' },
+    { NULL, "--mlock", 0, 'N' }, { "-b", "--batch-size", 1, 'N' },
+    { "-ub", "--ubatch-size", 1, 'N' },
 };
+
+/* Why each of llama.cpp's flags above changes nothing here, by its first spelling. */
+static const char *const IGNORED[][2] = {
+    { "-ngl", "llama3.c runs on the CPU only" },
+    { "--gpu-layers", "llama3.c runs on the CPU only" },
+    { "-fa", "attention has one implementation here" },
+    { "-co", "the output is plain text" },
+    { "--mlock", "the weights stay mapped from the file (or read into memory with -w read)" },
+    { "-b", "the engine sizes a prompt's batches itself" },
+    { "-ub", "the engine sizes a prompt's batches itself" },
+};
+
+static const char *ignored_because(const Flag *f) {
+    const char *name = f->short_name ? f->short_name : f->long_name;
+    for (size_t i = 0; i < sizeof IGNORED / sizeof IGNORED[0]; i++)
+        if (strcmp(IGNORED[i][0], name) == 0) return IGNORED[i][1];
+    return "";
+}
 
 static const Flag *find_flag(const char *arg) {
     for (size_t i = 0; i < sizeof FLAGS / sizeof FLAGS[0]; i++) {
@@ -2746,13 +2788,20 @@ static void print_version(void) {
            simd_kernels());
 }
 
+/* Whether the argument after flag f is its value. */
+static int value_follows(const Flag *f, const char *next) {
+    if (f->takes_value != VALUE_ON_OFF) return f->takes_value == VALUE;
+    return next && (!strcmp(next, "on") || !strcmp(next, "off") || !strcmp(next, "auto"));
+}
+
 /* -h / --version anywhere (even before the model): print and exit 0. */
 static void handle_info_flags(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const Flag *f = find_flag(argv[i]);
         if (f && f->key == 'h') { print_usage(stdout); exit(EXIT_SUCCESS); }
         if (f && f->key == 'V') { print_version(); exit(EXIT_SUCCESS); }
-        if (f && f->takes_value) i++;  /* a value may look like a flag: -i -h */
+        if (f && value_follows(f, i + 1 < argc ? argv[i + 1] : NULL))
+            i++;  /* a value may look like a flag: -i -h */
     }
 }
 
@@ -2783,6 +2832,21 @@ static int cache_type_option(const Options *o) {
     return v ? parse_cache_type(o->cache_k ? "-ctk" : "-ctv", v) : CACHE_F32;
 }
 
+/* The model's path: the one argument that is not a flag or a flag's value, or -m/--model's. */
+static void set_model(Options *o, const char *path, const char *flag) {
+    if (flag && find_flag(path))
+        usage_error("%s wants the model file%s, got the flag %s", flag,
+                    strcmp(flag, "-m") == 0 ? " or a mode (generate, chat)" : "", path);
+    if (o->model_path && flag)
+        usage_error("%s %s: the model is already %s; %s takes %sthe model file", flag, path,
+                    o->model_path, flag, strcmp(flag, "-m") == 0 ? "a mode (generate, chat) or " : "");
+    if (o->model_path)
+        usage_error("'%s' after the model %s: give one model; the prompt is given with -i",
+                    path, o->model_path);
+    o->model_path = path;
+    o->model_flag = flag;
+}
+
 /* One flag (as typed) and its value (NULL for a flag without one) into o. */
 static void apply_flag(Options *o, const Flag *f, const char *flag, const char *v) {
     SamplerParams *sp = &o->sampling;
@@ -2790,14 +2854,24 @@ static void apply_flag(Options *o, const Flag *f, const char *flag, const char *
     case 'i': o->prompt = v; break;
     case 'f': o->prompt_file = v; break;
     case 'I': o->prompt_ids = v; break;
-    case 'm': check_choice(flag, v, "generate", "chat"); o->mode = v; break;
+    case 'm':  /* llama2.c's mode, or llama.cpp's model */
+        if (strcmp(v, "generate") == 0 || strcmp(v, "chat") == 0) o->mode = v;
+        else set_model(o, v, flag);
+        break;
+    case 'd': set_model(o, v, flag); break;
     case 'C': o->mode = "chat"; break;
+    case 'g': o->mode = "generate"; break;
+    case 'N':
+        fprintf(stderr, "run: note: %s%s%s is ignored: %s\n", flag, v ? " " : "", v ? v : "",
+                ignored_because(f));
+        break;
     case 'y': o->system_prompt = v; break;
     case 't':
         sp->temperature = parse_float(flag, v, 0.0f, 100.0f);
-        if (strcmp(flag, "-t") == 0 && sp->temperature >= 2.0f && !strchr(v, '.'))
-            fprintf(stderr, "run: note: -t %s is the temperature here (llama2.c's -t); "
-                    "threads are -T or --threads\n", v);
+        if (strcmp(flag, "-t") == 0 && sp->temperature > 2.0f)  /* llama.cpp's -t: threads */
+            usage_error("-t %s: -t is the temperature here (llama2.c's -t), and above 2 it "
+                        "gives noise; threads are -T or --threads (--temp %s if you mean it)",
+                        v, v);
         break;
     case 'p': sp->top_p = parse_float(flag, v, 0.0f, 1.0f); break;
     case 'k': sp->top_k = (int)parse_long(flag, v, 0, 1L << 30); break;
@@ -2814,7 +2888,7 @@ static void apply_flag(Options *o, const Flag *f, const char *flag, const char *
     case 'c': o->context = parse_long(flag, v, 1, 1L << 24); o->context_given = 1; break;
     case 'z': o->tokenizer_path = v; break;
     case 'L': o->logits_path = v; break;
-    case 'T': o->threads = parse_long(flag, v, 1, 4096); break;
+    case 'T': o->threads = parse_long(flag, v, 1, 4096); o->threads_flag = flag; break;
     case 'e': o->stop_at_end = (int)parse_long(flag, v, 0, 1); break;
     case 'a': check_choice(flag, v, "exact", "fast"); o->fast = v[0] == 'f'; break;
     case 'w': check_choice(flag, v, "map", "read"); o->read_weights = v[0] == 'r'; break;
@@ -2848,33 +2922,36 @@ static void check_options(Options *o) {
     o->cache_type = cache_type_option(o);
 }
 
+/* The command line, in any order: the model (first, or anywhere, or after -m/--model) and
+   the flags with their values. */
 static void parse_options(int argc, char **argv, Options *o) {
     handle_info_flags(argc, argv);
-    if (argc < 2) usage_error("the first argument must be the model file");
-    if (strcmp(argv[1], "-m") == 0 || strcmp(argv[1], "--model") == 0)
-        usage_error("the model file comes first, without a flag: run MODEL.bin [options]");
-    if (argv[1][0] == '-') usage_error("the first argument must be the model file");
-    *o = (Options){ .model_path = argv[1], .mode = "generate",
+    *o = (Options){ .mode = "generate",
                     .sampling = { .temperature = 0.6f, .top_p = 0.9f, .repeat_penalty = 1.0f,
                                   .repeat_last_n = 64 },
                     .seed = -1, .steps = -1, .context = 4096, .stop_at_end = 1 };
-    for (int i = 2; i < argc; i++) {
+    for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         const Flag *f = find_flag(flag);
         if (!f && flag[0] == '-' && flag[1] != '\0') usage_error("unknown option %s", flag);
-        if (!f) usage_error("unexpected argument '%s'", flag);
+        if (!f) {
+            set_model(o, flag, NULL);
+            continue;
+        }
         const char *v = NULL;
         /* llama.cpp's -i is interactive mode, without a value: here that is -m chat */
         const char *interactive = f->key == 'i' && flag[1] == 'i' ?
             "; for llama.cpp's interactive -i use -m chat or -cnv" : "";
-        if (f->takes_value) {
-            if (i + 1 >= argc) usage_error("%s needs a value%s", flag, interactive);
+        if (f->takes_value == VALUE && i + 1 >= argc)
+            usage_error("%s needs a value%s", flag, interactive);
+        if (value_follows(f, i + 1 < argc ? argv[i + 1] : NULL)) {
             v = argv[++i];
             if (interactive[0] && find_flag(v))
                 usage_error("-i wants the prompt, got the flag %s%s", v, interactive);
         }
         apply_flag(o, f, flag, v);
     }
+    if (!o->model_path) usage_error("no model file given: run MODEL.bin [options]");
     check_options(o);
 }
 
@@ -2885,34 +2962,72 @@ static int has_suffix(const char *s, const char *suffix) {
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
-/* A Hugging Face folder, a safetensors file or a GGUF file given as the model: name it and
-   the command that converts it. Other problems are load_model's to report. */
-static void check_model_kind(const char *path) {
+/* llama2.c's model file: no magic, seven int32 (dim, hidden_dim, layers, heads, kv heads,
+   vocab, seq_len), or its versioned export's magic "ak42". */
+static int is_llama2c_model(const unsigned char *head, ssize_t got) {
+    if (got >= 4 && read_i32(head) == 0x616b3432) return 1;
+    if (got < 28) return 0;
+    int32_t v[7];
+    for (int i = 0; i < 7; i++) v[i] = read_i32(head + 4 * i);
+    int32_t vocab = v[5] < 0 ? -v[5] : v[5];  /* negative: an unshared classifier */
+    return v[0] > 0 && v[0] <= 65536 && v[1] > 0 && v[1] <= (1 << 20) && v[2] > 0 &&
+           v[2] <= 1024 && v[3] > 0 && v[3] <= v[0] && v[0] % v[3] == 0 && v[4] > 0 &&
+           v[4] <= v[3] && vocab > 0 && vocab <= (1 << 20) && v[6] > 0 && v[6] <= (1 << 24);
+}
+
+/* A folder given as the model: a Hugging Face checkpoint names its conversion. */
+static void check_model_folder(const char *path, const char *convert) {
+    char *config = checked_calloc(strlen(path) + 16, 1, "a path");
+    sprintf(config, "%s/config.json", path);
+    int hf = access(config, F_OK) == 0;
+    free(config);
+    if (hf) die("%s is a Hugging Face checkpoint folder, not a model file: %s %s", path,
+                convert, path);
+    die("%s is a folder: give the model file in it (the .bin that export.py wrote)", path);
+}
+
+/* A file given as the model that is something else: a folder, a Hugging Face checkpoint, a
+   GGUF, a tokenizer, llama2.c's model: name it and what to do. Other problems are
+   load_model's to report. */
+static void check_model_kind(const char *path, const char *flag) {
     static const char *convert =
-        "convert it with export.py: /usr/bin/python3 export.py OUT.bin --hf";
+        "convert it with export.py: /usr/bin/python3 export.py OUT.bin --dtype bf16 --hf";
     struct stat st;
-    if (stat(path, &st) != 0) return;
-    if (S_ISDIR(st.st_mode)) {
-        char *config = checked_calloc(strlen(path) + 16, 1, "a path");
-        sprintf(config, "%s/config.json", path);
-        int hf = access(config, F_OK) == 0;
-        free(config);
-        if (hf) die("%s is a Hugging Face checkpoint folder, not a model file: %s %s", path,
-                    convert, path);
+    if (stat(path, &st) != 0) {
+        if (flag && strcmp(flag, "-m") == 0 && errno == ENOENT)
+            die("-m %s: no such model file, and not a mode (generate or chat)", path);
         return;
     }
-    unsigned char head[9] = {0};
+    if (S_ISDIR(st.st_mode)) check_model_folder(path, convert);
+    unsigned char head[28] = {0};
     int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) return;
     ssize_t got = S_ISREG(st.st_mode) ? read(fd, head, sizeof head) : 0;
     close(fd);
     if (got >= 4 && memcmp(head, MODEL_MAGIC, 4) == 0) return;
+    if (got >= 4 && memcmp(head, "L3TK", 4) == 0)
+        die("%s is a tokenizer file: the model is the .bin beside it (export.py writes both)",
+            path);
+    if (is_llama2c_model(head, got))
+        die("%s looks like a llama2.c model file: llama3.c reads its own format; convert the "
+            "Hugging Face checkpoint: /usr/bin/python3 export.py OUT.bin --dtype bf16 --hf "
+            "FOLDER", path);
     if (got >= 4 && memcmp(head, "GGUF", 4) == 0)
         die("%s is a GGUF file (llama.cpp's format), not a llama3.c model file: convert it "
             "with export.py: /usr/bin/python3 export.py OUT.bin --gguf %s", path, path);
-    if ((got == 9 && head[8] == '{') || has_suffix(path, ".safetensors"))
+    if ((got >= 9 && head[8] == '{') || has_suffix(path, ".safetensors"))
         die("%s is a safetensors file, one part of a Hugging Face checkpoint: %s FOLDER "
             "(the folder holding it and config.json)", path, convert);
+}
+
+/* Whether the file at path begins with the 4 bytes of magic. */
+static int starts_with_magic(const char *path, const char *magic) {
+    char head[4];
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) return 0;
+    ssize_t got = read(fd, head, 4);
+    close(fd);
+    return got == 4 && memcmp(head, magic, 4) == 0;
 }
 
 static void check_tokenizer_exists(const char *path, int given) {
@@ -2968,6 +3083,13 @@ static char *read_prompt(int fd, const char *what, size_t limit, size_t *len) {
     return text;
 }
 
+/* The newline that ends a file or `echo`'s output is not part of the prompt: without it, the
+   continuation goes on from the prompt's last line (llama.cpp drops it from -f too). */
+static char *drop_final_newline(char *text, size_t *len) {
+    if (*len > 0 && text[*len - 1] == '\n') text[--*len] = '\0';
+    return text;
+}
+
 /* The prompt text: -i, -f, or a piped stdin in generate mode (NULL when there is none).
    A prompt longer than the context's positions times the longest token cannot fit. */
 static char *prompt_text(const Options *o, const Tokenizer *t, int context, size_t *len) {
@@ -2989,11 +3111,11 @@ static char *prompt_text(const Options *o, const Tokenizer *t, int context, size
             die("the prompt file %s is not a regular file", o->prompt_file);
         char *text = read_prompt(fd, o->prompt_file, limit, len);
         close(fd);
-        return text;
+        return drop_final_newline(text, len);
     }
     struct stat st;
     if (fstat(STDIN_FILENO, &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISREG(st.st_mode)))
-        return read_prompt(STDIN_FILENO, "stdin", limit, len);
+        return drop_final_newline(read_prompt(STDIN_FILENO, "stdin", limit, len), len);
     return NULL;
 }
 
@@ -3041,6 +3163,21 @@ static void check_stdout(void) {
         die("cannot write the output: %s", errno ? strerror(errno) : "write error");
 }
 
+/* OpenMP's threads wait for the next loop by spinning, unless OMP_WAIT_POLICY says
+   otherwise. Where another program holds a core, a spinning thread takes turns with it, and
+   every loop waits for its turn: two threads then decode slower than one (docs/performance.md
+   has the figures). Waiting passively (asleep) costs little on a quiet machine. OpenMP reads
+   the policy once, as the program loads, so run sets it and starts itself again, once; the
+   user's own OMP_WAIT_POLICY is kept. */
+static void prefer_passive_wait(char **argv) {
+#if defined _OPENMP
+    if (getenv("OMP_WAIT_POLICY") || setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+    execv("/proc/self/exe", argv);  /* returns only on failure: then go on as we are */
+#else
+    (void)argv;
+#endif
+}
+
 /* The number of threads -T asks for (where OpenMP gives them), and the model's context: the
    -c asked for, at most the model's maximum. */
 static void apply_threads(const Options *o) {
@@ -3048,8 +3185,8 @@ static void apply_threads(const Options *o) {
     if (o->threads > 0) omp_set_num_threads((int)o->threads);
 #else
     if (o->threads > 0)
-        fprintf(stderr,
-                "run: note: -T is ignored: this build has no OpenMP threads (runomp has)\n");
+        fprintf(stderr, "run: note: %s is ignored: this build has no OpenMP threads (runomp "
+                "has)\n", o->threads_flag);
 #endif
 }
 
@@ -3072,7 +3209,10 @@ static void open_tokenizer(Session *s, const Options *o, const Config *cfg,
     check_tokenizer_exists(*path, o->tokenizer_path != NULL);
     char err[256];
     s->tokenizer = tokenizer_load(*path, err, sizeof err);
-    if (!s->tokenizer) die("tokenizer %s (give its path with -z)", err);  /* err: path: why */
+    if (!s->tokenizer && o->tokenizer_path && starts_with_magic(*path, MODEL_MAGIC))
+        die("-z %s is a model file: -z names the tokenizer (the .tok beside it)", *path);
+    if (!s->tokenizer)  /* err: "path: why" */
+        die("tokenizer %s%s", err, o->tokenizer_path ? "" : " (give its path with -z)");
     if (tokenizer_vocab_size(s->tokenizer) != cfg->vocab_size)
         die("the tokenizer has %d tokens but the model's vocabulary has %d",
             tokenizer_vocab_size(s->tokenizer), cfg->vocab_size);
@@ -3139,6 +3279,8 @@ static void generate_mode(Session *s, const Options *o, const TokenList *prompt,
 }
 
 int main(int argc, char **argv) {
+    prefer_passive_wait(argv);
+    double started = now_seconds();
     struct sigaction bus = { .sa_handler = on_sigbus };
     sigaction(SIGBUS, &bus, NULL);
     Options o;
@@ -3147,13 +3289,13 @@ int main(int argc, char **argv) {
     int chat_mode = strcmp(o.mode, "chat") == 0;
 
     /* the model, the tokenizer, the prompt */
-    check_model_kind(o.model_path);
+    check_model_kind(o.model_path, o.model_flag);
     Transformer tr = {0};
     load_model(o.model_path, &tr.model, o.read_weights);
     const Config *cfg = &tr.model.config;
     cap_context(&o, cfg);
     Session s = { .tr = &tr, .print_ids = o.print_ids, .json = o.json,
-                  .context_shift = !o.no_context_shift };
+                  .context_shift = !o.no_context_shift, .started = started };
     char *default_path = NULL;
     const char *tokenizer_path = NULL;
     open_tokenizer(&s, &o, cfg, &tokenizer_path, &default_path);
@@ -3167,6 +3309,7 @@ int main(int argc, char **argv) {
 
     /* the state, the sampler, the outputs */
     start_state(&tr, &o);
+    s.load_seconds = now_seconds() - started;
     unsigned long long seed = o.seed >= 0 ? (unsigned long long)o.seed : fresh_seed();
     sampler_init(&s.sampler, &o.sampling, cfg->vocab_size, (int)o.context, seed);
     if (o.logits_path) {
@@ -3181,7 +3324,7 @@ int main(int argc, char **argv) {
     if (chat_mode) status = chat(&s, o.system_prompt, o.prompt, o.steps < 0 ? 0 : (int)o.steps);
     else generate_mode(&s, &o, &prompt, text, text_len);
     check_stdout();
-    print_speed(&s);
+    print_stats(&s, simd_kernels());
     if (s.logits_file && fclose(s.logits_file) != 0)
         die("cannot write %s: %s", o.logits_path, strerror(errno));
 

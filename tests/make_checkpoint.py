@@ -114,6 +114,11 @@ PRESETS = {
         dtype="BF16", shards=4, std=0.02, seed=8),
 }
 
+# `make demo`'s model: full-vocab with heads of 64, as every Llama 3 has, so that every run flag
+# (the q8_0 cache's groups of 32 included) works on it.
+PRESETS["demo"] = dict(PRESETS["full-vocab"], seed=129, config=dict(
+    PRESETS["full-vocab"]["config"], hidden_size=128, intermediate_size=256, head_dim=64))
+
 
 def f32_to_bf16_bits(x):
     """float32 array -> bf16 bit patterns (uint16), round to nearest even."""

@@ -2,8 +2,9 @@
 """The llama3.c test runner: `make test` runs it; the last line reads `N passed, N failed`.
 
 Every tests/test_*.py module is imported and each of its functions named test_* is run in file
-order. A test passes when it returns, fails when it raises. Arguments filter tests by substring
-of "module.function" (e.g. `tests/run_tests.py tokenizer`).
+order. A test passes when it returns, fails when it raises. Each result line starts with
+[N/total]. Arguments filter tests by substring of "module.function" (e.g. `tests/run_tests.py
+tokenizer`).
 """
 import importlib.util
 import os
@@ -34,19 +35,20 @@ def main(argv):
     sys.path.insert(0, HERE)
     filters = argv[1:]
     passed = failed = 0
-    for name, func in discover():
-        if filters and not any(f in name for f in filters):
-            continue
+    chosen = [(name, func) for name, func in discover()
+              if not filters or any(f in name for f in filters)]
+    for number, (name, func) in enumerate(chosen, 1):
+        done = f"[{number:{len(str(len(chosen)))}d}/{len(chosen)}]"
         start = time.time()
         try:
             func()
         except Exception:  # a failing test is reported, never fatal to the run
             failed += 1
-            print(f"FAIL {name} ({time.time() - start:.1f}s)")
+            print(f"{done} FAIL {name} ({time.time() - start:.1f}s)")
             print("    " + traceback.format_exc().strip().replace("\n", "\n    "))
         else:
             passed += 1
-            print(f"pass {name} ({time.time() - start:.1f}s)")
+            print(f"{done} pass {name} ({time.time() - start:.1f}s)")
         sys.stdout.flush()
     if failed:
         print(f"scratch folders kept for inspection: {' '.join(common.SCRATCH)}")

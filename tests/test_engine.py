@@ -3,7 +3,10 @@ independent numpy forward (tests/reference.py), text in and text out with the re
 stopping, the context cap and the command line."""
 import json
 import os
+import re
 import struct
+import subprocess
+import time
 
 import numpy as np
 
@@ -321,18 +324,95 @@ def test_sampling_is_reproducible_with_seed():
 
 def test_prompt_from_file_and_stdin_equals_argument():
     model, tok = full_vocab_model()
-    prompt = "Line one\nline two: naïve 東京\n"
+    prompt = "Line one\nline two: naïve 東京"
     path = os.path.join(WORK, "prompt.txt")
-    open(path, "wb").write(prompt.encode())
+    open(path, "wb").write(prompt.encode() + b"\n")  # as an editor saves it
     base = [program("run"), model, "-t", "0", "-n", "6", "-e", "0"]
     want = run(base + ["-i", prompt]).stdout
     assert want.startswith(prompt.encode())  # the prompt is echoed, then the continuation
-    for args, stdin in ((["-f", path], None), (["--file", path], None), ([], prompt.encode()),
+    # a file's or a pipe's one final newline is dropped (as llama.cpp does for -f), -i's kept
+    for args, stdin in ((["-f", path], None), (["--file", path], None),
+                        ([], prompt.encode() + b"\n"), ([], prompt.encode()),
                         (["--prompt", prompt], None)):
         assert run(base + args, input=stdin).stdout == want, args
+    kept = run(base + ["-i", prompt + "\n"]).stdout
+    assert kept.startswith(prompt.encode() + b"\n") and kept != want
+    two = run(base, input=prompt.encode() + b"\n\n").stdout  # only one is dropped
+    assert two.startswith(prompt.encode() + b"\n") and two != want
     # -I ids win over a piped stdin, which is then not read
     ids = run(base + ["-I", "128000 791", "-o", "ids"], input=b"ignored").stdout
     assert len(ids.split()) == 6
+
+
+def test_demo_model_takes_every_run_flag():
+    """make demo's model (the "demo" preset, exported as the Makefile does) has heads of 64, so
+    the flags that depend on the shape (the q8_0 cache's groups of 32, -a fast) run on it."""
+    model = export(checkpoint("demo"), "bf16", "demo")
+    for extra in (["--cache-type", "q8_0"], ["--cache-type", "bf16"], ["-a", "fast"],
+                  ["-w", "read"], ["-m", "chat", "-n", "4"]):
+        proc = run([program("runomp"), model, "-i", "Hello", "-n", "4", "-t", "0", *extra],
+                   input=b"Hi\n")
+        assert b"heads of 64" in proc.stderr and b"error" not in proc.stderr, (extra, proc.stderr)
+
+
+def test_llama_cpp_habits():
+    """The model anywhere on the line or after -m/--model, llama.cpp's no-op flags accepted
+    with a note each: the same ids as the plain command."""
+    model = export(checkpoint("tiny30"), "fp32", "tiny30")
+    flags = ["-I", "1 2 3", "-o", "ids", "-e", "0", "-t", "0", "-n", "8"]
+    want = run([program("runomp"), model, *flags]).stdout
+    assert len(want.split()) == 8
+    for args in ([*flags, model], [*flags[:4], model, *flags[4:]], ["-m", model, *flags],
+                 [*flags, "--model", model], ["-m", model, "-m", "generate", *flags]):
+        proc = run([program("runomp"), *args])
+        assert proc.stdout == want and b"note" not in proc.stderr, (args, proc.stderr)
+    ignored = [(["-ngl", "99"], "CPU"), (["--n-gpu-layers", "0"], "CPU"), (["-fa"], "attention"),
+               (["-fa", "on"], "attention"), (["--flash-attn", "auto"], "attention"),
+               (["--color"], "plain text"), (["-co", "off"], "plain text"),
+               (["--mlock"], "mapped"), (["-b", "512"], "batches"), (["-ub", "64"], "batches")]
+    for extra, why in ignored:
+        proc = run([program("runomp"), model, *extra, *flags])
+        notes = [l for l in proc.stderr.decode().splitlines() if l.startswith("run: note:")]
+        assert proc.stdout == want, extra
+        assert notes == [f"run: note: {' '.join(extra)} is ignored: " + notes[0].split(": ")[-1]] \
+            and why in notes[0], (extra, notes)
+    # -no-cnv is generate mode, after a -cnv too
+    assert run([program("runomp"), model, "-cnv", "-no-cnv", *flags]).stdout == want
+
+
+def test_stats_line_and_thread_wait_policy():
+    """One line after the run: speeds, ms per token, load and first-token times, threads and
+    kernels; "1 token" for one. runomp waits passively unless OMP_WAIT_POLICY says otherwise."""
+    model = export(checkpoint("tiny30"), "fp32", "tiny30")
+    base = [program("runomp"), model, "-I", "1 2 3", "-o", "ids", "-e", "0", "-t", "0", "-T", "2"]
+    for n, noun in ((1, "1 token"), (5, "5 tokens")):
+        err = run(base + ["-n", str(n)]).stderr.decode()
+        last = err.splitlines()[-1]
+        kernels = re.search(r"; (\S+) kernels\n", err).group(1)  # named on the model line
+        assert re.fullmatch(r"prompt: 3 tokens, [0-9.]+ tok/s; generated: %s, [0-9.]+ tok/s, "
+                            r"[0-9.]+ ms/token; load [0-9.]+ s, first token [0-9.]+ s; "
+                            r"(1 thread|2 threads), %s kernels" % (noun, re.escape(kernels)),
+                            last), last
+    version = run([program("runomp"), "--version"]).stdout
+    if b"OpenMP threads" not in version:
+        return  # the sanitizer build has no OpenMP: nothing waits
+    for given, want in ((None, "passive"), ("active", "active")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        # a prompt from a pipe kept open: run waits for it, long after it started (again)
+        p = subprocess.Popen([program("runomp"), full_vocab_model()[0], "-n", "1"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+        try:
+            for _ in range(100):
+                environ = open(f"/proc/{p.pid}/environ", "rb").read().split(b"\0")
+                if any(v.startswith(b"OMP_WAIT_POLICY=") for v in environ):
+                    break
+                time.sleep(0.05)
+        finally:
+            p.communicate(b"Hello", timeout=60)
+        assert f"OMP_WAIT_POLICY={want}".encode() in environ, (given, environ)
 
 
 def test_long_flags_are_the_short_ones():
@@ -397,9 +477,15 @@ def test_help_version_and_hints():
     assert b"no OpenMP" in run([program("run"), "--version"]).stdout
     has_openmp = b"OpenMP threads" in version  # not in the sanitizer build (see Makefile)
     base = [program("run"), model, "-I", "1 2", "-o", "ids", "-n", "2"]
-    assert b"threads are -T" in run(base + ["-t", "8"]).stderr  # llama.cpp's -t habit
-    assert b"threads are -T" not in run(base + ["-t", "0.7"]).stderr
+    for high in ("8", "2.5", "16.0"):  # llama.cpp's -t habit: threads, refused as a temperature
+        proc = run(base + ["-t", high], check=False)
+        assert proc.returncode == 1 and b"threads are -T" in proc.stderr, proc.stderr
+        assert f"--temp {high} if you mean it".encode() in proc.stderr, proc.stderr
+    for fine in (["-t", "2"], ["-t", "0.7"], ["--temp", "8"]):  # --temp says so
+        proc = run(base + fine)
+        assert b"threads are -T" not in proc.stderr and b"error" not in proc.stderr, proc.stderr
     assert b"-T is ignored" in run(base + ["-T", "4"]).stderr  # run has no OpenMP
+    assert b"--threads is ignored" in run(base + ["--threads", "4"]).stderr  # as typed
     noted = b"-T is ignored" in run([program("runomp"), *base[1:], "-T", "2"]).stderr
     assert noted != has_openmp
     for args in (["-i"], ["-i", "-n", "3"]):  # llama.cpp's interactive -i

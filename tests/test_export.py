@@ -5,6 +5,8 @@ import base64
 import importlib.util
 import json
 import os
+import pty
+import re
 import shutil
 import struct
 import subprocess
@@ -236,7 +238,7 @@ def test_ref_checkpoints_export_and_odd_group_size():
     # ref31: sharded f16 whose layer 0 straddles two files, eos a list
     folder = os.path.join(DATA, "reference", "ref31")
     out = os.path.join(WORK, "ref31.bin")
-    export([out, "--hf", folder])
+    export([out, "--hf", folder, "--dtype", "fp32"])
     h, tensors = read_model(out)
     weights = reference.load_weights(folder)
     cfg = json.load(open(os.path.join(folder, "config.json")))
@@ -244,6 +246,49 @@ def test_ref_checkpoints_export_and_odd_group_size():
     names = hf_names(cfg)
     for label, _, arr, _ in tensors:
         assert np.array_equal(arr, weights[names[label]]), label
+
+
+def test_default_dtype_and_missing_numpy():
+    """Without --dtype the matrices are bf16 (Llama's own type); a python3 without numpy gets
+    one line naming the fix, and nothing is written."""
+    out = os.path.join(WORK, "default-dtype.bin")
+    export([out, "--hf", checkpoint("tiny30")])
+    assert read_model(out)[0]["weight_type"] == 1  # bf16
+    out = os.path.join(WORK, "no-numpy.bin")
+    proc = run([PYTHON, "-S", EXPORT, out, "--hf", checkpoint("tiny30")], check=False)  # -S: no site-packages
+    lines = proc.stderr.decode().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "numpy is missing" in lines[0] and \
+        "apt-get install python3-numpy" in lines[0], proc.stderr
+    assert not os.path.exists(out)
+
+
+def test_progress_inside_a_large_tensor_on_a_terminal():
+    """On a terminal a tensor of several pieces shows how far it is, on the line its progress
+    line then replaces; in a pipe, one line per tensor and nothing else."""
+    folder = os.path.join(WORK, "hf-demo")
+    make_checkpoint.make_checkpoint(folder, "demo", tokenizer=None)  # embedding: 4 pieces
+    args = [PYTHON, EXPORT, os.path.join(WORK, "progress.bin"), "--hf", folder, "--dtype", "q4_0"]
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(PYTHON, args)
+    shown = b""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the child has exited
+            break
+        if not data:
+            break
+        shown += data
+    os.close(fd)
+    assert os.waitpid(pid, 0)[1] == 0, shown
+    first = b"[   1/20] model.embed_tokens.weight"
+    steps = re.findall(rb"\r" + re.escape(first) + rb" +(\d+)%", shown)
+    assert [int(s) for s in steps] == sorted(int(s) for s in steps) and len(steps) >= 2, shown[:800]
+    assert all(0 < int(s) < 100 for s in steps), steps
+    assert b"\r\x1b[K" + first + b" " in shown, shown[:800]  # then the tensor's own line
+    piped = export(args[2:]).stdout
+    assert b"%" not in piped and b"\r" not in piped and piped.count(first) == 1
 
 
 def test_tied_model_ignores_lm_head_and_names_outputs():

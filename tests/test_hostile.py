@@ -108,9 +108,11 @@ def model_rows():
     good, sections = model_file(**MODEL_ARGS)
     rows = [("empty", b"", "shorter than"), ("one byte", b"L", "shorter than"),
             ("255 bytes", good[:255], "shorter than"), ("header only", good[:256], "truncated"),
-            ("tokenizer file as model", GOOD_TOK, "magic"), ("bad magic", b"XXXX" + good[4:], "magic"),
+            ("tokenizer file as model", GOOD_TOK, "is a tokenizer file"), ("bad magic", b"XXXX" + good[4:], "magic"),
             ("lowercase magic", b"l3cm" + good[4:], "magic"),
-            ("llama2.c checkpoint", struct.pack("<7i", 288, 768, 6, 6, 6, 32000, 256) + good[28:], "magic")]
+            ("llama2.c checkpoint", struct.pack("<7i", 288, 768, 6, 6, 6, 32000, 256) + good[28:], "llama2.c model file"),
+            ("llama2.c checkpoint, unshared classifier", struct.pack("<7i", 4096, 11008, 32, 32, 32, -32000, 2048) + good[28:], "llama2.c model file"),
+            ("llama2.c version 2 export", struct.pack("<Ii", 0x616b3432, 2) + good[8:], "llama2.c model file")]
     for version in (0, 2, 0xFFFFFFFF):
         rows.append((f"version {version}", with_field(good, "version", version), "version"))
     # every integer shape field: zero, negative, absurd
@@ -204,7 +206,7 @@ def test_model_paths_and_vocab():
     expect("model", run_model(model), "", status=0)  # the undamaged file runs
     d = os.path.join(WORK, "a-directory.bin")
     os.makedirs(d, exist_ok=True)
-    expect("model", run_model(d), "not a regular file")
+    expect("model", run_model(d), "is a folder: give the model file in it")
     expect("model", run_model(os.path.join(WORK, "missing.bin")), "cannot open")
     expect("model", run_model(model + "/"), "cannot open")  # a file used as a folder
     link = os.path.join(WORK, "dangling.bin")
@@ -643,15 +645,18 @@ def test_cache_type_errors():
 def test_command_line_errors():
     model, tok = good_files()
     cases = [
-        ([], "first argument", True), (["-i", "hi"], "first argument", True),
+        ([], "no model file given", True), (["-i", "hi"], "no model file given", True),
         ([model, "-x", "1"], "unknown option", True), ([model, "--tempo", "1"], "unknown option", True),
-        ([model, "-", "1"], "unexpected argument", True), ([model, "hello"], "unexpected argument", True),
-        ([model, "-m", "poetry"], "-m", True), ([model, "-o", "xml"], "-o", True),
+        ([model, "-", "1"], "after the model", True), ([model, "hello"], "give one model", True),
+        ([model, "-m", "poetry"], "-m poetry: the model is already", True),
+        (["-m", "poetry"], "-m poetry: no such model file, and not a mode", False),
+        ([model, "--model", model], "the model is already", True), (["-m", "-i", "x"], "got the flag -i", True),
+        ([model, "-o", "xml"], "-o", True),
         ([model, "-a", "lossy"], "-a", True), ([model, "-a", ""], "-a", True),
         ([model, "-w", "mmap"], "-w", True), ([model, "-w", ""], "-w", True),
         ([model, "-i", "a", "-I", "1"], "prompt once", True), ([model, "-f", tok, "-i", "a"], "prompt once", True), ([model, "-m", "chat", "-I", "1"], "-I", True),
         ([model, "-y", "be nice"], "-y", True),
-        ([os.path.join(WORK, "missing.bin")], "cannot open", False), ([WORK], "not a regular file", False),
+        ([os.path.join(WORK, "missing.bin")], "cannot open", False), ([WORK], "is a folder", False),
         ([model, "-i", "hi", "-L", os.path.join(WORK, "no-dir", "x.f32")], "cannot create", False),
     ]
     for flag in "iImytpsnczLTeoawf":  # every flag given without its value
@@ -721,7 +726,7 @@ def test_wrong_files_name_the_fix():
     hf = os.path.join(WORK, "hf-tiny30")
     if not os.path.exists(hf):
         make_checkpoint.make_checkpoint(hf, "tiny30")
-    fix = "export.py OUT.bin --hf"
+    fix = "export.py OUT.bin --dtype bf16 --hf"
     gguf = write("model.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
     for path, needle, fix in ((hf, "Hugging Face checkpoint folder", fix),
                               (os.path.join(hf, "model.safetensors"), "safetensors file", fix),
@@ -730,6 +735,16 @@ def test_wrong_files_name_the_fix():
                               (gguf, "GGUF file", f"export.py OUT.bin --gguf {gguf}")):
         proc = expect("wrong file", [program("run"), path, "-i", "hi"], needle)
         assert fix.encode() in proc.stderr, proc.stderr
+    # a tokenizer, a plain folder, llama2.c's model: what it is; -z naming the model
+    for path, needle in ((tok, "is a tokenizer file: the model is the .bin beside it"),
+                         (os.path.dirname(tok), "is a folder: give the model file in it")):
+        expect("wrong file", [program("run"), path, "-i", "hi"], needle)
+    proc = expect("wrong file", [program("run"), model, "-z", model, "-i", "hi"],
+                  "is a model file: -z names the tokenizer")
+    assert proc.stderr.count(model.encode()) == 1, proc.stderr  # the path once
+    bad_tok = write("x.tok", b"L3TX" + bytes(60))
+    proc = expect("wrong file", [program("run"), model, "-z", bad_tok, "-i", "hi"], "magic")
+    assert proc.stderr.count(bad_tok.encode()) == 1 and b"with -z" not in proc.stderr, proc.stderr
     lonely = write("lonely.bin", open(model, "rb").read())  # no lonely.tok beside it
     proc = expect("wrong file", [program("run"), lonely, "-i", "hi"], "not found")
     assert b"--tokenizer-only" in proc.stderr and b"-z" in proc.stderr, proc.stderr
