@@ -1,6 +1,6 @@
 /* tokenizer.h: the Llama 3 tokenizer (byte-level BPE, tiktoken semantics).
 
-   Loads a ".tok" file (format "L3TK" v1, see README.md, "File formats") and gives exactly
+   Loads a ".tok" file (format "L3TK" v1, see docs/formats.md) and gives exactly
    the ids of Meta's reference tokenizer (tiktoken with Llama 3's split pattern) for any input,
    including bytes that are not valid UTF-8.
 

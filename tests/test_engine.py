@@ -496,10 +496,10 @@ def test_help_version_and_hints():
     assert proc.stderr.count(b"\n") == 1 and b"see run -h" in proc.stderr
 
 
-def test_readme_shows_the_usage_run_prints():
-    readme = open(os.path.join(REPO, "README.md")).read()
+def test_usage_doc_shows_the_usage_run_prints():
+    doc = open(os.path.join(REPO, "docs", "usage.md")).read()
     usage = run([program("run"), "-h"]).stdout.decode()
-    assert "```\n" + usage + "```\n" in readme, "README's ## run block differs from run -h"
+    assert "```\n" + usage + "```\n" in doc, "docs/usage.md's run -h block differs from run -h"
 
 
 def mapped_kb(path):

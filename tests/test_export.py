@@ -51,7 +51,7 @@ def export_module():
     return module
 
 
-# -- a reader of the model file (README.md, "File formats"), independent of export.py but for
+# -- a reader of the model file (docs/formats.md), independent of export.py but for
 # the header's field table, which export.py's MODEL_HEADER gives once for Python and the tests --
 HEADER_LAYOUT = export_module().HEADER_LAYOUT
 

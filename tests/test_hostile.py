@@ -1,6 +1,6 @@
 """Hostile input: every damaged model file, tokenizer file, checkpoint, command line and prompt
 must end in exit status 1 with one clear first stderr line naming the problem (or, where the
-README documents it, a defined outcome), never a crash, hang or half-written file.
+docs/hostile-input.md documents it, a defined outcome), never a crash, hang or half-written file.
 
 The tables are generated: every header field times bad values, truncation at every section
 boundary and inside every tensor, every tensor of a checkpoint dropped or reshaped, every numeric

@@ -163,7 +163,7 @@ static void test_fp16(void) {
 }
 
 /* A q4_0 matrix of random 4-bit values and random fp16 scales (a few subnormal), packed as
-   README.md's "File formats" says (independently of run.c's q4_value), and its float image. */
+   docs/formats.md says (independently of run.c's q4_value), and its float image. */
 typedef struct {
     Matrix m;
     uint8_t *packed;

@@ -1,4 +1,4 @@
-"""q4_0, the 4-bit weight type (README.md, "File formats"): exact on weights it stores exactly,
+"""q4_0, the 4-bit weight type (docs/formats.md): exact on weights it stores exactly,
 each matrix's error at most llama.cpp's Q4_0 (simulated here in numpy, independently of
 export.py), the file decoded by tests/test_export.py's independent reader, and on Meta's
 reference checkpoints logits no further from the fp32 export's than Q4_0's weights put them."""

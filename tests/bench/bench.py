@@ -97,7 +97,7 @@ def build_tool(name, depends=(), link=()):
 
 
 def header(path):
-    """The model file's header fields that the bench needs (README.md, "File formats")."""
+    """The model file's header fields that the bench needs (docs/formats.md)."""
     with open(path, "rb") as f:
         h = f.read(256)
     names = ("dim", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab")

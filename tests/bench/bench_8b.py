@@ -71,7 +71,7 @@ def checkpoint_bytes(cfg):
 
 
 def export_bytes(cfg, wtype):
-    """The export's size (README.md, "File formats"); a type export.py gains later is counted
+    """The export's size (docs/formats.md); a type export.py gains later is counted
     at q8_0's size, an upper bound for anything smaller."""
     c = {"dim": cfg["hidden_size"], "head_dim": make_checkpoint.head_dim(cfg),
          "n_heads": cfg["num_attention_heads"], "n_kv_heads": cfg["num_key_value_heads"],

@@ -1,4 +1,4 @@
-"""Builds small llama3.c model files (.bin, README.md "File formats") byte by byte, with every
+"""Builds small llama3.c model files (.bin, docs/formats.md) byte by byte, with every
 header field settable, and the offsets of each section, for the hostile-input tests and the
 fuzz seed corpus. The header's layout is export.py's MODEL_HEADER table, its one description;
 the tensors are laid out here, independently of export.py: damage is easier to aim from here."""
