@@ -407,7 +407,7 @@ def tokenizer_rows():
         offsets.append(offsets[-1] + 4 + len(t))
     rows = [("empty", b"", "too short"), ("ten bytes", good[:10], "too short"),
             ("bad magic", b"L3TX" + good[4:], "magic"),
-            ("a model file as tokenizer", model_file(**MODEL_ARGS)[0], "magic"),
+            ("a model file as tokenizer", model_file(**MODEL_ARGS)[0], "is a model file: -z names the tokenizer"),
             ("version 0", tok_bytes(SINGLES + MERGES, SPECIALS, version=0), "version"),
             ("version 2", tok_bytes(SINGLES + MERGES, SPECIALS, version=2), "version"),
             ("n_special > n_tokens", tok_bytes(SINGLES + MERGES, SPECIALS, n_special=n + 1), "n_special"),
@@ -594,7 +594,7 @@ def test_huge_model_file_header_first():
     good = open(model, "rb").read(256)
     big = with_field(with_field(good, "n_layers", 1024), "dim", 1 << 20)
     rows = [(b"PK\x03\x04" + bytes(26), "magic"), (bytes(256), "magic"),
-            (b"\x7fELF\x02\x01\x01", "magic"), (GOOD_TOK[:16], "magic"),
+            (b"\x7fELF\x02\x01\x01", "magic"), (GOOD_TOK[:16], "is a tokenizer file"),
             (b"GGUF\x03\0\0\0", "GGUF file"), (struct.pack("<Q", 200) + b'{"a":', "safetensors"),
             (with_field(good, "version", 2), "version"), (with_field(good, "dim", -1), "dim"),
             (good, "trailing data"), (big, "truncated")]
