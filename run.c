@@ -1607,11 +1607,11 @@ typedef struct {
    the terminal state of chat's line editor (section 6), which signals must also reach. */
 static volatile sig_atomic_t interrupted;
 
-static void leave_raw_mode(void);
+static void restore_terminal(void);
 
 static void on_interrupt(int sig) {
     if (interrupted) {  /* a second Ctrl-C before the first was acted on: quit at once */
-        leave_raw_mode();
+        restore_terminal();
         signal(sig, SIG_DFL);
         raise(sig);
     }
@@ -1672,35 +1672,41 @@ static void add_stop_id(Session *s, int id) {
     s->stop_ids[s->n_stop_ids++] = id;
 }
 
-/* Writes UTF-8 text on stdout as the inside of a JSON string: quotes, backslashes and
-   control characters escaped, everything else (valid UTF-8 by then) as it is. */
-static void write_json_chars(const unsigned char *text, size_t len) {
+/* Writes UTF-8 text on f as the inside of a JSON string: quotes, backslashes and control
+   characters escaped, everything else (valid UTF-8 by then) as it is. */
+static void write_json_chars(FILE *f, const unsigned char *text, size_t len) {
     for (size_t i = 0; i < len; i++) {
         unsigned char c = text[i];
-        if (c == '"' || c == '\\') printf("\\%c", c);
-        else if (c == '\n') fputs("\\n", stdout);
-        else if (c == '\r') fputs("\\r", stdout);
-        else if (c == '\t') fputs("\\t", stdout);
-        else if (c < 0x20) printf("\\u%04x", c);
-        else putchar(c);
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c == '\n') fputs("\\n", f);
+        else if (c == '\r') fputs("\\r", f);
+        else if (c == '\t') fputs("\\t", f);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else putc(c, f);
     }
 }
 
-/* Text for stdout, through the session's UTF-8 decoder (so that a character split over
-   several tokens comes out whole, and invalid bytes as U+FFFD), JSON-escaped with -o json.
-   flush: the end of the text, where an incomplete character is given up. */
-static void write_text(Session *s, const unsigned char *text, size_t len, int flush) {
+/* Text on f through a UTF-8 decoder (so that a character split over several calls comes out
+   whole, and invalid bytes as U+FFFD), JSON-escaped when json is set. flush: the end of the
+   text, where an incomplete character is given up. */
+static void write_utf8(FILE *f, Utf8Decoder *utf8, int json, const unsigned char *text,
+                       size_t len, int flush) {
     unsigned char out[UTF8_DECODER_OUT_MAX(256)];
     for (;;) {  /* in chunks, so that `out` always fits */
         size_t chunk = len < 256 ? len : 256;
-        size_t n = utf8_decoder_feed(&s->utf8, text, chunk, out);
-        if (chunk == len && flush) n += utf8_decoder_flush(&s->utf8, out + n);
-        if (s->json) write_json_chars(out, n);
-        else fwrite(out, 1, n, stdout);
+        size_t n = utf8_decoder_feed(utf8, text, chunk, out);
+        if (chunk == len && flush) n += utf8_decoder_flush(utf8, out + n);
+        if (json) write_json_chars(f, out, n);
+        else fwrite(out, 1, n, f);
         text += chunk;
         len -= chunk;
         if (len == 0) break;
     }
+}
+
+/* Text for stdout, through the session's decoder, JSON-escaped with -o json. */
+static void write_text(Session *s, const unsigned char *text, size_t len, int flush) {
+    write_utf8(stdout, &s->utf8, s->json, text, len, flush);
 }
 
 /* Prints one generated token: its id, or its bytes as text. */
@@ -1790,9 +1796,9 @@ static void encode_or_die(const Tokenizer *t, const char *text, size_t len, int 
    into the one KV cache; when the next turn does not fit, the oldest turns are dropped and
    what is kept is fed again (a context that slides).
 
-   The section has four parts: the dialog format, reading a message (from a pipe), the chat
-   loop with its sliding context, and (6b) the terminal line editor that reads a message when
-   stdin is a terminal. */
+   The section's parts: the dialog format, reading a message (from a pipe), the dialog with
+   its sliding context, the commands (/help, /clear, /save, /exit), the chat loop, and (6b)
+   the terminal line editor that reads a message when stdin is a terminal. */
 
 /* Length of the UTF-8 character starting at s[0] and its code point, decoded strictly (the
    tokenizer's decoder passes a character through unchanged only if it is well formed: no
@@ -1875,11 +1881,20 @@ static void print_id_line(const char *tag, const int *ids, size_t n) {
     printf("\n");
 }
 
-/* -o json: one message as one line {"role":"...","content":"..."}. */
-static void print_json_message(Session *s, const char *role, const char *content, size_t len) {
-    printf("{\"role\":\"%s\",\"content\":\"", role);
-    write_text(s, (const unsigned char *)content, len, 1);
-    printf("\"}\n");
+/* One message as a JSON object {"role":"...","content":"..."} on f, with "interrupted":true
+   for a reply that Ctrl-C stopped. */
+static void write_json_message(FILE *f, const char *role, const char *content, size_t len,
+                               int interrupted_reply) {
+    Utf8Decoder utf8 = {0};
+    fprintf(f, "{\"role\":\"%s\",\"content\":\"", role);
+    write_utf8(f, &utf8, 1, (const unsigned char *)content, len, 1);
+    fputs(interrupted_reply ? "\",\"interrupted\":true}" : "\"}", f);
+}
+
+/* -o json: one message as one line. */
+static void print_json_message(const char *role, const char *content, size_t len) {
+    write_json_message(stdout, role, content, len, 0);
+    printf("\n");
     fflush(stdout);
 }
 
@@ -1954,13 +1969,13 @@ typedef struct {
     size_t n_esc_params;
     unsigned char input[4096]; /* bytes read but not used yet (typed ahead) */
     size_t input_start, input_len;
-    int end_typed;             /* Ctrl-D typed during a reply: the end, once input is used */
 } Editor;
 static int editor_open(Editor *e);
 static int editor_read(Editor *e);
+static void editor_show(Editor *e, const Text *message);
 static void editor_close(Editor *e);
 
-/* ---- The chat loop and its sliding context --------------------------------------------- */
+/* ---- The dialog and its sliding context ------------------------------------------------ */
 
 /* The dialog as the KV cache holds it: ids[0 .. s->pos) are in the cache, and the rest (the
    end of the last reply: its last sampled token, <|eot_id|>) goes in with the next turn. */
@@ -1971,14 +1986,20 @@ typedef struct {
     size_t n_turns, turn_capacity;
 } Dialog;
 
+/* An array of `count` items of `size` bytes with room for one more: doubled when full. */
+static void *make_room(void *items, size_t count, size_t *capacity, size_t size,
+                       const char *what) {
+    if (count < *capacity) return items;
+    size_t doubled = *capacity ? 2 * *capacity : 16;
+    void *grown = realloc(items, doubled * size);
+    if (!grown) die("out of memory for %s", what);
+    *capacity = doubled;
+    return grown;
+}
+
 static void dialog_start_turn(Dialog *d) {
-    if (d->n_turns == d->turn_capacity) {
-        size_t capacity = d->turn_capacity ? 2 * d->turn_capacity : 16;
-        size_t *grown = realloc(d->turn_start, capacity * sizeof(size_t));
-        if (!grown) die("out of memory for the chat history");
-        d->turn_start = grown;
-        d->turn_capacity = capacity;
-    }
+    d->turn_start = make_room(d->turn_start, d->n_turns, &d->turn_capacity, sizeof(size_t),
+                              "the chat history");
     d->turn_start[d->n_turns++] = d->ids.count;
 }
 
@@ -2015,7 +2036,14 @@ static size_t longest_token(const Tokenizer *t) {
     return longest;
 }
 
-/* A chat session: the model's session, the dialog, and what a turn needs. */
+/* A message of the conversation as text (a reply as its tokens' bytes), for /save. */
+typedef struct {
+    const char *role;
+    Text content;
+    int interrupted;         /* a reply that Ctrl-C stopped */
+} Message;
+
+/* A chat session: the model's session, the dialog, the transcript, and what a turn needs. */
 typedef struct {
     Session *s;
     DialogIds d;
@@ -2026,7 +2054,35 @@ typedef struct {
     size_t max_token_bytes;  /* longest_token() */
     TokenList incoming;      /* the ids of the turn being added */
     TokenList reply;
+    Message *transcript;     /* every message of the conversation, the dropped turns' too */
+    size_t n_messages, message_capacity;
+    size_t fixed_messages;   /* the system message, which /clear keeps */
 } Chat;
+
+static void transcript_add(Chat *c, const char *role, const char *content, size_t len) {
+    c->transcript = make_room(c->transcript, c->n_messages, &c->message_capacity,
+                              sizeof(Message), "the transcript");
+    Message *m = &c->transcript[c->n_messages++];
+    *m = (Message){ .role = role };
+    text_insert(&m->content, 0, content, len);
+}
+
+/* The reply just generated (c->reply), as the bytes of its tokens. */
+static void transcript_add_reply(Chat *c, int interrupted_reply) {
+    transcript_add(c, "assistant", "", 0);
+    Message *m = &c->transcript[c->n_messages - 1];
+    m->interrupted = interrupted_reply;
+    for (size_t i = 0; i < c->reply.count; i++) {
+        size_t len;
+        const unsigned char *piece = tokenizer_piece(c->s->tokenizer, c->reply.ids[i], &len);
+        if (piece) text_insert(&m->content, m->content.len, (const char *)piece, len);
+    }
+}
+
+static void transcript_truncate(Chat *c, size_t keep) {
+    for (size_t i = keep; i < c->n_messages; i++) free(c->transcript[i].content.bytes);
+    if (keep < c->n_messages) c->n_messages = keep;
+}
 
 enum { TURN_FITS, TURN_REFUSED, TURN_ENDS };
 
@@ -2097,6 +2153,7 @@ static void answer(Chat *c, int max_reply, int interactive) {
     if (s->json) printf(interrupted ? "\",\"interrupted\":true}" : "\"}");
     printf("\n");
     fflush(stdout);
+    transcript_add_reply(c, interrupted != 0);
     interrupted = 0;
     for (size_t i = 0; i < c->reply.count; i++) push_or_die(&c->dialog.ids, c->reply.ids[i]);
     push_or_die(&c->dialog.ids, c->d.eot);
@@ -2116,9 +2173,11 @@ static void chat_open(Chat *c, Session *s, const char *system_prompt, int max_re
         const char *content;
         size_t len = strip_text(system_prompt, strlen(system_prompt), &content);
         append_message(t, &c->d, "system", content, len, &c->dialog.ids);
-        if (s->json) print_json_message(s, "system", content, len);
+        transcript_add(c, "system", content, len);
+        if (s->json) print_json_message("system", content, len);
     }
     c->dialog.fixed = c->dialog.ids.count;
+    c->fixed_messages = c->n_messages;
     append_header(t, &c->d, "user", &c->incoming);
     push_or_die(&c->incoming, c->d.eot);
     append_header(t, &c->d, "assistant", &c->incoming);
@@ -2138,23 +2197,203 @@ static void chat_close(Chat *c) {
     token_list_free(&c->dialog.ids);
     token_list_free(&c->incoming);
     token_list_free(&c->reply);
+    transcript_truncate(c, 0);
+    free(c->transcript);
 }
 
-/* The chat loop. Ends with exit status 0 at end of input or Ctrl-C at the prompt, and with
-   status 1 when the context is full without context_shift. */
+/* ---- Commands -------------------------------------------------------------------------
+
+   A message that begins with "/" and a command's name, then white space or its end, is that
+   command, typed or piped alike; any other message goes to the model, and one that begins
+   with "//" goes without its first "/". Commands write on stderr, so that stdout keeps only
+   the conversation. */
+
+enum { CMD_HELP, CMD_CLEAR, CMD_SAVE, CMD_EXIT, N_COMMANDS, CMD_NONE = -1 };
+static const char *const COMMAND_NAMES[N_COMMANDS] = { "help", "clear", "save", "exit" };
+
+static void print_chat_help(void) {
+    fputs("commands (a message that begins with one; any other message goes to the model, and\n"
+          "//text sends the message /text):\n"
+          "  /help        this list\n"
+          "  /clear       a new conversation, with the same system prompt\n"
+          "  /save FILE   the conversation so far as JSON: [{\"role\":...,\"content\":...},...]\n"
+          "  /exit        end the session (as Ctrl-D on an empty line, or the end of input)\n"
+          "keys: Enter sends; \\ at a line's end continues it; a paste keeps its newlines;\n"
+          "Up/Down: earlier messages; Ctrl-C clears the line, ends the session on an empty\n"
+          "line, and stops a reply\n", stderr);
+}
+
+/* The command a message names, and its argument (stripped); CMD_NONE for a message for the
+   model, which loses the first "/" of a leading "//". */
+static int parse_command(const char **content, size_t *len, const char **arg, size_t *arg_len) {
+    const char *text = *content;
+    if (*len >= 2 && text[0] == '/' && text[1] == '/') {
+        (*content)++;
+        (*len)--;
+        return CMD_NONE;
+    }
+    if (*len < 2 || text[0] != '/') return CMD_NONE;
+    size_t end = 1;  /* of the name */
+    while (end < *len && text[end] >= 'a' && text[end] <= 'z') end++;
+    unsigned int cp = 0;
+    if (end < *len) utf8_char_at((const unsigned char *)text + end, *len - end, &cp);
+    if (end < *len && !is_python_space(cp)) return CMD_NONE;
+    for (int command = 0; command < N_COMMANDS; command++) {
+        const char *name = COMMAND_NAMES[command];
+        if (strlen(name) == end - 1 && memcmp(text + 1, name, end - 1) == 0) {
+            *arg_len = strip_text(text + end, *len - end, arg);
+            return command;
+        }
+    }
+    return CMD_NONE;
+}
+
+/* /clear: the dialog back to <|begin_of_text|> and the system message, fed again from
+   position 0 (where the penalties start afresh too), as in a new session. */
+static void chat_clear(Chat *c) {
+    c->dialog.ids.count = c->dialog.fixed;
+    c->dialog.n_turns = 0;
+    c->s->pos = 0;
+    transcript_truncate(c, c->fixed_messages);
+    fprintf(stderr, "run: a new conversation (the same system prompt)\n");
+}
+
+/* The transcript as a JSON array of the objects -o json prints, one a line. */
+static void write_transcript(const Chat *c, FILE *f) {
+    fputs("[\n", f);
+    for (size_t i = 0; i < c->n_messages; i++) {
+        const Message *m = &c->transcript[i];
+        write_json_message(f, m->role, m->content.bytes, m->content.len, m->interrupted);
+        fputs(i + 1 < c->n_messages ? ",\n" : "\n", f);
+    }
+    fputs("]\n", f);
+}
+
+/* Why /save must not write over path, or NULL: it may when nothing is there, or an empty file
+   or a JSON array (an earlier transcript). Anything else (a model named by mistake) is kept. */
+static const char *save_refusal(const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) return errno == ENOENT ? NULL : strerror(errno);
+    if (!S_ISREG(st.st_mode)) return "not a regular file";
+    FILE *f = fopen(path, "rb");
+    if (!f) return strerror(errno);
+    int first;
+    do first = getc(f); while (first == ' ' || first == '\t' || first == '\n' || first == '\r');
+    fclose(f);
+    return first == EOF || first == '[' ? NULL : "it exists and is not a saved transcript";
+}
+
+/* Writes the transcript into a new file. Returns 0, or an errno value (and no file is left). */
+static int write_transcript_file(const Chat *c, const char *path) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0666);
+    if (fd < 0) return errno;
+    FILE *f = fdopen(fd, "w");
+    if (!f) {
+        int error = errno;
+        close(fd);
+        unlink(path);
+        return error;
+    }
+    write_transcript(c, f);
+    int error = fflush(f) != 0 || ferror(f) || fsync(fd) != 0 ? (errno ? errno : EIO) : 0;
+    if (fclose(f) != 0 && !error) error = errno;
+    if (error) unlink(path);
+    return error;
+}
+
+/* Writes the transcript to a new file beside path, then renames it to path: path is never
+   seen half written. Returns NULL, or what went wrong. */
+static const char *save_transcript(const Chat *c, const char *path) {
+    const char *refusal = save_refusal(path);
+    if (refusal) return refusal;
+    size_t size = strlen(path) + 32;
+    char *temp = checked_calloc(size, 1, "a file name");
+    snprintf(temp, size, "%s.%ld.tmp", path, (long)getpid());
+    int error = write_transcript_file(c, temp);
+    if (!error && rename(temp, path) != 0) {
+        error = errno;
+        unlink(temp);
+    }
+    free(temp);
+    return error ? strerror(error) : NULL;
+}
+
+static void save_command(const Chat *c, const char *arg, size_t arg_len) {
+    char *path = strndup(arg, arg_len);
+    if (!path) die("out of memory");
+    const char *problem = save_transcript(c, path);
+    if (problem) fprintf(stderr, "run: /save %s: %s; nothing saved, the session goes on\n",
+                         path, problem);
+    else fprintf(stderr, "run: saved %zu messages to %s\n", c->n_messages, path);
+    free(path);
+}
+
+/* Runs a command. Returns 1 when it ends the session (/exit), else 0. */
+static int run_command(Chat *c, int command, const char *arg, size_t arg_len) {
+    const char *name = COMMAND_NAMES[command];
+    if (command == CMD_SAVE && arg_len == 0) {
+        fprintf(stderr, "run: /save needs a file name: /save FILE\n");
+        return 0;
+    }
+    if (command != CMD_SAVE && arg_len > 0) {
+        fprintf(stderr, "run: /%s takes no argument (//%s sends the message /%s)\n", name,
+                name, name);
+        return 0;
+    }
+    switch (command) {
+    case CMD_HELP: print_chat_help(); break;
+    case CMD_CLEAR: chat_clear(c); break;
+    case CMD_SAVE: save_command(c, arg, arg_len); break;
+    case CMD_EXIT: return 1;
+    }
+    return 0;
+}
+
+/* ---- The chat loop ---------------------------------------------------------------------- */
+
+enum { CHAT_GOES_ON, CHAT_ENDS, CHAT_FAILS };
+
+/* One message (stripped, not blank): a command, or a turn that the model answers. */
+static int take_message(Chat *c, const char *content, size_t len, int max_reply,
+                        int interactive) {
+    const char *arg;
+    size_t arg_len;
+    int command = parse_command(&content, &len, &arg, &arg_len);
+    if (command != CMD_NONE)
+        return run_command(c, command, arg, arg_len) ? CHAT_ENDS : CHAT_GOES_ON;
+    int fit = fit_turn(c, content, len);
+    if (fit == TURN_REFUSED) return CHAT_GOES_ON;
+    if (fit == TURN_ENDS) return CHAT_FAILS;
+    transcript_add(c, "user", content, len);
+    if (c->s->json) print_json_message("user", content, len);
+    answer(c, max_reply, interactive);
+    if ((size_t)c->s->pos >= c->seq_len && !c->s->context_shift) {
+        fprintf(stderr, "run: context full during the reply (%zu positions, -c); "
+                "session ended\n", c->seq_len);
+        return CHAT_FAILS;
+    }
+    return CHAT_GOES_ON;
+}
+
+/* The chat loop. Ends with exit status 0 at end of input, /exit or Ctrl-C on an empty prompt,
+   and with status 1 when the context is full without context_shift. */
 static int chat(Session *s, const char *system_prompt, const char *first_message, int max_reply) {
     Chat c;
     chat_open(&c, s, system_prompt, max_reply);
     Editor editor;
     int interactive = editor_open(&editor);
+    if (interactive)
+        fprintf(stderr, "chat: Enter sends, \\ at a line's end continues it, pastes keep their "
+                "newlines; /help for commands, Ctrl-D or /exit ends\n");
     Text message = {0};
     char *line = NULL;
     size_t line_capacity = 0;
-    int status = 0;
-    for (;;) {
+    int result = CHAT_GOES_ON;
+    while (result == CHAT_GOES_ON) {
         if (first_message) {
             message.len = 0;
             text_insert(&message, 0, first_message, strlen(first_message));
+            if (interactive) editor_show(&editor, &message);  /* as if typed */
             first_message = NULL;
         } else if (interactive) {
             if (editor_read(&editor) != 0) break;
@@ -2164,24 +2403,13 @@ static int chat(Session *s, const char *system_prompt, const char *first_message
         }
         const char *content;
         size_t len = strip_text(message.bytes, message.len, &content);
-        if (len == 0) continue;  /* blank line */
-        int fit = fit_turn(&c, content, len);
-        if (fit == TURN_REFUSED) continue;
-        if (fit == TURN_ENDS) { status = 1; break; }
-        if (s->json) print_json_message(s, "user", content, len);
-        answer(&c, max_reply, interactive);
-        if ((size_t)s->pos >= c.seq_len && !s->context_shift) {
-            fprintf(stderr, "run: context full during the reply (%zu positions, -c); "
-                    "session ended\n", c.seq_len);
-            status = 1;
-            break;
-        }
+        if (len > 0) result = take_message(&c, content, len, max_reply, interactive);
     }
     if (interactive) editor_close(&editor);
     free(line);
     free(message.bytes);
     chat_close(&c);
-    return status;
+    return result == CHAT_FAILS;
 }
 
 /* ---- 6b. Chat on a terminal: a line editor (POSIX termios) ----------------------------
@@ -2194,18 +2422,21 @@ static int chat(Session *s, const char *system_prompt, const char *first_message
      - a paste arrives between ESC[200~ and ESC[201~ (bracketed paste, which the editor turns
        on) and is inserted whole, newlines included, whatever its length: one message;
      - every other escape sequence is read to its end and dropped, so none reaches the model;
-     - Ctrl-D on an empty message, or Ctrl-C, ends the session;
+     - Ctrl-C clears the message (left on the screen, marked ^C, with a new prompt below, as
+       readline does); on an empty message Ctrl-C, and Ctrl-D, end the session;
      - every mode has a way out: a control byte ends an escape sequence and then acts, Ctrl-C
-       ends the session from inside a paste, and a paste or a sequence that goes quiet for
+       ends a paste (and clears it), and a paste or a sequence that goes quiet for
        EDITOR_QUIET_MS ends (a terminal sends one whole; a lone ESC[200~ typed does not).
-   Raw mode lasts only while a message is read: the reply is generated in the terminal's own
-   mode, where Ctrl-C raises SIGINT, and what is typed there (lines, Ctrl-D) is taken before
-   raw mode: a Ctrl-D typed during a reply ends the session once the reply is done. The
-   terminal is restored on every way out: return, exit() (atexit), and the signals that end
-   the program. */
+   The terminal has two modes for the session: raw while a message is read, and while a reply
+   is generated a mode without echo (so that typing does not mix into the reply) where Ctrl-C
+   raises SIGINT, to stop the reply. What is typed there waits in the terminal and is read by
+   the editor at the next prompt, as if typed then: a half-typed message shows, a line is
+   sent, a Ctrl-D on an empty message ends the session. The terminal is restored on every way
+   out: return, exit() (atexit), and the signals that end the program. */
 
-static struct termios saved_termios;   /* the terminal's settings outside the editor */
-static volatile sig_atomic_t in_raw_mode;
+static struct termios saved_termios;   /* the terminal's settings before the session */
+enum { TERMINAL_AS_FOUND, TERMINAL_REPLYING, TERMINAL_EDITING };
+static volatile sig_atomic_t terminal_mode;
 static int editor_fd = -1;             /* where the editor draws: the terminal */
 
 /* write() until done; errors are ignored (a terminal that went away cannot be drawn on).
@@ -2220,34 +2451,45 @@ static void write_all(int fd, const char *bytes, size_t n) {
     }
 }
 
+static void write_paste_mode(int on) {  /* bracketed paste */
+    write_all(editor_fd, on ? "\033[?2004h" : "\033[?2004l", 8);
+}
+
 /* Async-signal-safe: called from signal handlers too. */
-static void leave_raw_mode(void) {
-    if (!in_raw_mode) return;
+static void restore_terminal(void) {
+    if (terminal_mode == TERMINAL_AS_FOUND) return;
     int saved_errno = errno;
     tcsetattr(STDIN_FILENO, TCSANOW, &saved_termios);
-    write_all(editor_fd, "\033[?2004l", 8);  /* bracketed paste off */
-    in_raw_mode = 0;
+    if (terminal_mode == TERMINAL_EDITING) write_paste_mode(0);
+    terminal_mode = TERMINAL_AS_FOUND;
     errno = saved_errno;
 }
 
 static void on_fatal_signal(int sig) {
-    leave_raw_mode();
+    restore_terminal();
     signal(sig, SIG_DFL);
     raise(sig);
 }
 
-static void enter_raw_mode(void) {
-    struct termios raw = saved_termios;
-    raw.c_iflag &= ~(tcflag_t)(ICRNL | INLCR | IGNCR | IXON | ISTRIP);
-    raw.c_lflag &= ~(tcflag_t)(ICANON | ECHO | ISIG | IEXTEN);
-    raw.c_cc[VMIN] = 1;
-    raw.c_cc[VTIME] = 0;
-    in_raw_mode = 1;  /* first: a signal from here on restores the terminal */
-    if (tcsetattr(STDIN_FILENO, TCSANOW, &raw) != 0) {
-        in_raw_mode = 0;
-        die("cannot set the terminal to raw mode: %s", strerror(errno));
+/* Both modes read every byte as it is typed, and echo none; editing also takes Ctrl-C and
+   Ctrl-S as keys (not SIGINT, not flow control), and Enter as \r. Bracketed paste is on while
+   editing. */
+static void set_terminal_mode(int mode) {
+    struct termios t = saved_termios;
+    t.c_lflag &= ~(tcflag_t)(ICANON | ECHO | IEXTEN);
+    if (mode == TERMINAL_EDITING) {
+        t.c_iflag &= ~(tcflag_t)(ICRNL | INLCR | IGNCR | IXON | ISTRIP);
+        t.c_lflag &= ~(tcflag_t)ISIG;
     }
-    write_all(editor_fd, "\033[?2004h", 8);  /* bracketed paste on */
+    t.c_cc[VMIN] = 1;
+    t.c_cc[VTIME] = 0;
+    if (terminal_mode == TERMINAL_EDITING) write_paste_mode(0);
+    terminal_mode = mode;  /* first: a signal from here on restores the terminal */
+    if (tcsetattr(STDIN_FILENO, TCSANOW, &t) != 0) {
+        restore_terminal();
+        die("cannot set the terminal's mode: %s", strerror(errno));
+    }
+    if (mode == TERMINAL_EDITING) write_paste_mode(1);
 }
 
 enum { KEY_NONE, KEY_UP, KEY_DOWN, KEY_LEFT, KEY_RIGHT, KEY_HOME, KEY_END, KEY_DELETE,
@@ -2264,18 +2506,19 @@ static int editor_open(Editor *e) {
     editor_fd = isatty(STDOUT_FILENO) ? STDOUT_FILENO
               : isatty(STDERR_FILENO) ? STDERR_FILENO : STDIN_FILENO;
     e->history = checked_calloc(1, sizeof(Text), "the chat history");
-    atexit(leave_raw_mode);
+    atexit(restore_terminal);
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_handler = on_fatal_signal;
     sigemptyset(&action.sa_mask);
     int fatal[] = { SIGTERM, SIGHUP, SIGQUIT, SIGPIPE };
     for (size_t i = 0; i < sizeof fatal / sizeof fatal[0]; i++) sigaction(fatal[i], &action, NULL);
+    set_terminal_mode(TERMINAL_REPLYING);
     return 1;
 }
 
 static void editor_close(Editor *e) {
-    leave_raw_mode();
+    restore_terminal();
     for (size_t i = 0; e->history && i <= e->n_history; i++) free(e->history[i].bytes);
     free(e->history);
     free(e->text.bytes);
@@ -2424,7 +2667,7 @@ static void editor_escape_byte(Editor *e, unsigned char c) {
     if (!e->in_paste || key == KEY_PASTE_END) editor_key(e, key);
 }
 
-enum { EDIT_MORE, EDIT_SEND, EDIT_END };
+enum { EDIT_MORE, EDIT_SEND, EDIT_CANCEL, EDIT_END };
 
 /* A byte inside a paste: text, with \r and \r\n made \n and other control bytes dropped. */
 static void editor_paste_byte(Editor *e, unsigned char c) {
@@ -2435,7 +2678,8 @@ static void editor_paste_byte(Editor *e, unsigned char c) {
     if ((c >= 0x20 && c != 0x7F) || c == '\n' || c == '\t') editor_insert(e, (const char *)&c, 1);
 }
 
-/* One byte typed: returns EDIT_SEND at Enter, EDIT_END at Ctrl-D on nothing or Ctrl-C. */
+/* One byte typed: returns EDIT_SEND at Enter, EDIT_CANCEL at Ctrl-C on a message, EDIT_END
+   at Ctrl-C or Ctrl-D on nothing. */
 static int editor_byte(Editor *e, unsigned char c) {
     if (e->esc_state && c < 0x20) e->esc_state = 0;  /* a control byte ends it, then acts */
     if (e->esc_state) { editor_escape_byte(e, c); return EDIT_MORE; }
@@ -2450,7 +2694,7 @@ static int editor_byte(Editor *e, unsigned char c) {
             return EDIT_MORE;
         }
         return EDIT_SEND;
-    case 0x03: return EDIT_END;                                          /* Ctrl-C */
+    case 0x03: return e->text.len > 0 ? EDIT_CANCEL : EDIT_END;          /* Ctrl-C */
     case 0x04:                                                           /* Ctrl-D */
         if (e->text.len == 0) return EDIT_END;
         editor_key(e, KEY_DELETE);
@@ -2494,43 +2738,65 @@ static int editor_quiet(Editor *e) {
     return 1;
 }
 
-/* What was typed while a reply was generated, in the terminal's own mode, is read before raw
-   mode takes over (which would lose a Ctrl-D): whole lines into the input, typed ahead, and a
-   Ctrl-D as end_typed. */
+/* What was typed while a reply was generated waits in the terminal, byte for byte: it is
+   read into the input, to be taken at this prompt as if typed here. */
 static void editor_take_typed_ahead(Editor *e) {
     memmove(e->input, e->input + e->input_start, e->input_len);
     e->input_start = 0;
     struct pollfd p = { .fd = STDIN_FILENO, .events = POLLIN };
-    while (!e->end_typed && e->input_len < sizeof e->input && poll(&p, 1, 0) == 1 &&
-           (p.revents & POLLIN)) {
+    while (e->input_len < sizeof e->input && poll(&p, 1, 0) == 1 && (p.revents & POLLIN)) {
         ssize_t n = read(STDIN_FILENO, e->input + e->input_len, sizeof e->input - e->input_len);
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return;
-        if (n == 0) e->end_typed = 1;
+        if (n <= 0) return;  /* an error, or the terminal gone: editor_read meets it again */
         e->input_len += (size_t)n;
     }
 }
 
-/* Reads one message on the terminal into e->text. Returns 0, or -1 when the session ends. */
-static int editor_read(Editor *e) {
+/* An empty message at a new prompt (not drawn yet), after everything printed so far. */
+static void editor_start(Editor *e) {
     e->text.len = 0;
     e->cursor = 0;
     e->cursor_row = 0;
     e->shown = e->n_history;
+    text_delete(&e->history[e->shown], 0, e->history[e->shown].len);
     e->in_paste = e->esc_state = 0;
     fflush(stdout);
+}
+
+/* Ctrl-C on a message: it stays on the screen, marked ^C, and an empty prompt opens below it
+   (as readline does). The message goes into no history. */
+static void editor_cancel(Editor *e) {
+    e->cursor = e->text.len;
+    editor_draw(e);
+    write_all(editor_fd, "^C\r\n", 4);
+    editor_start(e);
+}
+
+/* A message sent goes into the history, before the entry of the next message. */
+static void editor_remember(Editor *e) {
+    if (e->text.len == 0) return;
+    Text *grown = realloc(e->history, (e->n_history + 2) * sizeof(Text));
+    if (!grown) die("out of memory for the chat history");
+    e->history = grown;
+    e->history[e->n_history + 1] = (Text){0};
+    text_set(&e->history[e->n_history], &e->text);
+    e->n_history++;
+}
+
+/* Reads one message on the terminal into e->text. Returns 0, or -1 when the session ends. */
+static int editor_read(Editor *e) {
+    editor_start(e);
     editor_take_typed_ahead(e);
-    if (e->end_typed && e->input_len == 0) return -1;
-    enter_raw_mode();
+    if (e->input_len > 0 && e->input[e->input_start] == 0x04) return -1;  /* Ctrl-D typed ahead */
+    set_terminal_mode(TERMINAL_EDITING);
     editor_draw(e);
     int result = EDIT_MORE, changed = 0;  /* changed: since the last draw */
     while (result == EDIT_MORE) {
-        if (e->input_len == 0 && e->end_typed) { result = EDIT_END; break; }
         if (e->input_len == 0 && (e->in_paste || e->esc_state) && editor_quiet(e)) continue;
         if (e->input_len == 0) {
             ssize_t n = read(STDIN_FILENO, e->input, sizeof e->input);
             if (n < 0 && errno == EINTR) continue;
-            if (n < 0) { leave_raw_mode(); die("cannot read stdin: %s", strerror(errno)); }
+            if (n < 0) { restore_terminal(); die("cannot read stdin: %s", strerror(errno)); }
             if (n == 0 || interrupted) { result = EDIT_END; break; }
             e->input_start = 0;
             e->input_len = (size_t)n;
@@ -2538,6 +2804,7 @@ static int editor_read(Editor *e) {
         while (e->input_len > 0 && result == EDIT_MORE) {
             result = editor_byte(e, e->input[e->input_start++]);
             e->input_len--;
+            if (result == EDIT_CANCEL) { editor_cancel(e); result = EDIT_MORE; }
             if (result == EDIT_MORE) changed = 1;
         }
         if (result == EDIT_MORE && !e->in_paste) {  /* a paste is drawn once, at its end */
@@ -2550,18 +2817,22 @@ static int editor_read(Editor *e) {
         editor_draw(e);
     }
     write_all(editor_fd, "\r\n", 2);
-    leave_raw_mode();
+    set_terminal_mode(TERMINAL_REPLYING);
     interrupted = 0;
     if (result == EDIT_END) return -1;
-    if (e->text.len > 0) {  /* into the history, before the entry of the next message */
-        Text *grown = realloc(e->history, (e->n_history + 2) * sizeof(Text));
-        if (!grown) die("out of memory for the chat history");
-        e->history = grown;
-        e->history[e->n_history + 1] = (Text){0};
-        text_set(&e->history[e->n_history], &e->text);
-        e->n_history++;
-    }
+    editor_remember(e);
     return 0;
+}
+
+/* A message given on the command line (-i), shown as if typed and sent: after the prompt, and
+   in the history. */
+static void editor_show(Editor *e, const Text *message) {
+    editor_start(e);
+    text_set(&e->text, message);
+    e->cursor = e->text.len;
+    editor_draw(e);
+    write_all(editor_fd, "\r\n", 2);
+    editor_remember(e);
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -2591,6 +2862,8 @@ static void print_usage(FILE *out) {
         "                        json (chat): one JSON object per message\n"
         "  --no-context-shift    chat: end the session when the context is full, instead of\n"
         "                        dropping the oldest turns\n"
+        "  chat commands         a message /help, /clear (new conversation), /save FILE (as JSON)\n"
+        "                        or /exit, typed or piped; //text sends /text to the model\n"
         "  -e <0|1>              stop at end tokens (end_of_text, eot, eom, the model's eos);\n"
         "                        default 1\n"
         "  -L <path>             write the logits of every position as raw float32 rows\n"

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 
-from common import DATA, program, run
+from common import DATA, program, run, scratch
 from test_engine import WORK, checkpoint, export, run_ids
 
 SPECIAL = {t["text"]: t["id"] for t in
@@ -255,3 +255,80 @@ def test_stats_line_on_its_own_line():
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
         assert proc.returncode == 0
         assert re.search(rb"\nprompt: \d+ tokens", proc.stdout), proc.stdout
+
+
+def test_commands_in_piped_chat():
+    """Issue 25: /help, /clear, /save FILE and /exit are commands in piped chat as on a
+    terminal; any other "/word" goes to the model, and "//text" sends "/text"."""
+    folder = scratch("chat-commands")
+    first, second = os.path.join(folder, "first.json"), os.path.join(folder, "second.json")
+    lines = ["/help", "Hello", f"/save {first}", "/clear", "Hello", f"/save {second}",
+             "/unknown word", "//help", "/helpful", "/save", "/clear now", "/exit", "Never sent"]
+    proc, turns = chat(lines, "-y", "Be brief.", "-n", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert b"/save FILE" in proc.stderr and b"//text" in proc.stderr  # the help, on stderr
+    assert len(turns) == 5, turns  # Hello, Hello, and the three messages that are no command
+    assert turns[1] == turns[0]  # after /clear: the ids of a new session, the same reply
+    assert turns[0][0] == [BOS] + message("system", "Be brief.") + message("user", "Hello") + \
+        assistant_header()
+    for (fed, _), (_, previous), text in zip(turns[2:], turns[1:], ["/unknown word", "/help",
+                                                                     "/helpful"]):
+        assert fed == closing(previous) + message("user", text) + assistant_header()
+    saved = [json.load(open(path)) for path in (first, second)]
+    assert saved[0] == saved[1] and [m["role"] for m in saved[0]] == \
+        ["system", "user", "assistant"]
+    assert [m["content"] for m in saved[0][:2]] == ["Be brief.", "Hello"]
+    errors = [line for line in proc.stderr.split(b"\n") if line.startswith(b"run: /")]
+    assert errors == [b"run: /save needs a file name: /save FILE",
+                      b"run: /clear takes no argument (//clear sends the message /clear)"]
+
+
+def test_saved_transcript_is_what_json_prints():
+    # the file holds the objects -o json prints, a reply's text included, in a JSON array
+    folder = scratch("chat-save")
+    path = os.path.join(folder, "chat.json")
+    stdin = f'Hi "there"\\\ncaf\xe9 \\ end\nSecond\n/save {path}\n'.encode()
+    proc = run([program("runomp"), model()[0], "-m", "chat", "-t", "0", "-n", "12",
+                "-y", "Sys", "-o", "json"], input=stdin)
+    printed = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [m["role"] for m in printed] == ["system", "user", "assistant", "user", "assistant"]
+    assert printed[1]["content"] == 'Hi "there"\ncaf\xe9 \\ end'
+    assert json.load(open(path)) == printed
+    assert os.listdir(folder) == ["chat.json"]  # no temporary file left beside it
+    assert proc.stderr.count(b"run: saved 5 messages to " + path.encode()) == 1, proc.stderr
+
+
+def test_save_replaces_whole_and_refuses_other_files():
+    folder = scratch("chat-save-refused")
+    path, link = os.path.join(folder, "chat.json"), os.path.join(folder, "link.json")
+    with open(path, "w") as f:
+        f.write("[]\n")  # an earlier transcript, which /save may replace
+    os.link(path, link)
+    other, weights = os.path.join(folder, "notes.txt"), os.path.join(folder, "model.bin")
+    with open(other, "w") as f:
+        f.write("my notes\n")
+    with open(model()[0], "rb") as f, open(weights, "wb") as out:
+        out.write(f.read(4096))  # a model named by mistake: its header
+    lines = [f"/save {path}", f"/save {other}", f"/save {weights}",
+             f"/save {os.path.join(folder, 'missing', 'x.json')}", f"/save {folder}", "Hello"]
+    proc, turns = chat(lines, "-n", "2")
+    assert proc.returncode == 0 and len(turns) == 1, proc.stderr  # the session went on
+    # written to a new file and renamed over the old one, which its other link still shows
+    assert open(path).read() == "[\n]\n" and open(link).read() == "[]\n"
+    assert open(other).read() == "my notes\n"
+    assert open(weights, "rb").read() == open(model()[0], "rb").read(4096)
+    errors = [line for line in proc.stderr.split(b"\n") if line.startswith(b"run: /save")]
+    assert len(errors) == 4, proc.stderr
+    assert all(line.endswith(b"nothing saved, the session goes on") for line in errors)
+    assert b"not a saved transcript" in errors[0] and b"not a saved transcript" in errors[1]
+    assert b"No such file or directory" in errors[2] and b"not a regular file" in errors[3]
+    assert sorted(os.listdir(folder)) == ["chat.json", "link.json", "model.bin", "notes.txt"]
+
+
+def test_first_message_from_the_command_line_in_json():
+    proc = run([program("runomp"), model()[0], "-m", "chat", "-t", "0", "-n", "3", "-o", "json",
+                "-i", " Hello "], input=b"Again\n")
+    printed = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [(m["role"], m.get("content")) for m in printed[::2]] == [("user", "Hello"),
+                                                                     ("user", "Again")]
+    assert [m["role"] for m in printed[1::2]] == ["assistant", "assistant"]

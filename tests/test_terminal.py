@@ -2,10 +2,12 @@
 line editor's keys, bracketed paste, continuation lines, Ctrl-C in a reply and at the prompt,
 a context that slides, and the terminal given back as it was. Every session runs with -o ids,
 so that the ids fed for each turn are checked, not only what is drawn."""
+import json
 import os
 import pty
 import re
 import signal
+import subprocess
 import termios
 import threading
 import time
@@ -235,11 +237,12 @@ QUIET = 1.0  # seconds: run.c's EDITOR_QUIET_MS, after which an open paste or se
 def test_every_editor_mode_has_a_way_out():
     """Issue 24: a paste opened and never closed swallowed every control byte (Ctrl-C and
     Ctrl-D included), and an escape sequence ate the control byte that ended it. Now a control
-    byte ends a sequence and acts, Ctrl-C ends the session from inside a paste, and a paste or
-    sequence left open goes quiet and ends. Each case: the session ends at the key, status 0,
-    the terminal restored; or the text typed after a quiet wait is the message."""
-    ends = [PASTE_START + b"text\r" + CTRL_C,              # the issue's case
-            PASTE_START + b"text\r\x1b[31" + CTRL_C,       # a sequence inside the paste
+    byte ends a sequence and acts, Ctrl-C ends a paste (clearing the message it filled: a second
+    Ctrl-C ends the session), and a paste or sequence left open goes quiet and ends. Each case:
+    the session ends at the keys, status 0, the terminal restored; or the text typed after a
+    quiet wait is the message."""
+    ends = [PASTE_START + b"text\r" + CTRL_C * 2,          # the issue's case
+            PASTE_START + b"text\r\x1b[31" + CTRL_C * 2,   # a sequence inside the paste
             PASTE_START + b"\x1b" + CTRL_C,
             b"\x1b[12" + CTRL_C, b"\x1bO" + CTRL_C, b"\x1b" + CTRL_C,  # in a sequence
             b"\x1b[1;" + CTRL_D, b"\x1b" + CTRL_D,           # Ctrl-D on an empty message
@@ -309,3 +312,103 @@ def test_terminal_restored_after_a_signal():
         status, output, _ = term.finish()
         assert status == -sig
         assert output.rfind(DONE) > output.rfind(READY)
+
+
+BANNER = (b"chat: Enter sends, \\ at a line's end continues it, pastes keep their newlines; "
+          b"/help for commands, Ctrl-D or /exit ends\n")
+
+
+def test_commands_on_a_terminal():
+    """Issue 25: the banner, and /help, /save, /clear and /exit typed at the prompt."""
+    path = os.path.join(WORK, f"chat-{time.monotonic_ns()}.json")
+    term = chat("-n", "3", "-y", "Be brief.")
+    typed = [b"Hello\r", b"/help\r", b"/save " + path.encode() + b"\r", b"/clear\r", b"Hello\r"]
+    for i, keys in enumerate(typed):
+        term.wait_for(READY, i + 1)
+        term.send(keys)
+    term.wait_for(READY, len(typed) + 1)
+    term.send(b"/exit\r")
+    status, output, err = term.finish()
+    check_restored(term, output, err, status)
+    assert err.count(BANNER) == 1 and b"/clear " in err and b"//text" in err, err
+    got = turns(output)
+    assert len(got) == 2 and got[1] == got[0]  # after /clear: a new session's ids and reply
+    assert got[0][0] == [BOS] + message("system", "Be brief.") + message("user", "Hello") + \
+        assistant_header()
+    saved = json.load(open(path))
+    assert [(m["role"], m["content"]) for m in saved[:2]] == [("system", "Be brief."),
+                                                               ("user", "Hello")]
+    assert [m["role"] for m in saved] == ["system", "user", "assistant"]
+
+
+def test_no_banner_when_piped():
+    proc = subprocess.run([program("runomp"), model()[0], "-m", "chat", "-n", "2"],
+                          input=b"Hi\n", capture_output=True, timeout=TIMEOUT)
+    assert proc.returncode == 0 and b"Enter sends" not in proc.stderr
+
+
+def test_ctrl_c_clears_a_half_typed_message():
+    """Issue 25: Ctrl-C on a message clears it (left on the screen, marked ^C, a new prompt
+    below, no history entry), and ends the session only on an empty message."""
+    term = chat("-n", "2")
+    term.wait_for(READY)
+    term.send(b"half a message" + CTRL_C)
+    term.wait_for(b"^C\r")
+    term.send(b"real\r")
+    term.wait_for(READY, 2)
+    term.send(b"another" + LEFT * 3 + CTRL_C + UP + b"\r")  # Up: "real", not what was cleared
+    term.wait_for(READY, 3)
+    term.send(b"more" + CTRL_C + CTRL_C)  # the first clears, the second ends
+    status, output, err = term.finish()
+    check_restored(term, output, err, status)
+    got = turns(output)
+    assert len(got) == 2 and output.count(b"^C\r") == 3, output[-300:]
+    assert got[0][0] == [BOS] + message("user", "real") + assistant_header()
+    assert got[1][0] == closing(got[0][1]) + message("user", "real") + assistant_header()
+
+
+def test_typing_during_a_reply_is_not_echoed_into_it():
+    """Issue 25: while a reply is generated the terminal echoes nothing (and Ctrl-C still stops
+    the reply); what was typed shows at the next prompt, to be finished and sent."""
+    term = chat("-n", "0", "-e", "0", "-c", "131072")
+    term.wait_for(READY)
+    term.send(b"Tell me everything\r")
+    term.wait_for(OUT_STARTED)
+    modes = termios.tcgetattr(term.fd)[3]
+    assert not modes & termios.ECHO and modes & termios.ISIG
+    term.send(b"typed during")
+    time.sleep(0.2)  # (the terminal queues it before the interrupt)
+    term.send(CTRL_C)
+    term.wait_for(READY, 2)
+    term.wait_for(b"typed during")
+    term.send(b" the reply\r")
+    term.wait_for(OUT_STARTED, 2)
+    term.send(CTRL_C)
+    term.wait_for(READY, 3)
+    term.send(CTRL_D)
+    status, output, err = term.finish()
+    check_restored(term, output, err, status)
+    second_prompt = output.index(READY, output.index(READY) + 1)
+    assert b"typed during" not in output[:second_prompt]  # not amid the reply's ids
+    assert b"^C" not in output
+    got = turns(output)
+    assert len(got) == 2 and got[0][1], output[-300:]
+    assert got[1][0] == closing(got[0][1]) + message("user", "typed during the reply") + \
+        assistant_header()
+
+
+def test_first_message_from_the_command_line_is_shown():
+    """Issue 25: -i's message shows after the prompt, as a typed one does, and is in the
+    history (Up)."""
+    term = chat("-n", "2", "-i", "Hello from -i")
+    term.wait_for(READY)
+    term.send(UP + b"\r")
+    term.wait_for(READY, 2)
+    term.send(CTRL_D)
+    status, output, err = term.finish()
+    check_restored(term, output, err, status)
+    shown = output.find(b"User: Hello from -i")
+    assert 0 <= shown < output.find(b"in:"), output[:300]
+    got = turns(output)
+    assert len(got) == 2
+    assert got[1][0] == closing(got[0][1]) + message("user", "Hello from -i") + assistant_header()
