@@ -1599,8 +1599,9 @@ typedef struct {
     Utf8Decoder utf8;
     double prompt_seconds, generate_seconds;
     long prompt_tokens, generated_tokens;
-    double started, load_seconds;  /* the run's start (now_seconds), its loading's duration */
-    double first_token_seconds;    /* from the start to the first sampled token; 0: none yet */
+    double load_seconds;         /* from the start to a ready model, tokenizer and cache */
+    double first_token_seconds;  /* from the first prompt's (or message's) feeding to its
+                                    first sampled token; 0: none yet */
 } Session;
 
 /* Set by SIGINT; whoever acts on it clears it. The one mutable global of the program, with
@@ -1750,7 +1751,7 @@ static int generate(Session *s, const int *prompt, size_t n_prompt, int max_new,
             logits = feed(s, &token, 1);
         }
         token = sample(&s->sampler, logits);
-        if (s->first_token_seconds == 0) s->first_token_seconds = now_seconds() - s->started;
+        if (s->first_token_seconds == 0) s->first_token_seconds = now_seconds() - start;
         int stop = is_stop_id(s, token);
         if (!stop || s->print_ids) emit_token(s, token);
         if (!stop && reply) push_or_die(reply, token);
@@ -1761,8 +1762,8 @@ static int generate(Session *s, const int *prompt, size_t n_prompt, int max_new,
     return token;
 }
 
-/* The stats line, after the run: the prompt's and the generation's speed, then the load time,
-   the time to the first token (both from the start), the threads and the kernels. Everything
+/* The stats line, after the run: the prompt's and the generation's speed, the load time, the
+   time to the first token (the first prompt's latency), the threads and the kernels. Everything
    on stdout is flushed first, so that it comes before the line where stdout and stderr meet
    (a terminal, or `2>&1`). */
 static void print_stats(const Session *s, const char *kernels) {
@@ -3568,7 +3569,7 @@ int main(int argc, char **argv) {
     const Config *cfg = &tr.model.config;
     cap_context(&o, cfg);
     Session s = { .tr = &tr, .print_ids = o.print_ids, .json = o.json,
-                  .context_shift = !o.no_context_shift, .started = started };
+                  .context_shift = !o.no_context_shift };
     char *default_path = NULL;
     const char *tokenizer_path = NULL;
     open_tokenizer(&s, &o, cfg, &tokenizer_path, &default_path);
