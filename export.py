@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Exports a Hugging Face Llama 3 checkpoint to llama3.c's model file ("L3CM" v1) and tokenizer
-file ("L3TK" v1); both formats are specified in README.md ("File formats").
+file ("L3TK" v1); both formats are specified in docs/formats.md.
 
 Needs only the Python standard library and numpy. Tensors are read from the safetensors files
 one bounded chunk of rows at a time, so the peak memory stays far below the model size.
@@ -78,7 +78,7 @@ MAX_DIMS = 64  # of a safetensors tensor (real ones have 1 or 2)
 # The model file's header, field by field from byte 0, little-endian, then zeros up to
 # HEADER_BYTES. This table is the header's one description in Python: pack_header writes it,
 # and tests/fuzz/modelfile.py builds and damages test files with it. The names are those of
-# run.c's Config, whose parse_header reads the same offsets (README.md, "File formats").
+# run.c's Config, whose parse_header reads the same offsets (docs/formats.md).
 MODEL_HEADER = (
     ("magic", "4s"), ("version", "I"),
     ("dim", "i"), ("hidden_dim", "i"), ("n_layers", "i"), ("n_heads", "i"), ("n_kv_heads", "i"),
@@ -624,7 +624,7 @@ def refuse_nonfinite(name, shape, start, x, bad=None, why="is not finite"):
 
 
 def quantize_q8_0(x, group_size):
-    """float32 [n] -> (int8 q [n], float32 scales [n/group_size]) as README.md ("File formats") defines."""
+    """float32 [n] -> (int8 q [n], float32 scales [n/group_size]) as docs/formats.md defines."""
     groups = x.reshape(-1, group_size)
     scale = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
     safe = np.where(scale == 0, np.float32(1), scale)
@@ -721,7 +721,7 @@ def search_q4_0(groups):
 
 def quantize_q4_0(x, group_size):
     """float32 [n] -> (int8 q [n] in [-8, 7], fp16 scales [n/group_size], and llama.cpp's Q4_0
-    squared error of x) as README.md ("File formats") defines: per group the
+    squared error of x) as docs/formats.md defines: per group the
     candidate (scale, q) of least squared error, q = clip(round(x / scale), -8, 7), among
     llama.cpp's Q4_0 choice, the Q4_SEARCH scales and the least-squares scale of the best q.
     Every group's error, hence every matrix's, is thus at most Q4_0's. Searched Q4_BLOCK_GROUPS
@@ -747,7 +747,7 @@ class OutputFile:
     """Writes the model file, padding each tensor to a 64-byte boundary. The bytes reach the
     file in whole pieces of WRITE_PIECE at offsets that are multiples of it: Linux then keeps
     the fresh file in its page cache as 2 MB folios, which run.c's mapping gets as 2 MB pages
-    (writes at odd offsets leave 4 KB folios, and a slower first run; README.md, "Performance")."""
+    (writes at odd offsets leave 4 KB folios, and a slower first run; docs/performance.md)."""
 
     def __init__(self, f):
         self.f = f
@@ -857,7 +857,7 @@ def write_values(out, pieces, as_matrix, weight_type, group_size, name, shape):
 
 
 def expected_size(plan, weight_type, group_size):
-    """File size implied by the format (README.md): checked after writing."""
+    """File size implied by the format (docs/formats.md): checked after writing."""
     pos = HEADER_BYTES
     for _, shape, is_matrix in plan:
         n = math.prod(shape)
@@ -1471,7 +1471,7 @@ def gguf_config(g):
 
 def rope_freq_divisors(c):
     """Llama 3.1's rope scaling as one divisor per rotated frequency (llama.cpp's rope_freqs):
-    1 for high frequencies, the factor for low ones, a smooth blend between (README.md)."""
+    1 for high frequencies, the factor for low ones, a smooth blend between (docs/gguf.md)."""
     hd = c["head_dim"]
     freqs = 1.0 / float(c["rope_theta"]) ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
     factor, low, high = c["rope_factor"], c["rope_low_freq_factor"], c["rope_high_freq_factor"]
@@ -2013,7 +2013,7 @@ def parse_args(argv):
         prog="export.py",
         description="Export a Hugging Face Llama 3 / 3.1 / 3.2 checkpoint (LlamaForCausalLM,\n"
                     "safetensors) to a llama3.c model file, and its tokenizer to a llama3.c\n"
-                    "tokenizer file (formats: README.md, section 'File formats').",
+                    "tokenizer file (formats: docs/formats.md).",
         epilog="Examples:\n"
                "  python3 export.py llama3.2-1b.bin --hf ~/Llama-3.2-1B-Instruct --dtype bf16\n"
                "  python3 export.py l3-8b-q8.bin --hf ~/Meta-Llama-3-8B --dtype q8_0\n"

@@ -20,7 +20,7 @@
    call: each does its part and returns 1 (or how much it did), or 0 where it does not apply,
    and the portable code after it runs. Without SIMD kernels each hook is the constant 0.
 
-   The model file is written by export.py (its layout: README.md, "File formats"); the
+   The model file is written by export.py (its layout: docs/formats.md); the
    tokenizer lives in tokenizer.c. */
 
 #define _POSIX_C_SOURCE 200809L  /* mmap, pread, getline, clock_gettime */
@@ -3697,7 +3697,7 @@ static __mmask16 lanes_before(int i, int n) {
    change. A decoding kernel streams each row once, and attention a long cache: one thread's
    loads alone keep too few lines in flight, and the hardware prefetcher leaves the kernels
    waiting on memory between their bursts of arithmetic. So the kernels ask for the bytes
-   DECODE_AHEAD past the ones they are about to read (README.md, "Performance"). */
+   DECODE_AHEAD past the ones they are about to read (docs/performance.md). */
 #define DECODE_AHEAD 2048
 static inline void prefetch_bytes(const void *p, size_t n) {
     for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
@@ -6880,7 +6880,7 @@ static void map_large_pages(unsigned char *map, size_t size, int fd) {
 
 /* -w read: the file read into memory instead of mapped, into 2 MB pages where Linux has
    them. A mapping gets 2 MB pages only where the page cache holds the file in 2 MB folios,
-   and decoding reads 4 KB pages more slowly (README.md, "-w read", has the figures). The
+   and decoding reads 4 KB pages more slowly (docs/performance.md has the figures). The
    cost: reading the whole file before the first token, and a second copy beside the page
    cache's. */
 static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
