@@ -3644,7 +3644,7 @@ int main(int argc, char **argv) {
    - decoding: the row dot products as 16-lane FMAs, four chains deep to hide their latency;
      bf16 rows widened by one shift or mask against x reordered once per matmul (split_pairs);
      q8_0 groups as int8 x int16 VNNI dot products (vpdpwssd), 32 per instruction; q4_0
-     nibbles the same way, two blocks unpacked per step; rows 4096+ wide taken WIDE_ROWS at a
+     nibbles the same way, four blocks unpacked per step; rows 4096+ wide taken WIDE_ROWS at a
      time, so that each load of x, which no longer stays in L1, serves 8 rows.
    - the prompt: register-tiled products of a panel of rows against strips of 32 tokens
      transposed so that one vector load is one column of 16 tokens, in slabs that stay in L2
@@ -4029,20 +4029,33 @@ static inline float dot_q8_fast(const int8_t *w, const float *w_scales, const Si
 }
 #endif
 
-/* q4_0 decoding: dot_q4, 64 values per step. 32 bytes of nibbles are two 32-value blocks;
-   widened to 16-bit lanes, an AND gives their low nibbles (values 0..15 of each block) and a
-   shift the high ones (values 16..31), each against x in that order (prepare_q4), one vpdpwssd
-   each: int32 lanes 0..7 then hold the first block's sums, 8..15 the second's. The nibbles are
-   the values + 8; the -8 comes back once per group, as -8 * the sum of its x (q4_offsets)
-   times the group's scales. Each 16 groups' scale products are formed at once, and with
-   groups of 32 each step's sums meet theirs by one permute (lanes 0..7 the first group's,
-   8..15 the next's), with no reduction per group. -a fast's kernel (dot_q4_fast) is below. */
+/* q4_0 decoding: dot_q4. Groups of 32 (dot_q4_32) take 128 values per step: 64 bytes of
+   nibbles are four blocks, and read as 32 16-bit words, each word holds four nibbles (bits
+   0-3, 4-7, 8-11, 12-15: the low and high nibble of its first byte, then of its second). One
+   shift and one AND give each of the four as 32 int16 lanes, against x in that order
+   (prepare_q4), one vpdpwssd each: int32 lane l then holds four bytes' products, all of block
+   l / 4, which meets its scales by one permute. Larger groups (dot_q4_groups) take 64 values
+   per step: 32 bytes widened to 16-bit lanes, an AND giving their low nibbles and a shift the
+   high ones. The nibbles are the values + 8; the -8 comes back once per group, as -8 * the sum
+   of its x (q4_offsets) times the group's scales. Each 16 groups' scale products are formed at
+   once. -a fast's kernel (dot_q4_fast) is below. */
 
-/* v->q (quantized) reordered for the kernels: per 64 values, x[0..15], x[32..47] (against
-   the low nibbles), then x[16..31], x[48..63] (the high ones); a last lone block pads with
-   zeros. And each group's offset, -8 * the sum of its values. */
+/* v->q (quantized) reordered for the kernels, and each group's offset, -8 * the sum of its
+   values. Groups of 32: per 128 values (four blocks; blocks past n are zeros), the 32 values
+   that each of the four nibbles of the 32 words stand for, nibble by nibble. Else per 64
+   values: x[0..15], x[32..47] (against the low nibbles), then x[16..31], x[48..63] (the high
+   ones); a last lone block pads with zeros. */
 static void prepare_q4(SimdVector *v, int n, int gs) {
-    for (int i = 0; i < n; i += 64) {
+    for (int i = 0; gs == 32 && i < n; i += 128) {
+        int16_t *p = v->q4_pairs + i;
+        for (int nibble = 0; nibble < 4; nibble++)
+            for (int word = 0; word < 32; word++) {
+                int byte = 2 * word + nibble / 2;  /* of the step's 64 */
+                int at = i + byte / 16 * 32 + byte % 16 + nibble % 2 * 16;
+                p[nibble * 32 + word] = at < n ? v->q[at] : 0;
+            }
+    }
+    for (int i = 0; gs != 32 && i < n; i += 64) {
         int16_t *p = v->q4_pairs + i;
         const int16_t *q = v->q + i;
         int two = i + 64 <= n;
@@ -4097,13 +4110,32 @@ static inline void prefetch_q4(const uint8_t *w, const uint16_t *scales) {
     prefetch_bytes((const char *)scales + DECODE_AHEAD / 8, 1);
 }
 
-/* Groups of 32. */
+/* The products of the 128 nibbles in words (64 bytes: four blocks) with x_pairs (prepare_q4's
+   order for groups of 32), int32 lane l holding four of block l / 4's. */
+static inline __m512i nibble_words(__m512i words, const int16_t *x_pairs) {
+    const __m512i mask = _mm512_set1_epi16(15);
+    __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(words, mask),
+                                    _mm512_loadu_si512((const void *)x_pairs));
+    __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                    _mm512_and_si512(_mm512_srli_epi16(words, 8), mask),
+                                    _mm512_loadu_si512((const void *)(x_pairs + 64)));
+    a = _mm512_dpwssd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(words, 4), mask),
+                            _mm512_loadu_si512((const void *)(x_pairs + 32)));
+    b = _mm512_dpwssd_epi32(b, _mm512_srli_epi16(words, 12),
+                            _mm512_loadu_si512((const void *)(x_pairs + 96)));
+    return _mm512_add_epi32(a, b);
+}
+
+/* Groups of 32: each window of 16 groups in four steps, step s's lanes meeting the scales of
+   groups 4s .. 4s+3 (pick[s]), alternating between two accumulators. A last window's missing
+   blocks load as zeros. */
 static float dot_q4_32(const uint8_t *w, const uint16_t *w_scales, const SimdVector *x,
                        int n) {
     int n_groups = n / 32;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, offsets = acc0;
-    const __m512i zero = _mm512_setzero_si512(), two = _mm512_set1_epi32(2);
-    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[2] = { _mm512_setzero_ps(), _mm512_setzero_ps() }, offsets = acc[0];
+    const __m512i quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512i pick[4];  /* lane l: l / 4 + 4s */
+    for (int s = 0; s < 4; s++) pick[s] = _mm512_add_epi32(quarters, _mm512_set1_epi32(4 * s));
     for (int g0 = 0; g0 < n_groups; g0 += 16) {
         int ng = n_groups - g0 < 16 ? n_groups - g0 : 16;
         __m512 scales = q4_scales(w_scales, x, g0, ng);
@@ -4112,31 +4144,16 @@ static float dot_q4_32(const uint8_t *w, const uint16_t *w_scales, const SimdVec
         const uint8_t *wg = w + (size_t)g0 * 16;
         const int16_t *xg = x->q4_pairs + (size_t)g0 * 32;
         prefetch_q4(wg, w_scales + g0);
-        __m512i index = halves;  /* lanes 0..7: group k, 8..15: group k + 1 */
-        int k = 0;
-        for (; k + 4 <= ng; k += 4) {  /* two steps, two chains */
-            __m512i s0 = nibble_sums(zero, _mm256_loadu_si256((const __m256i *)(wg + k * 16)),
-                                     xg + k * 32);
-            __m512i s1 = nibble_sums(zero, _mm256_loadu_si256((const __m256i *)(wg + k * 16 + 32)),
-                                     xg + k * 32 + 64);
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_permutexvar_ps(index, scales),
-                                   acc0);
-            index = _mm512_add_epi32(index, two);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_permutexvar_ps(index, scales),
-                                   acc1);
-            index = _mm512_add_epi32(index, two);
-        }
-        for (; k < ng; k += 2) {  /* a last pair, or a lone last block (the rest zeros) */
-            const uint8_t *wk = wg + k * 16;
-            __m256i bytes = k + 2 <= ng
-                ? _mm256_loadu_si256((const __m256i *)wk)
-                : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)wk));
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_sums(zero, bytes, xg + k * 32)),
-                                   _mm512_permutexvar_ps(index, scales), acc0);
-            index = _mm512_add_epi32(index, two);
+        for (int s = 0; s < 4 && 4 * s < ng; s++) {
+            int bytes = ng - 4 * s >= 4 ? 64 : (ng - 4 * s) * 16;  /* of the row, this step */
+            __mmask64 in_row = bytes == 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
+            __m512i words = _mm512_maskz_loadu_epi8(in_row, wg + 64 * s);
+            __m512 sums = _mm512_cvtepi32_ps(nibble_words(words, xg + 128 * s));
+            acc[s % 2] = _mm512_fmadd_ps(sums, _mm512_permutexvar_ps(pick[s], scales),
+                                         acc[s % 2]);
         }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), offsets));
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), offsets));
 }
 
 /* Groups of a multiple of 64: each group's steps summed in int32, then scaled. */
@@ -4242,7 +4259,7 @@ static void simd_alloc_scratch(MatmulScratch *s) {
     f->xq.scales = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
     f->xq.int8 = calloc_aligned((size_t)max_cols, sizeof(int8_t), "matmul scratch");
     f->xq.int8_offsets = calloc_aligned((size_t)max_cols, sizeof(int32_t), "matmul scratch");
-    f->xq.q4_pairs = calloc_aligned((size_t)max_cols + 64, sizeof(int16_t), "matmul scratch");
+    f->xq.q4_pairs = calloc_aligned((size_t)max_cols + 128, sizeof(int16_t), "matmul scratch");
     f->xq.q4_offsets = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");
     f->xq.q4_int8 = calloc_aligned((size_t)max_cols + 128, 1, "matmul scratch");
     f->x_pairs = calloc_aligned((size_t)max_cols, sizeof(float), "matmul scratch");

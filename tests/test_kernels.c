@@ -217,7 +217,7 @@ static void test_dots_q4(int n, int gs) {
     QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
                            malloc((size_t)(n / gs) * sizeof(float)) };
 #if HAS_VNNI  /* section 8's form of the same activations, sharing q and scales */
-    SimdVector sv = { qv.q, qv.scales, NULL, NULL, malloc((size_t)(n + 64) * sizeof(int16_t)),
+    SimdVector sv = { qv.q, qv.scales, NULL, NULL, malloc((size_t)(n + 128) * sizeof(int16_t)),
                       malloc((size_t)(n / gs) * sizeof(float)), malloc((size_t)n + 128) };
 #endif
     double worst_int = 0, worst_float = 0, worst_avx512 = 0, worst_fast_int = 0;
