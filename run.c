@@ -3437,15 +3437,18 @@ static void check_stdout(void) {
         die("cannot write the output: %s", errno ? strerror(errno) : "write error");
 }
 
-/* OpenMP's threads wait for the next loop by spinning, unless OMP_WAIT_POLICY says
-   otherwise. Where another program holds a core, a spinning thread takes turns with it, and
-   every loop waits for its turn: two threads then decode slower than one (docs/performance.md
-   has the figures). Waiting passively (asleep) costs little on a quiet machine. OpenMP reads
-   the policy once, as the program loads, so run sets it and starts itself again, once; the
-   user's own OMP_WAIT_POLICY is kept. */
-static void prefer_passive_wait(char **argv) {
+/* OpenMP's threads wait for the next loop by spinning (GNU OpenMP: 300000 checks, about 3 ms).
+   Where another program holds a core, a spinning thread takes turns with it, and every loop
+   waits for its turn: two threads then decode slower than one. Waiting asleep at once costs
+   the small models' many short loops on a quiet machine; a short spin (1000 checks) then sleep
+   holds on both (docs/performance.md has the figures). OpenMP reads these settings once, as
+   the program loads, so run sets them (GOMP_SPINCOUNT for GNU OpenMP, OMP_WAIT_POLICY=passive
+   for the others) and starts itself again, once; the user's own settings are kept. */
+static void prefer_short_spin(char **argv) {
 #if defined _OPENMP
-    if (getenv("OMP_WAIT_POLICY") || setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
+    if (setenv("OMP_WAIT_POLICY", "passive", 1) != 0 || setenv("GOMP_SPINCOUNT", "1000", 1) != 0)
+        return;
     execv("/proc/self/exe", argv);  /* returns only on failure: then go on as we are */
 #else
     (void)argv;
@@ -3553,7 +3556,7 @@ static void generate_mode(Session *s, const Options *o, const TokenList *prompt,
 }
 
 int main(int argc, char **argv) {
-    prefer_passive_wait(argv);
+    prefer_short_spin(argv);
     double started = now_seconds();
     struct sigaction bus = { .sa_handler = on_sigbus };
     sigaction(SIGBUS, &bus, NULL);

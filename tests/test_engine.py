@@ -382,7 +382,8 @@ def test_llama_cpp_habits():
 
 def test_stats_line_and_thread_wait_policy():
     """One line after the run: speeds, ms per token, load and first-token times, threads and
-    kernels; "1 token" for one. runomp waits passively unless OMP_WAIT_POLICY says otherwise."""
+    kernels; "1 token" for one. runomp's threads spin briefly, then sleep (GOMP_SPINCOUNT=1000,
+    OMP_WAIT_POLICY=passive), unless the user set either."""
     model = export(checkpoint("tiny30"), "fp32", "tiny30")
     base = [program("runomp"), model, "-I", "1 2 3", "-o", "ids", "-e", "0", "-t", "0", "-T", "2"]
     for n, noun in ((1, "1 token"), (5, "5 tokens")):
@@ -396,10 +397,12 @@ def test_stats_line_and_thread_wait_policy():
     version = run([program("runomp"), "--version"]).stdout
     if b"OpenMP threads" not in version:
         return  # the sanitizer build has no OpenMP: nothing waits
-    for given, want in ((None, "passive"), ("active", "active")):
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        if given:
-            env["OMP_WAIT_POLICY"] = given
+    for given, want in (({}, {"OMP_WAIT_POLICY=passive", "GOMP_SPINCOUNT=1000"}),
+                        ({"OMP_WAIT_POLICY": "active"}, {"OMP_WAIT_POLICY=active"}),
+                        ({"GOMP_SPINCOUNT": "5"}, {"GOMP_SPINCOUNT=5"})):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env.update(given)
         # a prompt from a pipe kept open: run waits for it, long after it started (again)
         p = subprocess.Popen([program("runomp"), full_vocab_model()[0], "-n", "1"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -407,12 +410,14 @@ def test_stats_line_and_thread_wait_policy():
         try:
             for _ in range(100):
                 environ = open(f"/proc/{p.pid}/environ", "rb").read().split(b"\0")
-                if any(v.startswith(b"OMP_WAIT_POLICY=") for v in environ):
+                if any(v.startswith((b"OMP_WAIT_POLICY=", b"GOMP_SPINCOUNT=")) for v in environ):
                     break
                 time.sleep(0.05)
         finally:
             p.communicate(b"Hello", timeout=60)
-        assert f"OMP_WAIT_POLICY={want}".encode() in environ, (given, environ)
+        got = {v.decode() for v in environ
+               if v.startswith((b"OMP_WAIT_POLICY=", b"GOMP_SPINCOUNT="))}
+        assert got == want, (given, got)
 
 
 def test_long_flags_are_the_short_ones():
