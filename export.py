@@ -804,15 +804,15 @@ def write_values(out, pieces, as_matrix, weight_type, group_size, name, shape):
     out.align()
     scales = []
     max_err = sq_err = sq_ref = sq_err_q4_0 = 0.0
-    start = 0  # the tensor's first element in this piece
+    start, total = 0, math.prod(shape)  # start: the tensor's first element in this piece
     for raw, dtype in pieces:
         here, start = start, start + raw.size
+        if out.progress and here:
+            out.progress(here / total)  # the pieces before this one
         if kind == "bf16" and dtype == "BF16":
             if ((raw & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():  # infinity or NaN
                 refuse_nonfinite(name, shape, here, to_f32(raw, dtype))
             out.write(raw)  # exact copy of the stored bits
-            if out.progress:
-                out.progress((here + raw.size) / max(1, math.prod(shape)))
             continue
         x = to_f32(raw, dtype)
         refuse_nonfinite(name, shape, here, x)
@@ -840,8 +840,6 @@ def write_values(out, pieces, as_matrix, weight_type, group_size, name, shape):
             max_err = max(max_err, float(np.abs(err).max(initial=0)))
             sq_err += float(np.einsum("i,i->", err, err, dtype=np.float64))
             sq_ref += float(np.einsum("i,i->", x, x, dtype=np.float64))
-        if out.progress:
-            out.progress(start / max(1, math.prod(shape)))
         del raw
     if kind not in ("q8_0", "q4_0"):
         return kind

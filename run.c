@@ -1769,6 +1769,7 @@ static int generate(Session *s, const int *prompt, size_t n_prompt, int max_new,
 static void print_stats(const Session *s, const char *kernels) {
     fflush(stdout);
     long p = s->prompt_tokens, g = s->generated_tokens;
+    int threads = max_threads();
     double g_rate = s->generate_seconds > 0 ? (double)g / s->generate_seconds : 0.0;
     char per_token[32] = "-", first[32] = "-";
     if (g_rate > 0) snprintf(per_token, sizeof per_token, "%.1f", 1000.0 / g_rate);
@@ -1776,8 +1777,8 @@ static void print_stats(const Session *s, const char *kernels) {
     fprintf(stderr, "prompt: %ld token%s, %.1f tok/s; generated: %ld token%s, %.1f tok/s, "
             "%s ms/token; load %.2f s, first token %s; %d thread%s, %s kernels\n",
             p, p == 1 ? "" : "s", s->prompt_seconds > 0 ? (double)p / s->prompt_seconds : 0.0,
-            g, g == 1 ? "" : "s", g_rate, per_token, s->load_seconds, first, max_threads(),
-            max_threads() == 1 ? "" : "s", kernels);
+            g, g == 1 ? "" : "s", g_rate, per_token, s->load_seconds, first, threads,
+            threads == 1 ? "" : "s", kernels);
 }
 
 static void encode_or_die(const Tokenizer *t, const char *text, size_t len, int flags,
