@@ -3632,9 +3632,10 @@ int main(int argc, char **argv) {
    decode bf16                            dot_bf16_avx512    dot_bf16_avx2   dot_bf16_neon
      rows 4096+                           wide_rows_bf16
    decode q8_0                            dot_q8_vnni        dot_groups_avx2 dot_groups_neon
-   decode q4_0                            dot_q4_32, _groups dot_groups_avx2 dot_groups_neon
-     -a fast                              dot_q8_fast,       dot_groups_avx2 dot_groups_neon
-                                          dot_q4_fast,       (int8)          (int8, sdot)
+   decode q4_0                            dot_q4_32, _groups dot_q4_32_avx2  dot_groups_neon
+                                                             dot_groups_avx2
+     -a fast                              dot_q8_fast,       the same, int8  dot_groups_neon
+                                          dot_q4_fast,                       (int8, sdot)
                                           dot_bf16_fast
    decode input     simd_prepare_input    quantize_input     quantize_input  quantize_input
    prompt           simd_matmul_batch     matmul_strips,     strip_kernel8   tile_dots_neon,
@@ -5434,8 +5435,9 @@ static const char *simd_kernels(void) {
    float32 arithmetic, with 256-bit vectors:
    - decoding: fp32 rows as four chains of 8-lane FMAs; bf16 rows widened by one shift or mask
      against x reordered once per matmul (pairs16); q8_0 groups as int8 x int16 products
-     summed pairwise in int32 (vpmaddwd); q4_0 blocks unpacked by one AND and one shift into
-     the same products, the nibbles' +8 taken back once per group (as dot_q4_32 does);
+     summed pairwise in int32 (vpmaddwd); q4_0 blocks unpacked by shifts and ANDs into the
+     same products, the nibbles' +8 taken back once per group (as dot_q4_32 does), and with
+     groups of 32 eight blocks' sums gathered into one vector before they meet their scales;
    - -a fast: q8_0 and q4_0 against int8 activations, 32 products per vpmaddubsw (as llama.cpp
      does on AVX2); bf16 has no such instruction here, so -a fast changes nothing for it.
    - attention: score tiles of 4 rows by one key tile, value sums of 4 rows by 16 dimensions
@@ -5453,6 +5455,8 @@ typedef struct {
     float *scales;      /* one per group */
     int8_t *int8;       /* -a fast: q as int8 (q_max 127) */
     float *q4_offsets;  /* q4_0: per group -8 * the sum of its q */
+    int16_t *q4_pairs;  /* q4_0, groups of 32: q in the order its nibbles unpack (prepare_q4_32) */
+    int8_t *q4_int8;    /* ... and -a fast's int8 q in that kernel's order */
 } SimdVector;
 
 /* The prompt path's shapes (simd_matmul_batch, below). */
@@ -5686,8 +5690,101 @@ static inline float dot_groups_avx2(const Matrix *w, int r, const SimdVector *x,
     return sum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), offsets)) + tail_offsets;
 }
 
+/* v->q in the order dot_q4_32_avx2 reads it, per 64 values (a step: two blocks, zeros past
+   n). Exact: as prepare_q4 above with 16 words per step, p[nibble * 16 + word] meeting nibble
+   `nibble` of the step's 16-bit word `word`. -a fast: the two blocks' values 0..15, then their
+   values 16..31, as int8. */
+static void prepare_q4_32(SimdVector *v, int n, int int8) {
+    for (int i = 0; i < n; i += 64)
+        for (int k = 0; k < 64; k++) {
+            int at, nibble = k / 16, word = k % 16, byte = 2 * word + nibble / 2;
+            if (int8) at = i + k % 32 / 16 * 32 + k % 16 + k / 32 * 16;
+            else at = i + byte / 16 * 32 + byte % 16 + nibble % 2 * 16;
+            if (int8) v->q4_int8[i + k] = at < n ? (int8_t)v->q[at] : 0;
+            else v->q4_pairs[i + k] = at < n ? v->q[at] : 0;
+        }
+}
+
+/* The products of one step's 64 nibbles (32 bytes: two blocks) with x in prepare_q4_32's order,
+   int32 lanes 0..3 holding four of the first block's and lanes 4..7 four of the second's.
+   Exact: each 16-bit word's four nibbles come out with a shift and an AND, as int16 against
+   int16 x (vpmaddwd). -a fast: the low and the high nibbles as unsigned bytes against int8 x
+   (vpmaddubsw; four products of at most 15 * 127 fit an int16 lane), widened by one vpmaddwd. */
+static inline __m256i nibble_step(const uint8_t *w, const SimdVector *x, int i, int int8) {
+    __m256i words = _mm256_loadu_si256((const __m256i *)w);
+    if (int8) {
+        const __m256i mask = _mm256_set1_epi8(15);
+        const int8_t *xi = x->q4_int8 + i;
+        __m256i low = _mm256_and_si256(words, mask);
+        __m256i high = _mm256_and_si256(_mm256_srli_epi16(words, 4), mask);
+        __m256i p = _mm256_add_epi16(
+            _mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i *)xi)),
+            _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i *)(xi + 32))));
+        return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+    }
+    const __m256i mask = _mm256_set1_epi16(15);
+    const int16_t *xp = x->q4_pairs + i;
+    __m256i a = _mm256_madd_epi16(_mm256_and_si256(words, mask),
+                                  _mm256_loadu_si256((const __m256i *)xp));
+    __m256i b = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(words, 4), mask),
+                                  _mm256_loadu_si256((const __m256i *)(xp + 16)));
+    __m256i c = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(words, 8), mask),
+                                  _mm256_loadu_si256((const __m256i *)(xp + 32)));
+    __m256i d = _mm256_madd_epi16(_mm256_srli_epi16(words, 12),
+                                  _mm256_loadu_si256((const __m256i *)(xp + 48)));
+    return _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d));
+}
+
+/* One q4_0 row with groups of 32 (export.py's default), 8 blocks per window in four steps of
+   two. Two rounds of vphaddd leave each block's sum in one lane, in the order
+   [0 2 4 6 | 1 3 5 7], so that a window takes one conversion and one multiply-add with its 8
+   scale products, permuted to match. A last window's missing blocks are zeros. */
+static inline float dot_q4_32_avx2(const Matrix *w, int r, const SimdVector *x, int int8) {
+    int n_groups = w->cols / 32;
+    size_t row_group = (size_t)r * n_groups;
+    const uint8_t *row = (const uint8_t *)w->data + row_group * 16;
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    __m256 acc = _mm256_setzero_ps(), offsets = acc;
+    uint8_t last[128];
+    for (int g0 = 0; g0 < n_groups; g0 += 8) {
+        const uint8_t *wg = row + (size_t)g0 * 16;
+        __m256 scales, group_offsets;
+        int ng = n_groups - g0;
+        if (ng >= 8) {
+            ng = 8;
+            scales = scale_products8(w, row_group, x->scales, g0);
+            group_offsets = _mm256_loadu_ps(x->q4_offsets + g0);
+        } else {  /* the last few blocks, copied beside zeros */
+            float s[8] = {0}, o[8] = {0};
+            for (int j = 0; j < ng; j++) {
+                s[j] = fp16_to_float(w->fp16_scales[row_group + g0 + j]) * x->scales[g0 + j];
+                o[j] = x->q4_offsets[g0 + j];
+            }
+            memset(last, 0, sizeof last);
+            memcpy(last, wg, (size_t)ng * 16);
+            wg = last;
+            scales = _mm256_loadu_ps(s);
+            group_offsets = _mm256_loadu_ps(o);
+        }
+        prefetch_avx2(wg + AVX2_AHEAD, 128);
+        offsets = _mm256_fmadd_ps(scales, group_offsets, offsets);
+        __m256i steps[4];
+        for (int k = 0; k < 4; k++)
+            steps[k] = 2 * k < ng ? nibble_step(wg + 32 * k, x, (g0 + 2 * k) * 32, int8)
+                                  : _mm256_setzero_si256();
+        __m256i blocks = _mm256_hadd_epi32(_mm256_hadd_epi32(steps[0], steps[1]),
+                                           _mm256_hadd_epi32(steps[2], steps[3]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blocks), _mm256_permutevar8x32_ps(scales, order),
+                              acc);
+    }
+    return sum8(_mm256_add_ps(acc, offsets));
+}
+
 static void simd_alloc_scratch(MatmulScratch *s) {
     struct SimdScratch *f = checked_calloc(1, sizeof *f, "matmul scratch");
+    size_t steps = ((size_t)s->max_cols + 63) / 64 * 64;  /* q4_0's whole steps of 64 */
+    f->xq.q4_pairs = calloc_aligned(steps, sizeof(int16_t), "matmul scratch");
+    f->xq.q4_int8 = calloc_aligned(steps, sizeof(int8_t), "matmul scratch");
     f->x_pairs = calloc_aligned((size_t)s->max_cols, sizeof(float), "matmul scratch");
     f->n_strip_tokens = (s->max_tokens + STRIP8 - 1) / STRIP8 * STRIP8;
     f->strips = calloc_aligned((size_t)f->n_strip_tokens * (size_t)s->max_cols, sizeof(float),
@@ -5707,7 +5804,7 @@ static void simd_free_scratch(MatmulScratch *s) {
     struct SimdScratch *f = s->simd;
     if (!f) return;
     void *buffers[] = { f->x_pairs, f->strips, f->slabs, f->sums, f->xq.q, f->xq.scales,
-                        f->xq.int8, f->xq.q4_offsets };
+                        f->xq.int8, f->xq.q4_offsets, f->xq.q4_pairs, f->xq.q4_int8 };
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free_aligned(buffers[i]);
     free(f);
 }
@@ -5736,6 +5833,7 @@ static int simd_prepare_input(const Matrix *w, const float *x, MatmulScratch *s)
         for (int i = g * gs; i < (g + 1) * gs; i++) sum += v->q[i];
         v->q4_offsets[g] = (float)(-8 * sum);
     }
+    if (w->type == WEIGHT_Q4_0 && gs == 32) prepare_q4_32(v, w->cols, int8);
     return 1;
 }
 
@@ -5756,8 +5854,7 @@ static int simd_matmul_rows(float *out, const Matrix *w, const float *x, MatmulS
             out[r] = dot_bf16_avx2((const uint16_t *)w->data + r * cols, s->simd->x_pairs,
                                    w->cols);
         else if (q4 && gs == 32)
-            out[r] = int8 ? dot_groups_avx2(w, r, xq, 32, 1, 1)
-                          : dot_groups_avx2(w, r, xq, 32, 1, 0);
+            out[r] = int8 ? dot_q4_32_avx2(w, r, xq, 1) : dot_q4_32_avx2(w, r, xq, 0);
         else if (q4)
             out[r] = int8 ? dot_groups_avx2(w, r, xq, gs, 1, 1)
                           : dot_groups_avx2(w, r, xq, gs, 1, 0);
