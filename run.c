@@ -3683,6 +3683,11 @@ static float checked_scale(int16_t *q, int gs, float amax, int ordered, float q_
 }
 
 #define VALUES_AHEAD 16  /* attention's weighted sum fetches the values this many positions on */
+
+/* For kernels written once with parameters that each call site makes constants (a group size,
+   a weight type): inlined at every call, whatever the compiler's size limits, so that each
+   copy's loops unroll for its constants. */
+#define SPECIALISED static inline __attribute__((always_inline))
 #endif
 
 /* ---- 8a. AVX-512 ------------------------------------------------------------------------ */
@@ -5609,85 +5614,94 @@ static int int8_applies(const Matrix *w, const MatmulScratch *s) {
     return s->simd->fast && int_kernel_applies(w) && w->group_size % 32 == 0;
 }
 
-/* w_scale * x_scale of groups g0 .. g0+7 (q4_0's fp16 scales widened by F16C), into out. */
-static inline __m256 scale_products8(const Matrix *w, size_t row_group, const float *x_scales,
-                                     int g0) {
-    __m256 ws = w->type == WEIGHT_Q4_0
-        ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->fp16_scales + row_group + g0)))
-        : _mm256_loadu_ps(w->scales + row_group + g0);
-    return _mm256_mul_ps(ws, _mm256_loadu_ps(x_scales + g0));
+/* The scale products w_scale * x_scale of groups g0 .. g0+n-1 of a row (row_group: its first
+   group), q4_0's fp16 scales widened by F16C, and for q4_0 their offsets (SimdVector's
+   q4_offsets); lanes n..7 zero. */
+static inline void window_scales(__m256 *scales, __m256 *offsets, const Matrix *w,
+                                 size_t row_group, const SimdVector *x, int g0, int n) {
+    int q4 = w->type == WEIGHT_Q4_0;
+    if (n == 8) {
+        __m256 ws = q4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->fp16_scales +
+                                                                             row_group + g0)))
+                       : _mm256_loadu_ps(w->scales + row_group + g0);
+        *scales = _mm256_mul_ps(ws, _mm256_loadu_ps(x->scales + g0));
+        *offsets = q4 ? _mm256_loadu_ps(x->q4_offsets + g0) : _mm256_setzero_ps();
+        return;
+    }
+    float s[8] = {0}, o[8] = {0};  /* a row's last few groups */
+    for (int j = 0; j < n; j++) {
+        size_t g = row_group + (size_t)(g0 + j);
+        s[j] = (q4 ? fp16_to_float(w->fp16_scales[g]) : w->scales[g]) * x->scales[g0 + j];
+        o[j] = q4 ? x->q4_offsets[g0 + j] : 0.0f;
+    }
+    *scales = _mm256_loadu_ps(s);
+    *offsets = _mm256_loadu_ps(o);
 }
 
-/* One q8_0 or q4_0 row against x as simd_prepare_input left it. Each group's integer products
-   in 8 int32 lanes: q8_0 (int8 w, widened) or q4_0 (nibbles: the block's values + 8, in order:
-   16 bytes widened to int16, an AND gives values 0..15 and a shift values 16..31) against
-   int16 x, summed pairwise (vpmaddwd); or with int8 x, q8_0 through vpmaddubsw (|w| against x
-   with w's sign, then pairs of int16 summed into int32) and q4_0's nibbles as its unsigned
-   side directly. Then times the group's two scales, 8 groups' scale products formed at once;
-   for q4_0 the nibbles' +8 comes back as the groups' offsets (-8 * the sum of their x) times
+/* One group's integer products in 8 int32 lanes: q8_0 (int8 w, widened) or q4_0 (nibbles:
+   the block's values + 8, in order: 16 bytes widened to int16, an AND gives values 0..15 and
+   a shift values 16..31) against int16 x, summed pairwise (vpmaddwd); or with int8 x, q8_0
+   through vpmaddubsw (|w| against x with w's sign, then pairs of int16 summed into int32) and
+   q4_0's nibbles as its unsigned side directly. */
+SPECIALISED __m256i group_sum(const char *wg, const int16_t *xq, const int8_t *x8, int gs,
+                            int q4, int int8) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i isum = _mm256_setzero_si256();
+    for (int i = 0; i < gs; i += int8 || q4 ? 32 : 16) {
+        __m256i p;
+        if (q4 && int8) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(wg + i / 2));
+            __m256i nibbles = _mm256_and_si256(
+                _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
+                _mm256_set1_epi8(15));
+            p = _mm256_madd_epi16(_mm256_maddubs_epi16(
+                    nibbles, _mm256_loadu_si256((const __m256i *)(x8 + i))), ones);
+        } else if (int8) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + i));
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x8 + i));
+            p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
+                                                       _mm256_sign_epi8(xv, wv)), ones);
+        } else if (q4) {
+            __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + i / 2)));
+            p = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(15)),
+                                  _mm256_loadu_si256((const __m256i *)(xq + i))),
+                _mm256_madd_epi16(_mm256_srli_epi16(w16, 4),
+                                  _mm256_loadu_si256((const __m256i *)(xq + i + 16))));
+        } else {
+            __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + i)));
+            p = _mm256_madd_epi16(w16, _mm256_loadu_si256((const __m256i *)(xq + i)));
+        }
+        isum = _mm256_add_epi32(isum, p);
+    }
+    return isum;
+}
+
+/* One q8_0 or q4_0 row against x as simd_prepare_input left it, 8 groups per window: the
+   window's 8 scale products formed at once, and each group's sum (group_sum) times its own,
+   picked from them by a permute; for q4_0 the nibbles' +8 comes back as the groups' offsets (-8 * the sum of their x) times
    the same products. Inlined with constant gs, q4 and int8, the group loop unrolls. */
-static inline float dot_groups_avx2(const Matrix *w, int r, const SimdVector *x, int gs,
-                                    int q4, int int8) {
+SPECIALISED float dot_groups_avx2(const Matrix *w, int r, const SimdVector *x, int gs,
+                                int q4, int int8) {
     int n_groups = w->cols / gs;
     size_t row_group = (size_t)r * n_groups, group_bytes = q4 ? (size_t)gs / 2 : (size_t)gs;
     const char *row = (const char *)w->data + row_group * group_bytes;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, offsets = acc0;
-    float scales[8], tail_offsets = 0.0f;
+    __m256 acc = _mm256_setzero_ps(), offsets = acc;
     for (int g0 = 0; g0 < n_groups; g0 += 8) {
         int n = n_groups - g0 < 8 ? n_groups - g0 : 8;
-        if (n == 8) {
-            __m256 s = scale_products8(w, row_group, x->scales, g0);
-            if (q4) offsets = _mm256_fmadd_ps(s, _mm256_loadu_ps(x->q4_offsets + g0), offsets);
-            _mm256_storeu_ps(scales, s);
-        } else {  /* the last few groups, their scales one by one */
-            for (int j = 0; j < n; j++) {
-                size_t g = row_group + (size_t)(g0 + j);
-                scales[j] = (q4 ? fp16_to_float(w->fp16_scales[g]) : w->scales[g]) *
-                            x->scales[g0 + j];
-                if (q4) tail_offsets += x->q4_offsets[g0 + j] * scales[j];
-            }
-        }
+        __m256 scales, group_offsets;
+        window_scales(&scales, &group_offsets, w, row_group, x, g0, n);
+        offsets = _mm256_fmadd_ps(scales, group_offsets, offsets);
         prefetch_avx2(row + (size_t)g0 * group_bytes + AVX2_AHEAD, 8 * group_bytes);
-        for (int j = 0; j < n; j++) {
-            const char *wg = row + (size_t)(g0 + j) * group_bytes;
-            const int16_t *xq = x->q + (size_t)(g0 + j) * gs;
-            const int8_t *x8 = x->int8 + (size_t)(g0 + j) * gs;
-            __m256i isum = _mm256_setzero_si256();
-            for (int i = 0; i < gs; i += int8 || q4 ? 32 : 16) {
-                __m256i p;
-                if (q4 && int8) {
-                    __m128i v = _mm_loadu_si128((const __m128i *)(wg + i / 2));
-                    __m256i nibbles = _mm256_and_si256(
-                        _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
-                        _mm256_set1_epi8(15));
-                    p = _mm256_madd_epi16(_mm256_maddubs_epi16(
-                            nibbles, _mm256_loadu_si256((const __m256i *)(x8 + i))), ones);
-                } else if (int8) {
-                    __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + i));
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(x8 + i));
-                    p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
-                                                               _mm256_sign_epi8(xv, wv)), ones);
-                } else if (q4) {
-                    __m128i bytes = _mm_loadu_si128((const __m128i *)(wg + i / 2));
-                    __m256i w16 = _mm256_cvtepu8_epi16(bytes);
-                    p = _mm256_add_epi32(
-                        _mm256_madd_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(15)),
-                                          _mm256_loadu_si256((const __m256i *)(xq + i))),
-                        _mm256_madd_epi16(_mm256_srli_epi16(w16, 4),
-                                          _mm256_loadu_si256((const __m256i *)(xq + i + 16))));
-                } else {
-                    __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + i)));
-                    p = _mm256_madd_epi16(w16, _mm256_loadu_si256((const __m256i *)(xq + i)));
-                }
-                isum = _mm256_add_epi32(isum, p);
-            }
-            __m256 sum = _mm256_cvtepi32_ps(isum), scale = _mm256_broadcast_ss(scales + j);
-            if (j % 2) acc1 = _mm256_fmadd_ps(sum, scale, acc1);
-            else acc0 = _mm256_fmadd_ps(sum, scale, acc0);
+        for (int j = 0; j < 8; j++) {
+            size_t g = (size_t)(j < n ? g0 + j : g0);  /* past n: group g0 again, scaled by 0 */
+            __m256i sum = group_sum(row + g * group_bytes, x->q + g * gs, x->int8 + g * gs, gs,
+                                    q4, int8);
+            __m256 scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(j));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc);
         }
     }
-    return sum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), offsets)) + tail_offsets;
+    return sum8(_mm256_add_ps(acc, offsets));
 }
 
 /* v->q in the order dot_q4_32_avx2 reads it, per 64 values (a step: two blocks, zeros past
@@ -5739,7 +5753,7 @@ static inline __m256i nibble_step(const uint8_t *w, const SimdVector *x, int i, 
    two. Two rounds of vphaddd leave each block's sum in one lane, in the order
    [0 2 4 6 | 1 3 5 7], so that a window takes one conversion and one multiply-add with its 8
    scale products, permuted to match. A last window's missing blocks are zeros. */
-static inline float dot_q4_32_avx2(const Matrix *w, int r, const SimdVector *x, int int8) {
+SPECIALISED float dot_q4_32_avx2(const Matrix *w, int r, const SimdVector *x, int int8) {
     int n_groups = w->cols / 32;
     size_t row_group = (size_t)r * n_groups;
     const uint8_t *row = (const uint8_t *)w->data + row_group * 16;
@@ -5748,25 +5762,15 @@ static inline float dot_q4_32_avx2(const Matrix *w, int r, const SimdVector *x, 
     uint8_t last[128];
     for (int g0 = 0; g0 < n_groups; g0 += 8) {
         const uint8_t *wg = row + (size_t)g0 * 16;
+        int ng = n_groups - g0 < 8 ? n_groups - g0 : 8;
         __m256 scales, group_offsets;
-        int ng = n_groups - g0;
-        if (ng >= 8) {
-            ng = 8;
-            scales = scale_products8(w, row_group, x->scales, g0);
-            group_offsets = _mm256_loadu_ps(x->q4_offsets + g0);
-        } else {  /* the last few blocks, copied beside zeros */
-            float s[8] = {0}, o[8] = {0};
-            for (int j = 0; j < ng; j++) {
-                s[j] = fp16_to_float(w->fp16_scales[row_group + g0 + j]) * x->scales[g0 + j];
-                o[j] = x->q4_offsets[g0 + j];
-            }
+        window_scales(&scales, &group_offsets, w, row_group, x, g0, ng);
+        prefetch_avx2(wg + AVX2_AHEAD, 128);
+        if (ng < 8) {  /* the last few blocks, copied beside zeros */
             memset(last, 0, sizeof last);
             memcpy(last, wg, (size_t)ng * 16);
             wg = last;
-            scales = _mm256_loadu_ps(s);
-            group_offsets = _mm256_loadu_ps(o);
         }
-        prefetch_avx2(wg + AVX2_AHEAD, 128);
         offsets = _mm256_fmadd_ps(scales, group_offsets, offsets);
         __m256i steps[4];
         for (int k = 0; k < 4; k++)
