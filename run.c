@@ -415,18 +415,21 @@ static float bf16_to_float(uint16_t v) {
     return f;
 }
 
-/* IEEE binary16 (q4_0's scales) to float32, exact for every value: subnormals are
-   mantissa * 2^-24, the rest moves its exponent from bias 15 to bias 127. */
+/* IEEE binary16 (q4_0's scales) to float32, exact for every value: a normal number moves its
+   exponent from bias 15 to bias 127 (the common case, kept short: q4_0 decoding converts a
+   scale per 32 weights); subnormals are mantissa * 2^-24. */
 static float fp16_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 0x1fu;
-    uint32_t mantissa = h & 0x3ffu;
-    if (exponent == 0) {
-        float f = ldexpf((float)mantissa, -24);
-        return sign ? -f : f;
-    }
-    uint32_t biased = exponent == 31 ? 0xffu : exponent + 112;  /* 31: infinity or NaN */
-    uint32_t bits = sign | biased << 23 | mantissa << 13;
+    uint32_t sign = (uint32_t)(h >> 15) << 31, magnitude = h & 0x7fffu;
+    uint32_t bits;
     float f;
+    if (magnitude - 0x400u < 0x7800u) {  /* exponent 1..30 */
+        bits = sign | ((magnitude << 13) + (112u << 23));
+    } else if (magnitude < 0x400u) {  /* zero or subnormal */
+        f = ldexpf((float)magnitude, -24);
+        return sign ? -f : f;
+    } else {  /* infinity or NaN */
+        bits = sign | 0x7f800000u | (magnitude & 0x3ffu) << 13;
+    }
     memcpy(&f, &bits, 4);
     return f;
 }
