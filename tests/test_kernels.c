@@ -296,6 +296,28 @@ static void test_dots_q4(int n, int gs) {
 #endif
 }
 
+/* dot_q4's int32 runs at their bound: every value -8 against activations all -32767, each
+   run summing to 8192 * 8 * 32767 (just under 2^31), in groups of one run and of two. */
+static void test_q4_run_bound(void) {
+    int n = 32768;
+    uint8_t *packed = calloc((size_t)n / 2, 1);  /* nibbles 0: the value -8 */
+    uint16_t *scales = malloc((size_t)n / 8192 * sizeof(uint16_t));
+    float *x = malloc((size_t)n * sizeof(float));
+    QuantizedVector qv = { malloc((size_t)n * sizeof(int16_t)),
+                           malloc((size_t)n / 8192 * sizeof(float)) };
+    for (int g = 0; g < n / 8192; g++) scales[g] = 0x3c00;  /* 1.0 */
+    for (int i = 0; i < n; i++) x[i] = -1.0f;
+    for (int gs = 8192; gs <= 16384; gs *= 2) {
+        char name[80];
+        quantize_vector(&qv, x, n, gs, Q16_MAX);
+        double want = 0.0;
+        for (int g = 0; g < n / gs; g++) want += 8.0 * 32767.0 * gs * qv.scales[g];
+        snprintf(name, sizeof name, "dot_q4 at its int32 bound gs=%d", gs);
+        check(name, fabs(dot_q4(packed, scales, &qv, n, gs) - want) / want, 1e-6);
+    }
+    free(packed); free(scales); free(x); free(qv.q); free(qv.scales);
+}
+
 static void test_dots(int n, int gs) {
     char name[80];
     float *w = malloc((size_t)n * sizeof(float)), *x = malloc((size_t)n * sizeof(float));
@@ -1006,7 +1028,9 @@ static void test_kernels(void) {
     test_dots_q4(1056, 32);   /* 33 groups: two whole windows of 16 and a lone block */
     test_dots_q4(2048, 128);
     test_dots_q4(4096, 4096);
-    test_dots_q4(16384, 8192);  /* groups longer than dot_q4's int32 runs */
+    test_dots_q4(16384, 8192);  /* a group of one whole int32 run of dot_q4 */
+    test_dots_q4(32768, 16384); /* groups longer than dot_q4's int32 runs */
+    test_q4_run_bound();
 #if HAS_NEON
     test_fp16_neon();
     test_dots_neon(2048, 64);
