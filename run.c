@@ -331,10 +331,28 @@ static const char *validate_model(const unsigned char *data, size_t size, Config
 typedef struct {
     Config config;
     Weights weights;
-    unsigned char *mapping;  /* the whole file: mapped, or read into memory (-w read) */
+    unsigned char *mapping;  /* the whole file: mapped, or read into memory */
     size_t mapping_size;
     int read_into_memory;
 } Model;
+
+/* -w: how the weights reach memory. Decoding reads anonymous memory faster than a mapping of
+   the page cache (by 5-50% on the machines measured, docs/performance.md), so by default the
+   file is read into memory where the machine has room for it, and mapped elsewhere. */
+enum { WEIGHTS_AUTO, WEIGHTS_MAP, WEIGHTS_READ };
+
+/* -w auto: read when at least twice the file's size is available (Linux's MemAvailable: the
+   copy, and the page cache's copy that may stay beside it); map where that is not known. */
+static int room_to_read(size_t size) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[128];
+    long long available_kb = -1;
+    while (available_kb < 0 && fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lld kB", &available_kb) != 1) available_kb = -1;
+    fclose(f);
+    return available_kb > 0 && (double)available_kb * 1024.0 >= 2.0 * (double)size;
+}
 
 /* The header, read alone and checked against the file's size, before anything is mapped in,
    read or allocated in proportion to the file: a wrong file (a 100 GB archive) is refused at
@@ -351,11 +369,11 @@ static void check_header_first(int fd, const char *path, size_t size, Config *cf
 }
 
 /* The weights in 2 MB pages where Linux has them (section 8z): the mapping, or the whole file
-   read into memory (-w read). */
+   read into memory. */
 static void map_large_pages(unsigned char *map, size_t size, int fd);
 static unsigned char *read_whole_file(int fd, size_t size, const char *path);
 
-static void load_model(const char *path, Model *m, int read_into_memory) {
+static void load_model(const char *path, Model *m, int how) {
     int fd = open(path, O_RDONLY | O_NONBLOCK);  /* a FIFO must not block: refused below */
     if (fd < 0) die("cannot open model file %s: %s", path, strerror(errno));
     struct stat st;
@@ -364,9 +382,10 @@ static void load_model(const char *path, Model *m, int read_into_memory) {
     if (st.st_size < HEADER_BYTES)
         die("model file %s: file is shorter than the 256-byte header", path);
     m->mapping_size = (size_t)st.st_size;
-    m->read_into_memory = read_into_memory;
     check_header_first(fd, path, m->mapping_size, &m->config);  /* (it vouches for the layout) */
-    if (read_into_memory) {
+    m->read_into_memory = how == WEIGHTS_READ ||
+                          (how == WEIGHTS_AUTO && room_to_read(m->mapping_size));
+    if (m->read_into_memory) {
         m->mapping = read_whole_file(fd, m->mapping_size, path);
     } else {
         void *map = mmap(NULL, m->mapping_size, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -2901,8 +2920,9 @@ static void print_usage(FILE *out) {
         "                        (groups of 64) and q4_0 (groups of 32, 64 or 128): faster\n"
         "                        prompts where the CPU has AVX512-BF16 / VNNI, logits a few\n"
         "                        1e-2 off\n"
-        "  -w <how>              the weights: map (default: memory-map the file) or read: read it\n"
-        "                        into memory first (also --no-mmap, llama.cpp's name; docs/usage.md)\n"
+        "  -w <how>              the weights: auto (default: read into memory where twice the file\n"
+        "                        fits in available memory, else map), map (memory-map the file) or\n"
+        "                        read (also --no-mmap, llama.cpp's name; docs/usage.md)\n"
         "  -ngl, -fa, -co/--color, --mlock, -b, -ub: llama.cpp's, accepted and ignored (a note\n"
         "                        says why)\n"
         "  -h, --help            this text;  --version: what this build is\n"
@@ -3003,7 +3023,7 @@ typedef struct {
     int json;  /* -o json */
     int no_context_shift;  /* --no-context-shift */
     int fast;  /* -a fast */
-    int read_weights;  /* -w read */
+    int weights;       /* -w: WEIGHTS_AUTO, _MAP or _READ */
     const char *cache_k, *cache_v;  /* --cache-type, -ctk, -ctv: NULL where not given */
     int cache_type;  /* ... the one type they name (cache_type_option) */
 } Options;
@@ -3047,7 +3067,7 @@ static const char *const IGNORED[][2] = {
     { "--gpu-layers", "llama3.c runs on the CPU only" },
     { "-fa", "attention has one implementation here" },
     { "-co", "the output is plain text" },
-    { "--mlock", "the weights stay mapped from the file (or read into memory with -w read)" },
+    { "--mlock", "the weights are read into memory, or mapped from the file (-w)" },
     { "-b", "the engine sizes a prompt's batches itself" },
     { "-ub", "the engine sizes a prompt's batches itself" },
 };
@@ -3191,8 +3211,12 @@ static void apply_flag(Options *o, const Flag *f, const char *flag, const char *
     case 'T': o->threads = parse_long(flag, v, 1, 4096); o->threads_flag = flag; break;
     case 'e': o->stop_at_end = (int)parse_long(flag, v, 0, 1); break;
     case 'a': check_choice(flag, v, "exact", "fast"); o->fast = v[0] == 'f'; break;
-    case 'w': check_choice(flag, v, "map", "read"); o->read_weights = v[0] == 'r'; break;
-    case 'W': o->read_weights = 1; break;
+    case 'w':
+        if (strcmp(v, "auto") && strcmp(v, "map") && strcmp(v, "read"))
+            usage_error("%s wants 'auto', 'map' or 'read', got '%s'", flag, v);
+        o->weights = v[0] == 'a' ? WEIGHTS_AUTO : v[0] == 'm' ? WEIGHTS_MAP : WEIGHTS_READ;
+        break;
+    case 'W': o->weights = WEIGHTS_READ; break;
     case 'o':
         if (strcmp(v, "ids") != 0 && strcmp(v, "text") != 0 && strcmp(v, "json") != 0)
             usage_error("%s wants 'text', 'ids' or 'json', got '%s'", flag, v);
@@ -3559,11 +3583,13 @@ static void start_state(Transformer *tr, const Options *o) {
 }
 
 /* What is about to run, on stderr. */
-static void print_run_header(const Options *o, const Config *cfg, unsigned long long seed) {
+static void print_run_header(const Options *o, const Model *m, unsigned long long seed) {
+    const Config *cfg = &m->config;
     fprintf(stderr, "model: %d layers, dim %d, %d query / %d kv heads of %d, vocab %d, %s "
-            "weights; context %ld of %d; %s kernels\n", cfg->n_layers, cfg->dim, cfg->n_heads,
+            "weights %s; context %ld of %d; %s kernels\n", cfg->n_layers, cfg->dim, cfg->n_heads,
             cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size, WEIGHT_TYPE_NAMES[cfg->weight_type],
-            o->context, cfg->max_seq_len, simd_kernels());
+            m->read_into_memory ? "read into memory" : "mapped", o->context, cfg->max_seq_len,
+            simd_kernels());
     print_cache_size(cfg, o->cache_type, (int)o->context);
     if (o->seed < 0 && o->sampling.temperature > 0.0f)
         fprintf(stderr, "seed: %llu (-s %llu repeats this run)\n", seed, seed);
@@ -3594,7 +3620,7 @@ int main(int argc, char **argv) {
     /* the model, the tokenizer, the prompt */
     check_model_kind(o.model_path, o.model_flag);
     Transformer tr = {0};
-    load_model(o.model_path, &tr.model, o.read_weights);
+    load_model(o.model_path, &tr.model, o.weights);
     const Config *cfg = &tr.model.config;
     cap_context(&o, cfg);
     Session s = { .tr = &tr, .print_ids = o.print_ids, .json = o.json,
@@ -3619,7 +3645,7 @@ int main(int argc, char **argv) {
         s.logits_file = fopen(o.logits_path, "wb");
         if (!s.logits_file) die("cannot create %s: %s", o.logits_path, strerror(errno));
     }
-    print_run_header(&o, cfg, seed);
+    print_run_header(&o, &tr.model, seed);
 
     /* the run */
     int status = 0;

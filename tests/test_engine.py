@@ -110,7 +110,7 @@ def test_meta_reference_bf16_fast():
 
 
 def test_weights_read_into_memory_match_the_map():
-    # -w read only changes where the weights live: the same logits to the bit, both binaries
+    # -w only changes where the weights live: the same logits to the bit, both binaries
     folder = os.path.join(REFERENCE, "ref31")
     ref = json.load(open(os.path.join(folder, "reference.json")))
     vocab = ref["config"]["vocab_size"]
@@ -118,11 +118,17 @@ def test_weights_read_into_memory_match_the_map():
         model = export(folder, dtype, group_size=32)
         tokens = ref["prompts"][-1]["tokens"][:300]
         for binary in ("run", "runomp"):
-            mapped = run_ids(model, tokens, 8, binary=binary, vocab=vocab)
+            mapped = run_ids(model, tokens, 8, ("-w", "map"), binary=binary, vocab=vocab)
             read = run_ids(model, tokens, 8, ("-w", "read"), binary=binary, vocab=vocab)
             assert mapped[0] == read[0], f"{dtype} {binary}: {mapped[0]} vs {read[0]}"
             assert np.array_equal(mapped[1], read[1]), f"{dtype} {binary}: logits differ"
     print("    fp32, bf16, q8_0 x run, runomp: ids and logits identical")
+    # the model line says which: by default (-w auto) a model this small is read into memory
+    for flags, where in (((), b"weights read into memory;"), (("-w", "map"), b"weights mapped;"),
+                         (("-w", "read"), b"weights read into memory;"),
+                         (("--no-mmap",), b"weights read into memory;")):
+        proc = run([program("run"), model, "-I", "1 2", "-o", "ids", "-n", "1", *flags])
+        assert proc.returncode == 0 and where in proc.stderr, (flags, proc.stderr)
 
 
 def test_meta_reference_q8_0():
@@ -548,8 +554,8 @@ def test_mapped_file_cached_in_small_pages_is_refolded():
     want, _ = run_ids(model, ids, 3)
     resident, large = mapped_kb(copy)
     small_before = large * 2 < resident
-    proc = run([program("runomp"), copy, "-I", " ".join(map(str, ids)), "-o", "ids", "-t", "0",
-                "-n", "3", "-e", "0"])
+    proc = run([program("runomp"), copy, "-w", "map", "-I", " ".join(map(str, ids)), "-o", "ids",
+                "-t", "0", "-n", "3", "-e", "0"])
     assert [int(t) for t in proc.stdout.split()] == want
     refolded = b"reading it again in 2 MB pages" in proc.stderr
     kept = b"the kernel keeps it so" in proc.stderr

@@ -1168,7 +1168,7 @@ static void compare_logits(const float *a, const float *b, int vocab, double *wo
    it, which reads every layer's cache that the prompt left. */
 static void test_model(const char *path, int n, int cache_type) {
     Transformer tr = {0};
-    load_model(path, &tr.model, 0);
+    load_model(path, &tr.model, WEIGHTS_AUTO);
     const Config *cfg = &tr.model.config;
     int vocab = cfg->vocab_size;
     alloc_state(&tr.state, cfg, n + 1, cache_type);

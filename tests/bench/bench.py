@@ -10,8 +10,9 @@ weight type, caching both under build/bench/. Then, in rounds that interleave th
 measures for each: decode tok/s (--decode tokens after a 1-token prompt), prompt tok/s (a
 --prompt-token prompt), time to first token of that prompt (process start to the first id on
 stdout, loading included) and peak RSS (the mapped weights count: they are file pages).
-TYPE:fast runs the TYPE model with -a fast (llama.cpp's activation rounding), TYPE:read with
--w read (the weights read into memory instead of mapped), TYPE:fast+read with both.
+TYPE:fast runs the TYPE model with -a fast (llama.cpp's activation rounding), TYPE:map with
+-w map (the weights mapped; by default they are read into memory where they fit), TYPE:read with
+-w read, TYPE:fast+map with both.
 
 Decoding reads every weight once per token, so its ceiling is bandwidth / bytes per token. The
 machine's read bandwidth drifts by itself (here between ~36 and ~61 GB/s, for seconds to tens of
@@ -189,12 +190,12 @@ def kv_cache_bytes(path, context, cache_type="f32"):
 
 
 def flags(variant):
-    """The engine flags of a variant: "q8_0:fast+read" -> -a fast -w read."""
-    table = {"fast": ("-a", "fast"), "read": ("-w", "read")}
+    """The engine flags of a variant: "q8_0:fast+map" -> -a fast -w map."""
+    table = {"fast": ("-a", "fast"), "read": ("-w", "read"), "map": ("-w", "map")}
     options = variant.split(":")[1].split("+") if ":" in variant else []
     for o in options:
         if o not in table:
-            raise SystemExit(f"bench: unknown option {o!r} in {variant!r} (fast, read)")
+            raise SystemExit(f"bench: unknown option {o!r} in {variant!r} (fast, read, map)")
     return sum((table[o] for o in options), ())
 
 
@@ -244,10 +245,10 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--types",
-                    default="fp32,bf16,q8_0,q4_0,bf16:fast,q8_0:fast,q4_0:fast,bf16:read,q8_0:read,"
-                            "q8_0:fast+read",
-                    help="weight types; TYPE:fast runs that model with -a fast, TYPE:read with "
-                         "-w read, TYPE:fast+read with both")
+                    default="fp32,bf16,q8_0,q4_0,bf16:fast,q8_0:fast,q4_0:fast,bf16:map,q8_0:map,"
+                            "q4_0:map",
+                    help="weight types; TYPE:fast runs that model with -a fast, TYPE:map with "
+                         "-w map, TYPE:read with -w read, TYPE:fast+map with both")
     ap.add_argument("--binary", default=os.path.join(ROOT, "runomp"), help="engine to time")
     ap.add_argument("--parts-seconds", type=float, default=15,
                     help="seconds of tests/bench/decode_parts.c per model (0: skip)")

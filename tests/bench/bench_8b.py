@@ -16,8 +16,8 @@ llama.cpp files) that do not fit, in --types order. The export's wall time and p
 (ru_maxrss of export.py) are recorded when it runs, in TYPE.export.json beside the export.
 
 Then, in --rounds rounds that interleave everything (reversed every other round), each type is
-run with a --prompt-token prompt and --decode generated tokens, for each weight mode (map: the
-default memory-mapped file; read: -w read) and page-cache state:
+run with a --prompt-token prompt and --decode generated tokens, for each weight mode (map: -w map,
+the memory-mapped file; read: -w read, the default where it fits) and page-cache state:
   cold: the file is dropped from the page cache (posix_fadvise DONTNEED) and the engine loads
         it from the disk itself: the time to first token includes reading it, and decoding
         then runs on the file as the engine's page faults brought it in;
@@ -219,7 +219,7 @@ def run_rounds(a, models, ggufs, llama_dir, bw):
                 prepare_cache(path, cache)
                 if engine == "ours":
                     return bench.run_engine(a.binary, path, ids, a.decode, a.threads,
-                                            extra=("-w", "read") if mode == "read" else (),
+                                            extra=("-w", mode),
                                             cache="as is", decode_from_output=True)
                 pp, tg = llama_cpp.bench(llama_dir, path, a.prompt, a.decode, a.threads)
                 return pp, tg, None, None

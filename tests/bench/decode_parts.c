@@ -209,7 +209,7 @@ int main(int argc, char **argv) {
     }
     double duration = argc >= 3 ? atof(argv[2]) : 15.0;
     Transformer tr = {0};
-    load_model(argv[1], &tr.model, 0);
+    load_model(argv[1], &tr.model, WEIGHTS_AUTO);  /* as run does by default */
     const Config *cfg = &tr.model.config;
     alloc_state(&tr.state, cfg, 256, CACHE_F32);
     if (argc == 4) (void)simd_set_fast(&tr.state.scratch, cfg->weight_type, cfg->group_size);
