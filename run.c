@@ -7050,11 +7050,10 @@ static void map_large_pages(unsigned char *map, size_t size, int fd) {
 
 #endif
 
-/* -w read: the file read into memory instead of mapped, into 2 MB pages where Linux has
-   them. A mapping gets 2 MB pages only where the page cache holds the file in 2 MB folios,
-   and decoding reads 4 KB pages more slowly (docs/performance.md has the figures). The
-   cost: reading the whole file before the first token, and a second copy beside the page
-   cache's. */
+/* -w read, and -w auto where the file fits: the file read into memory instead of mapped,
+   into 2 MB pages where Linux has them. Decoding reads such memory faster than a mapping of
+   the page cache, even one in 2 MB pages (docs/performance.md has the figures). The cost:
+   reading the whole file before the first token, and a second copy beside the page cache's. */
 static unsigned char *read_whole_file(int fd, size_t size, const char *path) {
     size_t huge_page = (size_t)2 << 20, rounded = (size + huge_page - 1) / huge_page * huge_page;
     unsigned char *buf = aligned_alloc(huge_page, rounded);
