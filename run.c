@@ -356,7 +356,7 @@ static int room_to_read(size_t size) {
 
 /* The header, read alone and checked against the file's size, before anything is mapped in,
    read or allocated in proportion to the file: a wrong file (a 100 GB archive) is refused at
-   once in both -w modes, and the user's page cache is left as it was. */
+   once in every -w mode, and the user's page cache is left as it was. */
 static void check_header_first(int fd, const char *path, size_t size, Config *cfg) {
     unsigned char header[HEADER_BYTES];
     ssize_t got;
@@ -5729,8 +5729,9 @@ SPECIALISED __m256i group_sum(const char *wg, const int16_t *xq, const int8_t *x
 
 /* One q8_0 or q4_0 row against x as simd_prepare_input left it, 8 groups per window: the
    window's 8 scale products formed at once, and each group's sum (group_sum) times its own,
-   picked from them by a permute; for q4_0 the nibbles' +8 comes back as the groups' offsets (-8 * the sum of their x) times
-   the same products. Inlined with constant gs, q4 and int8, the group loop unrolls. */
+   picked from them by a permute; for q4_0 the nibbles' +8 comes back as the groups' offsets
+   (-8 * the sum of their x) times the same products. Inlined with constant gs, q4 and int8,
+   the group loop unrolls. */
 SPECIALISED float dot_groups_avx2(const Matrix *w, int r, const SimdVector *x, int gs,
                                 int q4, int int8) {
     int n_groups = w->cols / gs;

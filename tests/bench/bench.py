@@ -9,7 +9,7 @@ Creates the checkpoint once (tests/make_checkpoint.py --preset llama32-1b) and e
 weight type, caching both under build/bench/. Then, in rounds that interleave the weight types,
 measures for each: decode tok/s (--decode tokens after a 1-token prompt), prompt tok/s (a
 --prompt-token prompt), time to first token of that prompt (process start to the first id on
-stdout, loading included) and peak RSS (the mapped weights count: they are file pages).
+stdout, loading included) and peak RSS (the weights count, read into memory or mapped).
 TYPE:fast runs the TYPE model with -a fast (llama.cpp's activation rounding), TYPE:map with
 -w map (the weights mapped; by default they are read into memory where they fit), TYPE:read with
 -w read, TYPE:fast+map with both.
