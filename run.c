@@ -563,21 +563,41 @@ static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs, f
    int32, whatever the group size. */
 #define INT_RUN 512
 
-/* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale. */
-static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVector *x, int n,
-                    int gs) {
+/* 32 values of a q8_0 row against x[0..31]: widened to int16 first, then a plain dot product,
+   the shape compilers vectorise (pmaddwd on x86) at -O2 and under clang too, as dot_q4_block
+   below. */
+static int32_t dot_q8_block(const int8_t *w, const int16_t *x) {
+    int16_t values[32];
+    for (int j = 0; j < 32; j++) values[j] = w[j];
+    int32_t sum = 0;
+    for (int j = 0; j < 32; j++) sum += values[j] * x[j];
+    return sum;
+}
+
+/* dot_q8's body, inlined twice by it. */
+static inline float dot_q8_inline(const int8_t *w, const float *w_scales,
+                                  const QuantizedVector *x, int n, int gs) {
     float sum = 0.0f;
-    for (int g = 0; g < n / gs; g++) {
+    for (int g = 0; g < n / gs; g++, w += gs) {
+        const int16_t *xq = x->q + (size_t)g * gs;
         int64_t isum = 0;
-        for (int i0 = g * gs; i0 < (g + 1) * gs; i0 += INT_RUN) {
-            int end = (g + 1) * gs - i0 > INT_RUN ? i0 + INT_RUN : (g + 1) * gs;
+        for (int i0 = 0; i0 < gs; i0 += INT_RUN) {
+            int end = gs - i0 > INT_RUN ? i0 + INT_RUN : gs, i = i0;
             int32_t run = 0;
-            for (int i = i0; i < end; i++) run += w[i] * x->q[i];
+            for (; i + 32 <= end; i += 32) run += dot_q8_block(w + i, xq + i);
+            for (; i < end; i++) run += w[i] * xq[i];  /* group sizes not a multiple of 32 */
             isum += run;
         }
         sum += (float)isum * (w_scales[g] * x->scales[g]);
     }
     return sum;
+}
+
+/* One q8_0 row against quantized activations: sum over groups of int_dot * w_scale * x_scale.
+   export.py's group size, 64, goes in as a constant. */
+static float dot_q8(const int8_t *w, const float *w_scales, const QuantizedVector *x, int n,
+                    int gs) {
+    return gs == 64 ? dot_q8_inline(w, w_scales, x, n, 64) : dot_q8_inline(w, w_scales, x, n, gs);
 }
 
 /* Value i (row-major) of a q4_0 matrix, w its packed nibbles: each 32 values of a row are 16
