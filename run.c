@@ -2384,9 +2384,22 @@ static const char *save_transcript(const Chat *c, const char *path) {
     return error ? strerror(error) : NULL;
 }
 
-static void save_command(const Chat *c, const char *arg, size_t arg_len) {
+/* /save's file name as a shell would read it: a leading "~/" is the home folder ($HOME). */
+static char *save_path(const char *arg, size_t arg_len) {
+    const char *home = getenv("HOME");
+    if (arg_len >= 2 && arg[0] == '~' && arg[1] == '/' && home && *home) {
+        size_t size = strlen(home) + arg_len;  /* home, then arg less its "~", then NUL */
+        char *path = checked_calloc(size, 1, "a file name");
+        snprintf(path, size, "%s%.*s", home, (int)(arg_len - 1), arg + 1);
+        return path;
+    }
     char *path = strndup(arg, arg_len);
     if (!path) die("out of memory");
+    return path;
+}
+
+static void save_command(const Chat *c, const char *arg, size_t arg_len) {
+    char *path = save_path(arg, arg_len);
     const char *problem = save_transcript(c, path);
     if (problem) fprintf(stderr, "run: /save %s: %s; nothing saved, the session goes on\n",
                          path, problem);

@@ -298,6 +298,18 @@ def test_saved_transcript_is_what_json_prints():
     assert proc.stderr.count(b"run: saved 5 messages to " + path.encode()) == 1, proc.stderr
 
 
+def test_save_expands_home():
+    # "/save ~/FILE" writes FILE in $HOME, as a shell would read it; "~" elsewhere is a name
+    folder = scratch("chat-save-home")
+    stdin = b"Hello\n/save ~/chat.json\n/save a~/b.json\n"
+    proc = run(["env", f"HOME={folder}", program("runomp"), model()[0], "-m", "chat", "-t", "0",
+                "-n", "2", "-o", "json"], input=stdin)
+    path = os.path.join(folder, "chat.json")
+    assert json.load(open(path)) == [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert proc.stderr.count(b"run: saved 2 messages to " + path.encode()) == 1, proc.stderr
+    assert b"run: /save a~/b.json: No such file or directory" in proc.stderr, proc.stderr
+
+
 def test_save_replaces_whole_and_refuses_other_files():
     folder = scratch("chat-save-refused")
     path, link = os.path.join(folder, "chat.json"), os.path.join(folder, "link.json")
