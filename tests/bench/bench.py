@@ -20,7 +20,8 @@ minutes), so tests/bench/bandwidth.c (compiled here with the engine's flags, sam
 right before and after every decode timing (retried, up to 3 times, when the two differ by more
 than 10%: the state flipped during it), and the table shows decode against the mean of the two.
 Medians over the rounds; when the readings span both bandwidth states, a second table gives each
-type's decode per state (a median of rounds in different states means little).
+type's decode per state (a median of rounds in different states means little), llama.cpp's too,
+with the two engines' ratio where both ran in that state.
 
 Prompt processing reuses each weight across the prompt's tokens, so its ceiling is arithmetic:
 tests/bench/peak.c (compiled the same way) times the multiply-add instruction each variant's prompt
@@ -319,7 +320,7 @@ def main():
     if ggufs:
         against_llama_cpp({label_of(t): res[t] for t in types},
                           {label_of(t): base[t] for t in types}, lres)
-    by_state(res, types)
+    by_state(res, types, base, lres)
     against_peak(res, types, models, base, ceilings, a.prompt)
     if a.parts_seconds > 0:
         decode_parts(parts, [(models[base[t]], extra[t]) for t in types if "-w" not in extra[t]],
@@ -364,8 +365,8 @@ def rate(tok_s):
 def against_llama_cpp(ours, base, lres, condition="mapped"):
     """llama.cpp's figures of the same run and our ratios to them. ours: {label: result},
     base: {label: our weight type}, lres: {GGUF type: result}. Ratios are medians of the
-    per-round ratios (a round's pair shares its bandwidth state), against the same type and
-    against llama.cpp's Q4_0 (the type most people run)."""
+    per-round ratios, against the same type and against llama.cpp's Q4_0 (the type most people
+    run). A round's two runs can meet different bandwidth states: by_state pairs them by state."""
     med = statistics.median
     print(f"\nllama.cpp llama-bench, same run, interleaved ({condition}, medians)")
     print("| llama.cpp type | bandwidth GB/s | decode tok/s | decode/limit | prompt tok/s |")
@@ -390,18 +391,22 @@ def against_llama_cpp(ours, base, lres, condition="mapped"):
               f"| {ratio(d, g, 'pp')} | {ratio(d, q4, 'pp')} |")
 
 
-def by_state(res, types):
+def by_state(res, types, base, lres):
     """Decode per bandwidth state: medians of rounds taken in different states mix them, so
     when the readings span two (the highest 1.3x the lowest or more), the rounds are split at
-    the midpoint and each side shown as a range."""
-    readings = [g for t in types for g in res[t]["bw"]]
+    the midpoint and each side shown as a range, llama.cpp's rounds too; "vs llama.cpp" is the
+    ratio of the two engines' medians on the same side, same type (a round's pair need not
+    share its state: each run waits for a steady one, and the state can flip between them)."""
+    readings = [g for d in [res[t] for t in types] + list(lres.values()) for g in d["bw"]]
     low, high = min(readings), max(readings)
     if high < 1.3 * low:
         return
     cut = (low + high) / 2
+    sides = (lambda g: g >= cut, lambda g: g < cut)
     print(f"\ndecode by bandwidth state (readings {low:.1f}-{high:.1f} GB/s, split at {cut:.1f})")
-    print("| type | high: GB/s | decode tok/s | of limit | low: GB/s | decode tok/s | of limit |")
-    print("|---|---|---|---|---|---|---|")
+    print("| type | high: GB/s | decode tok/s | of limit | vs llama.cpp | low: GB/s | decode tok/s "
+          "| of limit | vs llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def span(values, scale=1.0, digits=1):
         if not values:
@@ -410,14 +415,22 @@ def by_state(res, types):
         return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else \
             f"{lo:.{digits}f}-{hi:.{digits}f}"
 
-    for t in types:
-        d = res[t]
+    def decodes(d, side):
+        return [tg for tg, g in zip(d["tg"], d["bw"]) if side(g)]
+
+    rows = [(label_of(t), res[t], lres.get(llama_cpp.OURS_TO_GGUF.get(base[t]))) for t in types]
+    rows += [(f"llama.cpp {g}", d, None) for g, d in lres.items()]
+    for label, d, theirs in rows:
         cells = []
-        for side in (lambda g: g >= cut, lambda g: g < cut):
+        for side in sides:
             rounds = [i for i, g in enumerate(d["bw"]) if side(g)]
-            cells += [span([d["bw"][i] for i in rounds]), span([d["tg"][i] for i in rounds]),
-                      span([d["frac"][i] for i in rounds], 100, 0) + ("%" if rounds else "")]
-        print(f"| {label_of(t)} | " + " | ".join(cells) + " |")
+            ours_tg, their_tg = decodes(d, side), decodes(theirs, side) if theirs else []
+            versus = f"{statistics.median(ours_tg) / statistics.median(their_tg):.2f}x" \
+                if ours_tg and their_tg else "-"
+            cells += [span([d["bw"][i] for i in rounds]), span(ours_tg),
+                      span([d["frac"][i] for i in rounds], 100, 0) + ("%" if rounds else ""),
+                      versus]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def against_peak(res, types, models, base, ceilings, n_prompt):
