@@ -563,9 +563,9 @@ static void quantize_vector(QuantizedVector *v, const float *x, int n, int gs, f
    int32, whatever the group size. */
 #define INT_RUN 512
 
-/* 32 values of a q8_0 row against x[0..31]: widened to int16 first, then a plain dot product,
-   the shape compilers vectorise (pmaddwd on x86) at -O2 and under clang too, as dot_q4_block
-   below. */
+/* 32 values of a q8_0 row (or an unpacked q4_0 block) against x[0..31]: widened to int16 first,
+   then a plain dot product, the shape compilers vectorise (pmaddwd on x86), at -O2 and under
+   clang too. */
 static int32_t dot_q8_block(const int8_t *w, const int16_t *x) {
     int16_t values[32];
     for (int j = 0; j < 32; j++) values[j] = w[j];
@@ -609,17 +609,14 @@ static int q4_value(const uint8_t *w, size_t i) {
 }
 
 /* One 32-value q4_0 block (w: its 16 bytes, byte j holding values j and j + 16) against
-   x[0..31]: unpacked to int16, then a plain dot product, the shape compilers vectorise
-   (pmaddwd on x86). */
+   x[0..31]: unpacked to int8, then dot_q8_block's product. */
 static int32_t dot_q4_block(const uint8_t *w, const int16_t *x) {
-    int16_t values[32];
+    int8_t values[32];
     for (int j = 0; j < 16; j++) {
-        values[j] = (int16_t)((w[j] & 15) - 8);
-        values[j + 16] = (int16_t)((w[j] >> 4) - 8);
+        values[j] = (int8_t)((w[j] & 15) - 8);
+        values[j + 16] = (int8_t)((w[j] >> 4) - 8);
     }
-    int32_t sum = 0;
-    for (int j = 0; j < 32; j++) sum += values[j] * x[j];
-    return sum;
+    return dot_q8_block(values, x);
 }
 
 /* dot_q4's blocks sum in int32 runs: Q4_RUN products of at most 8 * 32767 stay inside int32,
