@@ -424,10 +424,10 @@ def by_state(res, types, base, lres):
         cells = []
         for side in sides:
             rounds = [i for i, g in enumerate(d["bw"]) if side(g)]
-            ours_tg, their_tg = decodes(d, side), decodes(theirs, side) if theirs else []
-            versus = f"{statistics.median(ours_tg) / statistics.median(their_tg):.2f}x" \
-                if ours_tg and their_tg else "-"
-            cells += [span([d["bw"][i] for i in rounds]), span(ours_tg),
+            tg, their_tg = decodes(d, side), decodes(theirs, side) if theirs else []
+            versus = f"{statistics.median(tg) / statistics.median(their_tg):.2f}x" \
+                if tg and their_tg else "-"
+            cells += [span([d["bw"][i] for i in rounds]), span(tg),
                       span([d["frac"][i] for i in rounds], 100, 0) + ("%" if rounds else ""),
                       versus]
         print(f"| {label} | " + " | ".join(cells) + " |")
