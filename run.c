@@ -653,6 +653,14 @@ static float dot_q4(const uint8_t *w, const uint16_t *w_scales, const QuantizedV
     return gs == 32 ? dot_q4_inline(w, w_scales, x, n, 32) : dot_q4_inline(w, w_scales, x, n, gs);
 }
 
+/* One 32-value q4_0 block (16 bytes) times scale, as floats in order. */
+static void widen_q4_block(float *out, const uint8_t *block, float scale) {
+    for (int j = 0; j < 16; j++) {
+        out[j] = (float)((block[j] & 15) - 8) * scale;
+        out[j + 16] = (float)((block[j] >> 4) - 8) * scale;
+    }
+}
+
 /* Values start .. start+n-1 of a matrix's row-major data widened to float32: the embedding
    lookup and the prompt paths' widened rows and slabs. */
 static void widen_values(float *out, const Matrix *w, size_t start, int n) {
@@ -668,10 +676,15 @@ static void widen_values(float *out, const Matrix *w, size_t start, int n) {
             size_t group_end = (group + 1) * (size_t)w->group_size - start;
             int end = group_end < (size_t)n ? (int)group_end : n;
             float scale = q8 ? w->scales[group] : fp16_to_float(w->fp16_scales[group]);
-            for (; i < end; i++) {
+            while (i < end) {
                 size_t at = start + (size_t)i;
-                int q = q8 ? ((const int8_t *)w->data)[at] : q4_value(w->data, at);
-                out[i] = (float)q * scale;
+                if (!q8 && at % 32 == 0 && end - i >= 32) {  /* a whole q4_0 block at once */
+                    widen_q4_block(out + i, (const uint8_t *)w->data + at / 2, scale);
+                    i += 32;
+                } else {
+                    int q = q8 ? ((const int8_t *)w->data)[at] : q4_value(w->data, at);
+                    out[i++] = (float)q * scale;
+                }
             }
         }
     }
@@ -5973,8 +5986,8 @@ static void pack_strip8(float *strip, const float *x, int t0, int n_tokens, int 
     }
 }
 
-/* 32 q4_0 values (one block's 16 bytes) times their scale, as floats in order. */
-static inline void widen_q4_block(float *out, const uint8_t *nibbles, __m256 scale) {
+/* widen_q4_block: 32 q4_0 values (one block's 16 bytes) times their scale, in order. */
+static inline void widen_q4_block_avx2(float *out, const uint8_t *nibbles, __m256 scale) {
     __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)nibbles));
     const __m256i eight = _mm256_set1_epi16(8);
     __m256i halves[2] = { _mm256_sub_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(15)), eight),
@@ -6008,7 +6021,7 @@ static void widen_row8(float *out, const Matrix *w, size_t start, int n) {
         const uint8_t *src = (const uint8_t *)w->data + start / 2;
         for (; i + 32 <= n; i += 32) {
             float scale = fp16_to_float(w->fp16_scales[(start + (size_t)i) / (size_t)gs]);
-            widen_q4_block(out + i, src + i / 2, _mm256_set1_ps(scale));
+            widen_q4_block_avx2(out + i, src + i / 2, _mm256_set1_ps(scale));
         }
     }
     if (i < n) widen_values(out + i, w, start + (size_t)i, n - i);
