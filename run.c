@@ -608,14 +608,18 @@ static int q4_value(const uint8_t *w, size_t i) {
     return (i % 32 < 16 ? byte & 15 : byte >> 4) - 8;
 }
 
-/* One 32-value q4_0 block (w: its 16 bytes, byte j holding values j and j + 16) against
-   x[0..31]: unpacked to int8, then dot_q8_block's product. */
-static int32_t dot_q4_block(const uint8_t *w, const int16_t *x) {
-    int8_t values[32];
+/* The 32 values of one q4_0 block (w: its 16 bytes, byte j holding values j and j + 16). */
+static inline void unpack_q4_block(int8_t *values, const uint8_t *w) {
     for (int j = 0; j < 16; j++) {
         values[j] = (int8_t)((w[j] & 15) - 8);
         values[j + 16] = (int8_t)((w[j] >> 4) - 8);
     }
+}
+
+/* One 32-value q4_0 block against x[0..31]: unpacked, then dot_q8_block's product. */
+static int32_t dot_q4_block(const uint8_t *w, const int16_t *x) {
+    int8_t values[32];
+    unpack_q4_block(values, w);
     return dot_q8_block(values, x);
 }
 
@@ -655,10 +659,9 @@ static float dot_q4(const uint8_t *w, const uint16_t *w_scales, const QuantizedV
 
 /* One 32-value q4_0 block (16 bytes) times scale, as floats in order. */
 static void widen_q4_block(float *out, const uint8_t *block, float scale) {
-    for (int j = 0; j < 16; j++) {
-        out[j] = (float)((block[j] & 15) - 8) * scale;
-        out[j + 16] = (float)((block[j] >> 4) - 8) * scale;
-    }
+    int8_t values[32];
+    unpack_q4_block(values, block);
+    for (int j = 0; j < 32; j++) out[j] = (float)values[j] * scale;
 }
 
 /* Values start .. start+n-1 of a matrix's row-major data widened to float32: the embedding
